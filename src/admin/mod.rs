@@ -1,0 +1,58 @@
+//! The admin listener: `/metrics` (Prometheus text format), `/healthz` and `/stats` (JSON).
+
+pub mod metrics;
+
+use std::sync::Arc;
+
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+
+use crate::proxy::body::{self, ProxyBody};
+use crate::proxy::plain;
+use crate::store::TieredStore;
+
+use self::metrics::Metrics;
+
+/// What the admin endpoints read.
+#[derive(Clone)]
+pub struct Admin {
+    /// The metrics registry.
+    pub metrics: Arc<Metrics>,
+    /// The tiers, for the memory-tier gauges.
+    pub store: TieredStore,
+}
+
+impl Admin {
+    /// Answers one admin request. Unknown paths get 404, methods other than GET/HEAD 405.
+    pub async fn handle<B>(&self, req: Request<B>) -> Response<ProxyBody> {
+        if req.method() != Method::GET && req.method() != Method::HEAD {
+            return plain(StatusCode::METHOD_NOT_ALLOWED, "only GET is allowed");
+        }
+        match req.uri().path() {
+            "/healthz" => plain(StatusCode::OK, "ok\n"),
+            "/metrics" => {
+                self.store.refresh_gauges().await;
+                let text = self.metrics.encode();
+                with_type(
+                    text,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                )
+            }
+            "/stats" => {
+                self.store.refresh_gauges().await;
+                let json = serde_json::to_string_pretty(&self.metrics.stats()).unwrap_or_default();
+                with_type(json, "application/json")
+            }
+            _ => plain(
+                StatusCode::NOT_FOUND,
+                "not found: try /metrics, /stats or /healthz",
+            ),
+        }
+    }
+}
+
+fn with_type(text: String, content_type: &'static str) -> Response<ProxyBody> {
+    let mut resp = Response::new(body::full(text));
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    resp
+}

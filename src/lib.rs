@@ -1,0 +1,26 @@
+//! cachegate: a caching reverse proxy for slow HTTP APIs, with an in-process memory tier
+//! and a shared Redis/Valkey tier.
+//!
+//! Module map, in request order:
+//! - [`config`]: the TOML file, flags and environment.
+//! - [`server`]: listeners and accept loops.
+//! - [`proxy`]: the request path, top to bottom ([`proxy::Proxy::handle`]).
+//! - [`policy`]: routes, admission, storability (RFC 9111).
+//! - [`key`]: cache keys (keyed BLAKE3, RFC 8785 JSON bodies).
+//! - [`store`]: the memory and Redis tiers; [`entry`]: the stored envelope.
+//! - [`coalesce`]: one upstream request per key.
+//! - [`status`]: the decision enums behind headers and metric labels.
+//! - [`admin`]: `/metrics`, `/stats`, `/healthz`.
+
+#![warn(missing_docs)]
+
+pub mod admin;
+pub mod coalesce;
+pub mod config;
+pub mod entry;
+pub mod key;
+pub mod policy;
+pub mod proxy;
+pub mod server;
+pub mod status;
+pub mod store;

@@ -1,0 +1,455 @@
+//! The caching reverse proxy: the whole request path, top to bottom, in [`Proxy::handle`].
+//!
+//! 1. Strip hop-by-hop headers, add `X-Forwarded-*`.
+//! 2. Admission: kill switch, route, method, credentials ([`policy::check_request`]).
+//! 3. For body-keyed routes, read the body (bounded) and canonicalize it (RFC 8785).
+//! 4. Build the cache key; apply `rollout_percent`.
+//! 5. Look up memory, then Redis.
+//! 6. On a miss, coalesce: one leader fetches from the upstream, stores if allowed and
+//!    shares the response; followers wait (bounded) or go to the upstream themselves.
+//!
+//! Any request the cache cannot handle is passed through untouched (BYPASS), and a cache
+//! fault never becomes an error response.
+
+pub mod body;
+pub mod headers;
+pub mod upstream;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::request::Parts;
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use hyper::body::Incoming;
+
+use self::body::{Limited, ProxyBody, read_limited};
+use self::upstream::{Upstream, UpstreamError};
+use crate::admin::metrics::Metrics;
+use crate::coalesce::{Coalescer, Leader, Role, WaitOutcome};
+use crate::config::Config;
+use crate::entry::{CachedResponse, now_ms};
+use crate::key::{CacheKey, KeyBuilder, KeyParts, canonical_json};
+use crate::policy::{self, Policy, Route};
+use crate::status::{BypassReason, CachePhase, NoStoreReason, Tier};
+use crate::store::TieredStore;
+
+/// Switches that can change while running: the kill switch and the rollout share.
+#[derive(Debug)]
+pub struct Switches {
+    enabled: AtomicBool,
+    rollout_percent: AtomicU8,
+}
+
+impl Switches {
+    /// Sets both switches.
+    pub fn new(enabled: bool, rollout_percent: u8) -> Self {
+        Switches {
+            enabled: AtomicBool::new(enabled),
+            rollout_percent: AtomicU8::new(rollout_percent.min(100)),
+        }
+    }
+
+    /// Turns caching on or off (off: pure pass-through).
+    pub fn set_enabled(&self, on: bool) {
+        self.enabled.store(on, Ordering::Relaxed);
+    }
+
+    /// Sets the share of keys that are cached, 0-100.
+    pub fn set_rollout_percent(&self, percent: u8) {
+        self.rollout_percent
+            .store(percent.min(100), Ordering::Relaxed);
+    }
+
+    /// Whether caching is on.
+    pub fn enabled(&self) -> bool {
+        self.enabled.load(Ordering::Relaxed)
+    }
+
+    /// Whether `key` falls inside the rollout share.
+    pub fn rolled_out(&self, key: &CacheKey) -> bool {
+        key.rollout_bucket() < self.rollout_percent.load(Ordering::Relaxed)
+    }
+}
+
+/// What a coalesced leader hands its followers.
+#[derive(Clone)]
+struct Shared {
+    entry: Arc<CachedResponse>,
+}
+
+/// Size and wait limits applied on the request path.
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    max_request_body_bytes: usize,
+    max_response_body_bytes: usize,
+    coalesce_wait: Duration,
+}
+
+/// The proxy: policy, keys, tiers, coalescing and the upstream client.
+pub struct Proxy {
+    policy: Policy,
+    keys: KeyBuilder,
+    store: TieredStore,
+    coalescer: Coalescer<CacheKey, Shared>,
+    upstream: Upstream,
+    metrics: Arc<Metrics>,
+    switches: Arc<Switches>,
+    limits: Limits,
+}
+
+/// How a response was produced, for the status headers.
+struct Outcome {
+    phase: CachePhase,
+    ttl_secs: Option<u64>,
+    fwd_status: Option<u16>,
+}
+
+impl Proxy {
+    /// Builds the proxy from a finished config (see [`Config::finish`]).
+    pub fn new(
+        config: &Config,
+        keys: KeyBuilder,
+        store: TieredStore,
+        metrics: Arc<Metrics>,
+        switches: Arc<Switches>,
+    ) -> Self {
+        Proxy {
+            policy: Policy::new(&config.routes),
+            keys,
+            store,
+            coalescer: Coalescer::default(),
+            upstream: Upstream::new(&config.upstream),
+            metrics,
+            switches,
+            limits: Limits {
+                max_request_body_bytes: config.cache.max_request_body_bytes,
+                max_response_body_bytes: config.cache.max_response_body_bytes,
+                coalesce_wait: Duration::from_millis(config.cache.coalesce_wait_ms),
+            },
+        }
+    }
+
+    /// Answers one client request. Never fails: upstream faults become 502/504 with a short
+    /// plain-text reason, cache faults are misses.
+    pub async fn handle(&self, req: Request<Incoming>, client: SocketAddr) -> Response<ProxyBody> {
+        let (mut parts, body) = req.into_parts();
+        headers::remove_hop_by_hop(&mut parts.headers);
+        headers::add_forwarded(&mut parts.headers, client);
+        let body = body::boxed(body);
+
+        // Admission: may this request use the cache at all?
+        if !self.switches.enabled() {
+            return self.bypass(parts, body, BypassReason::Disabled).await;
+        }
+        let route = self.policy.route_for(&parts.method, parts.uri.path());
+        if let Err(reason) = policy::check_request(route, &parts.method, &parts.headers) {
+            return self.bypass(parts, body, reason).await;
+        }
+
+        // The body, for routes that key on it.
+        let (body, canonical_body) = match route.filter(|r| r.config.key_body) {
+            None => (body, None),
+            Some(_) => match read_limited(body, self.limits.max_request_body_bytes).await {
+                Ok(Limited::Complete(bytes)) => match canonical_json(&bytes) {
+                    Ok(canonical) => (body::full(bytes), Some(canonical)),
+                    Err(_) => {
+                        return self
+                            .bypass(parts, body::full(bytes), BypassReason::MalformedBody)
+                            .await;
+                    }
+                },
+                Ok(Limited::TooLarge(rest)) => {
+                    return self
+                        .bypass(parts, body::boxed(rest), BypassReason::OversizedBody)
+                        .await;
+                }
+                Err(_) => return plain(StatusCode::BAD_REQUEST, "request body could not be read"),
+            },
+        };
+
+        // The key, and whether it is in the rollout.
+        let key = self.key_for(&parts, route, canonical_body.as_deref());
+        if !self.switches.rolled_out(&key) {
+            return self.bypass(parts, body, BypassReason::Rollout).await;
+        }
+
+        // Lookup: memory, then Redis.
+        if let Some((entry, tier)) = self.store.lookup(&key).await {
+            return self.serve_entry(&entry, &parts.method, hit(&entry, tier), &key);
+        }
+
+        // Miss: one request per key goes to the upstream.
+        match self.coalescer.join(&key) {
+            Role::Leader(leader) => self.fetch(parts, body, route, key, Some(leader)).await,
+            Role::Follower(follower) => match follower.wait(self.limits.coalesce_wait).await {
+                WaitOutcome::Shared(shared) => {
+                    Metrics::inc(&self.metrics.coalesced_waits, "served");
+                    let outcome = Outcome {
+                        phase: CachePhase::Collapsed,
+                        ttl_secs: None,
+                        fwd_status: Some(shared.entry.status.as_u16()),
+                    };
+                    self.serve_entry(&shared.entry, &parts.method, outcome, &key)
+                }
+                WaitOutcome::TimedOut => {
+                    Metrics::inc(&self.metrics.coalesced_waits, "timeout");
+                    self.fetch(parts, body, route, key, None).await
+                }
+                WaitOutcome::Abandoned => {
+                    Metrics::inc(&self.metrics.coalesced_waits, "retried");
+                    self.fetch(parts, body, route, key, None).await
+                }
+            },
+        }
+    }
+
+    fn key_for(
+        &self,
+        parts: &Parts,
+        route: Option<&Route>,
+        canonical_body: Option<&[u8]>,
+    ) -> CacheKey {
+        self.keys.build(&KeyParts {
+            method: &parts.method,
+            path: parts.uri.path(),
+            query: parts.uri.query(),
+            query_filter: route.and_then(|r| r.config.key_query.as_deref()),
+            headers: &parts.headers,
+            header_names: route.map_or(&[], |r| &r.config.key_headers),
+            canonical_body,
+        })
+    }
+
+    /// Forwards a cacheable request to the upstream, stores the response when policy allows,
+    /// and (as leader) shares it with followers when it is safe to share.
+    async fn fetch(
+        &self,
+        parts: Parts,
+        body: ProxyBody,
+        route: Option<&Route>,
+        key: CacheKey,
+        leader: Option<Leader<CacheKey, Shared>>,
+    ) -> Response<ProxyBody> {
+        // A flight that ended between our lookup and our join has just stored its entry.
+        if let Some(entry) = self.store.lookup_memory(&key).await {
+            if let Some(leader) = leader {
+                leader.publish(Some(Shared {
+                    entry: entry.clone(),
+                }));
+            }
+            return self.serve_entry(&entry, &parts.method, hit(&entry, Tier::Memory), &key);
+        }
+        let method = parts.method.clone();
+        let (resp, _) = match self.send(parts, body).await {
+            Ok(sent) => sent,
+            Err(error_response) => {
+                let phase = CachePhase::Miss(Err(NoStoreReason::UpstreamError));
+                return self.finish(error_response, miss(phase, None), Some(&key));
+            }
+        };
+        let (mut head, resp_body) = resp.into_parts();
+        headers::remove_hop_by_hop(&mut head.headers);
+        let fwd_status = Some(head.status.as_u16());
+        let decision = policy::storable_ttl(route, head.status, &head.headers);
+        if let Err(reason) = decision.filter_shareable() {
+            // Private to this requester, or not worth holding: stream it, followers retry.
+            let resp = Response::from_parts(head, body::boxed(resp_body));
+            return self.finish(
+                resp,
+                miss(CachePhase::Miss(Err(reason)), fwd_status),
+                Some(&key),
+            );
+        }
+        let bytes = match read_limited(resp_body, self.limits.max_response_body_bytes).await {
+            Ok(Limited::Complete(bytes)) => bytes,
+            Ok(Limited::TooLarge(rest)) => {
+                let resp = Response::from_parts(head, body::boxed(rest));
+                let phase = CachePhase::Miss(Err(NoStoreReason::TooLarge));
+                return self.finish(resp, miss(phase, fwd_status), Some(&key));
+            }
+            Err(e) => {
+                Metrics::inc(&self.metrics.upstream_errors, "body");
+                tracing::warn!(error = %e, "upstream response body failed");
+                let resp = plain(StatusCode::BAD_GATEWAY, "upstream response body failed");
+                let phase = CachePhase::Miss(Err(NoStoreReason::UpstreamError));
+                return self.finish(resp, miss(phase, fwd_status), Some(&key));
+            }
+        };
+        let entry = Arc::new(CachedResponse {
+            status: head.status,
+            headers: head.headers,
+            body: bytes,
+            stored_at_ms: now_ms(),
+            ttl_secs: *decision.as_ref().unwrap_or(&0),
+            tags: route.map(|r| r.config.tags.clone()).unwrap_or_default(),
+        });
+        if decision.is_ok() {
+            self.store.store(key, entry.clone()).await;
+        }
+        if let Some(leader) = leader {
+            leader.publish(Some(Shared {
+                entry: entry.clone(),
+            }));
+        }
+        self.serve_entry(
+            &entry,
+            &method,
+            miss(CachePhase::Miss(decision.map(|_| ())), fwd_status),
+            &key,
+        )
+    }
+
+    /// Passes a request through to the upstream, streaming both ways, without the cache.
+    async fn bypass(
+        &self,
+        parts: Parts,
+        body: ProxyBody,
+        reason: BypassReason,
+    ) -> Response<ProxyBody> {
+        let outcome = miss(CachePhase::Bypass(reason), None);
+        match self.send(parts, body).await {
+            Ok((resp, status)) => {
+                let (mut head, resp_body) = resp.into_parts();
+                headers::remove_hop_by_hop(&mut head.headers);
+                let outcome = Outcome {
+                    fwd_status: Some(status),
+                    ..outcome
+                };
+                self.finish(
+                    Response::from_parts(head, body::boxed(resp_body)),
+                    outcome,
+                    None,
+                )
+            }
+            Err(error_response) => self.finish(error_response, outcome, None),
+        }
+    }
+
+    /// Sends to the upstream and records its latency. Errors are turned into the 502/504
+    /// response that the client gets.
+    async fn send(
+        &self,
+        parts: Parts,
+        body: ProxyBody,
+    ) -> Result<(Response<Incoming>, u16), Response<ProxyBody>> {
+        match self.upstream.send(Request::from_parts(parts, body)).await {
+            Ok((resp, elapsed)) => {
+                self.metrics
+                    .upstream_duration
+                    .observe(elapsed.as_secs_f64());
+                let status = resp.status().as_u16();
+                Ok((resp, status))
+            }
+            Err(UpstreamError::Unreachable(reason)) => {
+                Metrics::inc(&self.metrics.upstream_errors, "unreachable");
+                tracing::warn!(%reason, "upstream unreachable");
+                Err(plain(StatusCode::BAD_GATEWAY, "upstream unreachable"))
+            }
+            Err(UpstreamError::Timeout) => {
+                Metrics::inc(&self.metrics.upstream_errors, "timeout");
+                tracing::warn!("upstream timed out");
+                Err(plain(StatusCode::GATEWAY_TIMEOUT, "upstream timed out"))
+            }
+        }
+    }
+
+    /// Builds the response for a stored or shared entry.
+    fn serve_entry(
+        &self,
+        entry: &CachedResponse,
+        method: &Method,
+        outcome: Outcome,
+        key: &CacheKey,
+    ) -> Response<ProxyBody> {
+        let body = if method == Method::HEAD {
+            body::empty()
+        } else {
+            body::full(entry.body.clone())
+        };
+        let mut resp = Response::new(body);
+        *resp.status_mut() = entry.status;
+        *resp.headers_mut() = entry.headers.clone();
+        if let CachePhase::Hit(_) = outcome.phase {
+            resp.headers_mut()
+                .insert(header::AGE, HeaderValue::from(entry.age_secs(now_ms())));
+        }
+        self.finish(resp, outcome, Some(key))
+    }
+
+    /// Adds `X-Cache-Status` and `Cache-Status` (RFC 9211: our member goes last), counts the
+    /// request and logs it (key hash only, never raw request data).
+    fn finish(
+        &self,
+        mut resp: Response<ProxyBody>,
+        outcome: Outcome,
+        key: Option<&CacheKey>,
+    ) -> Response<ProxyBody> {
+        let phase = outcome.phase;
+        let ours = phase.cache_status_header(outcome.ttl_secs, outcome.fwd_status);
+        let headers = resp.headers_mut();
+        let value = match headers.get("cache-status").and_then(|v| v.to_str().ok()) {
+            Some(prev) => format!("{prev}, {ours}"),
+            None => ours,
+        };
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            headers.insert("cache-status", v);
+        }
+        headers.insert(
+            "x-cache-status",
+            HeaderValue::from_static(phase.x_cache_status()),
+        );
+        self.metrics.record(phase);
+        tracing::debug!(
+            status = resp.status().as_u16(),
+            cache = phase.status_label(),
+            reason = phase.reason_label(),
+            key = key.map(CacheKey::short).unwrap_or_default(),
+            "request"
+        );
+        resp
+    }
+}
+
+/// Helper to keep only the no-store reasons whose response must not be shared.
+trait ShareableDecision {
+    fn filter_shareable(&self) -> Result<(), NoStoreReason>;
+}
+
+impl ShareableDecision for Result<u32, NoStoreReason> {
+    fn filter_shareable(&self) -> Result<(), NoStoreReason> {
+        match self {
+            Err(reason) if !reason.shareable() => Err(*reason),
+            _ => Ok(()),
+        }
+    }
+}
+
+fn hit(entry: &CachedResponse, tier: Tier) -> Outcome {
+    Outcome {
+        phase: CachePhase::Hit(tier),
+        ttl_secs: Some(entry.remaining_ttl(now_ms()).as_secs()),
+        fwd_status: None,
+    }
+}
+
+fn miss(phase: CachePhase, fwd_status: Option<u16>) -> Outcome {
+    Outcome {
+        phase,
+        ttl_secs: None,
+        fwd_status,
+    }
+}
+
+/// A short plain-text response generated by cachegate itself.
+pub fn plain(status: StatusCode, reason: &'static str) -> Response<ProxyBody> {
+    let mut resp = Response::new(body::full(Bytes::from_static(reason.as_bytes())));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}

@@ -1,0 +1,258 @@
+//! What the cache decided for a request, as explicit enums.
+//!
+//! The same values name the response headers (`X-Cache-Status`, RFC 9211 `Cache-Status`)
+//! and the labels of the Prometheus metrics, in the way Cloudflare's pingora-cache models
+//! its phases and no-cache reasons.
+
+use std::fmt::Write;
+
+/// The tier that answered a hit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Tier {
+    /// The in-process moka cache.
+    Memory,
+    /// The shared Redis/Valkey cache.
+    Redis,
+}
+
+impl Tier {
+    /// Every tier, for metric and stats listings.
+    pub const ALL: [Tier; 2] = [Tier::Memory, Tier::Redis];
+
+    /// The label: `memory` or `redis`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tier::Memory => "memory",
+            Tier::Redis => "redis",
+        }
+    }
+}
+
+/// Why a request was neither looked up in nor stored into the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BypassReason {
+    /// The kill switch is off (`enabled = false`).
+    Disabled,
+    /// The key falls outside `rollout_percent`.
+    Rollout,
+    /// The matching route has `enabled = false`.
+    RouteDisabled,
+    /// The method is not cacheable here (no route, and not GET/HEAD).
+    Method,
+    /// The request carries `Authorization` and the route does not key on it.
+    Authorization,
+    /// The request carries `Cookie` and the route does not key on it.
+    Cookie,
+    /// A body-keyed route got a body that is not JSON.
+    MalformedBody,
+    /// A body-keyed route got a body over `max_request_body_bytes`.
+    OversizedBody,
+    /// The request uses a feature the cache does not handle (e.g. an upgrade).
+    Unsupported,
+}
+
+impl BypassReason {
+    /// Every reason, for metric and stats listings.
+    pub const ALL: [BypassReason; 9] = [
+        BypassReason::Disabled,
+        BypassReason::Rollout,
+        BypassReason::RouteDisabled,
+        BypassReason::Method,
+        BypassReason::Authorization,
+        BypassReason::Cookie,
+        BypassReason::MalformedBody,
+        BypassReason::OversizedBody,
+        BypassReason::Unsupported,
+    ];
+
+    /// The label and `detail=` value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BypassReason::Disabled => "disabled",
+            BypassReason::Rollout => "rollout",
+            BypassReason::RouteDisabled => "route-disabled",
+            BypassReason::Method => "method",
+            BypassReason::Authorization => "authorization",
+            BypassReason::Cookie => "cookie",
+            BypassReason::MalformedBody => "malformed-body",
+            BypassReason::OversizedBody => "oversized-body",
+            BypassReason::Unsupported => "unsupported",
+        }
+    }
+}
+
+/// Why an upstream response to a cacheable request was not stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum NoStoreReason {
+    /// The status is not one the route stores (by default, not 2xx).
+    Status,
+    /// `Cache-Control: no-store` (RFC 9111 §5.2.2.5).
+    NoStore,
+    /// `Cache-Control: private` (RFC 9111 §5.2.2.7).
+    Private,
+    /// The response sets a cookie.
+    SetCookie,
+    /// No route matched and the response gives no explicit freshness (RFC 9111 §4.2.1).
+    NoFreshness,
+    /// The body is larger than `max_response_body_bytes`.
+    TooLarge,
+    /// The response carries `Vary: *` or varies on headers outside the key.
+    Vary,
+    /// The upstream could not be reached or timed out.
+    UpstreamError,
+}
+
+impl NoStoreReason {
+    /// Every reason, for metric and stats listings.
+    pub const ALL: [NoStoreReason; 8] = [
+        NoStoreReason::Status,
+        NoStoreReason::NoStore,
+        NoStoreReason::Private,
+        NoStoreReason::SetCookie,
+        NoStoreReason::NoFreshness,
+        NoStoreReason::TooLarge,
+        NoStoreReason::Vary,
+        NoStoreReason::UpstreamError,
+    ];
+
+    /// The label and `detail=` value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NoStoreReason::Status => "status",
+            NoStoreReason::NoStore => "no-store",
+            NoStoreReason::Private => "private",
+            NoStoreReason::SetCookie => "set-cookie",
+            NoStoreReason::NoFreshness => "no-freshness",
+            NoStoreReason::TooLarge => "too-large",
+            NoStoreReason::Vary => "vary",
+            NoStoreReason::UpstreamError => "upstream-error",
+        }
+    }
+
+    /// Whether a response not stored for this reason may still be handed to other requests
+    /// coalesced on the same key: not when it is private to the requester.
+    pub fn shareable(self) -> bool {
+        !matches!(
+            self,
+            NoStoreReason::Private
+                | NoStoreReason::SetCookie
+                | NoStoreReason::NoStore
+                | NoStoreReason::Vary
+                | NoStoreReason::UpstreamError
+                | NoStoreReason::TooLarge
+        )
+    }
+}
+
+/// The cache's decision for one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CachePhase {
+    /// Served from a tier without contacting the upstream.
+    Hit(Tier),
+    /// Forwarded to the upstream as the one request for its key; `Ok` if the response was
+    /// stored, else why not.
+    Miss(Result<(), NoStoreReason>),
+    /// Answered with the response of a concurrent request for the same key.
+    Collapsed,
+    /// Not looked up, not stored.
+    Bypass(BypassReason),
+}
+
+impl CachePhase {
+    /// The `X-Cache-Status` value: `HIT`, `MISS` or `BYPASS`.
+    pub fn x_cache_status(self) -> &'static str {
+        match self {
+            CachePhase::Hit(_) => "HIT",
+            CachePhase::Miss(_) | CachePhase::Collapsed => "MISS",
+            CachePhase::Bypass(_) => "BYPASS",
+        }
+    }
+
+    /// The `status` metric label: `hit`, `miss`, `collapsed` or `bypass`.
+    pub fn status_label(self) -> &'static str {
+        match self {
+            CachePhase::Hit(_) => "hit",
+            CachePhase::Miss(_) => "miss",
+            CachePhase::Collapsed => "collapsed",
+            CachePhase::Bypass(_) => "bypass",
+        }
+    }
+
+    /// The `reason` metric label: the tier for hits, `stored` or the no-store reason for
+    /// misses, the bypass reason for bypasses.
+    pub fn reason_label(self) -> &'static str {
+        match self {
+            CachePhase::Hit(tier) => tier.as_str(),
+            CachePhase::Miss(Ok(())) => "stored",
+            CachePhase::Miss(Err(r)) => r.as_str(),
+            CachePhase::Collapsed => "coalesced",
+            CachePhase::Bypass(r) => r.as_str(),
+        }
+    }
+
+    /// The RFC 9211 `Cache-Status` value for this phase, e.g. `cachegate; hit; ttl=29;
+    /// detail=memory` or `cachegate; fwd=miss; fwd-status=200; stored`.
+    /// `ttl_secs` is the freshness left (hits); `fwd_status` the upstream's status (misses).
+    pub fn cache_status_header(self, ttl_secs: Option<u64>, fwd_status: Option<u16>) -> String {
+        let mut s = String::from("cachegate");
+        match self {
+            CachePhase::Hit(tier) => {
+                s.push_str("; hit");
+                if let Some(ttl) = ttl_secs {
+                    let _ = write!(s, "; ttl={ttl}");
+                }
+                let _ = write!(s, "; detail={}", tier.as_str());
+            }
+            CachePhase::Miss(stored) => {
+                s.push_str("; fwd=miss");
+                if let Some(code) = fwd_status {
+                    let _ = write!(s, "; fwd-status={code}");
+                }
+                match stored {
+                    Ok(()) => s.push_str("; stored"),
+                    Err(r) => {
+                        let _ = write!(s, "; detail={}", r.as_str());
+                    }
+                }
+            }
+            CachePhase::Collapsed => {
+                s.push_str("; fwd=miss");
+                if let Some(code) = fwd_status {
+                    let _ = write!(s, "; fwd-status={code}");
+                }
+                s.push_str("; collapsed");
+            }
+            CachePhase::Bypass(r) => {
+                let fwd = if r == BypassReason::Method {
+                    "method"
+                } else {
+                    "bypass"
+                };
+                let _ = write!(s, "; fwd={fwd}; detail={}", r.as_str());
+            }
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers() {
+        assert_eq!(
+            CachePhase::Hit(Tier::Redis).cache_status_header(Some(5), None),
+            "cachegate; hit; ttl=5; detail=redis"
+        );
+        assert_eq!(
+            CachePhase::Miss(Ok(())).cache_status_header(None, Some(200)),
+            "cachegate; fwd=miss; fwd-status=200; stored"
+        );
+        assert_eq!(
+            CachePhase::Bypass(BypassReason::Authorization).cache_status_header(None, None),
+            "cachegate; fwd=bypass; detail=authorization"
+        );
+        assert_eq!(CachePhase::Collapsed.x_cache_status(), "MISS");
+    }
+}

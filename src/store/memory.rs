@@ -1,0 +1,78 @@
+//! The memory tier: a moka cache bounded by bytes, with a per-entry TTL.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use moka::Expiry;
+use moka::future::Cache;
+
+use crate::entry::{CachedResponse, now_ms};
+use crate::key::CacheKey;
+
+/// Expires each entry when its own freshness runs out.
+struct EntryExpiry;
+
+impl Expiry<CacheKey, Arc<CachedResponse>> for EntryExpiry {
+    fn expire_after_create(
+        &self,
+        _key: &CacheKey,
+        value: &Arc<CachedResponse>,
+        _created_at: Instant,
+    ) -> Option<Duration> {
+        Some(value.remaining_ttl(now_ms()))
+    }
+
+    fn expire_after_update(
+        &self,
+        _key: &CacheKey,
+        value: &Arc<CachedResponse>,
+        _updated_at: Instant,
+        _duration_until_expiry: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(value.remaining_ttl(now_ms()))
+    }
+}
+
+/// The in-process tier. Cloning shares the same cache.
+#[derive(Clone)]
+pub struct MemoryTier {
+    cache: Cache<CacheKey, Arc<CachedResponse>>,
+}
+
+impl MemoryTier {
+    /// A tier holding at most `max_bytes`, counting each entry's headers and body
+    /// ([`CachedResponse::size_bytes`]); the least valuable entries are evicted first
+    /// (moka's TinyLFU).
+    pub fn new(max_bytes: u64) -> Self {
+        let cache = Cache::builder()
+            .max_capacity(max_bytes)
+            .weigher(|_k: &CacheKey, v: &Arc<CachedResponse>| {
+                u32::try_from(v.size_bytes()).unwrap_or(u32::MAX)
+            })
+            .expire_after(EntryExpiry)
+            .build();
+        MemoryTier { cache }
+    }
+
+    /// The entry for `key` if present and still fresh.
+    pub async fn get(&self, key: &CacheKey) -> Option<Arc<CachedResponse>> {
+        let entry = self.cache.get(key).await?;
+        entry.is_fresh(now_ms()).then_some(entry)
+    }
+
+    /// Stores `entry` under `key` until its TTL runs out.
+    pub async fn insert(&self, key: CacheKey, entry: Arc<CachedResponse>) {
+        self.cache.insert(key, entry).await;
+    }
+
+    /// Removes the entry for `key`, if any.
+    pub async fn remove(&self, key: &CacheKey) {
+        self.cache.invalidate(key).await;
+    }
+
+    /// `(entries, weighted bytes)` after pending maintenance has run.
+    pub async fn usage(&self) -> (u64, u64) {
+        self.cache.run_pending_tasks().await;
+        (self.cache.entry_count(), self.cache.weighted_size())
+    }
+}

@@ -1,0 +1,89 @@
+//! Storage tiers and the two-tier lookup: memory first, then Redis; a Redis hit fills the
+//! memory tier; a store writes memory at once and Redis in the background.
+
+pub mod breaker;
+pub mod memory;
+pub mod redis;
+
+use std::sync::Arc;
+
+use crate::admin::metrics::Metrics;
+use crate::entry::{CachedResponse, now_ms};
+use crate::key::CacheKey;
+use crate::status::Tier;
+
+pub use self::memory::MemoryTier;
+pub use self::redis::RedisTier;
+
+/// The tiers together. Cloning shares them.
+#[derive(Clone)]
+pub struct TieredStore {
+    memory: MemoryTier,
+    redis: Option<RedisTier>,
+    metrics: Arc<Metrics>,
+}
+
+impl TieredStore {
+    /// Combines a memory tier with an optional Redis tier.
+    pub fn new(memory: MemoryTier, redis: Option<RedisTier>, metrics: Arc<Metrics>) -> Self {
+        TieredStore {
+            memory,
+            redis,
+            metrics,
+        }
+    }
+
+    /// The memory tier.
+    pub fn memory(&self) -> &MemoryTier {
+        &self.memory
+    }
+
+    /// Looks `key` up in the memory tier, then in Redis. A fresh Redis entry is copied into
+    /// the memory tier. A corrupt or foreign Redis entry counts as a miss.
+    pub async fn lookup(&self, key: &CacheKey) -> Option<(Arc<CachedResponse>, Tier)> {
+        if let Some(entry) = self.memory.get(key).await {
+            return Some((entry, Tier::Memory));
+        }
+        let redis = self.redis.as_ref()?;
+        let bytes = redis.get(key).await?;
+        let Some(entry) = CachedResponse::decode(key, &bytes) else {
+            self.metrics.redis_corrupt_entries.inc();
+            tracing::warn!(key = %key.short(), "undecodable entry in redis treated as a miss");
+            return None;
+        };
+        if !entry.is_fresh(now_ms()) {
+            return None;
+        }
+        let entry = Arc::new(entry);
+        self.memory.insert(*key, entry.clone()).await;
+        Some((entry, Tier::Redis))
+    }
+
+    /// Looks `key` up in the memory tier only.
+    pub async fn lookup_memory(&self, key: &CacheKey) -> Option<Arc<CachedResponse>> {
+        self.memory.get(key).await
+    }
+
+    /// Stores `entry` in the memory tier now and in Redis in a background task, so that the
+    /// response is never delayed by Redis.
+    pub async fn store(&self, key: CacheKey, entry: Arc<CachedResponse>) {
+        self.memory.insert(key, entry.clone()).await;
+        Metrics::inc(&self.metrics.stores, Tier::Memory.as_str());
+        if let Some(redis) = self.redis.clone() {
+            let metrics = self.metrics.clone();
+            tokio::spawn(async move {
+                let ttl = u64::from(entry.ttl_secs);
+                if redis.set(&key, entry.encode(&key), ttl).await {
+                    Metrics::inc(&metrics.stores, Tier::Redis.as_str());
+                }
+            });
+        }
+    }
+
+    /// Refreshes the memory-tier gauges.
+    pub async fn refresh_gauges(&self) {
+        let (entries, bytes) = self.memory.usage().await;
+        self.metrics.memory_entries.set(entries as i64);
+        self.metrics.memory_bytes.set(bytes as i64);
+    }
+}

@@ -1,0 +1,153 @@
+//! The Redis/Valkey tier: envelopes stored with `SET key value EX ttl`, read with `GET`.
+//!
+//! Every operation is bounded by `op_timeout_ms`; failures feed a [`Breaker`] so that a
+//! dead or slow Redis costs at most a few timeouts before it is skipped, and is probed
+//! again after the cool-down. redis-rs's `ConnectionManager` reconnects by itself, so the
+//! tier comes back when Redis does.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use redis::AsyncCommands;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+
+use super::breaker::Breaker;
+use crate::admin::metrics::Metrics;
+use crate::config::RedisConfig;
+use crate::key::CacheKey;
+
+/// Why a Redis tier could not be created.
+#[derive(Debug)]
+pub struct RedisSetupError(pub String);
+
+impl std::fmt::Display for RedisSetupError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "redis: {}", self.0)
+    }
+}
+
+impl std::error::Error for RedisSetupError {}
+
+/// The shared tier. Cloning shares the connection and the breaker.
+#[derive(Clone)]
+pub struct RedisTier {
+    conn: ConnectionManager,
+    op_timeout: Duration,
+    breaker: Arc<Breaker>,
+    prefix: String,
+    metrics: Arc<Metrics>,
+}
+
+impl RedisTier {
+    /// Creates the tier without connecting: the first operation connects, so cachegate
+    /// starts even while Redis is down.
+    ///
+    /// Errors: the URL cannot be used by redis-rs.
+    pub fn new(
+        config: &RedisConfig,
+        namespace: &str,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, RedisSetupError> {
+        let client = redis::Client::open(config.url.0.as_str())
+            .map_err(|e| RedisSetupError(e.to_string()))?;
+        let op_timeout = Duration::from_millis(config.op_timeout_ms.max(1));
+        let manager_config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_millis(
+                config.connect_timeout_ms.max(1),
+            )))
+            .set_response_timeout(Some(op_timeout))
+            .set_number_of_retries(1)
+            .set_min_delay(Duration::from_millis(10))
+            .set_max_delay(Duration::from_millis(config.breaker_cooldown_ms.max(10)));
+        let conn = ConnectionManager::new_lazy_with_config(client, manager_config)
+            .map_err(|e| RedisSetupError(e.to_string()))?;
+        Ok(RedisTier {
+            conn,
+            op_timeout,
+            breaker: Arc::new(Breaker::new(
+                config.breaker_failures,
+                Duration::from_millis(config.breaker_cooldown_ms),
+            )),
+            prefix: format!("{namespace}:v1:"),
+            metrics,
+        })
+    }
+
+    /// The Redis key of a cache key: `{namespace}:v1:{hex}`.
+    pub fn redis_key(&self, key: &CacheKey) -> String {
+        format!("{}{}", self.prefix, key.to_hex())
+    }
+
+    /// Runs one operation under the breaker and the operation timeout. `None` when the
+    /// breaker refused, the operation failed or it timed out.
+    async fn guarded<T, F>(&self, op: &'static str, f: F) -> Option<T>
+    where
+        F: Future<Output = redis::RedisResult<T>>,
+    {
+        if !self.breaker.allow() {
+            self.publish_state();
+            return None;
+        }
+        let result = tokio::time::timeout(self.op_timeout, f).await;
+        match result {
+            Ok(Ok(v)) => {
+                self.breaker.success();
+                self.publish_state();
+                Some(v)
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(op, error = %e, "redis operation failed");
+                self.fail(op);
+                None
+            }
+            Err(_) => {
+                tracing::debug!(op, "redis operation timed out");
+                self.fail(op);
+                None
+            }
+        }
+    }
+
+    fn fail(&self, op: &'static str) {
+        Metrics::inc(&self.metrics.redis_errors, op);
+        let before = self.breaker.state();
+        self.breaker.failure();
+        let after = self.breaker.state();
+        if before != after {
+            tracing::warn!("redis tier unavailable: circuit breaker open");
+        }
+        self.publish_state();
+    }
+
+    fn publish_state(&self) {
+        self.metrics
+            .redis_breaker_state
+            .set(self.breaker.state() as i64);
+    }
+
+    /// The stored envelope for `key`, or `None` on a miss, a failure or a timeout.
+    pub async fn get(&self, key: &CacheKey) -> Option<Bytes> {
+        let mut conn = self.conn.clone();
+        let redis_key = self.redis_key(key);
+        self.guarded("get", async move {
+            conn.get::<_, Option<Vec<u8>>>(redis_key).await
+        })
+        .await
+        .flatten()
+        .map(Bytes::from)
+    }
+
+    /// Stores `envelope` under `key` for `ttl_secs` (`SET … EX`). Returns whether it was
+    /// written; failures are counted, never raised.
+    pub async fn set(&self, key: &CacheKey, envelope: Bytes, ttl_secs: u64) -> bool {
+        let mut conn = self.conn.clone();
+        let redis_key = self.redis_key(key);
+        self.guarded("set", async move {
+            conn.set_ex::<_, _, ()>(redis_key, envelope.as_ref(), ttl_secs.max(1))
+                .await
+        })
+        .await
+        .is_some()
+    }
+}
