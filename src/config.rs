@@ -248,10 +248,15 @@ impl Config {
     pub fn from_toml(text: &str, file: Option<&Path>) -> Result<Config, ConfigError> {
         toml::from_str::<Config>(text).map_err(|e| {
             let position = e.span().map(|span| line_col(text, span.start));
+            let message = e.message().trim_end();
+            let message = match e.span().and_then(|span| field_at(text, span.start)) {
+                Some(field) => format!("field `{field}`: {message}"),
+                None => message.to_string(),
+            };
             ConfigError {
                 file: file.map(Path::to_path_buf),
                 position,
-                message: e.message().trim_end().to_string(),
+                message,
             }
         })
     }
@@ -342,6 +347,32 @@ fn parse_bool(v: &str) -> Option<bool> {
         "1" | "true" | "yes" | "on" => Some(true),
         "0" | "false" | "no" | "off" => Some(false),
         _ => None,
+    }
+}
+
+/// The dotted name of the field whose value starts at `offset`: the enclosing table
+/// header plus the key on that line (e.g. `cache.rollout_percent`, `routes.ttl_secs`).
+fn field_at(text: &str, offset: usize) -> Option<String> {
+    let offset = offset.min(text.len());
+    let line_start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
+    let line_end = text[offset..].find('\n').map_or(text.len(), |i| offset + i);
+    let line = &text[line_start..line_end];
+    let key = line
+        .split_once('=')
+        .map(|(k, _)| k.trim().trim_matches('"').to_string())
+        .filter(|k| !k.is_empty() && !k.starts_with('['));
+    let table = text[..line_start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .chain(std::iter::once(line.trim()))
+        .find(|l| l.starts_with('['))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_string());
+    match (table, key) {
+        (Some(t), Some(k)) => Some(format!("{t}.{k}")),
+        (None, Some(k)) => Some(k),
+        (Some(t), None) => Some(t),
+        (None, None) => None,
     }
 }
 

@@ -1,0 +1,431 @@
+//! Test harness: a real upstream HTTP server, a real `redis-server` on a free port, and
+//! cachegate itself, in-process or as a separate process. Everything listens on 127.0.0.1.
+
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use serde_json::json;
+use tokio::net::TcpListener;
+
+/// Polls `cond` every 20 ms until it holds or `limit` passes; returns whether it held.
+pub async fn eventually<F, Fut>(limit: Duration, mut cond: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if cond().await {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A real HTTP upstream. Every response is JSON echoing the request, with `n`, a counter
+/// that grows with every request the upstream answers, so a cached answer is recognisable.
+/// Request headers steer it (they are not part of any cache key unless a test says so):
+/// `x-test-status`, `x-test-cache-control`, `x-test-set-cookie`, `x-test-delay-ms`,
+/// `x-test-body-bytes` (pads the body to that size).
+pub struct Upstream {
+    pub addr: SocketAddr,
+    hits: Arc<AtomicUsize>,
+}
+
+impl Upstream {
+    pub async fn start() -> Upstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let hits = Arc::new(AtomicUsize::new(0));
+        let counter = hits.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let counter = counter.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |req| {
+                        let counter = counter.clone();
+                        async move { Ok::<_, Infallible>(answer(req, &counter).await) }
+                    });
+                    let _ = http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Upstream { addr, hits }
+    }
+
+    /// Requests answered so far.
+    pub fn hits(&self) -> usize {
+        self.hits.load(Ordering::SeqCst)
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+async fn answer(req: Request<Incoming>, counter: &AtomicUsize) -> Response<Full<Bytes>> {
+    let (parts, body) = req.into_parts();
+    let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let header = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok());
+    if let Some(ms) = header("x-test-delay-ms").and_then(|v| v.parse().ok()) {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
+    let headers: serde_json::Map<String, serde_json::Value> = parts
+        .headers
+        .iter()
+        .map(|(k, v)| (k.to_string(), json!(v.to_str().unwrap_or(""))))
+        .collect();
+    let mut doc = json!({
+        "n": n,
+        "method": parts.method.as_str(),
+        "path": parts.uri.path(),
+        "query": parts.uri.query(),
+        "body": String::from_utf8_lossy(&body),
+        "headers": headers,
+    })
+    .to_string();
+    if let Some(size) = header("x-test-body-bytes").and_then(|v| v.parse::<usize>().ok()) {
+        while doc.len() < size {
+            doc.push(' ');
+        }
+    }
+    let mut resp = Response::builder()
+        .status(header("x-test-status").and_then(|s| s.parse().ok()).unwrap_or(200u16))
+        .header("content-type", "application/json");
+    if let Some(cc) = header("x-test-cache-control") {
+        resp = resp.header("cache-control", cc);
+    }
+    if let Some(cookie) = header("x-test-set-cookie") {
+        resp = resp.header("set-cookie", cookie);
+    }
+    resp.body(Full::new(Bytes::from(doc))).unwrap()
+}
+
+/// A real `redis-server` on a free loopback port, killed when dropped.
+pub struct Redis {
+    pub port: u16,
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+}
+
+impl Redis {
+    pub async fn start() -> Redis {
+        let mut redis = Redis {
+            port: free_port(),
+            child: None,
+            dir: tempfile::tempdir().unwrap(),
+        };
+        redis.spawn().await;
+        redis
+    }
+
+    async fn spawn(&mut self) {
+        let child = Command::new(redis_server())
+            .args(["--port", &self.port.to_string()])
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--dir", self.dir.path().to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (see .ci/run)");
+        self.child = Some(child);
+        let url = self.url();
+        let up = eventually(Duration::from_secs(10), || {
+            let url = url.clone();
+            async move { ping(&url).await }
+        })
+        .await;
+        assert!(up, "redis-server did not come up on port {}", self.port);
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn pid(&self) -> String {
+        self.child.as_ref().expect("running").id().to_string()
+    }
+
+    /// Freezes the server (SIGSTOP): connections stay open, nothing answers.
+    pub fn pause(&self) {
+        signal("-STOP", &self.pid());
+    }
+
+    /// Thaws a paused server (SIGCONT).
+    pub fn resume(&self) {
+        signal("-CONT", &self.pid());
+    }
+
+    /// Kills the server outright (SIGKILL).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            signal("-CONT", &child.id().to_string());
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same port (empty: nothing was persisted).
+    pub async fn restart(&mut self) {
+        self.kill();
+        self.spawn().await;
+    }
+
+    pub async fn connection(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap()
+    }
+
+    pub async fn keys(&self, pattern: &str) -> Vec<String> {
+        let mut conn = self.connection().await;
+        redis::cmd("KEYS")
+            .arg(pattern)
+            .query_async(&mut conn)
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn signal(sig: &str, pid: &str) {
+    let _ = Command::new("kill").args([sig, pid]).status();
+}
+
+fn redis_server() -> PathBuf {
+    for dir in ["/usr/bin", "/usr/local/bin", "/usr/sbin"] {
+        let p = PathBuf::from(dir).join("redis-server");
+        if p.exists() {
+            return p;
+        }
+    }
+    PathBuf::from("redis-server")
+}
+
+async fn ping(url: &str) -> bool {
+    let Ok(client) = redis::Client::open(url) else {
+        return false;
+    };
+    let Ok(Ok(mut conn)) = tokio::time::timeout(
+        Duration::from_millis(500),
+        client.get_multiplexed_async_connection(),
+    )
+    .await
+    else {
+        return false;
+    };
+    redis::cmd("PING")
+        .query_async::<String>(&mut conn)
+        .await
+        .is_ok()
+}
+
+/// A cachegate running in this test process.
+pub struct Gate {
+    pub running: Option<cachegate::server::Running>,
+    pub base: String,
+    pub admin: String,
+    pub client: reqwest::Client,
+}
+
+impl Gate {
+    /// Starts cachegate in front of `upstream` with the extra TOML `config` (which must not
+    /// set `listen`, `admin_listen` or `[upstream]`); `redis` adds the shared tier.
+    pub async fn start(upstream: &Upstream, redis: Option<&Redis>, config: &str) -> Gate {
+        let mut toml = format!(
+            "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{config}\n[upstream]\nurl = \"{}\"\nresponse_timeout_ms = 3000\n",
+            upstream.url()
+        );
+        if let Some(r) = redis {
+            toml.push_str(&format!("[redis]\nurl = \"{}\"\n", r.url()));
+        }
+        let config = cachegate::config::Config::from_toml(&toml, None)
+            .unwrap()
+            .finish(&Default::default(), |name| {
+                (name == "CACHEGATE_KEY_SECRET").then(|| "test-secret".to_string())
+            })
+            .unwrap();
+        let running = cachegate::server::start(config).await.unwrap();
+        Gate {
+            base: format!("http://{}", running.listen_addr),
+            admin: format!("http://{}", running.admin_addr),
+            running: Some(running),
+            client: client(),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    pub async fn get(&self, path: &str) -> Reply {
+        Reply::from(self.client.get(self.url(path)).send().await.unwrap()).await
+    }
+
+    pub async fn post_json(&self, path: &str, body: &str) -> Reply {
+        let req = self
+            .client
+            .post(self.url(path))
+            .header("content-type", "application/json")
+            .body(body.to_string());
+        Reply::from(req.send().await.unwrap()).await
+    }
+
+    pub async fn metrics(&self) -> String {
+        admin_text(&self.client, &self.admin, "/metrics").await
+    }
+
+    pub async fn stats(&self) -> serde_json::Value {
+        serde_json::from_str(&admin_text(&self.client, &self.admin, "/stats").await).unwrap()
+    }
+
+    pub fn switches(&self) -> &cachegate::proxy::Switches {
+        &self.running.as_ref().unwrap().switches
+    }
+}
+
+pub async fn admin_text(client: &reqwest::Client, admin: &str, path: &str) -> String {
+    client
+        .get(format!("{admin}{path}"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap()
+}
+
+/// A response with its body read.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: String,
+}
+
+impl Reply {
+    pub async fn from(resp: reqwest::Response) -> Reply {
+        Reply {
+            status: resp.status().as_u16(),
+            headers: resp.headers().clone(),
+            body: resp.text().await.unwrap(),
+        }
+    }
+
+    pub fn cache(&self) -> &str {
+        self.header("x-cache-status")
+    }
+
+    pub fn header(&self, name: &str) -> &str {
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// The upstream's request counter in the body.
+    pub fn n(&self) -> u64 {
+        self.json()["n"].as_u64().unwrap_or(0)
+    }
+}
+
+/// `cachegate` run as its own process, stopped (by PID) when dropped.
+pub struct GateProcess {
+    child: Child,
+    pub base: String,
+    pub admin: String,
+    _config: tempfile::NamedTempFile,
+}
+
+impl GateProcess {
+    pub async fn start(config_toml: &str) -> GateProcess {
+        use std::io::Write;
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        file.write_all(config_toml.as_bytes()).unwrap();
+        let (listen, admin) = (free_port(), free_port());
+        let child = Command::new(env!("CARGO_BIN_EXE_cachegate"))
+            .arg("serve")
+            .arg("--config")
+            .arg(file.path())
+            .args(["--listen", &format!("127.0.0.1:{listen}")])
+            .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
+            .env("CACHEGATE_KEY_SECRET", "test-secret")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let gate = GateProcess {
+            child,
+            base: format!("http://127.0.0.1:{listen}"),
+            admin: format!("http://127.0.0.1:{admin}"),
+            _config: file,
+        };
+        let health = format!("{}/healthz", gate.admin);
+        let c = client();
+        let up = eventually(Duration::from_secs(10), || {
+            let (c, health) = (c.clone(), health.clone());
+            async move { c.get(&health).send().await.is_ok() }
+        })
+        .await;
+        assert!(up, "cachegate process did not start");
+        gate
+    }
+}
+
+impl Drop for GateProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

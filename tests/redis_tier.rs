@@ -1,0 +1,185 @@
+//! The shared Redis tier against a real `redis-server` started on a free port: sharing
+//! between processes, corrupt entries, and Redis failing (paused, killed, restarted).
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use common::{Gate, GateProcess, Redis, Upstream, eventually};
+use redis::AsyncCommands;
+
+const ROUTES: &str = r#"
+[[routes]]
+method = "POST"
+path = "/api/natal/chart"
+ttl_secs = 60
+key_body = true
+
+[[routes]]
+method = "GET"
+path = "/kpi/*"
+ttl_secs = 60
+"#;
+
+fn process_config(up: &Upstream, redis: &Redis) -> String {
+    format!(
+        "{ROUTES}\n[upstream]\nurl = \"{}\"\n[redis]\nurl = \"{}\"\n",
+        up.url(),
+        redis.url()
+    )
+}
+
+#[tokio::test]
+async fn two_processes_share_one_redis() {
+    let up = Upstream::start().await;
+    let redis = Redis::start().await;
+    let first = GateProcess::start(&process_config(&up, &redis)).await;
+    let second = GateProcess::start(&process_config(&up, &redis)).await;
+    let client = common::client();
+    let body = r#"{"name":"Ada","date":"1815-12-10","lat":51.5}"#;
+    let post = |base: &str| {
+        client
+            .post(format!("{base}/api/natal/chart"))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    let miss = common::Reply::from(post(&first.base).await.unwrap()).await;
+    assert_eq!(miss.cache(), "MISS");
+    // The write to Redis happens after the response: wait for it to land.
+    let stored = eventually(Duration::from_secs(5), || async {
+        !redis.keys("cachegate:v1:*").await.is_empty()
+    })
+    .await;
+    assert!(stored, "entry never reached redis");
+    let hit = common::Reply::from(post(&second.base).await.unwrap()).await;
+    assert_eq!(hit.cache(), "HIT");
+    assert!(hit.header("cache-status").ends_with("detail=redis"), "{}", hit.header("cache-status"));
+    assert_eq!(hit.body, miss.body);
+    // The Redis hit filled the second process's memory tier.
+    let again = common::Reply::from(post(&second.base).await.unwrap()).await;
+    assert!(again.header("cache-status").ends_with("detail=memory"));
+    assert_eq!(up.hits(), 1);
+    // Keys hold no raw request data.
+    for key in redis.keys("*").await {
+        assert!(!key.contains("Ada") && !key.contains("natal"), "{key}");
+    }
+}
+
+#[tokio::test]
+async fn corrupt_entry_in_redis_is_a_miss() {
+    let up = Upstream::start().await;
+    let redis = Redis::start().await;
+    let writer = Gate::start(&up, Some(&redis), ROUTES).await;
+    assert_eq!(writer.get("/kpi/c").await.cache(), "MISS");
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            redis.keys("cachegate:v1:*").await.len() == 1
+        })
+        .await
+    );
+    let key = redis.keys("cachegate:v1:*").await.remove(0);
+    let mut conn = redis.connection().await;
+    // A valid-looking header with a flipped body byte, then plain garbage.
+    let mut envelope: Vec<u8> = conn.get(&key).await.unwrap();
+    let last = envelope.len() - 20;
+    envelope[last] ^= 1;
+    let _: () = conn.set(&key, envelope).await.unwrap();
+    let reader = Gate::start(&up, Some(&redis), ROUTES).await;
+    let r = reader.get("/kpi/c").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.cache(), "MISS");
+    let _: () = conn.set(&key, b"\x09garbage".to_vec()).await.unwrap();
+    let other = Gate::start(&up, Some(&redis), ROUTES).await;
+    assert_eq!(other.get("/kpi/c").await.cache(), "MISS");
+    assert_eq!(other.stats().await["redis"]["corrupt_entries"], 1);
+    assert_eq!(reader.stats().await["redis"]["corrupt_entries"], 1);
+}
+
+/// Sends requests to fresh keys until `stop` is set; every one must be a 200 from the
+/// upstream or the cache. Returns how many were sent.
+async fn load(gate: Arc<Gate>, stop: Arc<AtomicBool>, prefix: &'static str) -> usize {
+    let mut sent = 0;
+    while !stop.load(Ordering::SeqCst) && sent < 5000 {
+        let r = gate.get(&format!("/kpi/{prefix}{}", sent % 50)).await;
+        assert_eq!(r.status, 200, "request {sent} failed: {r:?}");
+        assert!(r.n() > 0);
+        sent += 1;
+    }
+    sent
+}
+
+#[tokio::test]
+async fn redis_paused_killed_and_restarted_never_fails_a_request() {
+    let up = Upstream::start().await;
+    let mut redis = Redis::start().await;
+    let gate = Arc::new(
+        Gate::start(
+            &up,
+            Some(&redis),
+            &format!("{ROUTES}\n[cache]\nkey_secret = \"k\"\n"),
+        )
+        .await,
+    );
+    // Warm up through a healthy Redis.
+    assert_eq!(gate.get("/kpi/warm").await.cache(), "MISS");
+
+    // Paused: Redis accepts nothing; each request waits at most the op timeout, then the
+    // breaker opens and Redis is skipped.
+    redis.pause();
+    let stop = Arc::new(AtomicBool::new(false));
+    let task = tokio::spawn(load(gate.clone(), stop.clone(), "paused-"));
+    let opened = eventually(Duration::from_secs(10), || async {
+        gate.stats().await["redis"]["breaker_state"] != "closed"
+    })
+    .await;
+    assert!(opened, "breaker never opened while redis was paused");
+    // Killed mid-load.
+    redis.kill();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::SeqCst);
+    let sent = task.await.unwrap();
+    assert!(sent > 0);
+
+    // Down: still fine.
+    for i in 0..20 {
+        assert_eq!(gate.get(&format!("/kpi/down{i}")).await.status, 200);
+    }
+    assert!(gate.stats().await["redis"]["errors"]["get"].as_u64().unwrap() > 0);
+
+    // Restarted: the tier comes back by itself and new entries reach Redis again.
+    redis.restart().await;
+    let mut i = 0;
+    let back = eventually(Duration::from_secs(15), || {
+        i += 1;
+        let path = format!("/kpi/back{i}");
+        let gate = gate.clone();
+        let redis = &redis;
+        async move {
+            assert_eq!(gate.get(&path).await.status, 200);
+            !redis.keys("cachegate:v1:*").await.is_empty()
+        }
+    })
+    .await;
+    assert!(back, "redis tier did not come back after restart");
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            gate.stats().await["redis"]["breaker_state"] == "closed"
+        })
+        .await
+    );
+}
+
+#[tokio::test]
+async fn redis_down_at_start_is_not_fatal() {
+    let up = Upstream::start().await;
+    let mut redis = Redis::start().await;
+    redis.kill();
+    let gate = Gate::start(&up, Some(&redis), ROUTES).await;
+    let a = gate.get("/kpi/x").await;
+    let b = gate.get("/kpi/x").await;
+    assert_eq!((a.status, b.status), (200, 200));
+    assert_eq!(b.cache(), "HIT", "memory tier still works without redis");
+}
