@@ -151,6 +151,14 @@ impl KeyBuilder {
 /// whitespace, numbers spelled as ECMAScript does.
 ///
 /// Errors: [`BodyKeyError::MalformedJson`] when `body` is not JSON.
+///
+/// ```
+/// use cachegate::key::canonical_json;
+/// let a = canonical_json(br#"{"lat": 51.50, "name": "Ada"}"#).unwrap();
+/// let b = canonical_json(br#"{"name":"Ada","lat":5.15e1}"#).unwrap();
+/// assert_eq!(a, b);
+/// assert_eq!(a, br#"{"lat":51.5,"name":"Ada"}"#);
+/// ```
 pub fn canonical_json(body: &[u8]) -> Result<Vec<u8>, BodyKeyError> {
     let value: serde_json::Value =
         serde_json::from_slice(body).map_err(|_| BodyKeyError::MalformedJson)?;

@@ -85,3 +85,15 @@ fn version_and_help() {
         assert!(help.contains(flag), "{flag} missing from help");
     }
 }
+
+#[test]
+fn shipped_example_configs_are_valid() {
+    for file in ["config/astrology.toml", "config/kpi-dashboard.toml"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_cachegate"))
+            .args(["check-config", file])
+            .env("CACHEGATE_KEY_SECRET", "example")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{file}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+}

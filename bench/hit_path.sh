@@ -1,0 +1,123 @@
+#!/usr/bin/env bash
+# Hit-path benchmark: cachegate against nginx proxy_cache, same origin, same small cached
+# response, same load tool (wrk), in one run on this machine. Prints requests/s and
+# p50/p99 latency for both and cachegate's ratio to nginx.
+#
+#   bench/hit_path.sh [seconds per run, default 10] [connections, default 50]
+#
+# Installs nginx and wrk from Debian's packages when missing. Everything listens on
+# 127.0.0.1; every process started here is stopped by its PID on exit.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DURATION="${1:-10}"
+CONNECTIONS="${2:-50}"
+ROUNDS=2
+
+missing=()
+command -v wrk >/dev/null || missing+=(wrk)
+command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx)
+if [ ${#missing[@]} -gt 0 ]; then
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}"
+fi
+NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
+
+cargo build --release --locked -q
+WORK="$(mktemp -d)"
+chmod 755 "$WORK"
+PIDS=()
+cleanup() {
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_http() {
+  for _ in $(seq 100); do curl -s -o /dev/null "$1" && return 0; sleep 0.1; done
+  echo "no answer from $1" >&2; exit 1
+}
+
+UP=$(free_port); CG=$(free_port); ADMIN=$(free_port); NG=$(free_port)
+
+python3 bench/upstream.py "$UP" & PIDS+=($!)
+wait_http "http://127.0.0.1:$UP/"
+
+CACHEGATE_LOG=warn target/release/cachegate serve --upstream "http://127.0.0.1:$UP" \
+  --listen "127.0.0.1:$CG" --admin-listen "127.0.0.1:$ADMIN" & PIDS+=($!)
+wait_http "http://127.0.0.1:$ADMIN/healthz"
+
+mkdir -p "$WORK/cache"
+USER_LINE=""; [ "$(id -u)" -eq 0 ] && USER_LINE="user root;"
+cat > "$WORK/nginx.conf" <<CONF
+$USER_LINE
+worker_processes auto;
+daemon off;
+pid $WORK/nginx.pid;
+error_log $WORK/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path $WORK/body;
+  proxy_temp_path $WORK/proxy;
+  fastcgi_temp_path $WORK/fastcgi;
+  uwsgi_temp_path $WORK/uwsgi;
+  scgi_temp_path $WORK/scgi;
+  proxy_cache_path $WORK/cache levels=1:2 keys_zone=bench:10m max_size=100m inactive=60m use_temp_path=off;
+  upstream origin { server 127.0.0.1:$UP; keepalive 32; }
+  server {
+    listen 127.0.0.1:$NG;
+    location / {
+      proxy_pass http://origin;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_cache bench;
+      proxy_cache_valid 200 1h;
+      add_header X-Cache-Status \$upstream_cache_status;
+    }
+  }
+}
+CONF
+"$NGINX" -c "$WORK/nginx.conf" & PIDS+=($!)
+wait_http "http://127.0.0.1:$NG/kpi/revenue"
+
+# Warm both caches and check that the measured path is a hit.
+for url in "http://127.0.0.1:$CG/kpi/revenue" "http://127.0.0.1:$NG/kpi/revenue"; do
+  curl -s -o /dev/null "$url"; curl -s -o /dev/null "$url"
+  status=$(curl -s -D - -o /dev/null "$url" | tr -d '\r' | awk -F': ' 'tolower($1)=="x-cache-status"{print $2}')
+  [ "$status" = "HIT" ] || { echo "$url is not a hit (X-Cache-Status: $status)" >&2; exit 1; }
+done
+
+# wrk latency to milliseconds.
+to_ms() { awk '{ v=$1; if (v ~ /us$/) { sub(/us$/,"",v); v/=1000 } else if (v ~ /ms$/) { sub(/ms$/,"",v) } else if (v ~ /s$/) { sub(/s$/,"",v); v*=1000 } printf "%.3f", v }'; }
+declare -A RPS P50 P99
+run() { # name url
+  local out
+  out=$(wrk -t2 -c"$CONNECTIONS" -d"${DURATION}s" --latency "$2")
+  RPS[$1]=$(awk -v a="${RPS[$1]:-0}" '/^Requests\/sec:/ { printf "%.0f", a + $2 }' <<<"$out")
+  P50[$1]=$(awk -v a="${P50[$1]:-0}" -v x="$(awk '$1=="50%"{print $2}' <<<"$out" | to_ms)" 'BEGIN{printf "%.3f", a + x}')
+  P99[$1]=$(awk -v a="${P99[$1]:-0}" -v x="$(awk '$1=="99%"{print $2}' <<<"$out" | to_ms)" 'BEGIN{printf "%.3f", a + x}')
+  if grep -q "Non-2xx\|Socket errors" <<<"$out"; then echo "$1: errors during load:" >&2; grep "Non-2xx\|Socket errors" <<<"$out" >&2; fi
+}
+# Alternate the order so that neither always runs on a warmer or busier machine.
+for round in $(seq $ROUNDS); do
+  if [ $((round % 2)) -eq 1 ]; then
+    run nginx "http://127.0.0.1:$NG/kpi/revenue"; run cachegate "http://127.0.0.1:$CG/kpi/revenue"
+  else
+    run cachegate "http://127.0.0.1:$CG/kpi/revenue"; run nginx "http://127.0.0.1:$NG/kpi/revenue"
+  fi
+done
+
+echo
+echo "hit path, $ROUNDS rounds x ${DURATION}s, wrk -t2 -c$CONNECTIONS, $(nproc) cores ($(date -u +%Y-%m-%d))"
+printf '| %-23s | %12s | %9s | %9s |\n' "proxy" "requests/s" "p50 ms" "p99 ms"
+printf '|%s|%s|%s|%s|\n' "-------------------------" "--------------" "-----------" "-----------"
+for name in cachegate nginx; do
+  awk -v n="$name" -v r="${RPS[$name]}" -v p5="${P50[$name]}" -v p9="${P99[$name]}" -v k=$ROUNDS \
+    'BEGIN { label = (n == "nginx") ? "nginx proxy_cache" : "cachegate (memory tier)";
+             printf "| %-23s | %12.0f | %9.3f | %9.3f |\n", label, r/k, p5/k, p9/k }'
+done
+awk -v a="${RPS[cachegate]}" -v b="${RPS[nginx]}" -v a5="${P50[cachegate]}" -v b5="${P50[nginx]}" \
+    -v a9="${P99[cachegate]}" -v b9="${P99[nginx]}" \
+  'BEGIN { printf "\ncachegate / nginx: throughput %.2fx, p50 latency %.2fx, p99 latency %.2fx\n", a/b, a5/b5, a9/b9 }'
