@@ -39,8 +39,16 @@ fn bad_values_are_explained() {
     let cases = [
         ("[upstream]\nurl = \"ftp://x\"\n", "2:", "http:// URL"),
         ("[cache]\nrollout_percent = 101\n", "2:", "0 to 100"),
-        ("[[routes]]\nmethod = \"FETCH\"\npath = \"/\"\nttl_secs = 1\n", "2:", "HTTP method"),
-        ("[[routes]]\nmethod = \"GET\"\npath = \"kpi\"\nttl_secs = 1\n", "3:", "starting with '/'"),
+        (
+            "[[routes]]\nmethod = \"FETCH\"\npath = \"/\"\nttl_secs = 1\n",
+            "2:",
+            "HTTP method",
+        ),
+        (
+            "[[routes]]\nmethod = \"GET\"\npath = \"kpi\"\nttl_secs = 1\n",
+            "3:",
+            "starting with '/'",
+        ),
         ("listen = \"nowhere\"\n", "1:", "listen"),
     ];
     for (text, line, expected) in cases {
@@ -56,10 +64,16 @@ fn bad_values_are_explained() {
 #[test]
 fn missing_upstream_and_secret_are_errors() {
     let f = config_file("[cache]\nenabled = true\n");
-    let err = String::from_utf8_lossy(&cachegate(&["check-config", f.path().to_str().unwrap()]).stderr).to_string();
+    let err =
+        String::from_utf8_lossy(&cachegate(&["check-config", f.path().to_str().unwrap()]).stderr)
+            .to_string();
     assert!(err.contains("upstream.url"), "{err}");
-    let f = config_file("[upstream]\nurl = \"http://127.0.0.1:1\"\n[redis]\nurl = \"redis://127.0.0.1:2\"\n");
-    let err = String::from_utf8_lossy(&cachegate(&["check-config", f.path().to_str().unwrap()]).stderr).to_string();
+    let f = config_file(
+        "[upstream]\nurl = \"http://127.0.0.1:1\"\n[redis]\nurl = \"redis://127.0.0.1:2\"\n",
+    );
+    let err =
+        String::from_utf8_lossy(&cachegate(&["check-config", f.path().to_str().unwrap()]).stderr)
+            .to_string();
     assert!(err.contains("key_secret"), "{err}");
 }
 
@@ -69,11 +83,18 @@ fn check_config_prints_the_effective_config_without_secrets() {
         "[upstream]\nurl = \"http://127.0.0.1:8000\"\n[cache]\nkey_secret = \"hunter2\"\n[redis]\nurl = \"redis://app:pw@127.0.0.1:6379\"\n",
     );
     let out = cachegate(&["check-config", f.path().to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("listen = \"127.0.0.1:8080\""), "{text}");
     assert!(text.contains("op_timeout_ms = 100"), "{text}");
-    assert!(!text.contains("hunter2") && !text.contains(":pw@"), "{text}");
+    assert!(
+        !text.contains("hunter2") && !text.contains(":pw@"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -81,7 +102,14 @@ fn version_and_help() {
     let out = cachegate(&["--version"]);
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("cachegate "));
     let help = String::from_utf8_lossy(&cachegate(&["serve", "--help"]).stdout).to_string();
-    for flag in ["--listen", "--upstream", "--redis", "--admin-listen", "--config", "--log-format"] {
+    for flag in [
+        "--listen",
+        "--upstream",
+        "--redis",
+        "--admin-listen",
+        "--config",
+        "--log-format",
+    ] {
         assert!(help.contains(flag), "{flag} missing from help");
     }
 }
@@ -94,6 +122,10 @@ fn shipped_example_configs_are_valid() {
             .env("CACHEGATE_KEY_SECRET", "example")
             .output()
             .unwrap();
-        assert!(out.status.success(), "{file}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{file}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }

@@ -42,10 +42,17 @@ async fn miss_then_hit_with_identical_response() {
     let gate = Gate::start(&up, None, ROUTES).await;
     let first = gate.get("/kpi/revenue?month=11").await;
     assert_eq!(first.cache(), "MISS");
-    assert_eq!(first.header("cache-status"), "cachegate; fwd=miss; fwd-status=200; stored");
+    assert_eq!(
+        first.header("cache-status"),
+        "cachegate; fwd=miss; fwd-status=200; stored"
+    );
     let second = gate.get("/kpi/revenue?month=11").await;
     assert_eq!(second.cache(), "HIT");
-    assert!(second.header("cache-status").starts_with("cachegate; hit; ttl="));
+    assert!(
+        second
+            .header("cache-status")
+            .starts_with("cachegate; hit; ttl=")
+    );
     assert!(second.header("cache-status").ends_with("detail=memory"));
     assert_eq!(second.body, first.body);
     assert_eq!(second.header("content-type"), "application/json");
@@ -64,9 +71,15 @@ async fn different_query_or_body_misses_reordered_json_hits() {
     let first = gate.post_json("/api/natal/chart", CHART).await;
     assert_eq!(first.cache(), "MISS");
     let reordered = gate.post_json("/api/natal/chart", CHART_REORDERED).await;
-    assert_eq!(reordered.cache(), "HIT", "RFC 8785: same JSON, other spelling");
+    assert_eq!(
+        reordered.cache(),
+        "HIT",
+        "RFC 8785: same JSON, other spelling"
+    );
     assert_eq!(reordered.body, first.body);
-    let other = gate.post_json("/api/natal/chart", &CHART.replace("Ada", "Bob")).await;
+    let other = gate
+        .post_json("/api/natal/chart", &CHART.replace("Ada", "Bob"))
+        .await;
     assert_eq!(other.cache(), "MISS");
     assert_eq!(up.hits(), 4);
 }
@@ -83,7 +96,10 @@ async fn entries_expire_after_their_ttl() {
     })
     .await;
     assert!(expired, "entry with ttl_secs = 1 never expired");
-    assert!(stored_at.elapsed() >= Duration::from_millis(900), "expired too early");
+    assert!(
+        stored_at.elapsed() >= Duration::from_millis(900),
+        "expired too early"
+    );
 }
 
 #[tokio::test]
@@ -110,14 +126,22 @@ async fn concurrent_misses_send_one_upstream_request() {
         assert_eq!(reply.status, 200);
         bodies.insert(reply.body);
     }
-    assert_eq!(up.hits(), 1, "exactly one upstream request for 200 concurrent misses");
+    assert_eq!(
+        up.hits(),
+        1,
+        "exactly one upstream request for 200 concurrent misses"
+    );
     assert_eq!(bodies.len(), 1);
     let stats = gate.stats().await;
     assert!(stats["coalesced_waits"]["served"].as_u64().unwrap() > 0);
 }
 
 /// Sends `path` twice with the given request headers; returns both replies.
-async fn twice(gate: &Gate, path: &str, headers: &[(&str, &str)]) -> (common::Reply, common::Reply) {
+async fn twice(
+    gate: &Gate,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (common::Reply, common::Reply) {
     let send = || {
         let mut req = gate.client.get(gate.url(path));
         for (k, v) in headers {
@@ -132,20 +156,45 @@ async fn twice(gate: &Gate, path: &str, headers: &[(&str, &str)]) -> (common::Re
 async fn private_responses_are_never_shared() {
     let up = Upstream::start().await;
     let gate = Gate::start(&up, None, ROUTES).await;
-    let cases: [(&str, &[(&str, &str)], &str); 6] = [
-        ("/kpi/private", &[("x-test-cache-control", "private")], "detail=private"),
-        ("/kpi/no-store", &[("x-test-cache-control", "no-store")], "detail=no-store"),
-        ("/kpi/cookie", &[("x-test-set-cookie", "sid=1")], "detail=set-cookie"),
+    type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
+    let cases: [Case; 6] = [
+        (
+            "/kpi/private",
+            &[("x-test-cache-control", "private")],
+            "detail=private",
+        ),
+        (
+            "/kpi/no-store",
+            &[("x-test-cache-control", "no-store")],
+            "detail=no-store",
+        ),
+        (
+            "/kpi/cookie",
+            &[("x-test-set-cookie", "sid=1")],
+            "detail=set-cookie",
+        ),
         ("/kpi/error", &[("x-test-status", "500")], "detail=status"),
-        ("/kpi/notfound", &[("x-test-status", "404")], "detail=status"),
-        ("/kpi/auth", &[("authorization", "Bearer abc")], "detail=authorization"),
+        (
+            "/kpi/notfound",
+            &[("x-test-status", "404")],
+            "detail=status",
+        ),
+        (
+            "/kpi/auth",
+            &[("authorization", "Bearer abc")],
+            "detail=authorization",
+        ),
     ];
     for (path, headers, detail) in cases {
         let before = up.hits();
         let (a, b) = twice(&gate, path, headers).await;
         assert_ne!(b.cache(), "HIT", "{path} was served from the cache");
         assert_ne!(a.n(), b.n(), "{path}: second reply is the first one again");
-        assert!(b.header("cache-status").contains(detail), "{path}: {}", b.header("cache-status"));
+        assert!(
+            b.header("cache-status").contains(detail),
+            "{path}: {}",
+            b.header("cache-status")
+        );
         assert_eq!(up.hits() - before, 2, "{path}");
     }
     let (_, cookie_req) = twice(&gate, "/kpi/c", &[("cookie", "sid=2")]).await;
@@ -159,12 +208,23 @@ async fn private_responses_are_never_shared() {
 async fn unmatched_get_follows_upstream_cache_control_and_other_methods_bypass() {
     let up = Upstream::start().await;
     let gate = Gate::start(&up, None, ROUTES).await;
-    let (a, b) = twice(&gate, "/fresh", &[("x-test-cache-control", "public, max-age=60")]).await;
+    let (a, b) = twice(
+        &gate,
+        "/fresh",
+        &[("x-test-cache-control", "public, max-age=60")],
+    )
+    .await;
     assert_eq!((a.cache(), b.cache()), ("MISS", "HIT"));
     let (_, b) = twice(&gate, "/nofresh", &[]).await;
     assert_eq!(b.cache(), "MISS");
     assert!(b.header("cache-status").contains("detail=no-freshness"));
-    let put = gate.client.put(gate.url("/fresh")).body("x").send().await.unwrap();
+    let put = gate
+        .client
+        .put(gate.url("/fresh"))
+        .body("x")
+        .send()
+        .await
+        .unwrap();
     let put = common::Reply::from(put).await;
     assert_eq!(put.cache(), "BYPASS");
     assert_eq!(put.json()["body"], "x");
@@ -187,7 +247,11 @@ async fn bad_bodies_pass_through_untouched_and_uncached() {
         let r = gate.post_json("/api/natal/chart", malformed).await;
         assert_eq!(r.cache(), "BYPASS");
         assert!(r.header("cache-status").contains("detail=malformed-body"));
-        assert_eq!(r.json()["body"], malformed, "the upstream got the body as sent");
+        assert_eq!(
+            r.json()["body"],
+            malformed,
+            "the upstream got the body as sent"
+        );
     }
     let big = format!("{{\"pad\": \"{}\"}}", "x".repeat(5000));
     let r = gate.post_json("/api/natal/chart", &big).await;
@@ -211,7 +275,12 @@ async fn kill_switch_and_rollout() {
     gate.switches().set_enabled(true);
     assert_eq!(twice(&gate, "/kpi/live", &[]).await.1.cache(), "HIT");
 
-    let half = Gate::start(&up, None, &format!("[cache]\nrollout_percent = 50\n{ROUTES}")).await;
+    let half = Gate::start(
+        &up,
+        None,
+        &format!("[cache]\nrollout_percent = 50\n{ROUTES}"),
+    )
+    .await;
     let (mut cached, mut bypassed) = (0, 0);
     for i in 0..40 {
         let path = format!("/kpi/r{i}");
@@ -222,9 +291,17 @@ async fn kill_switch_and_rollout() {
             other => panic!("{path}: rollout not deterministic by key: {other:?}"),
         }
     }
-    assert!(cached > 5 && bypassed > 5, "cached {cached}, bypassed {bypassed}");
+    assert!(
+        cached > 5 && bypassed > 5,
+        "cached {cached}, bypassed {bypassed}"
+    );
 
-    let none = Gate::start(&up, None, &format!("[cache]\nrollout_percent = 0\n{ROUTES}")).await;
+    let none = Gate::start(
+        &up,
+        None,
+        &format!("[cache]\nrollout_percent = 0\n{ROUTES}"),
+    )
+    .await;
     let (_, b) = twice(&none, "/kpi/z", &[]).await;
     assert!(b.header("cache-status").contains("detail=rollout"));
 }
@@ -311,7 +388,12 @@ async fn hop_by_hop_headers_are_dropped_and_forwarded_for_added() {
 #[tokio::test]
 async fn large_responses_stream_through_uncached() {
     let up = Upstream::start().await;
-    let gate = Gate::start(&up, None, &format!("[cache]\nmax_response_body_bytes = 1000\n{ROUTES}")).await;
+    let gate = Gate::start(
+        &up,
+        None,
+        &format!("[cache]\nmax_response_body_bytes = 1000\n{ROUTES}"),
+    )
+    .await;
     let (a, b) = twice(&gate, "/kpi/big", &[("x-test-body-bytes", "5000")]).await;
     assert_eq!(a.body.len(), 5000);
     assert_eq!(b.cache(), "MISS");

@@ -56,7 +56,11 @@ async fn two_processes_share_one_redis() {
     assert!(stored, "entry never reached redis");
     let hit = common::Reply::from(post(&second.base).await.unwrap()).await;
     assert_eq!(hit.cache(), "HIT");
-    assert!(hit.header("cache-status").ends_with("detail=redis"), "{}", hit.header("cache-status"));
+    assert!(
+        hit.header("cache-status").ends_with("detail=redis"),
+        "{}",
+        hit.header("cache-status")
+    );
     assert_eq!(hit.body, miss.body);
     // The Redis hit filled the second process's memory tier.
     let again = common::Reply::from(post(&second.base).await.unwrap()).await;
@@ -147,7 +151,12 @@ async fn redis_paused_killed_and_restarted_never_fails_a_request() {
     for i in 0..20 {
         assert_eq!(gate.get(&format!("/kpi/down{i}")).await.status, 200);
     }
-    assert!(gate.stats().await["redis"]["errors"]["get"].as_u64().unwrap() > 0);
+    assert!(
+        gate.stats().await["redis"]["errors"]["get"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
 
     // Restarted: the tier comes back by itself and new entries reach Redis again.
     redis.restart().await;

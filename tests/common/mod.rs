@@ -96,7 +96,11 @@ impl Upstream {
 
 async fn answer(req: Request<Incoming>, counter: &AtomicUsize) -> Response<Full<Bytes>> {
     let (parts, body) = req.into_parts();
-    let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
     let header = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok());
     if let Some(ms) = header("x-test-delay-ms").and_then(|v| v.parse().ok()) {
         tokio::time::sleep(Duration::from_millis(ms)).await;
@@ -122,7 +126,11 @@ async fn answer(req: Request<Incoming>, counter: &AtomicUsize) -> Response<Full<
         }
     }
     let mut resp = Response::builder()
-        .status(header("x-test-status").and_then(|s| s.parse().ok()).unwrap_or(200u16))
+        .status(
+            header("x-test-status")
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(200u16),
+        )
         .header("content-type", "application/json");
     if let Some(cc) = header("x-test-cache-control") {
         resp = resp.header("cache-control", cc);
