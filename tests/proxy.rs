@@ -399,3 +399,44 @@ async fn large_responses_stream_through_uncached() {
     assert_eq!(b.cache(), "MISS");
     assert!(b.header("cache-status").contains("detail=too-large"));
 }
+
+#[tokio::test]
+async fn concurrent_private_responses_are_not_shared_with_waiters() {
+    let up = Upstream::start().await;
+    let gate = Gate::start(&up, None, ROUTES).await;
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        let req = gate
+            .client
+            .get(gate.url("/kpi/mine"))
+            .header("x-test-delay-ms", "300")
+            .header("x-test-set-cookie", "sid=secret");
+        tasks.push(tokio::spawn(async move {
+            common::Reply::from(req.send().await.unwrap()).await
+        }));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for t in tasks {
+        let reply = t.await.unwrap();
+        assert_eq!(reply.status, 200);
+        assert!(
+            seen.insert(reply.n()),
+            "two clients got the same private response"
+        );
+    }
+    assert_eq!(up.hits(), 20);
+}
+
+#[tokio::test]
+async fn client_no_cache_cannot_force_recomputation() {
+    let up = Upstream::start().await;
+    let gate = Gate::start(&up, None, ROUTES).await;
+    let (_, b) = twice(
+        &gate,
+        "/kpi/expensive",
+        &[("cache-control", "no-cache"), ("pragma", "no-cache")],
+    )
+    .await;
+    assert_eq!(b.cache(), "HIT");
+    assert_eq!(up.hits(), 1);
+}

@@ -192,3 +192,44 @@ async fn redis_down_at_start_is_not_fatal() {
     assert_eq!((a.status, b.status), (200, 200));
     assert_eq!(b.cache(), "HIT", "memory tier still works without redis");
 }
+
+#[tokio::test]
+async fn acl_user_with_password_and_wrong_password() {
+    let up = Upstream::start().await;
+    let redis = Redis::start_with(&[
+        "--user", "default", "off", "--user", "app", "on", ">s3cret", "~*", "+@all",
+    ])
+    .await;
+    let url = format!("redis://app:s3cret@127.0.0.1:{}", redis.port);
+    let gate = Gate::start_with_redis_url(&up, &url, ROUTES).await;
+    assert_eq!(gate.get("/kpi/acl").await.cache(), "MISS");
+    let mut conn = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let stored = eventually(Duration::from_secs(5), || {
+        let mut conn = conn.clone();
+        async move {
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg("cachegate:v1:*")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            !keys.is_empty()
+        }
+    })
+    .await;
+    assert!(stored, "entry never reached redis with the ACL user");
+    let _: () = redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap();
+
+    // A wrong password is a Redis failure like any other: requests still succeed.
+    let wrong = format!("redis://app:nope@127.0.0.1:{}", redis.port);
+    let gate = Gate::start_with_redis_url(&up, &wrong, ROUTES).await;
+    for _ in 0..5 {
+        assert_eq!(gate.get("/kpi/acl2").await.status, 200);
+    }
+    let errors = &gate.stats().await["redis"]["errors"];
+    let failures = errors["get"].as_u64().unwrap() + errors["set"].as_u64().unwrap();
+    assert!(failures > 0, "wrong password was not counted as a redis failure");
+}

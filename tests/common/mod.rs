@@ -146,14 +146,21 @@ pub struct Redis {
     pub port: u16,
     child: Option<Child>,
     dir: tempfile::TempDir,
+    args: Vec<String>,
 }
 
 impl Redis {
     pub async fn start() -> Redis {
+        Redis::start_with(&[]).await
+    }
+
+    /// Starts with extra `redis-server` arguments (e.g. ACL users).
+    pub async fn start_with(args: &[&str]) -> Redis {
         let mut redis = Redis {
             port: free_port(),
             child: None,
             dir: tempfile::tempdir().unwrap(),
+            args: args.iter().map(|a| a.to_string()).collect(),
         };
         redis.spawn().await;
         redis
@@ -162,6 +169,7 @@ impl Redis {
     async fn spawn(&mut self) {
         let child = Command::new(redis_server())
             .args(["--port", &self.port.to_string()])
+            .args(&self.args)
             .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .args(["--dir", self.dir.path().to_str().unwrap()])
             .stdout(Stdio::null())
@@ -261,10 +269,11 @@ async fn ping(url: &str) -> bool {
     else {
         return false;
     };
-    redis::cmd("PING")
-        .query_async::<String>(&mut conn)
-        .await
-        .is_ok()
+    match redis::cmd("PING").query_async::<String>(&mut conn).await {
+        Ok(_) => true,
+        // The server answers, it only wants credentials.
+        Err(e) => e.to_string().contains("NOAUTH") || e.to_string().contains("WRONGPASS"),
+    }
 }
 
 /// A cachegate running in this test process.
@@ -279,12 +288,21 @@ impl Gate {
     /// Starts cachegate in front of `upstream` with the extra TOML `config` (which must not
     /// set `listen`, `admin_listen` or `[upstream]`); `redis` adds the shared tier.
     pub async fn start(upstream: &Upstream, redis: Option<&Redis>, config: &str) -> Gate {
+        Gate::start_inner(upstream, redis.map(Redis::url), config).await
+    }
+
+    /// Like [`Gate::start`] with an explicit Redis URL (credentials, TLS).
+    pub async fn start_with_redis_url(upstream: &Upstream, url: &str, config: &str) -> Gate {
+        Gate::start_inner(upstream, Some(url.to_string()), config).await
+    }
+
+    async fn start_inner(upstream: &Upstream, redis: Option<String>, config: &str) -> Gate {
         let mut toml = format!(
             "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{config}\n[upstream]\nurl = \"{}\"\nresponse_timeout_ms = 3000\n",
             upstream.url()
         );
-        if let Some(r) = redis {
-            toml.push_str(&format!("[redis]\nurl = \"{}\"\n", r.url()));
+        if let Some(url) = redis {
+            toml.push_str(&format!("[redis]\nurl = \"{url}\"\n"));
         }
         let config = cachegate::config::Config::from_toml(&toml, None)
             .unwrap()
