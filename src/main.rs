@@ -80,11 +80,11 @@ fn main() -> ExitCode {
                 upstream,
                 redis,
             };
-            let config = match load(config.as_deref(), &overrides) {
+            let loaded = match load(config.as_deref(), &overrides) {
                 Ok(c) => c,
                 Err(e) => return fail(&e),
             };
-            serve(config)
+            serve(loaded, config, overrides)
         }
     }
 }
@@ -114,7 +114,7 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-fn serve(config: Config) -> ExitCode {
+fn serve(config: Config, file: Option<PathBuf>, overrides: Overrides) -> ExitCode {
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => return fail(&e),
@@ -124,11 +124,42 @@ fn serve(config: Config) -> ExitCode {
             Ok(r) => r,
             Err(e) => return fail(&e),
         };
+        #[cfg(unix)]
+        tokio::spawn(reload_on_sighup(running.switches.clone(), file, overrides));
         shutdown_signal().await;
         tracing::info!("shutting down");
         running.shutdown().await;
         ExitCode::SUCCESS
     })
+}
+
+/// On SIGHUP, re-reads the config file and the environment and applies the switches that
+/// can change while running: `enabled` and `rollout_percent`. A bad file is logged and the
+/// running values are kept. Other settings need a restart.
+#[cfg(unix)]
+async fn reload_on_sighup(
+    switches: std::sync::Arc<cachegate::proxy::Switches>,
+    file: Option<PathBuf>,
+    overrides: Overrides,
+) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        return;
+    };
+    while hup.recv().await.is_some() {
+        match load(file.as_deref(), &overrides) {
+            Ok(config) => {
+                switches.set_enabled(config.cache.enabled);
+                switches.set_rollout_percent(config.cache.rollout_percent.0);
+                tracing::info!(
+                    enabled = config.cache.enabled,
+                    rollout_percent = config.cache.rollout_percent.0,
+                    "reloaded switches (other settings need a restart)"
+                );
+            }
+            Err(e) => tracing::error!(error = %e, "reload failed; keeping the running config"),
+        }
+    }
 }
 
 async fn shutdown_signal() {

@@ -231,5 +231,8 @@ async fn acl_user_with_password_and_wrong_password() {
     }
     let errors = &gate.stats().await["redis"]["errors"];
     let failures = errors["get"].as_u64().unwrap() + errors["set"].as_u64().unwrap();
-    assert!(failures > 0, "wrong password was not counted as a redis failure");
+    assert!(
+        failures > 0,
+        "wrong password was not counted as a redis failure"
+    );
 }

@@ -411,7 +411,7 @@ pub struct GateProcess {
     child: Child,
     pub base: String,
     pub admin: String,
-    _config: tempfile::NamedTempFile,
+    pub config: tempfile::NamedTempFile,
 }
 
 impl GateProcess {
@@ -435,7 +435,7 @@ impl GateProcess {
             child,
             base: format!("http://127.0.0.1:{listen}"),
             admin: format!("http://127.0.0.1:{admin}"),
-            _config: file,
+            config: file,
         };
         let health = format!("{}/healthz", gate.admin);
         let c = client();
@@ -446,6 +446,14 @@ impl GateProcess {
         .await;
         assert!(up, "cachegate process did not start");
         gate
+    }
+}
+
+impl GateProcess {
+    /// Replaces the config file and sends SIGHUP to this process (by its PID).
+    pub fn reload(&self, config_toml: &str) {
+        std::fs::write(self.config.path(), config_toml).unwrap();
+        signal("-HUP", &self.child.id().to_string());
     }
 }
 

@@ -1,0 +1,58 @@
+//! The kill switch and rollout change on a running process with SIGHUP, no rebuild or
+//! restart.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{GateProcess, Upstream, eventually};
+
+fn config(up: &Upstream, cache: &str) -> String {
+    format!(
+        "[cache]\n{cache}\n[upstream]\nurl = \"{}\"\n[[routes]]\nmethod = \"GET\"\npath = \"/kpi/*\"\nttl_secs = 60\n",
+        up.url()
+    )
+}
+
+async fn status(client: &reqwest::Client, url: &str) -> String {
+    let resp = client.get(url).send().await.unwrap();
+    resp.headers()["x-cache-status"]
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
+#[tokio::test]
+async fn sighup_applies_kill_switch_and_rollout() {
+    let up = Upstream::start().await;
+    let gate = GateProcess::start(&config(&up, "enabled = true")).await;
+    let client = common::client();
+    let url = format!("{}/kpi/a", gate.base);
+    assert_eq!(status(&client, &url).await, "MISS");
+    assert_eq!(status(&client, &url).await, "HIT");
+
+    gate.reload(&config(&up, "enabled = false"));
+    let off = eventually(Duration::from_secs(5), || async {
+        status(&client, &url).await == "BYPASS"
+    })
+    .await;
+    assert!(off, "kill switch not applied on SIGHUP");
+
+    gate.reload(&config(&up, "enabled = true\nrollout_percent = 0"));
+    let on = eventually(Duration::from_secs(5), || async {
+        let resp = client.get(&url).send().await.unwrap();
+        resp.headers()["cache-status"]
+            .to_str()
+            .unwrap()
+            .contains("detail=rollout")
+    })
+    .await;
+    assert!(on, "rollout not applied on SIGHUP");
+
+    gate.reload(&config(&up, "enabled = true\nrollout_percent = 100"));
+    let back = eventually(Duration::from_secs(5), || async {
+        status(&client, &url).await == "HIT"
+    })
+    .await;
+    assert!(back, "switches not restored");
+}
