@@ -27,8 +27,6 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     /// Switches and limits of the cache itself.
     pub cache: CacheConfig,
-    /// The in-process memory tier.
-    pub memory: MemoryConfig,
     /// The shared Redis/Valkey tier; absent means memory tier only.
     pub redis: Option<RedisConfig>,
     /// Routes with their caching policies, tried in order; the first match wins.
@@ -47,7 +45,7 @@ pub struct UpstreamConfig {
     pub response_timeout_ms: u64,
 }
 
-/// `[cache]`: the kill switch, rollout, key secret and size limits.
+/// `[cache]`: the kill switch, rollout, key secret, memory-tier size and other limits.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CacheConfig {
@@ -67,17 +65,12 @@ pub struct CacheConfig {
     /// Largest response body stored, in bytes; larger responses stream through uncached.
     /// Default 8 MiB.
     pub max_response_body_bytes: usize,
+    /// Capacity of the in-process memory tier in bytes, counting each entry's headers and
+    /// body. Default 256 MiB.
+    pub memory_max_bytes: u64,
     /// How long a coalesced request waits for the request already in flight for its key
     /// before going to the upstream itself, in milliseconds. Default 10000.
     pub coalesce_wait_ms: u64,
-}
-
-/// `[memory]`: the in-process tier.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct MemoryConfig {
-    /// Capacity in bytes, counting each entry's headers and body. Default 256 MiB.
-    pub max_bytes: u64,
 }
 
 /// `[redis]`: the shared tier.
@@ -143,7 +136,6 @@ impl Default for Config {
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
             upstream: UpstreamConfig::default(),
             cache: CacheConfig::default(),
-            memory: MemoryConfig::default(),
             redis: None,
             routes: Vec::new(),
         }
@@ -169,15 +161,8 @@ impl Default for CacheConfig {
             key_secret: None,
             max_request_body_bytes: 1 << 20,
             max_response_body_bytes: 8 << 20,
+            memory_max_bytes: 256 << 20,
             coalesce_wait_ms: 10_000,
-        }
-    }
-}
-
-impl Default for MemoryConfig {
-    fn default() -> Self {
-        MemoryConfig {
-            max_bytes: 256 << 20,
         }
     }
 }

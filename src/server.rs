@@ -90,7 +90,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         None => None,
     };
     let store = TieredStore::new(
-        MemoryTier::new(config.memory.max_bytes),
+        MemoryTier::new(config.cache.memory_max_bytes),
         redis,
         metrics.clone(),
     );

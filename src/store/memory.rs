@@ -76,3 +76,43 @@ impl MemoryTier {
         (self.cache.entry_count(), self.cache.weighted_size())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use http::{HeaderMap, StatusCode};
+
+    fn entry(body_bytes: usize, ttl_secs: u32) -> Arc<CachedResponse> {
+        Arc::new(CachedResponse {
+            status: StatusCode::OK,
+            headers: HeaderMap::new(),
+            body: Bytes::from(vec![b'x'; body_bytes]),
+            stored_at_ms: now_ms(),
+            ttl_secs,
+            tags: Vec::new(),
+        })
+    }
+
+    #[tokio::test]
+    async fn bounded_by_bytes() {
+        let tier = MemoryTier::new(100_000);
+        for i in 0..100u8 {
+            tier.insert(CacheKey([i; 32]), entry(10_000, 60)).await;
+        }
+        let (entries, bytes) = tier.usage().await;
+        assert!(bytes <= 100_000, "{bytes} bytes held");
+        assert!(entries > 0 && entries < 100, "{entries} entries held");
+    }
+
+    #[tokio::test]
+    async fn stale_entries_are_not_returned() {
+        let tier = MemoryTier::new(1 << 20);
+        let mut old = (*entry(10, 1)).clone();
+        old.stored_at_ms -= 5_000;
+        tier.insert(CacheKey([1; 32]), Arc::new(old)).await;
+        assert!(tier.get(&CacheKey([1; 32])).await.is_none());
+        tier.insert(CacheKey([2; 32]), entry(10, 60)).await;
+        assert!(tier.get(&CacheKey([2; 32])).await.is_some());
+    }
+}
