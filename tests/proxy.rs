@@ -440,3 +440,67 @@ async fn client_no_cache_cannot_force_recomputation() {
     assert_eq!(b.cache(), "HIT");
     assert_eq!(up.hits(), 1);
 }
+
+#[tokio::test]
+async fn routes_choose_the_query_parameters_and_headers_in_the_key() {
+    let up = Upstream::start().await;
+    let gate = Gate::start(
+        &up,
+        None,
+        r#"
+[[routes]]
+method = "GET"
+path = "/report"
+ttl_secs = 60
+key_query = ["from", "to"]
+key_headers = ["Accept-Language"]
+
+[[routes]]
+method = "GET"
+path = "/me"
+ttl_secs = 60
+key_headers = ["authorization"]
+"#,
+    )
+    .await;
+    let lang = |l: &'static str| [("accept-language", l)];
+    assert_eq!(
+        twice(&gate, "/report?from=1&to=2&utm=a", &lang("de"))
+            .await
+            .1
+            .cache(),
+        "HIT"
+    );
+    // A parameter outside key_query does not change the key; one inside does.
+    assert_eq!(
+        twice(&gate, "/report?to=2&from=1&utm=b", &lang("de"))
+            .await
+            .0
+            .cache(),
+        "HIT"
+    );
+    assert_eq!(
+        twice(&gate, "/report?from=1&to=3", &lang("de"))
+            .await
+            .0
+            .cache(),
+        "MISS"
+    );
+    // A keyed header does.
+    assert_eq!(
+        twice(&gate, "/report?from=1&to=2", &lang("fr"))
+            .await
+            .0
+            .cache(),
+        "MISS"
+    );
+
+    // Credentials in the key: one entry per token, never shared across tokens.
+    let alice = [("authorization", "Bearer alice")];
+    let bob = [("authorization", "Bearer bob")];
+    let (a1, a2) = twice(&gate, "/me", &alice).await;
+    assert_eq!((a1.cache(), a2.cache()), ("MISS", "HIT"));
+    let (b1, _) = twice(&gate, "/me", &bob).await;
+    assert_eq!(b1.cache(), "MISS");
+    assert_ne!(b1.body, a1.body);
+}
