@@ -1,26 +1,28 @@
 #!/usr/bin/env bash
-# Hit-path benchmark: cachegate against nginx proxy_cache, same origin, same small cached
-# response, same load tool (wrk), in one run on this machine. Prints requests/s and
-# p50/p99 latency for both and cachegate's ratio to nginx.
+# Hit-path benchmark: cachegate against nginx proxy_cache and Varnish, same origin, same
+# small cached response, same load tool (wrk), in one run on this machine. Prints
+# requests/s and p50/p99 latency for each and cachegate's ratio to each peer.
 #
 #   bench/hit_path.sh [seconds per run, default 10] [connections, default 50]
 #
-# Installs nginx and wrk from Debian's packages when missing. Everything listens on
+# Installs nginx, varnish and wrk from Debian's packages when missing. Everything listens on
 # 127.0.0.1; every process started here is stopped by its PID on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION="${1:-10}"
 CONNECTIONS="${2:-50}"
-ROUNDS=2
+ROUNDS=3
 
 missing=()
 command -v wrk >/dev/null || missing+=(wrk)
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx)
+command -v varnishd >/dev/null || [ -x /usr/sbin/varnishd ] || missing+=(varnish)
 if [ ${#missing[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}"
 fi
 NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
+VARNISHD="$(command -v varnishd || echo /usr/sbin/varnishd)"
 
 cargo build --release --locked -q
 WORK="$(mktemp -d)"
@@ -39,7 +41,7 @@ wait_http() {
   echo "no answer from $1" >&2; exit 1
 }
 
-UP=$(free_port); CG=$(free_port); ADMIN=$(free_port); NG=$(free_port)
+UP=$(free_port); CG=$(free_port); ADMIN=$(free_port); NG=$(free_port); VN=$(free_port)
 
 python3 bench/upstream.py "$UP" & PIDS+=($!)
 wait_http "http://127.0.0.1:$UP/"
@@ -82,8 +84,28 @@ CONF
 "$NGINX" -c "$WORK/nginx.conf" & PIDS+=($!)
 wait_http "http://127.0.0.1:$NG/kpi/revenue"
 
-# Warm both caches and check that the measured path is a hit.
-for url in "http://127.0.0.1:$CG/kpi/revenue" "http://127.0.0.1:$NG/kpi/revenue"; do
+# Varnish with its built-in VCL (which caches by the origin's max-age), plus a header
+# that tells hits from misses.
+cat > "$WORK/varnish.vcl" <<VCL
+vcl 4.1;
+backend origin { .host = "127.0.0.1"; .port = "$UP"; }
+sub vcl_deliver {
+  if (obj.hits > 0) { set resp.http.X-Cache-Status = "HIT"; } else { set resp.http.X-Cache-Status = "MISS"; }
+}
+VCL
+"$VARNISHD" -F -f "$WORK/varnish.vcl" -a "127.0.0.1:$VN" -s malloc,64m -n "$WORK/varnish" \
+  -p workspace_client=64k >"$WORK/varnish.log" 2>&1 & PIDS+=($!)
+wait_http "http://127.0.0.1:$VN/kpi/revenue"
+
+declare -A URL=(
+  [cachegate]="http://127.0.0.1:$CG/kpi/revenue"
+  [nginx]="http://127.0.0.1:$NG/kpi/revenue"
+  [varnish]="http://127.0.0.1:$VN/kpi/revenue"
+)
+NAMES=(cachegate nginx varnish)
+
+# Warm every cache and check that the measured path is a hit.
+for url in "${URL[@]}"; do
   curl -s -o /dev/null "$url"; curl -s -o /dev/null "$url"
   status=$(curl -s -D - -o /dev/null "$url" | tr -d '\r' | awk -F': ' 'tolower($1)=="x-cache-status"{print $2}')
   [ "$status" = "HIT" ] || { echo "$url is not a hit (X-Cache-Status: $status)" >&2; exit 1; }
@@ -100,24 +122,26 @@ run() { # name url
   P99[$1]=$(awk -v a="${P99[$1]:-0}" -v x="$(awk '$1=="99%"{print $2}' <<<"$out" | to_ms)" 'BEGIN{printf "%.3f", a + x}')
   if grep -q "Non-2xx\|Socket errors" <<<"$out"; then echo "$1: errors during load:" >&2; grep "Non-2xx\|Socket errors" <<<"$out" >&2; fi
 }
-# Alternate the order so that neither always runs on a warmer or busier machine.
+# Rotate the order each round so that no proxy always runs on a warmer or busier machine.
 for round in $(seq $ROUNDS); do
-  if [ $((round % 2)) -eq 1 ]; then
-    run nginx "http://127.0.0.1:$NG/kpi/revenue"; run cachegate "http://127.0.0.1:$CG/kpi/revenue"
-  else
-    run cachegate "http://127.0.0.1:$CG/kpi/revenue"; run nginx "http://127.0.0.1:$NG/kpi/revenue"
-  fi
+  for k in 0 1 2; do
+    name=${NAMES[$(( (k + round) % 3 ))]}
+    run "$name" "${URL[$name]}"
+  done
 done
 
 echo
 echo "hit path, $ROUNDS rounds x ${DURATION}s, wrk -t2 -c$CONNECTIONS, $(nproc) cores ($(date -u +%Y-%m-%d))"
 printf '| %-23s | %12s | %9s | %9s |\n' "proxy" "requests/s" "p50 ms" "p99 ms"
 printf '|%s|%s|%s|%s|\n' "-------------------------" "--------------" "-----------" "-----------"
-for name in cachegate nginx; do
-  awk -v n="$name" -v r="${RPS[$name]}" -v p5="${P50[$name]}" -v p9="${P99[$name]}" -v k=$ROUNDS \
-    'BEGIN { label = (n == "nginx") ? "nginx proxy_cache" : "cachegate (memory tier)";
-             printf "| %-23s | %12.0f | %9.3f | %9.3f |\n", label, r/k, p5/k, p9/k }'
+declare -A LABEL=([cachegate]="cachegate (memory tier)" [nginx]="nginx proxy_cache" [varnish]="varnish (malloc)")
+for name in "${NAMES[@]}"; do
+  awk -v l="${LABEL[$name]}" -v r="${RPS[$name]}" -v p5="${P50[$name]}" -v p9="${P99[$name]}" -v k=$ROUNDS \
+    'BEGIN { printf "| %-23s | %12.0f | %9.3f | %9.3f |\n", l, r/k, p5/k, p9/k }'
 done
-awk -v a="${RPS[cachegate]}" -v b="${RPS[nginx]}" -v a5="${P50[cachegate]}" -v b5="${P50[nginx]}" \
-    -v a9="${P99[cachegate]}" -v b9="${P99[nginx]}" \
-  'BEGIN { printf "\ncachegate / nginx: throughput %.2fx, p50 latency %.2fx, p99 latency %.2fx\n", a/b, a5/b5, a9/b9 }'
+echo
+for peer in nginx varnish; do
+  awk -v p="$peer" -v a="${RPS[cachegate]}" -v b="${RPS[$peer]}" -v a5="${P50[cachegate]}" -v b5="${P50[$peer]}" \
+      -v a9="${P99[cachegate]}" -v b9="${P99[$peer]}" \
+    'BEGIN { printf "cachegate / %s: throughput %.2fx, p50 latency %.2fx, p99 latency %.2fx\n", p, a/b, a5/b5, a9/b9 }'
+done
