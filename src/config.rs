@@ -79,6 +79,9 @@ pub struct CacheConfig {
 pub struct RedisConfig {
     /// `redis://[user:password@]host:port[/db]` or `rediss://` for TLS.
     pub url: RedisUrl,
+    /// PEM file of the CA that signed the server's certificate, for `rediss://` servers
+    /// whose CA is not a public one. Absent: the public web PKI roots are trusted.
+    pub tls_ca_file: Option<PathBuf>,
     /// Limit on one Redis operation, in milliseconds. Default 100.
     pub op_timeout_ms: u64,
     /// Limit on establishing a connection to Redis, in milliseconds. Default 500.
@@ -171,6 +174,7 @@ impl Default for RedisConfig {
     fn default() -> Self {
         RedisConfig {
             url: RedisUrl("redis://127.0.0.1:6379".to_string()),
+            tls_ca_file: None,
             op_timeout_ms: 100,
             connect_timeout_ms: 500,
             breaker_failures: 3,
@@ -300,6 +304,14 @@ impl Config {
         }
         if let Some(v) = env("CACHEGATE_KEY_SECRET") {
             self.cache.key_secret = Some(v);
+        }
+        if let Some(redis) = &self.redis
+            && redis.tls_ca_file.is_some()
+            && !redis.url.0.starts_with("rediss://")
+        {
+            return Err(ConfigError::plain(
+                "redis.tls_ca_file: only used with a rediss:// URL",
+            ));
         }
         if self.upstream.url.is_none() {
             return Err(ConfigError::plain(

@@ -236,3 +236,28 @@ async fn acl_user_with_password_and_wrong_password() {
         "wrong password was not counted as a redis failure"
     );
 }
+
+#[tokio::test]
+async fn rediss_with_a_private_ca() {
+    let up = Upstream::start().await;
+    let redis = Redis::start_tls().await;
+    let writer = Gate::start(&up, Some(&redis), ROUTES).await;
+    assert_eq!(writer.get("/kpi/tls").await.cache(), "MISS");
+    let stored = eventually(Duration::from_secs(5), || async {
+        !redis.keys("cachegate:v1:*").await.is_empty()
+    })
+    .await;
+    assert!(
+        stored,
+        "entry never reached redis over TLS: {}",
+        writer.stats().await["redis"]
+    );
+    let reader = Gate::start(&up, Some(&redis), ROUTES).await;
+    let hit = reader.get("/kpi/tls").await;
+    assert!(
+        hit.header("cache-status").ends_with("detail=redis"),
+        "{:?}",
+        hit.headers
+    );
+    assert_eq!(up.hits(), 1);
+}

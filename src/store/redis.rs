@@ -41,16 +41,28 @@ pub struct RedisTier {
 
 impl RedisTier {
     /// Creates the tier without connecting: the first operation connects, so cachegate
-    /// starts even while Redis is down.
+    /// starts even while Redis is down. `rediss://` URLs use TLS (rustls), trusting
+    /// `tls_ca_file` when given and the public web PKI roots otherwise.
     ///
-    /// Errors: the URL cannot be used by redis-rs.
+    /// Errors: the URL cannot be used by redis-rs, or `tls_ca_file` cannot be read.
     pub fn new(
         config: &RedisConfig,
         namespace: &str,
         metrics: Arc<Metrics>,
     ) -> Result<Self, RedisSetupError> {
-        let client = redis::Client::open(config.url.0.as_str())
-            .map_err(|e| RedisSetupError(e.to_string()))?;
+        let client = match &config.tls_ca_file {
+            None => redis::Client::open(config.url.0.as_str()),
+            Some(path) => {
+                let root_cert = std::fs::read(path)
+                    .map_err(|e| RedisSetupError(format!("tls_ca_file {}: {e}", path.display())))?;
+                let certs = redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(root_cert),
+                };
+                redis::Client::build_with_tls(config.url.0.as_str(), certs)
+            }
+        }
+        .map_err(|e| RedisSetupError(e.to_string()))?;
         let op_timeout = Duration::from_millis(config.op_timeout_ms.max(1));
         let manager_config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_millis(

@@ -147,6 +147,8 @@ pub struct Redis {
     child: Option<Child>,
     dir: tempfile::TempDir,
     args: Vec<String>,
+    /// The CA certificate (PEM) when the server speaks TLS only.
+    pub tls_ca: Option<PathBuf>,
 }
 
 impl Redis {
@@ -161,14 +163,130 @@ impl Redis {
             child: None,
             dir: tempfile::tempdir().unwrap(),
             args: args.iter().map(|a| a.to_string()).collect(),
+            tls_ca: None,
         };
         redis.spawn().await;
         redis
     }
 
+    /// Starts a TLS-only server with a certificate for 127.0.0.1 signed by a fresh private
+    /// CA (made with the `openssl` command).
+    pub async fn start_tls() -> Redis {
+        let dir = tempfile::tempdir().unwrap();
+        let path = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+        let (ca, ca_key, cert, key, csr, ext) = (
+            path("ca.pem"),
+            path("ca.key"),
+            path("cert.pem"),
+            path("key.pem"),
+            path("server.csr"),
+            path("ext.cnf"),
+        );
+        std::fs::write(
+            &ext,
+            "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+        )
+        .unwrap();
+        let steps: [Vec<&str>; 3] = [
+            vec![
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "1",
+                "-subj",
+                "/CN=cachegate-test-ca",
+                "-keyout",
+                &ca_key,
+                "-out",
+                &ca,
+            ],
+            vec![
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-subj",
+                "/CN=127.0.0.1",
+                "-keyout",
+                &key,
+                "-out",
+                &csr,
+            ],
+            vec![
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                &ca,
+                "-CAkey",
+                &ca_key,
+                "-CAcreateserial",
+                "-days",
+                "1",
+                "-extfile",
+                &ext,
+                "-out",
+                &cert,
+            ],
+        ];
+        for args in steps {
+            let ok = Command::new("openssl")
+                .args(&args)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .expect("openssl must be installed");
+            assert!(ok.success(), "openssl {args:?} failed");
+        }
+        let cert = PathBuf::from(cert);
+        let key = PathBuf::from(key);
+        let ca = PathBuf::from(ca);
+        let port = free_port();
+        let mut redis = Redis {
+            port,
+            child: None,
+            args: vec![
+                "--tls-port".into(),
+                port.to_string(),
+                "--tls-cert-file".into(),
+                cert.to_str().unwrap().into(),
+                "--tls-key-file".into(),
+                key.to_str().unwrap().into(),
+                "--tls-ca-cert-file".into(),
+                ca.to_str().unwrap().into(),
+                "--tls-auth-clients".into(),
+                "no".into(),
+            ],
+            tls_ca: Some(ca),
+            dir,
+        };
+        redis.spawn().await;
+        redis
+    }
+
+    /// A redis-rs client for this server (trusting its CA when it speaks TLS).
+    pub fn client(&self) -> redis::Client {
+        match &self.tls_ca {
+            None => redis::Client::open(self.url()).unwrap(),
+            Some(ca) => redis::Client::build_with_tls(
+                self.url(),
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(std::fs::read(ca).unwrap()),
+                },
+            )
+            .unwrap(),
+        }
+    }
+
     async fn spawn(&mut self) {
+        let plain_port = if self.tls_ca.is_some() { 0 } else { self.port };
         let child = Command::new(redis_server())
-            .args(["--port", &self.port.to_string()])
+            .args(["--port", &plain_port.to_string()])
             .args(&self.args)
             .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .args(["--dir", self.dir.path().to_str().unwrap()])
@@ -177,17 +295,31 @@ impl Redis {
             .spawn()
             .expect("redis-server must be installed (see .ci/run)");
         self.child = Some(child);
-        let url = self.url();
+        let client = self.client();
         let up = eventually(Duration::from_secs(10), || {
-            let url = url.clone();
-            async move { ping(&url).await }
+            let client = client.clone();
+            async move { ping(client).await }
         })
         .await;
         assert!(up, "redis-server did not come up on port {}", self.port);
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        let scheme = if self.tls_ca.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        format!("{scheme}://127.0.0.1:{}", self.port)
+    }
+
+    /// The body of cachegate's `[redis]` table for this server.
+    pub fn config_table(&self) -> String {
+        let mut table = format!("url = \"{}\"\n", self.url());
+        if let Some(ca) = &self.tls_ca {
+            table.push_str(&format!("tls_ca_file = \"{}\"\n", ca.display()));
+        }
+        table
     }
 
     fn pid(&self) -> String {
@@ -220,8 +352,7 @@ impl Redis {
     }
 
     pub async fn connection(&self) -> redis::aio::MultiplexedConnection {
-        redis::Client::open(self.url())
-            .unwrap()
+        self.client()
             .get_multiplexed_async_connection()
             .await
             .unwrap()
@@ -257,10 +388,7 @@ fn redis_server() -> PathBuf {
     PathBuf::from("redis-server")
 }
 
-async fn ping(url: &str) -> bool {
-    let Ok(client) = redis::Client::open(url) else {
-        return false;
-    };
+async fn ping(client: redis::Client) -> bool {
     let Ok(Ok(mut conn)) = tokio::time::timeout(
         Duration::from_millis(500),
         client.get_multiplexed_async_connection(),
@@ -288,12 +416,12 @@ impl Gate {
     /// Starts cachegate in front of `upstream` with the extra TOML `config` (which must not
     /// set `listen`, `admin_listen` or `[upstream]`); `redis` adds the shared tier.
     pub async fn start(upstream: &Upstream, redis: Option<&Redis>, config: &str) -> Gate {
-        Gate::start_inner(upstream, redis.map(Redis::url), config).await
+        Gate::start_inner(upstream, redis.map(Redis::config_table), config).await
     }
 
     /// Like [`Gate::start`] with an explicit Redis URL (credentials, TLS).
     pub async fn start_with_redis_url(upstream: &Upstream, url: &str, config: &str) -> Gate {
-        Gate::start_inner(upstream, Some(url.to_string()), config).await
+        Gate::start_inner(upstream, Some(format!("url = \"{url}\"\n")), config).await
     }
 
     async fn start_inner(upstream: &Upstream, redis: Option<String>, config: &str) -> Gate {
@@ -301,8 +429,8 @@ impl Gate {
             "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{config}\n[upstream]\nurl = \"{}\"\nresponse_timeout_ms = 3000\n",
             upstream.url()
         );
-        if let Some(url) = redis {
-            toml.push_str(&format!("[redis]\nurl = \"{url}\"\n"));
+        if let Some(table) = redis {
+            toml.push_str(&format!("[redis]\n{table}"));
         }
         let config = cachegate::config::Config::from_toml(&toml, None)
             .unwrap()
