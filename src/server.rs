@@ -113,6 +113,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let admin = Admin {
         metrics: metrics.clone(),
         store,
+        switches: switches.clone(),
     };
 
     let listener = bind(config.listen).await?;

@@ -317,7 +317,7 @@ async fn metrics_and_stats_count_requests() {
         "cachegate_requests_total{status=\"hit\",reason=\"memory\"} 1",
         "cachegate_requests_total{status=\"miss\",reason=\"stored\"} 1",
         "cachegate_requests_total{status=\"bypass\",reason=\"authorization\"} 2",
-        "cachegate_hits_total{name=\"memory\"} 1",
+        "cachegate_hits_total{tier=\"memory\"} 1",
         "cachegate_memory_entries 1",
         "cachegate_upstream_duration_seconds_count 3",
     ] {
@@ -327,6 +327,9 @@ async fn metrics_and_stats_count_requests() {
     assert_eq!(stats["requests"]["total"], 4);
     assert_eq!(stats["requests"]["by_status"]["hit"]["total"], 1);
     assert_eq!(stats["hits_by_tier"]["memory"], 1);
+    assert_eq!(stats["enabled"], true);
+    assert_eq!(stats["rollout_percent"], 100);
+    assert_eq!(stats["redis"]["configured"], false);
     let health = common::admin_text(&gate.client, &gate.admin, "/healthz").await;
     assert_eq!(health.trim(), "ok");
 }

@@ -22,11 +22,42 @@ pub struct RequestLabels {
     pub reason: &'static str,
 }
 
-/// A single `tier`, `op`, `kind` or `outcome` label.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct NameLabel {
-    /// The label value.
-    pub name: &'static str,
+/// One `key="value"` label pair.
+type Label = [(&'static str, &'static str); 1];
+
+/// A counter family with a single label, such as `tier` or `outcome`.
+#[derive(Clone, Debug)]
+pub struct LabeledCounter {
+    key: &'static str,
+    family: Family<Label, Counter>,
+}
+
+impl LabeledCounter {
+    fn new(key: &'static str) -> Self {
+        LabeledCounter {
+            key,
+            family: Family::default(),
+        }
+    }
+
+    /// Adds one to the counter labelled `value`.
+    pub fn inc(&self, value: &'static str) {
+        self.family.get_or_create(&[(self.key, value)]).inc();
+    }
+
+    /// The count labelled `value` (0 if never incremented).
+    pub fn get(&self, value: &'static str) -> u64 {
+        self.family.get(&[(self.key, value)]).map_or(0, |c| c.get())
+    }
+
+    fn by_value(&self, values: &[&'static str]) -> Value {
+        Value::Object(
+            values
+                .iter()
+                .map(|v| (v.to_string(), json!(self.get(v))))
+                .collect(),
+        )
+    }
 }
 
 /// Circuit-breaker states as exported by `cachegate_redis_breaker_state`.
@@ -45,19 +76,19 @@ pub struct Metrics {
     registry: Registry,
     /// Requests by cache status and reason.
     pub requests: Family<RequestLabels, Counter>,
-    /// Hits by tier (`memory`, `redis`).
-    pub hits: Family<NameLabel, Counter>,
-    /// Entries written, by tier.
-    pub stores: Family<NameLabel, Counter>,
-    /// Coalesced waits by outcome: `served`, `timeout`, `retried` (the leader's response
+    /// Hits by `tier` (`memory`, `redis`).
+    pub hits: LabeledCounter,
+    /// Entries written, by `tier`.
+    pub stores: LabeledCounter,
+    /// Coalesced waits by `outcome`: `served`, `timeout`, `retried` (the leader's response
     /// could not be shared or the leader went away).
-    pub coalesced_waits: Family<NameLabel, Counter>,
+    pub coalesced_waits: LabeledCounter,
     /// Upstream response-head latency, in seconds.
     pub upstream_duration: Histogram,
-    /// Upstream failures by kind: `unreachable`, `timeout`, `body`.
-    pub upstream_errors: Family<NameLabel, Counter>,
-    /// Redis failures by operation: `get`, `set`.
-    pub redis_errors: Family<NameLabel, Counter>,
+    /// Upstream failures by `kind`: `unreachable`, `timeout`, `body`.
+    pub upstream_errors: LabeledCounter,
+    /// Redis failures and timeouts by `op`: `get`, `set`.
+    pub redis_errors: LabeledCounter,
     /// Redis entries that failed to decode (corrupt, foreign or unknown version).
     pub redis_corrupt_entries: Counter,
     /// Circuit-breaker state, see [`BreakerState`].
@@ -79,63 +110,60 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("cachegate");
         let requests = Family::<RequestLabels, Counter>::default();
-        registry.register(
+        let hits = LabeledCounter::new("tier");
+        let stores = LabeledCounter::new("tier");
+        let coalesced_waits = LabeledCounter::new("outcome");
+        let upstream_duration = Histogram::new(exponential_buckets(0.001, 2.0, 16));
+        let upstream_errors = LabeledCounter::new("kind");
+        let redis_errors = LabeledCounter::new("op");
+        let redis_corrupt_entries = Counter::default();
+        let redis_breaker_state = Gauge::default();
+        let memory_entries = Gauge::default();
+        let memory_bytes = Gauge::default();
+        let r = &mut registry;
+        r.register(
             "requests",
             "Requests by cache status and reason",
             requests.clone(),
         );
-        let hits = Family::<NameLabel, Counter>::default();
-        registry.register("hits", "Cache hits by tier (label name=tier)", hits.clone());
-        let stores = Family::<NameLabel, Counter>::default();
-        registry.register(
-            "stores",
-            "Entries written by tier (label name=tier)",
-            stores.clone(),
-        );
-        let coalesced_waits = Family::<NameLabel, Counter>::default();
-        registry.register(
+        r.register("hits", "Cache hits by tier", hits.family.clone());
+        r.register("stores", "Entries written by tier", stores.family.clone());
+        r.register(
             "coalesced_waits",
             "Requests that waited on another request for the same key, by outcome",
-            coalesced_waits.clone(),
+            coalesced_waits.family.clone(),
         );
-        let upstream_duration = Histogram::new(exponential_buckets(0.001, 2.0, 16));
-        registry.register(
+        r.register(
             "upstream_duration_seconds",
             "Time to the upstream's response head",
             upstream_duration.clone(),
         );
-        let upstream_errors = Family::<NameLabel, Counter>::default();
-        registry.register(
+        r.register(
             "upstream_errors",
             "Upstream failures by kind",
-            upstream_errors.clone(),
+            upstream_errors.family.clone(),
         );
-        let redis_errors = Family::<NameLabel, Counter>::default();
-        registry.register(
+        r.register(
             "redis_errors",
             "Redis failures and timeouts by operation",
-            redis_errors.clone(),
+            redis_errors.family.clone(),
         );
-        let redis_corrupt_entries = Counter::default();
-        registry.register(
+        r.register(
             "redis_corrupt_entries",
             "Redis entries that failed to decode and were treated as misses",
             redis_corrupt_entries.clone(),
         );
-        let redis_breaker_state = Gauge::default();
-        registry.register(
+        r.register(
             "redis_breaker_state",
             "Redis circuit breaker: 0 closed, 1 open, 2 half-open",
             redis_breaker_state.clone(),
         );
-        let memory_entries = Gauge::default();
-        registry.register(
+        r.register(
             "memory_entries",
             "Entries in the memory tier",
             memory_entries.clone(),
         );
-        let memory_bytes = Gauge::default();
-        registry.register(
+        r.register(
             "memory_bytes",
             "Weighted bytes in the memory tier",
             memory_bytes.clone(),
@@ -165,17 +193,8 @@ impl Metrics {
             })
             .inc();
         if let CachePhase::Hit(tier) = phase {
-            self.hits
-                .get_or_create(&NameLabel {
-                    name: tier.as_str(),
-                })
-                .inc();
+            self.hits.inc(tier.as_str());
         }
-    }
-
-    /// Increments `family{name}`.
-    pub fn inc(family: &Family<NameLabel, Counter>, name: &'static str) {
-        family.get_or_create(&NameLabel { name }).inc();
     }
 
     /// The Prometheus text exposition of every metric.
@@ -185,10 +204,6 @@ impl Metrics {
             out.clear();
         }
         out
-    }
-
-    fn count(family: &Family<NameLabel, Counter>, name: &'static str) -> u64 {
-        family.get(&NameLabel { name }).map_or(0, |c| c.get())
     }
 
     /// The JSON document served at `/stats`: request counts by status and reason, hits by
@@ -217,21 +232,14 @@ impl Metrics {
                 entry["by_reason"][phase.reason_label()] = json!(n);
             }
         }
-        let names = |family: &Family<NameLabel, Counter>, names: &[&'static str]| {
-            let mut m = Map::new();
-            for name in names {
-                m.insert(name.to_string(), json!(Self::count(family, name)));
-            }
-            Value::Object(m)
-        };
         json!({
             "requests": {"total": total, "by_status": by_status},
-            "hits_by_tier": names(&self.hits, &["memory", "redis"]),
-            "stores_by_tier": names(&self.stores, &["memory", "redis"]),
-            "coalesced_waits": names(&self.coalesced_waits, &["served", "timeout", "retried"]),
-            "upstream_errors": names(&self.upstream_errors, &["unreachable", "timeout", "body"]),
+            "hits_by_tier": self.hits.by_value(&["memory", "redis"]),
+            "stores_by_tier": self.stores.by_value(&["memory", "redis"]),
+            "coalesced_waits": self.coalesced_waits.by_value(&["served", "timeout", "retried"]),
+            "upstream_errors": self.upstream_errors.by_value(&["unreachable", "timeout", "body"]),
             "redis": {
-                "errors": names(&self.redis_errors, &["get", "set"]),
+                "errors": self.redis_errors.by_value(&["get", "set"]),
                 "corrupt_entries": self.redis_corrupt_entries.get(),
                 "breaker_state": match self.redis_breaker_state.get() {
                     1 => "open",

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 
 use crate::proxy::body::{self, ProxyBody};
-use crate::proxy::plain;
+use crate::proxy::{Switches, plain};
 use crate::store::TieredStore;
 
 use self::metrics::Metrics;
@@ -19,6 +19,8 @@ pub struct Admin {
     pub metrics: Arc<Metrics>,
     /// The tiers, for the memory-tier gauges.
     pub store: TieredStore,
+    /// The run-time switches, shown in `/stats`.
+    pub switches: Arc<Switches>,
 }
 
 impl Admin {
@@ -39,7 +41,11 @@ impl Admin {
             }
             "/stats" => {
                 self.store.refresh_gauges().await;
-                let json = serde_json::to_string_pretty(&self.metrics.stats()).unwrap_or_default();
+                let mut stats = self.metrics.stats();
+                stats["enabled"] = self.switches.enabled().into();
+                stats["rollout_percent"] = self.switches.rollout_percent().into();
+                stats["redis"]["configured"] = self.store.has_redis().into();
+                let json = serde_json::to_string_pretty(&stats).unwrap_or_default();
                 with_type(json, "application/json")
             }
             _ => plain(

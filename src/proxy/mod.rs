@@ -68,6 +68,11 @@ impl Switches {
         self.enabled.load(Ordering::Relaxed)
     }
 
+    /// The share of keys that are cached, 0-100.
+    pub fn rollout_percent(&self) -> u8 {
+        self.rollout_percent.load(Ordering::Relaxed)
+    }
+
     /// Whether `key` falls inside the rollout share.
     pub fn rolled_out(&self, key: &CacheKey) -> bool {
         key.rollout_bucket() < self.rollout_percent.load(Ordering::Relaxed)
@@ -186,7 +191,7 @@ impl Proxy {
             Role::Leader(leader) => self.fetch(parts, body, route, key, Some(leader)).await,
             Role::Follower(follower) => match follower.wait(self.limits.coalesce_wait).await {
                 WaitOutcome::Shared(shared) => {
-                    Metrics::inc(&self.metrics.coalesced_waits, "served");
+                    self.metrics.coalesced_waits.inc("served");
                     let outcome = Outcome {
                         phase: CachePhase::Collapsed,
                         ttl_secs: None,
@@ -195,11 +200,11 @@ impl Proxy {
                     self.serve_entry(&shared.entry, &parts.method, outcome, &key)
                 }
                 WaitOutcome::TimedOut => {
-                    Metrics::inc(&self.metrics.coalesced_waits, "timeout");
+                    self.metrics.coalesced_waits.inc("timeout");
                     self.fetch(parts, body, route, key, None).await
                 }
                 WaitOutcome::Abandoned => {
-                    Metrics::inc(&self.metrics.coalesced_waits, "retried");
+                    self.metrics.coalesced_waits.inc("retried");
                     self.fetch(parts, body, route, key, None).await
                 }
             },
@@ -271,7 +276,7 @@ impl Proxy {
                 return self.finish(resp, miss(phase, fwd_status), Some(&key));
             }
             Err(e) => {
-                Metrics::inc(&self.metrics.upstream_errors, "body");
+                self.metrics.upstream_errors.inc("body");
                 tracing::warn!(error = %e, "upstream response body failed");
                 let resp = plain(StatusCode::BAD_GATEWAY, "upstream response body failed");
                 let phase = CachePhase::Miss(Err(NoStoreReason::UpstreamError));
@@ -344,12 +349,12 @@ impl Proxy {
                 Ok((resp, status))
             }
             Err(UpstreamError::Unreachable(reason)) => {
-                Metrics::inc(&self.metrics.upstream_errors, "unreachable");
+                self.metrics.upstream_errors.inc("unreachable");
                 tracing::warn!(%reason, "upstream unreachable");
                 Err(plain(StatusCode::BAD_GATEWAY, "upstream unreachable"))
             }
             Err(UpstreamError::Timeout) => {
-                Metrics::inc(&self.metrics.upstream_errors, "timeout");
+                self.metrics.upstream_errors.inc("timeout");
                 tracing::warn!("upstream timed out");
                 Err(plain(StatusCode::GATEWAY_TIMEOUT, "upstream timed out"))
             }

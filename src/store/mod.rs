@@ -33,6 +33,11 @@ impl TieredStore {
         }
     }
 
+    /// Whether a Redis tier is configured.
+    pub fn has_redis(&self) -> bool {
+        self.redis.is_some()
+    }
+
     /// The memory tier.
     pub fn memory(&self) -> &MemoryTier {
         &self.memory
@@ -68,13 +73,13 @@ impl TieredStore {
     /// response is never delayed by Redis.
     pub async fn store(&self, key: CacheKey, entry: Arc<CachedResponse>) {
         self.memory.insert(key, entry.clone()).await;
-        Metrics::inc(&self.metrics.stores, Tier::Memory.as_str());
+        self.metrics.stores.inc(Tier::Memory.as_str());
         if let Some(redis) = self.redis.clone() {
             let metrics = self.metrics.clone();
             tokio::spawn(async move {
                 let ttl = u64::from(entry.ttl_secs);
                 if redis.set(&key, entry.encode(&key), ttl).await {
-                    Metrics::inc(&metrics.stores, Tier::Redis.as_str());
+                    metrics.stores.inc(Tier::Redis.as_str());
                 }
             });
         }

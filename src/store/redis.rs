@@ -13,7 +13,7 @@ use redis::AsyncCommands;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use super::breaker::Breaker;
-use crate::admin::metrics::Metrics;
+use crate::admin::metrics::{BreakerState, Metrics};
 use crate::config::RedisConfig;
 use crate::key::CacheKey;
 
@@ -104,7 +104,11 @@ impl RedisTier {
         let result = tokio::time::timeout(self.op_timeout, f).await;
         match result {
             Ok(Ok(v)) => {
+                let recovered = self.breaker.state() != BreakerState::Closed;
                 self.breaker.success();
+                if recovered {
+                    tracing::info!("redis tier available again: circuit breaker closed");
+                }
                 self.publish_state();
                 Some(v)
             }
@@ -122,7 +126,7 @@ impl RedisTier {
     }
 
     fn fail(&self, op: &'static str) {
-        Metrics::inc(&self.metrics.redis_errors, op);
+        self.metrics.redis_errors.inc(op);
         let before = self.breaker.state();
         self.breaker.failure();
         let after = self.breaker.state();
