@@ -1,0 +1,78 @@
+//! Micro-benchmarks of the CPU work cachegate adds on the hit path: building a cache key
+//! (with and without an RFC 8785 canonical JSON body) and decoding a stored envelope.
+//!
+//! Run: `cargo bench --bench hot_path`. Figures are for comparing the parts with each other
+//! and across changes on the same machine, not absolute claims.
+
+use std::hint::black_box;
+
+use bytes::Bytes;
+use cachegate::entry::CachedResponse;
+use cachegate::key::{CacheKey, KeyBuilder, KeyParts, canonical_json};
+use criterion::{Criterion, criterion_group, criterion_main};
+use http::{HeaderMap, HeaderValue, Method, StatusCode};
+
+const CHART: &[u8] = br#"{"name":"Ada Lovelace","date":"1815-12-10","time":"12:00","lat":51.5074,"lon":-0.1278,"tz":"Europe/London","house_system":"placidus"}"#;
+
+fn keys(c: &mut Criterion) {
+    let builder = KeyBuilder::new(b"bench-secret", "bench");
+    let mut headers = HeaderMap::new();
+    headers.insert("accept-language", HeaderValue::from_static("en-GB"));
+    let names = vec!["accept-language".to_string()];
+    fn parts<'a>(
+        headers: &'a HeaderMap,
+        names: &'a [String],
+        canonical_body: Option<&'a [u8]>,
+    ) -> KeyParts<'a> {
+        KeyParts {
+            method: &Method::GET,
+            path: "/kpi/revenue/daily",
+            query: Some("to=2026-11-30&from=2026-11-01&granularity=day"),
+            query_filter: None,
+            headers,
+            header_names: names,
+            canonical_body,
+        }
+    }
+
+    c.bench_function("key/get_with_query_and_header", |b| {
+        b.iter(|| builder.build(black_box(&parts(&headers, &names, None))))
+    });
+    c.bench_function("key/post_raw_body", |b| {
+        b.iter(|| builder.build(black_box(&parts(&headers, &names, Some(CHART)))))
+    });
+    c.bench_function("key/post_canonical_json_body", |b| {
+        b.iter(|| {
+            let canonical = canonical_json(black_box(CHART)).unwrap();
+            builder.build(&parts(&headers, &names, Some(&canonical)))
+        })
+    });
+}
+
+fn envelope(c: &mut Criterion) {
+    let mut headers = HeaderMap::new();
+    headers.insert("content-type", HeaderValue::from_static("application/json"));
+    headers.insert(
+        "date",
+        HeaderValue::from_static("Sat, 21 Nov 2026 20:00:00 GMT"),
+    );
+    let entry = CachedResponse {
+        status: StatusCode::OK,
+        headers,
+        body: Bytes::from(vec![b'x'; 2048]),
+        stored_at_ms: 1_790_000_000_000,
+        ttl_secs: 60,
+        tags: vec!["natal".into()],
+    };
+    let key = CacheKey([3; 32]);
+    let encoded = entry.encode(&key);
+    c.bench_function("envelope/encode_2k", |b| {
+        b.iter(|| black_box(&entry).encode(&key))
+    });
+    c.bench_function("envelope/decode_2k", |b| {
+        b.iter(|| CachedResponse::decode(&key, black_box(&encoded)).unwrap())
+    });
+}
+
+criterion_group!(benches, keys, envelope);
+criterion_main!(benches);
