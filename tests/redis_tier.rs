@@ -4,7 +4,7 @@
 mod common;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use common::{Gate, GateProcess, Redis, Upstream, eventually};
@@ -102,17 +102,18 @@ async fn corrupt_entry_in_redis_is_a_miss() {
     assert_eq!(reader.stats().await["redis"]["corrupt_entries"], 1);
 }
 
-/// Sends requests to fresh keys until `stop` is set; every one must be a 200 from the
-/// upstream or the cache. Returns how many were sent.
-async fn load(gate: Arc<Gate>, stop: Arc<AtomicBool>, prefix: &'static str) -> usize {
-    let mut sent = 0;
-    while !stop.load(Ordering::SeqCst) && sent < 5000 {
-        let r = gate.get(&format!("/kpi/{prefix}{}", sent % 50)).await;
-        assert_eq!(r.status, 200, "request {sent} failed: {r:?}");
+/// Sends requests over 50 keys until `stop` is set (at most 5000); every one must be a
+/// 200 from the upstream or the cache. Counts what it sent in `sent`.
+async fn load(gate: Arc<Gate>, stop: Arc<AtomicBool>, sent: Arc<AtomicUsize>) {
+    for i in 0..5000 {
+        if stop.load(Ordering::SeqCst) {
+            return;
+        }
+        let r = gate.get(&format!("/kpi/load{}", i % 50)).await;
+        assert_eq!(r.status, 200, "request {i} failed: {r:?}");
         assert!(r.n() > 0);
-        sent += 1;
+        sent.fetch_add(1, Ordering::SeqCst);
     }
-    sent
 }
 
 #[tokio::test]
@@ -134,18 +135,23 @@ async fn redis_paused_killed_and_restarted_never_fails_a_request() {
     // breaker opens and Redis is skipped.
     redis.pause();
     let stop = Arc::new(AtomicBool::new(false));
-    let task = tokio::spawn(load(gate.clone(), stop.clone(), "paused-"));
+    let sent = Arc::new(AtomicUsize::new(0));
+    let task = tokio::spawn(load(gate.clone(), stop.clone(), sent.clone()));
     let opened = eventually(Duration::from_secs(10), || async {
         gate.stats().await["redis"]["breaker_state"] != "closed"
     })
     .await;
     assert!(opened, "breaker never opened while redis was paused");
-    // Killed mid-load.
+    // Killed mid-load: the load goes on for another 50 requests at least.
+    let before_kill = sent.load(Ordering::SeqCst);
     redis.kill();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let went_on = eventually(Duration::from_secs(10), || async {
+        sent.load(Ordering::SeqCst) >= before_kill + 50
+    })
+    .await;
     stop.store(true, Ordering::SeqCst);
-    let sent = task.await.unwrap();
-    assert!(sent > 0);
+    task.await.unwrap();
+    assert!(went_on, "load stalled after redis was killed");
 
     // Down: still fine.
     for i in 0..20 {
