@@ -136,20 +136,30 @@ async fn concurrent_misses_send_one_upstream_request() {
     assert!(stats["coalesced_waits"]["served"].as_u64().unwrap() > 0);
 }
 
+/// cachegate with the test routes and `cache` as its `[cache]` table.
+async fn gate_with_cache(up: &Upstream, cache: &str) -> Gate {
+    Gate::start(up, None, &format!("[cache]\n{cache}\n{ROUTES}")).await
+}
+
+/// Sends a GET for `path` with the given request headers.
+async fn send(gate: &Gate, path: &str, headers: &[(&str, &str)]) -> common::Reply {
+    let mut req = gate.client.get(gate.url(path));
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    common::Reply::from(req.send().await.unwrap()).await
+}
+
 /// Sends `path` twice with the given request headers; returns both replies.
 async fn twice(
     gate: &Gate,
     path: &str,
     headers: &[(&str, &str)],
 ) -> (common::Reply, common::Reply) {
-    let send = || {
-        let mut req = gate.client.get(gate.url(path));
-        for (k, v) in headers {
-            req = req.header(*k, *v);
-        }
-        async move { common::Reply::from(req.send().await.unwrap()).await }
-    };
-    (send().await, send().await)
+    (
+        send(gate, path, headers).await,
+        send(gate, path, headers).await,
+    )
 }
 
 #[tokio::test]
@@ -236,12 +246,7 @@ async fn unmatched_get_follows_upstream_cache_control_and_other_methods_bypass()
 #[tokio::test]
 async fn bad_bodies_pass_through_untouched_and_uncached() {
     let up = Upstream::start().await;
-    let gate = Gate::start(
-        &up,
-        None,
-        &format!("[cache]\nmax_request_body_bytes = 64\n{ROUTES}"),
-    )
-    .await;
+    let gate = gate_with_cache(&up, "max_request_body_bytes = 64").await;
     let malformed = "{\"name\": \"Ada\", oops";
     for _ in 0..2 {
         let r = gate.post_json("/api/natal/chart", malformed).await;
@@ -264,7 +269,7 @@ async fn bad_bodies_pass_through_untouched_and_uncached() {
 #[tokio::test]
 async fn kill_switch_and_rollout() {
     let up = Upstream::start().await;
-    let off = Gate::start(&up, None, &format!("[cache]\nenabled = false\n{ROUTES}")).await;
+    let off = gate_with_cache(&up, "enabled = false").await;
     let (_, b) = twice(&off, "/kpi/k", &[]).await;
     assert_eq!(b.cache(), "BYPASS");
     assert!(b.header("cache-status").contains("detail=disabled"));
@@ -275,12 +280,7 @@ async fn kill_switch_and_rollout() {
     gate.switches().set_enabled(true);
     assert_eq!(twice(&gate, "/kpi/live", &[]).await.1.cache(), "HIT");
 
-    let half = Gate::start(
-        &up,
-        None,
-        &format!("[cache]\nrollout_percent = 50\n{ROUTES}"),
-    )
-    .await;
+    let half = gate_with_cache(&up, "rollout_percent = 50").await;
     let (mut cached, mut bypassed) = (0, 0);
     for i in 0..40 {
         let path = format!("/kpi/r{i}");
@@ -296,12 +296,7 @@ async fn kill_switch_and_rollout() {
         "cached {cached}, bypassed {bypassed}"
     );
 
-    let none = Gate::start(
-        &up,
-        None,
-        &format!("[cache]\nrollout_percent = 0\n{ROUTES}"),
-    )
-    .await;
+    let none = gate_with_cache(&up, "rollout_percent = 0").await;
     let (_, b) = twice(&none, "/kpi/z", &[]).await;
     assert!(b.header("cache-status").contains("detail=rollout"));
 }
@@ -391,12 +386,7 @@ async fn hop_by_hop_headers_are_dropped_and_forwarded_for_added() {
 #[tokio::test]
 async fn large_responses_stream_through_uncached() {
     let up = Upstream::start().await;
-    let gate = Gate::start(
-        &up,
-        None,
-        &format!("[cache]\nmax_response_body_bytes = 1000\n{ROUTES}"),
-    )
-    .await;
+    let gate = gate_with_cache(&up, "max_response_body_bytes = 1000").await;
     let (a, b) = twice(&gate, "/kpi/big", &[("x-test-body-bytes", "5000")]).await;
     assert_eq!(a.body.len(), 5000);
     assert_eq!(b.cache(), "MISS");
@@ -467,36 +457,16 @@ key_headers = ["authorization"]
     )
     .await;
     let lang = |l: &'static str| [("accept-language", l)];
-    assert_eq!(
-        twice(&gate, "/report?from=1&to=2&utm=a", &lang("de"))
-            .await
-            .1
-            .cache(),
-        "HIT"
-    );
+    let g = &gate;
+    let cache = |path: &'static str, l: &'static str| async move {
+        send(g, path, &lang(l)).await.cache().to_string()
+    };
+    assert_eq!(cache("/report?from=1&to=2&utm=a", "de").await, "MISS");
     // A parameter outside key_query does not change the key; one inside does.
-    assert_eq!(
-        twice(&gate, "/report?to=2&from=1&utm=b", &lang("de"))
-            .await
-            .0
-            .cache(),
-        "HIT"
-    );
-    assert_eq!(
-        twice(&gate, "/report?from=1&to=3", &lang("de"))
-            .await
-            .0
-            .cache(),
-        "MISS"
-    );
+    assert_eq!(cache("/report?to=2&from=1&utm=b", "de").await, "HIT");
+    assert_eq!(cache("/report?from=1&to=3", "de").await, "MISS");
     // A keyed header does.
-    assert_eq!(
-        twice(&gate, "/report?from=1&to=2", &lang("fr"))
-            .await
-            .0
-            .cache(),
-        "MISS"
-    );
+    assert_eq!(cache("/report?from=1&to=2", "fr").await, "MISS");
 
     // Credentials in the key: one entry per token, never shared across tokens.
     let alice = [("authorization", "Bearer alice")];
