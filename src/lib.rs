@@ -9,6 +9,7 @@
 //! - [`key`]: cache keys (keyed BLAKE3, RFC 8785 JSON bodies).
 //! - [`store`]: the memory and Redis tiers; [`entry`]: the stored envelope.
 //! - [`coalesce`]: one upstream request per key.
+//! - [`conditional`]: client `If-None-Match` / `If-Modified-Since`, answered by the cache.
 //! - [`status`]: the decision enums behind headers and metric labels.
 //! - [`admin`]: `/metrics`, `/stats`, `/healthz`.
 
@@ -16,6 +17,7 @@
 
 pub mod admin;
 pub mod coalesce;
+pub mod conditional;
 pub mod config;
 pub mod entry;
 pub mod key;

@@ -78,6 +78,9 @@ pub fn check_request(
     if headers.contains_key(header::UPGRADE) {
         return Err(BypassReason::Unsupported);
     }
+    if headers.contains_key(header::RANGE) {
+        return Err(BypassReason::Range);
+    }
     if headers.contains_key(header::AUTHORIZATION) && !keyed("authorization") {
         return Err(BypassReason::Authorization);
     }
@@ -143,10 +146,12 @@ pub fn storable_ttl(
     status: StatusCode,
     headers: &HeaderMap,
 ) -> Result<u32, NoStoreReason> {
-    let status_ok = match route.and_then(|r| r.config.cache_statuses.as_ref()) {
-        Some(allowed) => allowed.contains(&status.as_u16()),
-        None => status.is_success(),
-    };
+    // A partial response (206) is never stored: it is not the whole representation.
+    let status_ok = status != StatusCode::PARTIAL_CONTENT
+        && match route.and_then(|r| r.config.cache_statuses.as_ref()) {
+            Some(allowed) => allowed.contains(&status.as_u16()),
+            None => status.is_success(),
+        };
     if !status_ok {
         return Err(NoStoreReason::Status);
     }

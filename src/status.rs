@@ -47,13 +47,15 @@ pub enum BypassReason {
     MalformedBody,
     /// A body-keyed route got a body over `max_request_body_bytes`.
     OversizedBody,
+    /// The request asks for a byte range (`Range`), which is passed through.
+    Range,
     /// The request uses a feature the cache does not handle (e.g. an upgrade).
     Unsupported,
 }
 
 impl BypassReason {
     /// Every reason, for metric and stats listings.
-    pub const ALL: [BypassReason; 9] = [
+    pub const ALL: [BypassReason; 10] = [
         BypassReason::Disabled,
         BypassReason::Rollout,
         BypassReason::RouteDisabled,
@@ -62,6 +64,7 @@ impl BypassReason {
         BypassReason::Cookie,
         BypassReason::MalformedBody,
         BypassReason::OversizedBody,
+        BypassReason::Range,
         BypassReason::Unsupported,
     ];
 
@@ -76,6 +79,7 @@ impl BypassReason {
             BypassReason::Cookie => "cookie",
             BypassReason::MalformedBody => "malformed-body",
             BypassReason::OversizedBody => "oversized-body",
+            BypassReason::Range => "range",
             BypassReason::Unsupported => "unsupported",
         }
     }

@@ -477,3 +477,38 @@ key_headers = ["authorization"]
     assert_eq!(b1.cache(), "MISS");
     assert_ne!(b1.body, a1.body);
 }
+
+#[tokio::test]
+async fn client_conditionals_are_answered_by_the_cache() {
+    let up = Upstream::start().await;
+    let gate = Gate::start(&up, None, ROUTES).await;
+    let etag = ("x-test-etag", "\"v1\"");
+    // A conditional first request still fetches (and stores) the full response; the client
+    // that has it gets a 304.
+    let first = send(&gate, "/kpi/etag", &[etag, ("if-none-match", "\"v1\"")]).await;
+    assert_eq!((first.status, first.cache()), (304, "MISS"));
+    assert!(first.body.is_empty());
+    assert_eq!(first.header("etag"), "\"v1\"");
+    // Another client without the validator gets the full stored response, not a 304.
+    let full = send(&gate, "/kpi/etag", &[etag]).await;
+    assert_eq!((full.status, full.cache()), (200, "HIT"));
+    assert_eq!(full.json()["path"], "/kpi/etag");
+    assert!(full.json()["headers"].get("if-none-match").is_none());
+    // A matching validator on a hit: 304; a stale one: the full response.
+    let again = send(&gate, "/kpi/etag", &[("if-none-match", "W/\"v1\"")]).await;
+    assert_eq!((again.status, again.cache()), (304, "HIT"));
+    let other = send(&gate, "/kpi/etag", &[("if-none-match", "\"v0\"")]).await;
+    assert_eq!(other.status, 200);
+    assert_eq!(up.hits(), 1);
+}
+
+#[tokio::test]
+async fn range_requests_pass_through_and_partial_responses_are_not_stored() {
+    let up = Upstream::start().await;
+    let gate = Gate::start(&up, None, ROUTES).await;
+    let part = send(&gate, "/kpi/range", &[("range", "bytes=0-0")]).await;
+    assert_eq!((part.status, part.cache()), (206, "BYPASS"));
+    assert!(part.header("cache-status").contains("detail=range"));
+    let full = send(&gate, "/kpi/range", &[]).await;
+    assert_eq!((full.status, full.cache()), (200, "MISS"));
+}

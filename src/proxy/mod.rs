@@ -4,7 +4,8 @@
 //! 2. Admission: kill switch, route, method, credentials ([`policy::check_request`]).
 //! 3. For body-keyed routes, read the body (bounded) and canonicalize it (RFC 8785).
 //! 4. Build the cache key; apply `rollout_percent`.
-//! 5. Look up memory, then Redis.
+//! 5. Take the client's conditional headers out (answered by the cache, RFC 9110 §13.2).
+//!    Look up memory, then Redis.
 //! 6. On a miss, coalesce: one leader fetches from the upstream, stores if allowed and
 //!    shares the response; followers wait (bounded) or go to the upstream themselves.
 //!
@@ -29,6 +30,7 @@ use self::body::{Limited, ProxyBody, read_limited};
 use self::upstream::{Upstream, UpstreamError};
 use crate::admin::metrics::Metrics;
 use crate::coalesce::{Coalescer, Leader, Role, WaitOutcome};
+use crate::conditional::{self, Conditions};
 use crate::config::Config;
 use crate::entry::{CachedResponse, now_ms};
 use crate::key::{CacheKey, KeyBuilder, KeyParts, canonical_json};
@@ -103,6 +105,14 @@ pub struct Proxy {
     metrics: Arc<Metrics>,
     switches: Arc<Switches>,
     limits: Limits,
+}
+
+/// What the cache path needs to know about a request once its key is built.
+struct Ctx {
+    key: CacheKey,
+    method: Method,
+    /// The client's validators, taken out of the forwarded request.
+    conditions: Conditions,
 }
 
 /// How a response was produced, for the status headers.
@@ -181,14 +191,23 @@ impl Proxy {
             return self.bypass(parts, body, BypassReason::Rollout).await;
         }
 
+        // From here on the cache answers: the client's own conditions are evaluated by
+        // cachegate, and the upstream gets an unconditional request whose full response
+        // can be stored and shared.
+        let ctx = Ctx {
+            key,
+            method: parts.method.clone(),
+            conditions: Conditions::take(&mut parts.headers),
+        };
+
         // Lookup: memory, then Redis.
         if let Some((entry, tier)) = self.store.lookup(&key).await {
-            return self.serve_entry(&entry, &parts.method, hit(&entry, tier), &key);
+            return self.serve_entry(&entry, &ctx, hit(&entry, tier));
         }
 
         // Miss: one request per key goes to the upstream.
         match self.coalescer.join(&key) {
-            Role::Leader(leader) => self.fetch(parts, body, route, key, Some(leader)).await,
+            Role::Leader(leader) => self.fetch(parts, body, route, &ctx, Some(leader)).await,
             Role::Follower(follower) => match follower.wait(self.limits.coalesce_wait).await {
                 WaitOutcome::Shared(shared) => {
                     self.metrics.coalesced_waits.inc("served");
@@ -197,15 +216,15 @@ impl Proxy {
                         ttl_secs: None,
                         fwd_status: Some(shared.entry.status.as_u16()),
                     };
-                    self.serve_entry(&shared.entry, &parts.method, outcome, &key)
+                    self.serve_entry(&shared.entry, &ctx, outcome)
                 }
                 WaitOutcome::TimedOut => {
                     self.metrics.coalesced_waits.inc("timeout");
-                    self.fetch(parts, body, route, key, None).await
+                    self.fetch(parts, body, route, &ctx, None).await
                 }
                 WaitOutcome::Abandoned => {
                     self.metrics.coalesced_waits.inc("retried");
-                    self.fetch(parts, body, route, key, None).await
+                    self.fetch(parts, body, route, &ctx, None).await
                 }
             },
         }
@@ -235,24 +254,24 @@ impl Proxy {
         parts: Parts,
         body: ProxyBody,
         route: Option<&Route>,
-        key: CacheKey,
+        ctx: &Ctx,
         leader: Option<Leader<CacheKey, Shared>>,
     ) -> Response<ProxyBody> {
+        let key = &ctx.key;
         // A flight that ended between our lookup and our join has just stored its entry.
-        if let Some(entry) = self.store.lookup_memory(&key).await {
+        if let Some(entry) = self.store.lookup_memory(key).await {
             if let Some(leader) = leader {
                 leader.publish(Some(Shared {
                     entry: entry.clone(),
                 }));
             }
-            return self.serve_entry(&entry, &parts.method, hit(&entry, Tier::Memory), &key);
+            return self.serve_entry(&entry, ctx, hit(&entry, Tier::Memory));
         }
-        let method = parts.method.clone();
         let (resp, _) = match self.send(parts, body).await {
             Ok(sent) => sent,
             Err(error_response) => {
                 let phase = CachePhase::Miss(Err(NoStoreReason::UpstreamError));
-                return self.finish(error_response, miss(phase, None), Some(&key));
+                return self.finish(error_response, miss(phase, None), Some(key));
             }
         };
         let (mut head, resp_body) = resp.into_parts();
@@ -265,7 +284,7 @@ impl Proxy {
             return self.finish(
                 resp,
                 miss(CachePhase::Miss(Err(reason)), fwd_status),
-                Some(&key),
+                Some(key),
             );
         }
         let bytes = match read_limited(resp_body, self.limits.max_response_body_bytes).await {
@@ -273,14 +292,14 @@ impl Proxy {
             Ok(Limited::TooLarge(rest)) => {
                 let resp = Response::from_parts(head, body::boxed(rest));
                 let phase = CachePhase::Miss(Err(NoStoreReason::TooLarge));
-                return self.finish(resp, miss(phase, fwd_status), Some(&key));
+                return self.finish(resp, miss(phase, fwd_status), Some(key));
             }
             Err(e) => {
                 self.metrics.upstream_errors.inc("body");
                 tracing::warn!(error = %e, "upstream response body failed");
                 let resp = plain(StatusCode::BAD_GATEWAY, "upstream response body failed");
                 let phase = CachePhase::Miss(Err(NoStoreReason::UpstreamError));
-                return self.finish(resp, miss(phase, fwd_status), Some(&key));
+                return self.finish(resp, miss(phase, fwd_status), Some(key));
             }
         };
         let entry = Arc::new(CachedResponse {
@@ -292,19 +311,15 @@ impl Proxy {
             tags: route.map(|r| r.config.tags.clone()).unwrap_or_default(),
         });
         if decision.is_ok() {
-            self.store.store(key, entry.clone()).await;
+            self.store.store(*key, entry.clone()).await;
         }
         if let Some(leader) = leader {
             leader.publish(Some(Shared {
                 entry: entry.clone(),
             }));
         }
-        self.serve_entry(
-            &entry,
-            &method,
-            miss(CachePhase::Miss(decision.map(|_| ())), fwd_status),
-            &key,
-        )
+        let outcome = miss(CachePhase::Miss(decision.map(|_| ())), fwd_status);
+        self.serve_entry(&entry, ctx, outcome)
     }
 
     /// Passes a request through to the upstream, streaming both ways, without the cache.
@@ -361,27 +376,39 @@ impl Proxy {
         }
     }
 
-    /// Builds the response for a stored or shared entry.
+    /// Builds the response for a stored or shared entry: the entry itself, or `304 Not
+    /// Modified` when the client's conditions say it has it already.
     fn serve_entry(
         &self,
         entry: &CachedResponse,
-        method: &Method,
+        ctx: &Ctx,
         outcome: Outcome,
-        key: &CacheKey,
     ) -> Response<ProxyBody> {
-        let body = if method == Method::HEAD {
-            body::empty()
+        let is_get = ctx.method == Method::GET || ctx.method == Method::HEAD;
+        let mut resp = if is_get
+            && entry.status == StatusCode::OK
+            && ctx.conditions.not_modified(&entry.headers)
+        {
+            let mut resp = Response::new(body::empty());
+            *resp.status_mut() = StatusCode::NOT_MODIFIED;
+            *resp.headers_mut() = conditional::not_modified_headers(&entry.headers);
+            resp
         } else {
-            body::full(entry.body.clone())
+            let body = if ctx.method == Method::HEAD {
+                body::empty()
+            } else {
+                body::full(entry.body.clone())
+            };
+            let mut resp = Response::new(body);
+            *resp.status_mut() = entry.status;
+            *resp.headers_mut() = entry.headers.clone();
+            resp
         };
-        let mut resp = Response::new(body);
-        *resp.status_mut() = entry.status;
-        *resp.headers_mut() = entry.headers.clone();
         if let CachePhase::Hit(_) = outcome.phase {
             resp.headers_mut()
                 .insert(header::AGE, HeaderValue::from(entry.age_secs(now_ms())));
         }
-        self.finish(resp, outcome, Some(key))
+        self.finish(resp, outcome, Some(&ctx.key))
     }
 
     /// Adds `X-Cache-Status` and `Cache-Status` (RFC 9211: our member goes last), counts the

@@ -52,7 +52,8 @@ pub fn free_port() -> u16 {
 /// that grows with every request the upstream answers, so a cached answer is recognisable.
 /// Request headers steer it (they are not part of any cache key unless a test says so):
 /// `x-test-status`, `x-test-cache-control`, `x-test-set-cookie`, `x-test-delay-ms`,
-/// `x-test-body-bytes` (pads the body to that size).
+/// `x-test-body-bytes` (pads the body to that size), `x-test-etag` (its `ETag`; a request
+/// whose `If-None-Match` matches it gets `304`). A `Range` request gets a `206`.
 pub struct Upstream {
     pub addr: SocketAddr,
     hits: Arc<AtomicUsize>,
@@ -125,6 +126,21 @@ async fn answer(req: Request<Incoming>, counter: &AtomicUsize) -> Response<Full<
             doc.push(' ');
         }
     }
+    let etag = header("x-test-etag");
+    if etag.is_some() && header("if-none-match") == etag {
+        let resp = Response::builder()
+            .status(304)
+            .header("etag", etag.unwrap());
+        return resp.body(Full::new(Bytes::new())).unwrap();
+    }
+    if header("range").is_some() {
+        let resp = Response::builder()
+            .status(206)
+            .header("content-range", format!("bytes 0-0/{}", doc.len()));
+        return resp
+            .body(Full::new(Bytes::from(doc[..1].to_string())))
+            .unwrap();
+    }
     let mut resp = Response::builder()
         .status(
             header("x-test-status")
@@ -132,6 +148,9 @@ async fn answer(req: Request<Incoming>, counter: &AtomicUsize) -> Response<Full<
                 .unwrap_or(200u16),
         )
         .header("content-type", "application/json");
+    if let Some(etag) = etag {
+        resp = resp.header("etag", etag);
+    }
     if let Some(cc) = header("x-test-cache-control") {
         resp = resp.header("cache-control", cc);
     }

@@ -1,0 +1,109 @@
+//! Client conditional requests (`If-None-Match`, `If-Modified-Since`), answered by the cache.
+//!
+//! A request that may use the cache is sent to the upstream without its conditional
+//! headers, so that the upstream returns a full response that can be stored and shared
+//! (never a `304` that another client would receive). The client's own conditions are then
+//! evaluated against the full response, as RFC 9110 §13.2.2 orders them, and a `304 Not
+//! Modified` is sent when they say so.
+
+use std::time::SystemTime;
+
+use http::{HeaderMap, HeaderValue, header};
+
+/// The validators a client sent, taken out of its request.
+#[derive(Debug, Default, Clone)]
+pub struct Conditions {
+    if_none_match: Option<HeaderValue>,
+    if_modified_since: Option<SystemTime>,
+}
+
+impl Conditions {
+    /// Removes every conditional header from `headers` (`If-None-Match`,
+    /// `If-Modified-Since`, `If-Match`, `If-Unmodified-Since`, `If-Range`) and keeps the two
+    /// that a cache answers for GET/HEAD.
+    pub fn take(headers: &mut HeaderMap) -> Self {
+        let if_none_match = headers.remove(header::IF_NONE_MATCH);
+        let if_modified_since = headers
+            .remove(header::IF_MODIFIED_SINCE)
+            .and_then(|v| httpdate::parse_http_date(v.to_str().ok()?).ok());
+        headers.remove(header::IF_MATCH);
+        headers.remove(header::IF_UNMODIFIED_SINCE);
+        headers.remove(header::IF_RANGE);
+        Conditions {
+            if_none_match,
+            if_modified_since,
+        }
+    }
+
+    /// Whether the client already has the response described by `headers` (status 200), so
+    /// that `304 Not Modified` is the answer. `If-None-Match` takes precedence over
+    /// `If-Modified-Since` (RFC 9110 §13.2.2); tags compare weakly (§8.8.3.2).
+    pub fn not_modified(&self, headers: &HeaderMap) -> bool {
+        if let Some(inm) = &self.if_none_match {
+            let Ok(inm) = inm.to_str() else { return false };
+            let Some(etag) = headers.get(header::ETAG).and_then(|v| v.to_str().ok()) else {
+                return false;
+            };
+            return inm.trim() == "*"
+                || inm
+                    .split(',')
+                    .any(|tag| weak(tag.trim()) == weak(etag.trim()));
+        }
+        if let Some(since) = self.if_modified_since {
+            let last_modified = headers
+                .get(header::LAST_MODIFIED)
+                .and_then(|v| httpdate::parse_http_date(v.to_str().ok()?).ok());
+            return last_modified.is_some_and(|lm| lm <= since);
+        }
+        false
+    }
+}
+
+fn weak(tag: &str) -> &str {
+    tag.strip_prefix("W/").unwrap_or(tag)
+}
+
+/// The headers of a `304 Not Modified` made from a full response's headers: the same
+/// metadata without the representation's length (RFC 9110 §15.4.5).
+pub fn not_modified_headers(full: &HeaderMap) -> HeaderMap {
+    let mut headers = full.clone();
+    headers.remove(header::CONTENT_LENGTH);
+    headers
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (n, v) in pairs {
+            h.append(*n, HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    #[test]
+    fn takes_all_conditionals() {
+        let mut req = with(&[
+            ("if-none-match", "\"a\""),
+            ("if-match", "\"b\""),
+            ("if-range", "\"c\""),
+            ("accept", "*/*"),
+        ]);
+        let c = Conditions::take(&mut req);
+        assert_eq!(req.len(), 1);
+        assert!(c.not_modified(&with(&[("etag", "W/\"a\"")])));
+        assert!(!c.not_modified(&with(&[("etag", "\"z\"")])));
+        assert!(!c.not_modified(&with(&[])));
+    }
+
+    #[test]
+    fn if_modified_since() {
+        let mut req = with(&[("if-modified-since", "Sun, 06 Nov 1994 08:49:37 GMT")]);
+        let c = Conditions::take(&mut req);
+        assert!(c.not_modified(&with(&[("last-modified", "Sun, 06 Nov 1994 08:00:00 GMT")])));
+        assert!(!c.not_modified(&with(&[("last-modified", "Mon, 07 Nov 1994 08:00:00 GMT")])));
+        assert!(!Conditions::default().not_modified(&with(&[("etag", "\"a\"")])));
+    }
+}
