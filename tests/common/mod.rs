@@ -127,10 +127,8 @@ async fn answer(req: Request<Incoming>, counter: &AtomicUsize) -> Response<Full<
         }
     }
     let etag = header("x-test-etag");
-    if etag.is_some() && header("if-none-match") == etag {
-        let resp = Response::builder()
-            .status(304)
-            .header("etag", etag.unwrap());
+    if let Some(tag) = etag.filter(|tag| header("if-none-match") == Some(*tag)) {
+        let resp = Response::builder().status(304).header("etag", tag);
         return resp.body(Full::new(Bytes::new())).unwrap();
     }
     if header("range").is_some() {
