@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Hit-path benchmark: cachegate against nginx proxy_cache and Varnish, same origin, same
-# small cached response, same load tool (wrk), in one run on this machine. Prints
-# requests/s and p50/p99 latency for each and cachegate's ratio to each peer.
+# small cached response, same load tool (wrk), in one run on this machine. cachegate runs
+# twice: answering from its memory tier, and with the memory tier sized to zero so that
+# every hit comes from Redis (a replica that has not seen the key yet). Prints requests/s
+# and p50/p99 latency for each and cachegate's ratio to each peer.
 #
 #   bench/hit_path.sh [seconds per run, default 10] [connections, default 50]
 #
-# Installs nginx, varnish and wrk from Debian's packages when missing. Everything listens on
+# Installs nginx, varnish, redis-server and wrk from Debian's packages when missing. Everything listens on
 # 127.0.0.1; every process started here is stopped by its PID on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,6 +19,7 @@ missing=()
 command -v wrk >/dev/null || missing+=(wrk)
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx)
 command -v varnishd >/dev/null || [ -x /usr/sbin/varnishd ] || missing+=(varnish)
+command -v redis-server >/dev/null || missing+=(redis-server)
 if [ ${#missing[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}"
@@ -42,6 +45,7 @@ wait_http() {
 }
 
 UP=$(free_port); CG=$(free_port); ADMIN=$(free_port); NG=$(free_port); VN=$(free_port)
+CGR=$(free_port); ADMINR=$(free_port); REDIS=$(free_port)
 
 python3 bench/upstream.py "$UP" & PIDS+=($!)
 wait_http "http://127.0.0.1:$UP/"
@@ -49,6 +53,22 @@ wait_http "http://127.0.0.1:$UP/"
 CACHEGATE_LOG=warn target/release/cachegate serve --upstream "http://127.0.0.1:$UP" \
   --listen "127.0.0.1:$CG" --admin-listen "127.0.0.1:$ADMIN" & PIDS+=($!)
 wait_http "http://127.0.0.1:$ADMIN/healthz"
+
+redis-server --port "$REDIS" --bind 127.0.0.1 --save "" --appendonly no --dir "$WORK" \
+  >"$WORK/redis.log" 2>&1 & PIDS+=($!)
+cat > "$WORK/redis-tier.toml" <<TOML
+listen = "127.0.0.1:$CGR"
+admin_listen = "127.0.0.1:$ADMINR"
+[upstream]
+url = "http://127.0.0.1:$UP"
+[cache]
+memory_max_bytes = 0     # nothing fits: every hit is a Redis hit
+key_secret = "bench"
+[redis]
+url = "redis://127.0.0.1:$REDIS"
+TOML
+CACHEGATE_LOG=warn target/release/cachegate serve --config "$WORK/redis-tier.toml" & PIDS+=($!)
+wait_http "http://127.0.0.1:$ADMINR/healthz"
 
 mkdir -p "$WORK/cache"
 USER_LINE=""; [ "$(id -u)" -eq 0 ] && USER_LINE="user root;"
@@ -102,14 +122,22 @@ declare -A URL=(
   [nginx]="http://127.0.0.1:$NG/kpi/revenue"
   [varnish]="http://127.0.0.1:$VN/kpi/revenue"
 )
-NAMES=(cachegate nginx varnish)
+URL[cachegate-redis]="http://127.0.0.1:$CGR/kpi/revenue"
+NAMES=(cachegate cachegate-redis nginx varnish)
 
 # Warm every cache and check that the measured path is a hit.
+# (The Redis write after a miss is asynchronous: try a few times, bounded.)
 for url in "${URL[@]}"; do
-  curl -s -o /dev/null "$url"; curl -s -o /dev/null "$url"
-  status=$(curl -s -D - -o /dev/null "$url" | tr -d '\r' | awk -F': ' 'tolower($1)=="x-cache-status"{print $2}')
+  status=""
+  for _ in $(seq 50); do
+    status=$(curl -s -D - -o /dev/null "$url" | tr -d '\r' | awk -F': ' 'tolower($1)=="x-cache-status"{print $2}')
+    [ "$status" = "HIT" ] && break
+    sleep 0.05
+  done
   [ "$status" = "HIT" ] || { echo "$url is not a hit (X-Cache-Status: $status)" >&2; exit 1; }
 done
+curl -s -D - -o /dev/null "${URL[cachegate-redis]}" | grep -qi "cache-status: cachegate; hit.*detail=redis" \
+  || { echo "the redis-tier instance does not answer from redis" >&2; exit 1; }
 
 # wrk latency to milliseconds.
 to_ms() { awk '{ v=$1; if (v ~ /us$/) { sub(/us$/,"",v); v/=1000 } else if (v ~ /ms$/) { sub(/ms$/,"",v) } else if (v ~ /s$/) { sub(/s$/,"",v); v*=1000 } printf "%.3f", v }'; }
@@ -124,8 +152,8 @@ run() { # name url
 }
 # Rotate the order each round so that no proxy always runs on a warmer or busier machine.
 for round in $(seq $ROUNDS); do
-  for k in 0 1 2; do
-    name=${NAMES[$(( (k + round) % 3 ))]}
+  for k in 0 1 2 3; do
+    name=${NAMES[$(( (k + round) % 4 ))]}
     run "$name" "${URL[$name]}"
   done
 done
@@ -134,14 +162,17 @@ echo
 echo "hit path, $ROUNDS rounds x ${DURATION}s, wrk -t2 -c$CONNECTIONS, $(nproc) cores ($(date -u +%Y-%m-%d))"
 printf '| %-23s | %12s | %9s | %9s |\n' "proxy" "requests/s" "p50 ms" "p99 ms"
 printf '|%s|%s|%s|%s|\n' "-------------------------" "--------------" "-----------" "-----------"
-declare -A LABEL=([cachegate]="cachegate (memory tier)" [nginx]="nginx proxy_cache" [varnish]="varnish (malloc)")
+declare -A LABEL=([cachegate]="cachegate (memory tier)" [cachegate-redis]="cachegate (redis tier)"
+                  [nginx]="nginx proxy_cache" [varnish]="varnish (malloc)")
 for name in "${NAMES[@]}"; do
   awk -v l="${LABEL[$name]}" -v r="${RPS[$name]}" -v p5="${P50[$name]}" -v p9="${P99[$name]}" -v k=$ROUNDS \
     'BEGIN { printf "| %-23s | %12.0f | %9.3f | %9.3f |\n", l, r/k, p5/k, p9/k }'
 done
 echo
-for peer in nginx varnish; do
-  awk -v p="$peer" -v a="${RPS[cachegate]}" -v b="${RPS[$peer]}" -v a5="${P50[cachegate]}" -v b5="${P50[$peer]}" \
-      -v a9="${P99[cachegate]}" -v b9="${P99[$peer]}" \
-    'BEGIN { printf "cachegate / %s: throughput %.2fx, p50 latency %.2fx, p99 latency %.2fx\n", p, a/b, a5/b5, a9/b9 }'
+for ours in cachegate cachegate-redis; do
+  for peer in nginx varnish; do
+    awk -v o="${LABEL[$ours]}" -v p="$peer" -v a="${RPS[$ours]}" -v b="${RPS[$peer]}" \
+        -v a5="${P50[$ours]}" -v b5="${P50[$peer]}" -v a9="${P99[$ours]}" -v b9="${P99[$peer]}" \
+      'BEGIN { printf "%s / %s: throughput %.2fx, p50 latency %.2fx, p99 latency %.2fx\n", o, p, a/b, a5/b5, a9/b9 }'
+  done
 done
