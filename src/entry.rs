@@ -3,13 +3,14 @@
 //! Layout of envelope version 1 (integers big-endian):
 //!
 //! ```text
-//! magic "CG" | version u8 = 1 | key [32] | stored_at_ms u64 | ttl_secs u32 | status u16
+//! version u8 = 1 | magic "CG" | key [32] | stored_at_ms u64 | ttl_secs u32 | status u16
 //! | n_headers u16 | { name_len u16 | name | value_len u32 | value }*
 //! | n_tags u16 | { tag_len u16 | tag }* | body_len u32 | body | checksum [16]
 //! ```
 //!
-//! The checksum is BLAKE3 over everything before it. An entry with another magic or
-//! version, a wrong key, a bad length or a bad checksum decodes to `None`: a miss, never a
+//! The version byte comes first, so that a reader can tell an unknown format before
+//! anything else. The checksum is BLAKE3 over everything before it. An entry with another
+//! version or magic, a wrong key, a bad length or a bad checksum decodes to `None`: a miss, never a
 //! wrong answer. Later versions (validators for revalidation, stale windows) add a new
 //! version number rather than changing this one.
 
@@ -80,8 +81,8 @@ impl CachedResponse {
     /// Encodes the entry for `key` into an envelope (see the module docs).
     pub fn encode(&self, key: &CacheKey) -> Bytes {
         let mut b = BytesMut::with_capacity(self.size_bytes() + 64);
-        b.put_slice(MAGIC);
         b.put_u8(VERSION);
+        b.put_slice(MAGIC);
         b.put_slice(&key.0);
         b.put_u64(self.stored_at_ms);
         b.put_u32(self.ttl_secs);
@@ -109,7 +110,8 @@ impl CachedResponse {
     }
 
     /// Decodes an envelope stored under `key`. Returns `None` for anything that is not a
-    /// well-formed version-1 envelope for that same key.
+    /// well-formed version-1 envelope for that same key (another version, a foreign key, a
+    /// truncated or altered entry).
     pub fn decode(key: &CacheKey, data: &[u8]) -> Option<CachedResponse> {
         if data.len() < CHECKSUM_LEN {
             return None;
@@ -119,7 +121,7 @@ impl CachedResponse {
             return None;
         }
         let mut r = payload;
-        if take(&mut r, 2)? != MAGIC || get_u8(&mut r)? != VERSION {
+        if get_u8(&mut r)? != VERSION || take(&mut r, 2)? != MAGIC {
             return None;
         }
         if take(&mut r, 32)? != key.0 {
@@ -226,5 +228,16 @@ mod tests {
             assert!(CachedResponse::decode(&key, &bytes[..n]).is_none());
         }
         assert!(CachedResponse::decode(&key, b"garbage").is_none());
+    }
+
+    #[test]
+    fn unknown_version_is_none_even_with_a_good_checksum() {
+        let key = CacheKey([7; 32]);
+        let bytes = sample().encode(&key);
+        let mut future = bytes[..bytes.len() - CHECKSUM_LEN].to_vec();
+        future[0] = VERSION + 1;
+        let sum = blake3::hash(&future);
+        future.extend_from_slice(&sum.as_bytes()[..CHECKSUM_LEN]);
+        assert!(CachedResponse::decode(&key, &future).is_none());
     }
 }
