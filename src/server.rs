@@ -133,7 +133,17 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         let admin = admin.clone();
         async move { admin.handle(req).await }
     });
-    tracing::info!(%listen_addr, %admin_addr, "cachegate listening");
+    tracing::info!(
+        %listen_addr,
+        %admin_addr,
+        upstream = %config.upstream.url.as_ref().map(ToString::to_string).unwrap_or_default(),
+        routes = config.routes.len(),
+        memory_max_bytes = config.cache.memory_max_bytes,
+        redis = %config.redis.as_ref().map(|r| r.url.redacted()).unwrap_or_else(|| "off".into()),
+        enabled = config.cache.enabled,
+        rollout_percent = config.cache.rollout_percent.0,
+        "cachegate listening"
+    );
     Ok(Running {
         listen_addr,
         admin_addr,

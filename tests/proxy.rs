@@ -512,3 +512,44 @@ async fn range_requests_pass_through_and_partial_responses_are_not_stored() {
     let full = send(&gate, "/kpi/range", &[]).await;
     assert_eq!((full.status, full.cache()), (200, "MISS"));
 }
+
+#[tokio::test]
+async fn a_route_may_store_other_statuses_and_head_is_its_own_entry() {
+    let up = Upstream::start().await;
+    let gate = Gate::start(
+        &up,
+        None,
+        r#"
+[[routes]]
+method = "GET"
+path = "/lookup/*"
+ttl_secs = 60
+cache_statuses = [200, 404]
+"#,
+    )
+    .await;
+    let not_found = [("x-test-status", "404")];
+    let (a, b) = twice(&gate, "/lookup/missing", &not_found).await;
+    assert_eq!((a.status, a.cache()), (404, "MISS"));
+    assert_eq!((b.status, b.cache()), (404, "HIT"));
+    let gone = [("x-test-status", "410")];
+    assert_eq!(twice(&gate, "/lookup/gone", &gone).await.1.cache(), "MISS");
+
+    // Unmatched HEAD follows Cache-Control like GET, under its own key.
+    let fresh = ("x-test-cache-control", "max-age=60");
+    let head = || async {
+        let req = gate.client.head(gate.url("/h")).header(fresh.0, fresh.1);
+        common::Reply::from(req.send().await.unwrap()).await
+    };
+    assert_eq!(head().await.cache(), "MISS");
+    let hit = head().await;
+    assert_eq!(hit.cache(), "HIT");
+    assert!(hit.body.is_empty());
+    let get = send(&gate, "/h", &[fresh]).await;
+    assert_eq!(
+        get.cache(),
+        "MISS",
+        "GET must not be answered with the HEAD entry"
+    );
+    assert!(!get.body.is_empty());
+}
