@@ -1,0 +1,137 @@
+//! cachegate under test: in this process, or as its own process.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use super::{Redis, Reply, Upstream, admin_text, client, eventually, free_port, signal};
+
+/// A cachegate running in this test process.
+pub struct Gate {
+    pub running: Option<cachegate::server::Running>,
+    pub base: String,
+    pub admin: String,
+    pub client: reqwest::Client,
+}
+
+impl Gate {
+    /// Starts cachegate in front of `upstream` with the extra TOML `config` (which must not
+    /// set `listen`, `admin_listen` or `[upstream]`); `redis` adds the shared tier.
+    pub async fn start(upstream: &Upstream, redis: Option<&Redis>, config: &str) -> Gate {
+        Gate::start_inner(upstream, redis.map(Redis::config_table), config).await
+    }
+
+    /// Like [`Gate::start`] with an explicit Redis URL (credentials, TLS).
+    pub async fn start_with_redis_url(upstream: &Upstream, url: &str, config: &str) -> Gate {
+        Gate::start_inner(upstream, Some(format!("url = \"{url}\"\n")), config).await
+    }
+
+    async fn start_inner(upstream: &Upstream, redis: Option<String>, config: &str) -> Gate {
+        let mut toml = format!(
+            "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{config}\n[upstream]\nurl = \"{}\"\nresponse_timeout_ms = 3000\n",
+            upstream.url()
+        );
+        if let Some(table) = redis {
+            toml.push_str(&format!("[redis]\n{table}"));
+        }
+        let config = cachegate::config::Config::from_toml(&toml, None)
+            .unwrap()
+            .finish(&Default::default(), |name| {
+                (name == "CACHEGATE_KEY_SECRET").then(|| "test-secret".to_string())
+            })
+            .unwrap();
+        let running = cachegate::server::start(config).await.unwrap();
+        Gate {
+            base: format!("http://{}", running.listen_addr),
+            admin: format!("http://{}", running.admin_addr),
+            running: Some(running),
+            client: client(),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    pub async fn get(&self, path: &str) -> Reply {
+        Reply::from(self.client.get(self.url(path)).send().await.unwrap()).await
+    }
+
+    pub async fn post_json(&self, path: &str, body: &str) -> Reply {
+        let req = self
+            .client
+            .post(self.url(path))
+            .header("content-type", "application/json")
+            .body(body.to_string());
+        Reply::from(req.send().await.unwrap()).await
+    }
+
+    pub async fn metrics(&self) -> String {
+        admin_text(&self.client, &self.admin, "/metrics").await
+    }
+
+    pub async fn stats(&self) -> serde_json::Value {
+        serde_json::from_str(&admin_text(&self.client, &self.admin, "/stats").await).unwrap()
+    }
+
+    pub fn switches(&self) -> &cachegate::proxy::Switches {
+        &self.running.as_ref().unwrap().switches
+    }
+}
+
+/// `cachegate` run as its own process, stopped (by PID) when dropped.
+pub struct GateProcess {
+    child: Child,
+    pub base: String,
+    pub admin: String,
+    pub config: tempfile::NamedTempFile,
+}
+
+impl GateProcess {
+    pub async fn start(config_toml: &str) -> GateProcess {
+        use std::io::Write;
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        file.write_all(config_toml.as_bytes()).unwrap();
+        let (listen, admin) = (free_port(), free_port());
+        let child = Command::new(env!("CARGO_BIN_EXE_cachegate"))
+            .arg("serve")
+            .arg("--config")
+            .arg(file.path())
+            .args(["--listen", &format!("127.0.0.1:{listen}")])
+            .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
+            .env("CACHEGATE_KEY_SECRET", "test-secret")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let gate = GateProcess {
+            child,
+            base: format!("http://127.0.0.1:{listen}"),
+            admin: format!("http://127.0.0.1:{admin}"),
+            config: file,
+        };
+        let health = format!("{}/healthz", gate.admin);
+        let c = client();
+        let up = eventually(Duration::from_secs(10), || {
+            let (c, health) = (c.clone(), health.clone());
+            async move { c.get(&health).send().await.is_ok() }
+        })
+        .await;
+        assert!(up, "cachegate process did not start");
+        gate
+    }
+}
+
+impl GateProcess {
+    /// Replaces the config file and sends SIGHUP to this process (by its PID).
+    pub fn reload(&self, config_toml: &str) {
+        std::fs::write(self.config.path(), config_toml).unwrap();
+        signal("-HUP", &self.child.id().to_string());
+    }
+}
+
+impl Drop for GateProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
