@@ -11,7 +11,8 @@
 //! - [`coalesce`]: one upstream request per key.
 //! - [`conditional`]: client `If-None-Match` / `If-Modified-Since`, answered by the cache.
 //! - [`status`]: the decision enums behind headers and metric labels.
-//! - [`admin`]: `/metrics`, `/stats`, `/healthz`.
+//! - [`metrics`]: Prometheus metrics and JSON stats; [`admin`]: the admin listener
+//!   serving them (`/metrics`, `/stats`, `/healthz`).
 
 #![warn(missing_docs)]
 
@@ -21,6 +22,7 @@ pub mod conditional;
 pub mod config;
 pub mod entry;
 pub mod key;
+pub mod metrics;
 pub mod policy;
 pub mod proxy;
 pub mod server;

@@ -18,9 +18,9 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::admin::Admin;
-use crate::admin::metrics::Metrics;
 use crate::config::Config;
 use crate::key::KeyBuilder;
+use crate::metrics::Metrics;
 use crate::proxy::body::ProxyBody;
 use crate::proxy::{Proxy, Switches};
 use crate::store::{MemoryTier, RedisTier, TieredStore};

@@ -30,12 +30,12 @@ pub use self::switches::Switches;
 
 use self::body::{Limited, ProxyBody, read_limited};
 use self::upstream::{Upstream, UpstreamError};
-use crate::admin::metrics::Metrics;
 use crate::coalesce::{Coalescer, Leader, Role, WaitOutcome};
 use crate::conditional::{self, Conditions};
 use crate::config::Config;
 use crate::entry::{CachedResponse, now_ms};
 use crate::key::{CacheKey, KeyBuilder, KeyParts, canonical_json};
+use crate::metrics::Metrics;
 use crate::policy::{self, Policy, Route};
 use crate::status::{BypassReason, CachePhase, NoStoreReason, Tier};
 use crate::store::TieredStore;

@@ -4,7 +4,7 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::admin::metrics::BreakerState;
+use crate::metrics::BreakerState;
 
 #[derive(Debug, Clone, Copy)]
 enum State {

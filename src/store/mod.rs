@@ -7,9 +7,9 @@ pub mod redis;
 
 use std::sync::Arc;
 
-use crate::admin::metrics::Metrics;
 use crate::entry::{CachedResponse, now_ms};
 use crate::key::CacheKey;
+use crate::metrics::Metrics;
 use crate::status::Tier;
 
 pub use self::memory::MemoryTier;

@@ -13,9 +13,9 @@ use redis::AsyncCommands;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use super::breaker::Breaker;
-use crate::admin::metrics::{BreakerState, Metrics};
 use crate::config::RedisConfig;
 use crate::key::CacheKey;
+use crate::metrics::{BreakerState, Metrics};
 
 /// Why a Redis tier could not be created.
 #[derive(Debug)]

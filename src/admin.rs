@@ -1,7 +1,5 @@
 //! The admin listener: `/metrics` (Prometheus text format), `/healthz` and `/stats` (JSON).
 
-pub mod metrics;
-
 use std::sync::Arc;
 
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
@@ -10,7 +8,7 @@ use crate::proxy::body::{self, ProxyBody};
 use crate::proxy::{Switches, plain};
 use crate::store::TieredStore;
 
-use self::metrics::Metrics;
+use crate::metrics::Metrics;
 
 /// What the admin endpoints read.
 #[derive(Clone)]
