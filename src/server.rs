@@ -96,7 +96,10 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     );
     let secret = match &config.cache.key_secret {
         Some(s) => s.as_bytes().to_vec(),
-        None => random_secret().to_vec(),
+        None => {
+            tracing::info!("no key_secret set: cache keys use a random per-process secret");
+            random_secret().to_vec()
+        }
     };
     let keys = KeyBuilder::new(&secret, &config.cache.namespace);
     let switches = Arc::new(Switches::new(

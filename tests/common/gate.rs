@@ -122,6 +122,20 @@ impl GateProcess {
 }
 
 impl GateProcess {
+    /// Sends SIGTERM to this process (by its PID).
+    pub fn terminate(&self) {
+        signal("-TERM", &self.child.id().to_string());
+    }
+
+    /// The exit code, once the process has exited.
+    pub fn try_exit(&mut self) -> Option<i32> {
+        self.child
+            .try_wait()
+            .ok()
+            .flatten()
+            .map(|s| s.code().unwrap_or(-1))
+    }
+
     /// Replaces the config file and sends SIGHUP to this process (by its PID).
     pub fn reload(&self, config_toml: &str) {
         std::fs::write(self.config.path(), config_toml).unwrap();

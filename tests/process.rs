@@ -1,5 +1,5 @@
-//! The kill switch and rollout change on a running process with SIGHUP, no rebuild or
-//! restart.
+//! The cachegate process and its signals: SIGHUP changes the kill switch and rollout
+//! without a rebuild or restart; SIGTERM stops it cleanly.
 
 mod common;
 
@@ -55,4 +55,25 @@ async fn sighup_applies_kill_switch_and_rollout() {
     })
     .await;
     assert!(back, "switches not restored");
+}
+
+#[tokio::test]
+async fn sigterm_stops_the_process_cleanly() {
+    let up = Upstream::start().await;
+    let mut gate = GateProcess::start(&config(&up, "enabled = true")).await;
+    let client = common::client();
+    assert_eq!(
+        status(&client, &format!("{}/kpi/t", gate.base)).await,
+        "MISS"
+    );
+    gate.terminate();
+    let mut exit = None;
+    let stopped = eventually(Duration::from_secs(15), || {
+        exit = exit.or_else(|| gate.try_exit());
+        let done = exit.is_some();
+        async move { done }
+    })
+    .await;
+    assert!(stopped, "cachegate did not stop on SIGTERM");
+    assert_eq!(exit, Some(0));
 }
