@@ -10,6 +10,8 @@ use std::time::SystemTime;
 
 use http::{HeaderMap, HeaderValue, header};
 
+use crate::policy::http_date;
+
 /// The validators a client sent, taken out of its request.
 #[derive(Debug, Default, Clone)]
 pub struct Conditions {
@@ -23,9 +25,8 @@ impl Conditions {
     /// that a cache answers for GET/HEAD.
     pub fn take(headers: &mut HeaderMap) -> Self {
         let if_none_match = headers.remove(header::IF_NONE_MATCH);
-        let if_modified_since = headers
-            .remove(header::IF_MODIFIED_SINCE)
-            .and_then(|v| httpdate::parse_http_date(v.to_str().ok()?).ok());
+        let if_modified_since = http_date(headers, header::IF_MODIFIED_SINCE);
+        headers.remove(header::IF_MODIFIED_SINCE);
         headers.remove(header::IF_MATCH);
         headers.remove(header::IF_UNMODIFIED_SINCE);
         headers.remove(header::IF_RANGE);
@@ -50,10 +51,7 @@ impl Conditions {
                     .any(|tag| weak(tag.trim()) == weak(etag.trim()));
         }
         if let Some(since) = self.if_modified_since {
-            let last_modified = headers
-                .get(header::LAST_MODIFIED)
-                .and_then(|v| httpdate::parse_http_date(v.to_str().ok()?).ok());
-            return last_modified.is_some_and(|lm| lm <= since);
+            return http_date(headers, header::LAST_MODIFIED).is_some_and(|lm| lm <= since);
         }
         false
     }
@@ -74,14 +72,7 @@ pub fn not_modified_headers(full: &HeaderMap) -> HeaderMap {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn with(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        for (n, v) in pairs {
-            h.append(*n, HeaderValue::from_static(v));
-        }
-        h
-    }
+    use crate::test_support::header_map as with;
 
     #[test]
     fn takes_all_conditionals() {

@@ -85,11 +85,6 @@ impl KeyBuilder {
         }
     }
 
-    /// The namespace, which also prefixes Redis keys.
-    pub fn namespace(&self) -> &str {
-        &self.namespace
-    }
-
     /// Hashes the parts into a key. Each part is length-prefixed, so no two different
     /// requests can be spelled into the same input.
     pub fn build(&self, parts: &KeyParts<'_>) -> CacheKey {

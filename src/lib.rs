@@ -28,3 +28,17 @@ pub mod proxy;
 pub mod server;
 pub mod status;
 pub mod store;
+
+#[cfg(test)]
+mod test_support {
+    use http::{HeaderMap, HeaderValue};
+
+    /// A header map from static name/value pairs, repeated names appended.
+    pub fn header_map(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (n, v) in pairs {
+            h.append(*n, HeaderValue::from_static(v));
+        }
+        h
+    }
+}

@@ -187,31 +187,25 @@ pub fn storable_ttl(
     Ok(ttl.min(u64::from(u32::MAX)) as u32)
 }
 
+/// The HTTP-date (RFC 9110 §5.6.7) in header `name`, if present and well-formed.
+pub fn http_date(headers: &HeaderMap, name: header::HeaderName) -> Option<SystemTime> {
+    httpdate::parse_http_date(headers.get(name)?.to_str().ok()?).ok()
+}
+
 /// The explicit freshness lifetime of a response in seconds, RFC 9111 §4.2.1.
 fn explicit_freshness(cc: &CacheControl, headers: &HeaderMap) -> Option<u64> {
     if let Some(s) = cc.s_maxage.or(cc.max_age) {
         return Some(s);
     }
-    let date = |name| -> Option<SystemTime> {
-        httpdate::parse_http_date(headers.get(name)?.to_str().ok()?).ok()
-    };
-    let expires = date(header::EXPIRES)?;
-    let base = date(header::DATE).unwrap_or_else(SystemTime::now);
+    let expires = http_date(headers, header::EXPIRES)?;
+    let base = http_date(headers, header::DATE).unwrap_or_else(SystemTime::now);
     Some(expires.duration_since(base).map_or(0, |d| d.as_secs()))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::HeaderValue;
-
-    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        for (n, v) in pairs {
-            h.append(*n, HeaderValue::from_static(v));
-        }
-        h
-    }
+    use crate::test_support::header_map as headers;
 
     #[test]
     fn unmatched_follows_upstream_freshness() {

@@ -67,13 +67,6 @@ impl Running {
             let _ = task.await;
         }
     }
-
-    /// Waits until the server stops (it stops only through [`Running::shutdown`]).
-    pub async fn wait(self) {
-        for task in self.tasks {
-            let _ = task.await;
-        }
-    }
 }
 
 /// Starts cachegate with a finished config (see [`Config::finish`]): binds both listeners

@@ -1,6 +1,6 @@
 //! The caching reverse proxy: the whole request path, top to bottom, in [`Proxy::handle`].
 //!
-//! 1. Strip hop-by-hop headers, add `X-Forwarded-*`.
+//! 1. Strip hop-by-hop headers (`X-Forwarded-*` is added only when a request is forwarded).
 //! 2. Admission: kill switch, route, method, credentials ([`policy::check_request`]).
 //! 3. For body-keyed routes, read the body (bounded) and canonicalize it (RFC 8785).
 //! 4. Build the cache key; apply `rollout_percent`.
@@ -40,12 +40,6 @@ use crate::policy::{self, Policy, Route};
 use crate::status::{BypassReason, CachePhase, NoStoreReason, Tier};
 use crate::store::TieredStore;
 
-/// What a coalesced leader hands its followers.
-#[derive(Clone)]
-struct Shared {
-    entry: Arc<CachedResponse>,
-}
-
 /// Size and wait limits applied on the request path.
 #[derive(Debug, Clone, Copy)]
 struct Limits {
@@ -59,7 +53,8 @@ pub struct Proxy {
     policy: Policy,
     keys: KeyBuilder,
     store: TieredStore,
-    coalescer: Coalescer<CacheKey, Shared>,
+    /// Followers get the leader's response, whether or not it was stored.
+    coalescer: Coalescer<CacheKey, Arc<CachedResponse>>,
     upstream: Upstream,
     metrics: Arc<Metrics>,
     switches: Arc<Switches>,
@@ -69,6 +64,7 @@ pub struct Proxy {
 /// What the cache path needs to know about a request once its key is built.
 struct Ctx {
     key: CacheKey,
+    client: SocketAddr,
     method: Method,
     /// The client's validators, taken out of the forwarded request.
     conditions: Conditions,
@@ -111,16 +107,17 @@ impl Proxy {
     pub async fn handle(&self, req: Request<Incoming>, client: SocketAddr) -> Response<ProxyBody> {
         let (mut parts, body) = req.into_parts();
         headers::remove_hop_by_hop(&mut parts.headers);
-        headers::add_forwarded(&mut parts.headers, client);
         let body = body::boxed(body);
 
         // Admission: may this request use the cache at all?
         if !self.switches.enabled() {
-            return self.bypass(parts, body, BypassReason::Disabled).await;
+            return self
+                .bypass(parts, body, client, BypassReason::Disabled)
+                .await;
         }
         let route = self.policy.route_for(&parts.method, parts.uri.path());
         if let Err(reason) = policy::check_request(route, &parts.method, &parts.headers) {
-            return self.bypass(parts, body, reason).await;
+            return self.bypass(parts, body, client, reason).await;
         }
 
         // The body, for routes that key on it.
@@ -131,13 +128,23 @@ impl Proxy {
                     Ok(canonical) => (body::full(bytes), Some(canonical)),
                     Err(_) => {
                         return self
-                            .bypass(parts, body::full(bytes), BypassReason::MalformedBody)
+                            .bypass(
+                                parts,
+                                body::full(bytes),
+                                client,
+                                BypassReason::MalformedBody,
+                            )
                             .await;
                     }
                 },
                 Ok(Limited::TooLarge(rest)) => {
                     return self
-                        .bypass(parts, body::boxed(rest), BypassReason::OversizedBody)
+                        .bypass(
+                            parts,
+                            body::boxed(rest),
+                            client,
+                            BypassReason::OversizedBody,
+                        )
                         .await;
                 }
                 Err(_) => return plain(StatusCode::BAD_REQUEST, "request body could not be read"),
@@ -147,7 +154,9 @@ impl Proxy {
         // The key, and whether it is in the rollout.
         let key = self.key_for(&parts, route, canonical_body.as_deref());
         if !self.switches.rolled_out(&key) {
-            return self.bypass(parts, body, BypassReason::Rollout).await;
+            return self
+                .bypass(parts, body, client, BypassReason::Rollout)
+                .await;
         }
 
         // From here on the cache answers: the client's own conditions are evaluated by
@@ -155,6 +164,7 @@ impl Proxy {
         // can be stored and shared.
         let ctx = Ctx {
             key,
+            client,
             method: parts.method.clone(),
             conditions: Conditions::take(&mut parts.headers),
         };
@@ -168,14 +178,10 @@ impl Proxy {
         match self.coalescer.join(&key) {
             Role::Leader(leader) => self.fetch(parts, body, route, &ctx, Some(leader)).await,
             Role::Follower(follower) => match follower.wait(self.limits.coalesce_wait).await {
-                WaitOutcome::Shared(shared) => {
+                WaitOutcome::Shared(entry) => {
                     self.metrics.coalesced_waits.inc("served");
-                    let outcome = Outcome {
-                        phase: CachePhase::Collapsed,
-                        ttl_secs: None,
-                        fwd_status: Some(shared.entry.status.as_u16()),
-                    };
-                    self.serve_entry(&shared.entry, &ctx, outcome)
+                    let outcome = miss(CachePhase::Collapsed, Some(entry.status.as_u16()));
+                    self.serve_entry(&entry, &ctx, outcome)
                 }
                 WaitOutcome::TimedOut => {
                     self.metrics.coalesced_waits.inc("timeout");
@@ -214,30 +220,28 @@ impl Proxy {
         body: ProxyBody,
         route: Option<&Route>,
         ctx: &Ctx,
-        leader: Option<Leader<CacheKey, Shared>>,
+        leader: Option<Leader<CacheKey, Arc<CachedResponse>>>,
     ) -> Response<ProxyBody> {
         let key = &ctx.key;
         // A flight that ended between our lookup and our join has just stored its entry.
         if let Some(entry) = self.store.lookup_memory(key).await {
             if let Some(leader) = leader {
-                leader.publish(Some(Shared {
-                    entry: entry.clone(),
-                }));
+                leader.publish(Some(entry.clone()));
             }
             return self.serve_entry(&entry, ctx, hit(&entry, Tier::Memory));
         }
-        let (resp, _) = match self.send(parts, body).await {
+        let (head, resp_body) = match self.send(parts, body, ctx.client).await {
             Ok(sent) => sent,
             Err(error_response) => {
                 let phase = CachePhase::Miss(Err(NoStoreReason::UpstreamError));
                 return self.finish(error_response, miss(phase, None), Some(key));
             }
         };
-        let (mut head, resp_body) = resp.into_parts();
-        headers::remove_hop_by_hop(&mut head.headers);
         let fwd_status = Some(head.status.as_u16());
         let decision = policy::storable_ttl(route, head.status, &head.headers);
-        if let Err(reason) = decision.filter_shareable() {
+        if let Err(reason) = decision
+            && !reason.shareable()
+        {
             // Private to this requester, or not worth holding: stream it, followers retry.
             let resp = Response::from_parts(head, body::boxed(resp_body));
             return self.finish(
@@ -273,9 +277,7 @@ impl Proxy {
             self.store.store(*key, entry.clone()).await;
         }
         if let Some(leader) = leader {
-            leader.publish(Some(Shared {
-                entry: entry.clone(),
-            }));
+            leader.publish(Some(entry.clone()));
         }
         let outcome = miss(CachePhase::Miss(decision.map(|_| ())), fwd_status);
         self.serve_entry(&entry, ctx, outcome)
@@ -286,41 +288,38 @@ impl Proxy {
         &self,
         parts: Parts,
         body: ProxyBody,
+        client: SocketAddr,
         reason: BypassReason,
     ) -> Response<ProxyBody> {
-        let outcome = miss(CachePhase::Bypass(reason), None);
-        match self.send(parts, body).await {
-            Ok((resp, status)) => {
-                let (mut head, resp_body) = resp.into_parts();
-                headers::remove_hop_by_hop(&mut head.headers);
-                let outcome = Outcome {
-                    fwd_status: Some(status),
-                    ..outcome
-                };
-                self.finish(
-                    Response::from_parts(head, body::boxed(resp_body)),
-                    outcome,
-                    None,
-                )
+        let phase = CachePhase::Bypass(reason);
+        match self.send(parts, body, client).await {
+            Ok((head, resp_body)) => {
+                let outcome = miss(phase, Some(head.status.as_u16()));
+                let resp = Response::from_parts(head, body::boxed(resp_body));
+                self.finish(resp, outcome, None)
             }
-            Err(error_response) => self.finish(error_response, outcome, None),
+            Err(error_response) => self.finish(error_response, miss(phase, None), None),
         }
     }
 
-    /// Sends to the upstream and records its latency. Errors are turned into the 502/504
-    /// response that the client gets.
+    /// Adds `X-Forwarded-*`, sends to the upstream and records its latency. Returns the
+    /// response head without hop-by-hop headers, and the streaming body. Errors are turned
+    /// into the 502/504 response that the client gets.
     async fn send(
         &self,
-        parts: Parts,
+        mut parts: Parts,
         body: ProxyBody,
-    ) -> Result<(Response<Incoming>, u16), Response<ProxyBody>> {
+        client: SocketAddr,
+    ) -> Result<(http::response::Parts, Incoming), Response<ProxyBody>> {
+        headers::add_forwarded(&mut parts.headers, client);
         match self.upstream.send(Request::from_parts(parts, body)).await {
             Ok((resp, elapsed)) => {
                 self.metrics
                     .upstream_duration
                     .observe(elapsed.as_secs_f64());
-                let status = resp.status().as_u16();
-                Ok((resp, status))
+                let (mut head, body) = resp.into_parts();
+                headers::remove_hop_by_hop(&mut head.headers);
+                Ok((head, body))
             }
             Err(UpstreamError::Unreachable(reason)) => {
                 self.metrics.upstream_errors.inc("unreachable");
@@ -401,20 +400,6 @@ impl Proxy {
             "request"
         );
         resp
-    }
-}
-
-/// Helper to keep only the no-store reasons whose response must not be shared.
-trait ShareableDecision {
-    fn filter_shareable(&self) -> Result<(), NoStoreReason>;
-}
-
-impl ShareableDecision for Result<u32, NoStoreReason> {
-    fn filter_shareable(&self) -> Result<(), NoStoreReason> {
-        match self {
-            Err(reason) if !reason.shareable() => Err(*reason),
-            _ => Ok(()),
-        }
     }
 }
 

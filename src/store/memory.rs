@@ -65,11 +65,6 @@ impl MemoryTier {
         self.cache.insert(key, entry).await;
     }
 
-    /// Removes the entry for `key`, if any.
-    pub async fn remove(&self, key: &CacheKey) {
-        self.cache.invalidate(key).await;
-    }
-
     /// `(entries, weighted bytes)` after pending maintenance has run.
     pub async fn usage(&self) -> (u64, u64) {
         self.cache.run_pending_tasks().await;

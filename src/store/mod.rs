@@ -38,11 +38,6 @@ impl TieredStore {
         self.redis.is_some()
     }
 
-    /// The memory tier.
-    pub fn memory(&self) -> &MemoryTier {
-        &self.memory
-    }
-
     /// Looks `key` up in the memory tier, then in Redis. A fresh Redis entry is copied into
     /// the memory tier. A corrupt or foreign Redis entry counts as a miss.
     pub async fn lookup(&self, key: &CacheKey) -> Option<(Arc<CachedResponse>, Tier)> {
