@@ -53,14 +53,18 @@ impl Breaker {
         }
     }
 
-    /// Reports a successful call: the breaker closes.
-    pub fn success(&self) {
-        *self.lock() = State::Closed { failures: 0 };
+    /// Reports a successful call: the breaker closes. Returns whether it was not closed
+    /// before (Redis has come back).
+    pub fn success(&self) -> bool {
+        let previous = std::mem::replace(&mut *self.lock(), State::Closed { failures: 0 });
+        !matches!(previous, State::Closed { .. })
     }
 
-    /// Reports a failed call (error or timeout).
-    pub fn failure(&self) {
+    /// Reports a failed call (error or timeout). Returns whether this failure opened the
+    /// breaker.
+    pub fn failure(&self) -> bool {
         let mut state = self.lock();
+        let was_closed = matches!(*state, State::Closed { .. });
         *state = match *state {
             State::Closed { failures } if failures + 1 < self.threshold => State::Closed {
                 failures: failures + 1,
@@ -69,6 +73,7 @@ impl Breaker {
                 until: Instant::now() + self.cooldown,
             },
         };
+        was_closed && matches!(*state, State::Open { .. })
     }
 
     /// The current state, for metrics.
@@ -89,14 +94,15 @@ mod tests {
     fn opens_then_probes() {
         let b = Breaker::new(2, Duration::from_millis(0));
         assert!(b.allow());
-        b.failure();
+        assert!(!b.failure());
         assert_eq!(b.state(), BreakerState::Closed);
-        b.failure();
+        assert!(b.failure(), "the second failure opens it");
         assert_eq!(b.state(), BreakerState::Open);
         assert!(b.allow()); // cool-down of zero: this caller is the probe
         assert_eq!(b.state(), BreakerState::HalfOpen);
-        b.success();
+        assert!(b.success(), "the probe's success closes it");
         assert_eq!(b.state(), BreakerState::Closed);
+        assert!(!b.success());
     }
 
     #[test]

@@ -15,7 +15,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use super::breaker::Breaker;
 use crate::config::RedisConfig;
 use crate::key::CacheKey;
-use crate::metrics::{BreakerState, Metrics};
+use crate::metrics::Metrics;
 
 /// Why a Redis tier could not be created.
 #[derive(Debug)]
@@ -98,42 +98,29 @@ impl RedisTier {
         F: Future<Output = redis::RedisResult<T>>,
     {
         if !self.breaker.allow() {
-            self.publish_state();
             return None;
         }
-        let result = tokio::time::timeout(self.op_timeout, f).await;
-        match result {
+        let result = match tokio::time::timeout(self.op_timeout, f).await {
             Ok(Ok(v)) => {
-                let recovered = self.breaker.state() != BreakerState::Closed;
-                self.breaker.success();
-                if recovered {
+                if self.breaker.success() {
                     tracing::info!("redis tier available again: circuit breaker closed");
                 }
-                self.publish_state();
                 Some(v)
             }
-            Ok(Err(e)) => {
-                tracing::debug!(op, error = %e, "redis operation failed");
-                self.fail(op);
+            failed => {
+                match failed {
+                    Ok(Err(e)) => tracing::debug!(op, error = %e, "redis operation failed"),
+                    _ => tracing::debug!(op, "redis operation timed out"),
+                }
+                self.metrics.redis_errors.inc(op);
+                if self.breaker.failure() {
+                    tracing::warn!("redis tier unavailable: circuit breaker open");
+                }
                 None
             }
-            Err(_) => {
-                tracing::debug!(op, "redis operation timed out");
-                self.fail(op);
-                None
-            }
-        }
-    }
-
-    fn fail(&self, op: &'static str) {
-        self.metrics.redis_errors.inc(op);
-        let before = self.breaker.state();
-        self.breaker.failure();
-        let after = self.breaker.state();
-        if before != after {
-            tracing::warn!("redis tier unavailable: circuit breaker open");
-        }
+        };
         self.publish_state();
+        result
     }
 
     fn publish_state(&self) {
