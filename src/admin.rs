@@ -2,10 +2,10 @@
 
 use std::sync::Arc;
 
-use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http::{Method, Request, Response, StatusCode};
 
-use crate::proxy::body::{self, ProxyBody};
-use crate::proxy::{Switches, plain};
+use crate::proxy::body::ProxyBody;
+use crate::proxy::{Switches, generated, plain};
 use crate::store::TieredStore;
 
 use crate::metrics::Metrics;
@@ -32,7 +32,8 @@ impl Admin {
             "/metrics" => {
                 self.store.refresh_gauges().await;
                 let text = self.metrics.encode();
-                with_type(
+                generated(
+                    StatusCode::OK,
                     text,
                     "application/openmetrics-text; version=1.0.0; charset=utf-8",
                 )
@@ -44,7 +45,7 @@ impl Admin {
                 stats["rollout_percent"] = self.switches.rollout_percent().into();
                 stats["redis"]["configured"] = self.store.has_redis().into();
                 let json = serde_json::to_string_pretty(&stats).unwrap_or_default();
-                with_type(json, "application/json")
+                generated(StatusCode::OK, json, "application/json")
             }
             _ => plain(
                 StatusCode::NOT_FOUND,
@@ -52,11 +53,4 @@ impl Admin {
             ),
         }
     }
-}
-
-fn with_type(text: String, content_type: &'static str) -> Response<ProxyBody> {
-    let mut resp = Response::new(body::full(text));
-    resp.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-    resp
 }
