@@ -232,10 +232,11 @@ impl Metrics {
                 entry["by_reason"][phase.reason_label()] = json!(n);
             }
         }
+        let tiers = Tier::ALL.map(Tier::as_str);
         json!({
             "requests": {"total": total, "by_status": by_status},
-            "hits_by_tier": self.hits.by_value(&["memory", "redis"]),
-            "stores_by_tier": self.stores.by_value(&["memory", "redis"]),
+            "hits_by_tier": self.hits.by_value(&tiers),
+            "stores_by_tier": self.stores.by_value(&tiers),
             "coalesced_waits": self.coalesced_waits.by_value(&["served", "timeout", "retried"]),
             "upstream_errors": self.upstream_errors.by_value(&["unreachable", "timeout", "body"]),
             "redis": {
