@@ -1,10 +1,15 @@
 //! Request coalescing: concurrent misses for one key send one request to the upstream.
 //!
 //! The first request for a key becomes the leader; later ones become followers and wait
-//! (up to a limit) for what the leader publishes. If the leader publishes nothing — its
-//! response was private, it failed, or its task was dropped — followers are told to go to
-//! the upstream themselves. Generic over the shared value so that the library API can use
-//! the same engine.
+//! (up to a limit) for how the leader's flight ends:
+//! - [`Leader::share`]: every follower gets the value;
+//! - [`Leader::release`]: the answer was private to the leader's requester, so each
+//!   follower goes to the upstream itself;
+//! - [`Leader::fail`], or the leader dropped without a word (its client went away): the
+//!   followers join again, so one of them becomes the new leader — one more upstream
+//!   request, not one per follower.
+//!
+//! Generic over the shared value so that the library API can use the same engine.
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -13,7 +18,16 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-type Slot<V> = watch::Receiver<Option<V>>;
+/// How a flight stands, as seen by its followers.
+#[derive(Clone)]
+enum Flight<V> {
+    Pending,
+    Shared(V),
+    Released,
+    Failed,
+}
+
+type Slot<V> = watch::Receiver<Flight<V>>;
 
 /// The table of keys with a request in flight.
 pub struct Coalescer<K, V> {
@@ -30,17 +44,17 @@ impl<K, V> Default for Coalescer<K, V> {
 
 /// What a request is for its key.
 pub enum Role<K: Hash + Eq + Clone, V: Clone> {
-    /// The one request that goes to the upstream; it must call [`Leader::publish`] or be
-    /// dropped.
+    /// The one request that goes to the upstream; it ends the flight with
+    /// [`Leader::share`], [`Leader::release`] or [`Leader::fail`] (dropping it fails).
     Leader(Leader<K, V>),
     /// A request that waits for the leader.
     Follower(Follower<V>),
 }
 
-/// Held by the leader. Dropping it without publishing releases the followers.
+/// Held by the leader. Dropping it without ending the flight counts as [`Leader::fail`].
 pub struct Leader<K: Hash + Eq + Clone, V> {
     key: K,
-    tx: watch::Sender<Option<V>>,
+    tx: watch::Sender<Flight<V>>,
     inflight: Arc<Mutex<HashMap<K, Slot<V>>>>,
 }
 
@@ -53,8 +67,10 @@ pub struct Follower<V> {
 pub enum WaitOutcome<V> {
     /// The leader shared its result.
     Shared(V),
-    /// The leader finished without sharing (or went away).
-    Abandoned,
+    /// The leader's answer may not be shared: go to the upstream yourself.
+    Released,
+    /// The leader failed or went away: join again (one follower becomes the new leader).
+    Failed,
     /// The wait limit passed first.
     TimedOut,
 }
@@ -70,7 +86,7 @@ impl<K: Hash + Eq + Clone, V: Clone> Coalescer<K, V> {
         if let Some(rx) = map.get(key) {
             return Role::Follower(Follower { rx: rx.clone() });
         }
-        let (tx, rx) = watch::channel(None);
+        let (tx, rx) = watch::channel(Flight::Pending);
         map.insert(key.clone(), rx);
         Role::Leader(Leader {
             key: key.clone(),
@@ -86,20 +102,29 @@ impl<K: Hash + Eq + Clone, V: Clone> Coalescer<K, V> {
 }
 
 impl<K: Hash + Eq + Clone, V> Leader<K, V> {
-    /// Ends the flight and hands `value` to every follower (`None`: they go themselves).
-    /// Store the result in the cache before calling this, so that requests arriving after
-    /// the flight ends find it there.
-    pub fn publish(self, value: Option<V>) {
-        lock(&self.inflight).remove(&self.key);
-        if let Some(v) = value {
-            let _ = self.tx.send(Some(v));
-        }
-        // Dropping `self` now closes the channel for followers that got nothing.
+    /// Ends the flight and hands `value` to every follower. Store the result in the cache
+    /// before calling this, so that requests arriving after the flight ends find it there.
+    pub fn share(self, value: V) {
+        self.end(Flight::Shared(value));
     }
-}
 
-impl<K: Hash + Eq + Clone, V> Drop for Leader<K, V> {
-    fn drop(&mut self) {
+    /// Ends the flight with an answer the followers may not have (private to the
+    /// leader's requester, or streamed because it is too large to hold): each goes itself.
+    pub fn release(self) {
+        self.end(Flight::Released);
+    }
+
+    /// Ends the flight without an answer: the followers join again.
+    pub fn fail(self) {
+        self.end(Flight::Failed);
+    }
+
+    fn end(&self, flight: Flight<V>) {
+        self.remove_entry();
+        self.tx.send_replace(flight);
+    }
+
+    fn remove_entry(&self) {
         let mut map = lock(&self.inflight);
         if map
             .get(&self.key)
@@ -110,15 +135,26 @@ impl<K: Hash + Eq + Clone, V> Drop for Leader<K, V> {
     }
 }
 
+impl<K: Hash + Eq + Clone, V> Drop for Leader<K, V> {
+    fn drop(&mut self) {
+        self.remove_entry();
+        if matches!(*self.tx.borrow(), Flight::Pending) {
+            self.tx.send_replace(Flight::Failed);
+        }
+    }
+}
+
 impl<V: Clone> Follower<V> {
     /// Waits up to `limit` for the leader's value.
     pub async fn wait(mut self, limit: Duration) -> WaitOutcome<V> {
-        match tokio::time::timeout(limit, self.rx.wait_for(Option::is_some)).await {
-            Ok(Ok(v)) => match v.clone() {
-                Some(v) => WaitOutcome::Shared(v),
-                None => WaitOutcome::Abandoned,
+        let ended = self.rx.wait_for(|f| !matches!(f, Flight::Pending));
+        match tokio::time::timeout(limit, ended).await {
+            Ok(Ok(flight)) => match flight.clone() {
+                Flight::Shared(v) => WaitOutcome::Shared(v),
+                Flight::Released => WaitOutcome::Released,
+                Flight::Pending | Flight::Failed => WaitOutcome::Failed,
             },
-            Ok(Err(_closed)) => WaitOutcome::Abandoned,
+            Ok(Err(_closed)) => WaitOutcome::Failed,
             Err(_elapsed) => WaitOutcome::TimedOut,
         }
     }
@@ -138,13 +174,13 @@ mod tests {
             panic!("second follows")
         };
         let waiter = tokio::spawn(f.wait(Duration::from_secs(5)));
-        leader.publish(Some(7));
+        leader.share(7);
         assert!(matches!(waiter.await.unwrap(), WaitOutcome::Shared(7)));
         assert_eq!(c.in_flight(), 0);
     }
 
     #[tokio::test]
-    async fn dropped_leader_releases_followers() {
+    async fn dropped_or_failed_leader_sends_followers_back_to_join() {
         let c: Coalescer<u32, u32> = Coalescer::default();
         let leader = c.join(&1);
         let Role::Follower(f) = c.join(&1) else {
@@ -153,9 +189,36 @@ mod tests {
         drop(leader);
         assert!(matches!(
             f.wait(Duration::from_secs(5)).await,
-            WaitOutcome::Abandoned
+            WaitOutcome::Failed
         ));
-        assert!(matches!(c.join(&1), Role::Leader(_)));
+        let Role::Leader(leader) = c.join(&1) else {
+            panic!("the first to join again leads")
+        };
+        let Role::Follower(f) = c.join(&1) else {
+            panic!()
+        };
+        leader.fail();
+        assert!(matches!(
+            f.wait(Duration::from_secs(5)).await,
+            WaitOutcome::Failed
+        ));
+    }
+
+    #[tokio::test]
+    async fn private_answers_send_followers_on_their_own() {
+        let c: Coalescer<u32, u32> = Coalescer::default();
+        let Role::Leader(leader) = c.join(&1) else {
+            panic!()
+        };
+        let Role::Follower(f) = c.join(&1) else {
+            panic!()
+        };
+        leader.release();
+        assert!(matches!(
+            f.wait(Duration::from_secs(5)).await,
+            WaitOutcome::Released
+        ));
+        assert_eq!(c.in_flight(), 0);
     }
 
     #[tokio::test]

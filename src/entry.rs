@@ -1,29 +1,77 @@
-//! The stored entry and its versioned binary envelope.
+//! The stored entry and its versioned, authenticated binary envelope.
 //!
-//! Layout of envelope version 1 (integers big-endian):
+//! Layout of envelope version 2 (integers big-endian):
 //!
 //! ```text
-//! version u8 = 1 | magic "CG" | key [32] | stored_at_ms u64 | ttl_secs u32 | status u16
-//! | n_headers u16 | { name_len u16 | name | value_len u32 | value }*
-//! | n_tags u16 | { tag_len u16 | tag }* | body_len u32 | body | checksum [16]
+//! version u8 = 2 | mode u8 | nonce [24] (sealed only) | payload | tag
+//! payload = stored_at_ms u64 | ttl_secs u32 | status u16
+//!         | n_headers u16 | { name_len u16 | name | value_len u32 | value }*
+//!         | n_tags u16 | { tag_len u16 | tag }* | body_len u32 | body
 //! ```
 //!
-//! The version byte comes first, so that a reader can tell an unknown format before
-//! anything else. The checksum is BLAKE3 over everything before it. An entry with another
-//! version or magic, a wrong key, a bad length or a bad checksum decodes to `None`: a miss, never a
-//! wrong answer. Later versions (validators for revalidation, stale windows) add a new
-//! version number rather than changing this one.
+//! Mode 1, *sealed* (the default): the payload is encrypted with XChaCha20-Poly1305
+//! (RFC 8439 with a 24-byte random nonce) under a key derived from `key_secret`; the
+//! associated data is the version, the mode and the cache key, and the tag is Poly1305's
+//! 16 bytes. Mode 0, *signed*: the payload is readable and the tag is a 32-byte keyed BLAKE3
+//! MAC over version, mode, cache key and payload.
+//!
+//! Either way, an entry not written by a holder of `key_secret` for this very cache key —
+//! forged, copied from another key, altered, truncated, of another version — fails
+//! authentication and decodes to `None`: a miss, never a wrong answer. The version byte
+//! comes first so that a reader can tell an unknown format before anything else.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
+use chacha20poly1305::aead::{Aead, AeadCore, KeyInit, OsRng, Payload};
+use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 
 use crate::key::CacheKey;
 
-const MAGIC: &[u8; 2] = b"CG";
-const VERSION: u8 = 1;
-const CHECKSUM_LEN: usize = 16;
+const VERSION: u8 = 2;
+const MODE_SIGNED: u8 = 0;
+const MODE_SEALED: u8 = 1;
+const NONCE_LEN: usize = 24;
+const MAC_LEN: usize = 32;
+
+/// The keys that authenticate (and by default encrypt) envelopes, derived from the
+/// deployment's `key_secret` so that every replica holding it can read what the others
+/// wrote, and nobody else can write what they will read.
+#[derive(Clone)]
+pub struct EnvelopeKeys {
+    cipher: XChaCha20Poly1305,
+    mac_key: [u8; 32],
+    seal: bool,
+}
+
+impl EnvelopeKeys {
+    /// Keys derived from `secret` (any length) with BLAKE3's key derivation; `seal` chooses
+    /// mode 1 (encrypted) over mode 0 (signed) for new envelopes. Both modes are read.
+    pub fn new(secret: &[u8], seal: bool) -> Self {
+        let aead_key = blake3::derive_key("cachegate 2026-11 envelope seal v2", secret);
+        EnvelopeKeys {
+            cipher: XChaCha20Poly1305::new(&aead_key.into()),
+            mac_key: blake3::derive_key("cachegate 2026-11 envelope mac v2", secret),
+            seal,
+        }
+    }
+
+    fn mac(&self, key: &CacheKey, mode_header: &[u8], payload: &[u8]) -> [u8; MAC_LEN] {
+        let mut h = blake3::Hasher::new_keyed(&self.mac_key);
+        h.update(mode_header);
+        h.update(&key.0);
+        h.update(payload);
+        *h.finalize().as_bytes()
+    }
+}
+
+fn associated_data(mode_header: &[u8], key: &CacheKey) -> [u8; 34] {
+    let mut aad = [0u8; 34];
+    aad[..2].copy_from_slice(mode_header);
+    aad[2..].copy_from_slice(&key.0);
+    aad
+}
 
 /// A stored response: what is needed to answer a request without the upstream.
 #[derive(Debug, Clone)]
@@ -49,7 +97,47 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// Bytes the memory tier spends on one entry besides its headers, body and tags: the
+/// moka node with its key and timer, the `Arc`, the entry struct and the header map's own
+/// tables. Measured with `bench/memory.sh`.
+pub const ENTRY_OVERHEAD_BYTES: usize = 360;
+
+/// Bytes one header costs in a header map besides its name and value.
+const HEADER_OVERHEAD_BYTES: usize = 48;
+
 impl CachedResponse {
+    /// An entry that owns compact copies of `headers` and `body`: nothing in it keeps a
+    /// connection's read buffer or spare capacity alive.
+    pub fn compact(
+        status: StatusCode,
+        headers: &HeaderMap,
+        body: Bytes,
+        stored_at_ms: u64,
+        ttl_secs: u32,
+        tags: Vec<String>,
+    ) -> Self {
+        let mut owned = HeaderMap::with_capacity(headers.len());
+        for (name, value) in headers {
+            let name =
+                HeaderName::from_bytes(name.as_str().as_bytes()).unwrap_or_else(|_| name.clone());
+            let value = HeaderValue::from_bytes(value.as_bytes()).unwrap_or_else(|_| value.clone());
+            owned.append(name, value);
+        }
+        let body = if body.is_empty() {
+            Bytes::new()
+        } else {
+            Bytes::copy_from_slice(&body)
+        };
+        CachedResponse {
+            status,
+            headers: owned,
+            body,
+            stored_at_ms,
+            ttl_secs,
+            tags,
+        }
+    }
+
     /// How long ago the response was stored, in whole seconds (the `Age` header, RFC 9111 §5.1).
     pub fn age_secs(&self, now_ms: u64) -> u64 {
         now_ms.saturating_sub(self.stored_at_ms) / 1000
@@ -66,24 +154,20 @@ impl CachedResponse {
         !self.remaining_ttl(now_ms).is_zero()
     }
 
-    /// Approximate memory footprint in bytes: body, header names and values, tags and a
-    /// fixed overhead. Used as the memory tier's weight.
+    /// The memory this entry costs in the memory tier, in bytes: body, header names and
+    /// values, tags, and the fixed per-entry overhead ([`ENTRY_OVERHEAD_BYTES`]). Used as
+    /// the memory tier's weight, so that `memory_max_bytes` bounds real memory.
     pub fn size_bytes(&self) -> usize {
         let headers: usize = self
             .headers
             .iter()
-            .map(|(n, v)| n.as_str().len() + v.len() + 16)
+            .map(|(n, v)| n.as_str().len() + v.len() + HEADER_OVERHEAD_BYTES)
             .sum();
         let tags: usize = self.tags.iter().map(|t| t.len() + 24).sum();
-        self.body.len() + headers + tags + 128
+        self.body.len() + headers + tags + ENTRY_OVERHEAD_BYTES
     }
 
-    /// Encodes the entry for `key` into an envelope (see the module docs).
-    pub fn encode(&self, key: &CacheKey) -> Bytes {
-        let mut b = BytesMut::with_capacity(self.size_bytes() + 64);
-        b.put_u8(VERSION);
-        b.put_slice(MAGIC);
-        b.put_slice(&key.0);
+    fn encode_payload(&self, b: &mut BytesMut) {
         b.put_u64(self.stored_at_ms);
         b.put_u32(self.ttl_secs);
         b.put_u16(self.status.as_u16());
@@ -104,49 +188,102 @@ impl CachedResponse {
         }
         b.put_u32(self.body.len() as u32);
         b.put_slice(&self.body);
-        let sum = blake3::hash(&b);
-        b.put_slice(&sum.as_bytes()[..CHECKSUM_LEN]);
-        b.freeze()
+    }
+
+    /// Encodes the entry for `key` into an authenticated envelope (see the module docs),
+    /// sealed or signed as `keys` say.
+    pub fn encode(&self, key: &CacheKey, keys: &EnvelopeKeys) -> Bytes {
+        let mut payload = BytesMut::with_capacity(self.size_bytes() + 64);
+        self.encode_payload(&mut payload);
+        let mode = if keys.seal { MODE_SEALED } else { MODE_SIGNED };
+        let header = [VERSION, mode];
+        let mut out = BytesMut::with_capacity(payload.len() + 2 + NONCE_LEN + MAC_LEN);
+        out.put_slice(&header);
+        if keys.seal {
+            let nonce = XChaCha20Poly1305::generate_nonce(&mut OsRng);
+            let aad = associated_data(&header, key);
+            let sealed = keys
+                .cipher
+                .encrypt(
+                    &nonce,
+                    Payload {
+                        msg: &payload,
+                        aad: &aad,
+                    },
+                )
+                .expect("XChaCha20-Poly1305 encryption of an in-memory buffer cannot fail");
+            out.put_slice(&nonce);
+            out.put_slice(&sealed);
+        } else {
+            let mac = keys.mac(key, &header, &payload);
+            out.put_slice(&payload);
+            out.put_slice(&mac);
+        }
+        out.freeze()
     }
 
     /// Decodes an envelope stored under `key`. Returns `None` for anything that is not a
-    /// well-formed version-1 envelope for that same key (another version, a foreign key, a
-    /// truncated or altered entry).
-    pub fn decode(key: &CacheKey, data: &[u8]) -> Option<CachedResponse> {
-        if data.len() < CHECKSUM_LEN {
+    /// well-formed version-2 envelope written with these keys for that same key (another
+    /// version, a foreign or copied entry, a forged, truncated or altered one).
+    pub fn decode(key: &CacheKey, data: &[u8], keys: &EnvelopeKeys) -> Option<CachedResponse> {
+        let (header, rest) = (data.get(..2)?, data.get(2..)?);
+        if header[0] != VERSION {
             return None;
         }
-        let (payload, sum) = data.split_at(data.len() - CHECKSUM_LEN);
-        if &blake3::hash(payload).as_bytes()[..CHECKSUM_LEN] != sum {
-            return None;
+        match header[1] {
+            MODE_SEALED => {
+                let (nonce, sealed) = (rest.get(..NONCE_LEN)?, rest.get(NONCE_LEN..)?);
+                let aad = associated_data(header, key);
+                let payload = keys
+                    .cipher
+                    .decrypt(
+                        XNonce::from_slice(nonce),
+                        Payload {
+                            msg: sealed,
+                            aad: &aad,
+                        },
+                    )
+                    .ok()?;
+                Self::decode_payload(&payload)
+            }
+            MODE_SIGNED => {
+                let split = rest.len().checked_sub(MAC_LEN)?;
+                let (payload, mac) = rest.split_at(split);
+                let expected = blake3::Hash::from_bytes(keys.mac(key, header, payload));
+                let mac: [u8; MAC_LEN] = mac.try_into().ok()?;
+                // Constant-time comparison: blake3::Hash's PartialEq is.
+                if expected != blake3::Hash::from_bytes(mac) {
+                    return None;
+                }
+                Self::decode_payload(payload)
+            }
+            _ => None,
         }
-        let mut r = payload;
-        if get_u8(&mut r)? != VERSION || take(&mut r, 2)? != MAGIC {
-            return None;
-        }
-        if take(&mut r, 32)? != key.0 {
-            return None;
-        }
-        let stored_at_ms = get_u64(&mut r)?;
-        let ttl_secs = get_u32(&mut r)?;
-        let status = StatusCode::from_u16(get_u16(&mut r)?).ok()?;
-        let n_headers = get_u16(&mut r)?;
-        let mut headers = HeaderMap::with_capacity(n_headers as usize);
+    }
+
+    fn decode_payload(mut r: &[u8]) -> Option<CachedResponse> {
+        let r = &mut r;
+        let stored_at_ms = get_u64(r)?;
+        let ttl_secs = get_u32(r)?;
+        let status = StatusCode::from_u16(get_u16(r)?).ok()?;
+        let n_headers = get_u16(r)?;
+        // Capacities are capped: the counts are input, and HeaderMap panics past its size.
+        let mut headers = HeaderMap::with_capacity(usize::from(n_headers).min(64));
         for _ in 0..n_headers {
-            let len = get_u16(&mut r)? as usize;
-            let name = HeaderName::from_bytes(take(&mut r, len)?).ok()?;
-            let len = get_u32(&mut r)? as usize;
-            let value = HeaderValue::from_bytes(take(&mut r, len)?).ok()?;
-            headers.append(name, value);
+            let len = get_u16(r)? as usize;
+            let name = HeaderName::from_bytes(take(r, len)?).ok()?;
+            let len = get_u32(r)? as usize;
+            let value = HeaderValue::from_bytes(take(r, len)?).ok()?;
+            headers.try_append(name, value).ok()?;
         }
-        let n_tags = get_u16(&mut r)?;
-        let mut tags = Vec::with_capacity(n_tags as usize);
+        let n_tags = get_u16(r)?;
+        let mut tags = Vec::with_capacity(usize::from(n_tags).min(64));
         for _ in 0..n_tags {
-            let len = get_u16(&mut r)? as usize;
-            tags.push(String::from_utf8(take(&mut r, len)?.to_vec()).ok()?);
+            let len = get_u16(r)? as usize;
+            tags.push(String::from_utf8(take(r, len)?.to_vec()).ok()?);
         }
-        let len = get_u32(&mut r)? as usize;
-        let body = Bytes::copy_from_slice(take(&mut r, len)?);
+        let len = get_u32(r)? as usize;
+        let body = Bytes::copy_from_slice(take(r, len)?);
         if !r.is_empty() {
             return None;
         }
@@ -170,9 +307,6 @@ fn take<'a>(r: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
     Some(head)
 }
 
-fn get_u8(r: &mut &[u8]) -> Option<u8> {
-    (r.remaining() >= 1).then(|| r.get_u8())
-}
 fn get_u16(r: &mut &[u8]) -> Option<u16> {
     (r.remaining() >= 2).then(|| r.get_u16())
 }
@@ -202,42 +336,86 @@ mod tests {
         }
     }
 
+    fn keys(seal: bool) -> EnvelopeKeys {
+        EnvelopeKeys::new(b"secret", seal)
+    }
+
     #[test]
-    fn round_trip() {
+    fn round_trip_in_both_modes() {
         let key = CacheKey([7; 32]);
         let e = sample();
-        let d = CachedResponse::decode(&key, &e.encode(&key)).unwrap();
-        assert_eq!(d.status, e.status);
-        assert_eq!(d.headers, e.headers);
-        assert_eq!(d.body, e.body);
-        assert_eq!(d.tags, e.tags);
-        assert_eq!((d.stored_at_ms, d.ttl_secs), (e.stored_at_ms, e.ttl_secs));
+        for seal in [true, false] {
+            let bytes = e.encode(&key, &keys(seal));
+            // Either mode is read, whichever the writer chose.
+            let d = CachedResponse::decode(&key, &bytes, &keys(!seal)).unwrap();
+            assert_eq!(d.status, e.status);
+            assert_eq!(d.headers, e.headers);
+            assert_eq!(d.body, e.body);
+            assert_eq!(d.tags, e.tags);
+            assert_eq!((d.stored_at_ms, d.ttl_secs), (e.stored_at_ms, e.ttl_secs));
+        }
     }
 
     #[test]
-    fn corrupt_or_foreign_is_none() {
-        let key = CacheKey([7; 32]);
-        let bytes = sample().encode(&key);
-        assert!(CachedResponse::decode(&CacheKey([8; 32]), &bytes).is_none());
-        for i in 0..bytes.len() {
-            let mut bad = bytes.to_vec();
-            bad[i] ^= 0x41;
-            assert!(CachedResponse::decode(&key, &bad).is_none(), "flip at {i}");
-        }
-        for n in 0..bytes.len() {
-            assert!(CachedResponse::decode(&key, &bytes[..n]).is_none());
-        }
-        assert!(CachedResponse::decode(&key, b"garbage").is_none());
+    fn sealed_envelopes_do_not_show_the_body() {
+        let bytes = sample().encode(&CacheKey([7; 32]), &keys(true));
+        assert!(!bytes.windows(4).any(|w| w == b"true"));
+        let signed = sample().encode(&CacheKey([7; 32]), &keys(false));
+        assert!(signed.windows(4).any(|w| w == b"true"));
     }
 
     #[test]
-    fn unknown_version_is_none_even_with_a_good_checksum() {
+    fn forged_copied_altered_or_truncated_is_none() {
         let key = CacheKey([7; 32]);
-        let bytes = sample().encode(&key);
-        let mut future = bytes[..bytes.len() - CHECKSUM_LEN].to_vec();
-        future[0] = VERSION + 1;
-        let sum = blake3::hash(&future);
-        future.extend_from_slice(&sum.as_bytes()[..CHECKSUM_LEN]);
-        assert!(CachedResponse::decode(&key, &future).is_none());
+        for seal in [true, false] {
+            let k = keys(seal);
+            let bytes = sample().encode(&key, &k);
+            assert!(
+                CachedResponse::decode(&CacheKey([8; 32]), &bytes, &k).is_none(),
+                "copied"
+            );
+            let other_secret = EnvelopeKeys::new(b"other", seal);
+            assert!(
+                CachedResponse::decode(&key, &bytes, &other_secret).is_none(),
+                "forged"
+            );
+            for i in 0..bytes.len() {
+                let mut bad = bytes.to_vec();
+                bad[i] ^= 0x41;
+                assert!(
+                    CachedResponse::decode(&key, &bad, &k).is_none(),
+                    "flip at {i}"
+                );
+            }
+            for n in 0..bytes.len() {
+                assert!(CachedResponse::decode(&key, &bytes[..n], &k).is_none());
+            }
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_bytes_decode_to_a_miss_never_a_panic(data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512), mode in 0u8..3) {
+            let mut data = data;
+            if data.len() >= 2 {
+                data[0] = VERSION;
+                data[1] = mode;
+            }
+            for seal in [true, false] {
+                proptest::prop_assert!(CachedResponse::decode(&CacheKey([1; 32]), &data, &keys(seal)).is_none());
+            }
+        }
+
+        #[test]
+        fn any_payload_after_a_valid_mac_never_panics(payload in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256)) {
+            // Authenticated but malformed payloads (a writer with the secret and a bug).
+            let k = keys(false);
+            let key = CacheKey([1; 32]);
+            let header = [VERSION, MODE_SIGNED];
+            let mut data = header.to_vec();
+            data.extend_from_slice(&payload);
+            data.extend_from_slice(&k.mac(&key, &header, &payload));
+            let _ = CachedResponse::decode(&key, &data, &k);
+        }
     }
 }

@@ -6,7 +6,8 @@
 //! - [`server`]: listeners and accept loops.
 //! - [`proxy`]: the request path, top to bottom ([`proxy::Proxy::handle`]).
 //! - [`policy`]: routes, admission, storability (RFC 9111).
-//! - [`key`]: cache keys (keyed BLAKE3, RFC 8785 JSON bodies).
+//! - [`uri`]: one normalized path and parsed query per request.
+//! - [`key`]: cache keys (keyed BLAKE3, RFC 8785 JSON bodies over I-JSON).
 //! - [`store`]: the memory and Redis tiers; [`entry`]: the stored envelope.
 //! - [`coalesce`]: one upstream request per key.
 //! - [`conditional`]: client `If-None-Match` / `If-Modified-Since`, answered by the cache.
@@ -28,6 +29,7 @@ pub mod proxy;
 pub mod server;
 pub mod status;
 pub mod store;
+pub mod uri;
 
 #[cfg(test)]
 mod test_support {

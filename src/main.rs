@@ -74,6 +74,7 @@ fn main() -> ExitCode {
             log_format,
         } => {
             init_logging(log_format);
+            cachegate::server::install_panic_hook();
             let overrides = Overrides {
                 listen,
                 admin_listen,

@@ -11,7 +11,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use serde_json::{Map, Value, json};
 
-use crate::status::{BypassReason, CachePhase, NoStoreReason, Tier};
+use crate::status::CachePhase;
 
 /// Labels of `cachegate_requests_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -25,18 +25,25 @@ pub struct RequestLabels {
 /// One `key="value"` label pair.
 type Label = [(&'static str, &'static str); 1];
 
-/// A counter family with a single label, such as `tier` or `outcome`.
+/// A counter family with a single label, such as `tier` or `outcome`, whose every value is
+/// exported from start-up (at zero until counted).
 #[derive(Clone, Debug)]
 pub struct LabeledCounter {
     key: &'static str,
+    values: &'static [&'static str],
     family: Family<Label, Counter>,
 }
 
 impl LabeledCounter {
-    fn new(key: &'static str) -> Self {
+    fn new(key: &'static str, values: &'static [&'static str]) -> Self {
+        let family = Family::<Label, Counter>::default();
+        for v in values {
+            let _ = family.get_or_create(&[(key, *v)]);
+        }
         LabeledCounter {
             key,
-            family: Family::default(),
+            values,
+            family,
         }
     }
 
@@ -50,9 +57,9 @@ impl LabeledCounter {
         self.family.get(&[(self.key, value)]).map_or(0, |c| c.get())
     }
 
-    fn by_value(&self, values: &[&'static str]) -> Value {
+    fn by_value(&self) -> Value {
         Value::Object(
-            values
+            self.values
                 .iter()
                 .map(|v| (v.to_string(), json!(self.get(v))))
                 .collect(),
@@ -89,8 +96,13 @@ pub struct Metrics {
     pub upstream_errors: LabeledCounter,
     /// Redis failures and timeouts by `op`: `get`, `set`.
     pub redis_errors: LabeledCounter,
-    /// Redis entries that failed to decode (corrupt, foreign or unknown version).
-    pub redis_corrupt_entries: Counter,
+    /// Redis entries rejected as misses: failed authentication (forged, copied from another
+    /// key, tampered) or decoding (corrupt, unknown version).
+    pub redis_rejected_entries: Counter,
+    /// Requests refused as client faults, by `kind`: `host`, `body`, `body-timeout`.
+    pub client_errors: LabeledCounter,
+    /// Request handlers that panicked (answered with 500; no request data is logged).
+    pub panics: Counter,
     /// Circuit-breaker state, see [`BreakerState`].
     pub redis_breaker_state: Gauge,
     /// Entries in the memory tier (approximate, refreshed on scrape).
@@ -110,13 +122,24 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("cachegate");
         let requests = Family::<RequestLabels, Counter>::default();
-        let hits = LabeledCounter::new("tier");
-        let stores = LabeledCounter::new("tier");
-        let coalesced_waits = LabeledCounter::new("outcome");
+        for phase in CachePhase::all() {
+            let _ = requests.get_or_create(&RequestLabels {
+                status: phase.status_label(),
+                reason: phase.reason_label(),
+            });
+        }
+        const TIERS: &[&str] = &["memory", "redis"];
+        let hits = LabeledCounter::new("tier", TIERS);
+        let stores = LabeledCounter::new("tier", TIERS);
+        let coalesced_waits =
+            LabeledCounter::new("outcome", &["served", "timeout", "retried", "released"]);
         let upstream_duration = Histogram::new(exponential_buckets(0.001, 2.0, 16));
-        let upstream_errors = LabeledCounter::new("kind");
-        let redis_errors = LabeledCounter::new("op");
-        let redis_corrupt_entries = Counter::default();
+        let upstream_errors =
+            LabeledCounter::new("kind", &["unreachable", "timeout", "body", "body-timeout"]);
+        let redis_errors = LabeledCounter::new("op", &["get", "set"]);
+        let redis_rejected_entries = Counter::default();
+        let client_errors = LabeledCounter::new("kind", &["host", "body", "body-timeout"]);
+        let panics = Counter::default();
         let redis_breaker_state = Gauge::default();
         let memory_entries = Gauge::default();
         let memory_bytes = Gauge::default();
@@ -149,9 +172,19 @@ impl Metrics {
             redis_errors.family.clone(),
         );
         r.register(
-            "redis_corrupt_entries",
-            "Redis entries that failed to decode and were treated as misses",
-            redis_corrupt_entries.clone(),
+            "redis_rejected_entries",
+            "Redis entries that failed authentication or decoding and were treated as misses",
+            redis_rejected_entries.clone(),
+        );
+        r.register(
+            "client_errors",
+            "Requests refused as client faults, by kind",
+            client_errors.family.clone(),
+        );
+        r.register(
+            "panics",
+            "Request handlers that panicked and were answered with 500",
+            panics.clone(),
         );
         r.register(
             "redis_breaker_state",
@@ -177,7 +210,9 @@ impl Metrics {
             upstream_duration,
             upstream_errors,
             redis_errors,
-            redis_corrupt_entries,
+            redis_rejected_entries,
+            client_errors,
+            panics,
             redis_breaker_state,
             memory_entries,
             memory_bytes,
@@ -210,14 +245,8 @@ impl Metrics {
     /// tier, coalescing, upstream and Redis figures, memory-tier size.
     pub fn stats(&self) -> Value {
         let mut by_status: Map<String, Value> = Map::new();
-        let phases = Tier::ALL
-            .iter()
-            .map(|t| CachePhase::Hit(*t))
-            .chain([CachePhase::Miss(Ok(())), CachePhase::Collapsed])
-            .chain(NoStoreReason::ALL.iter().map(|r| CachePhase::Miss(Err(*r))))
-            .chain(BypassReason::ALL.iter().map(|r| CachePhase::Bypass(*r)));
         let mut total = 0;
-        for phase in phases {
+        for phase in CachePhase::all() {
             let labels = RequestLabels {
                 status: phase.status_label(),
                 reason: phase.reason_label(),
@@ -232,16 +261,17 @@ impl Metrics {
                 entry["by_reason"][phase.reason_label()] = json!(n);
             }
         }
-        let tiers = Tier::ALL.map(Tier::as_str);
         json!({
             "requests": {"total": total, "by_status": by_status},
-            "hits_by_tier": self.hits.by_value(&tiers),
-            "stores_by_tier": self.stores.by_value(&tiers),
-            "coalesced_waits": self.coalesced_waits.by_value(&["served", "timeout", "retried"]),
-            "upstream_errors": self.upstream_errors.by_value(&["unreachable", "timeout", "body"]),
+            "hits_by_tier": self.hits.by_value(),
+            "stores_by_tier": self.stores.by_value(),
+            "coalesced_waits": self.coalesced_waits.by_value(),
+            "upstream_errors": self.upstream_errors.by_value(),
+            "client_errors": self.client_errors.by_value(),
+            "panics": self.panics.get(),
             "redis": {
-                "errors": self.redis_errors.by_value(&["get", "set"]),
-                "corrupt_entries": self.redis_corrupt_entries.get(),
+                "errors": self.redis_errors.by_value(),
+                "rejected_entries": self.redis_rejected_entries.get(),
                 "breaker_state": match self.redis_breaker_state.get() {
                     1 => "open",
                     2 => "half-open",

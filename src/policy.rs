@@ -12,6 +12,7 @@ use std::time::SystemTime;
 use http::{HeaderMap, Method, StatusCode, header};
 
 use crate::config::RouteConfig;
+use crate::key::is_json_media_type;
 use crate::status::{BypassReason, NoStoreReason};
 
 /// A configured route, ready for matching.
@@ -59,6 +60,15 @@ impl Policy {
     }
 }
 
+/// What admission needs to know about a request beyond its method and headers.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RequestShape {
+    /// The request carries a body (any length, any framing).
+    pub has_body: bool,
+    /// Its path is ambiguous ([`crate::uri::NormalPath::ambiguous`]).
+    pub ambiguous_path: bool,
+}
+
 /// Decides whether a request may use the cache at all (before any key is built).
 ///
 /// Errors: the [`BypassReason`] when it may not.
@@ -66,6 +76,7 @@ pub fn check_request(
     route: Option<&Route>,
     method: &Method,
     headers: &HeaderMap,
+    shape: RequestShape,
 ) -> Result<(), BypassReason> {
     let keyed = |name: &str| route.is_some_and(|r| r.config.key_headers.iter().any(|h| h == name));
     match route {
@@ -75,8 +86,17 @@ pub fn check_request(
         }
         _ => {}
     }
-    if headers.contains_key(header::UPGRADE) {
-        return Err(BypassReason::Unsupported);
+    if shape.ambiguous_path {
+        return Err(BypassReason::AmbiguousPath);
+    }
+    // A body the key does not cover must not shape a shared answer (RFC 9110 §9.3.1:
+    // content on GET has no defined meaning, yet some upstreams read it).
+    let body_keyed = route.is_some_and(|r| r.config.key_body);
+    if shape.has_body && (!body_keyed || method == Method::GET || method == Method::HEAD) {
+        return Err(BypassReason::RequestBody);
+    }
+    if body_keyed && !is_json_media_type(headers) {
+        return Err(BypassReason::ContentType);
     }
     if headers.contains_key(header::RANGE) {
         return Err(BypassReason::Range);
@@ -90,15 +110,25 @@ pub fn check_request(
     Ok(())
 }
 
+/// Whether a request carries credentials (`Authorization`, `Cookie`): its response is
+/// never handed to another request, even one with the same key.
+pub fn credentialed(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::AUTHORIZATION) || headers.contains_key(header::COOKIE)
+}
+
+/// A response header that cachegate could not parse; the response is not stored or shared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unparsable;
+
 /// The directives of a `Cache-Control` header that matter to a shared cache
 /// (RFC 9111 §5.2.2).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct CacheControl {
     /// `no-store`.
     pub no_store: bool,
-    /// `no-cache` (a stored response would need revalidation on every use).
+    /// `no-cache`, qualified or not (a stored response would need revalidation on every use).
     pub no_cache: bool,
-    /// `private`.
+    /// `private`, qualified or not.
     pub private: bool,
     /// `max-age`, in seconds.
     pub max_age: Option<u64>,
@@ -107,38 +137,152 @@ pub struct CacheControl {
 }
 
 impl CacheControl {
-    /// Parses every `Cache-Control` field line in `headers`. Unknown directives are ignored;
-    /// a malformed delta-seconds value is treated as absent.
-    pub fn parse(headers: &HeaderMap) -> Self {
+    /// Parses every `Cache-Control` field line in `headers` by the grammar of RFC 9111
+    /// §5.2: `directive = token [ "=" ( token / quoted-string ) ]`, comma-separated.
+    /// Unknown directives are ignored.
+    ///
+    /// Errors: [`Unparsable`] for anything off the grammar (a non-ASCII byte, a stray
+    /// character, an unterminated quoted string) and for a `max-age` / `s-maxage` that is
+    /// not delta-seconds. The caller fails closed: such a response is not stored.
+    pub fn parse(headers: &HeaderMap) -> Result<Self, Unparsable> {
         let mut cc = CacheControl::default();
         for value in headers.get_all(header::CACHE_CONTROL) {
-            let Ok(value) = value.to_str() else { continue };
-            for directive in value.split(',') {
-                let (name, arg) = match directive.split_once('=') {
-                    Some((n, a)) => (n.trim(), Some(a.trim().trim_matches('"'))),
-                    None => (directive.trim(), None),
-                };
-                let secs = || arg.and_then(|a| a.parse::<u64>().ok());
+            for (name, arg) in directives(value.as_bytes())? {
+                let secs = || arg.as_deref().and_then(delta_seconds).ok_or(Unparsable);
                 match name.to_ascii_lowercase().as_str() {
                     "no-store" => cc.no_store = true,
                     "no-cache" => cc.no_cache = true,
                     "private" => cc.private = true,
-                    "max-age" => cc.max_age = secs(),
-                    "s-maxage" => cc.s_maxage = secs(),
+                    "max-age" => cc.max_age = Some(secs()?),
+                    "s-maxage" => cc.s_maxage = Some(secs()?),
                     _ => {}
                 }
             }
         }
-        cc
+        Ok(cc)
     }
+}
+
+/// `1*DIGIT` (RFC 9111 §1.2.2); values past 2^31 are capped there, as the RFC allows.
+fn delta_seconds(s: &str) -> Option<u64> {
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some(s.parse::<u64>().unwrap_or(u64::MAX).min(1 << 31))
+}
+
+/// `tchar` of RFC 9110 §5.6.2.
+fn tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// Splits one field value into `(name, argument)` directives.
+fn directives(v: &[u8]) -> Result<Vec<(String, Option<String>)>, Unparsable> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    let skip_ows = |i: &mut usize| {
+        while *i < v.len() && (v[*i] == b' ' || v[*i] == b'\t') {
+            *i += 1;
+        }
+    };
+    let token = |i: &mut usize| -> Result<String, Unparsable> {
+        let start = *i;
+        while *i < v.len() && tchar(v[*i]) {
+            *i += 1;
+        }
+        if start == *i {
+            return Err(Unparsable);
+        }
+        Ok(String::from_utf8_lossy(&v[start..*i]).into_owned())
+    };
+    loop {
+        skip_ows(&mut i);
+        while i < v.len() && v[i] == b',' {
+            i += 1;
+            skip_ows(&mut i);
+        }
+        if i >= v.len() {
+            return Ok(out);
+        }
+        let name = token(&mut i)?;
+        skip_ows(&mut i);
+        let mut arg = None;
+        if i < v.len() && v[i] == b'=' {
+            i += 1;
+            skip_ows(&mut i);
+            if i < v.len() && v[i] == b'"' {
+                i += 1;
+                let mut s = Vec::new();
+                loop {
+                    match v.get(i) {
+                        None => return Err(Unparsable),
+                        Some(b'"') => break,
+                        Some(b'\\') => {
+                            s.push(*v.get(i + 1).ok_or(Unparsable)?);
+                            i += 2;
+                        }
+                        Some(&b) if b == b'\t' || (0x20..0x7f).contains(&b) => {
+                            s.push(b);
+                            i += 1;
+                        }
+                        Some(_) => return Err(Unparsable),
+                    }
+                }
+                i += 1;
+                arg = Some(String::from_utf8_lossy(&s).into_owned());
+            } else {
+                arg = Some(token(&mut i)?);
+            }
+            skip_ows(&mut i);
+        }
+        if i < v.len() && v[i] != b',' {
+            return Err(Unparsable);
+        }
+        out.push((name, arg));
+    }
+}
+
+/// The field names listed in `Vary` (lower-cased; `*` included as is).
+///
+/// Errors: [`Unparsable`] when a member is not a token.
+fn vary_names(headers: &HeaderMap) -> Result<Vec<String>, Unparsable> {
+    let mut names = Vec::new();
+    for value in headers.get_all(header::VARY) {
+        let value = value.to_str().map_err(|_| Unparsable)?;
+        for name in value.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            if !name.bytes().all(tchar) {
+                return Err(Unparsable);
+            }
+            names.push(name.to_ascii_lowercase());
+        }
+    }
+    Ok(names)
+}
+
+/// Checks the freshness fields cachegate reads besides `Cache-Control`: every `Expires`
+/// must be an HTTP-date (RFC 9111 §5.3) and every `Age` delta-seconds (§5.1).
+fn check_freshness_fields(headers: &HeaderMap) -> Result<(), Unparsable> {
+    for v in headers.get_all(header::EXPIRES) {
+        let v = v.to_str().map_err(|_| Unparsable)?;
+        httpdate::parse_http_date(v).map_err(|_| Unparsable)?;
+    }
+    for v in headers.get_all(header::AGE) {
+        delta_seconds(v.to_str().map_err(|_| Unparsable)?.trim()).ok_or(Unparsable)?;
+    }
+    Ok(())
 }
 
 /// Decides whether a response may be stored and for how long.
 ///
+/// The reasons that make a response private to its requester are checked first, whatever
+/// the status, so that an `Err` with a [`NoStoreReason::shareable`] reason always means
+/// "may be handed to another request": an unparsable `Cache-Control`, `Vary`, `Expires`
+/// or `Age` (fail closed), `private`, `no-store` / `no-cache`, `Set-Cookie`, then `Vary`
+/// on a header outside the key. Only then come the status and the lifetime.
+///
 /// With a route, its `ttl_secs` is the lifetime; without one, the response's explicit
 /// freshness (`s-maxage`, `max-age`, then `Expires` minus `Date`, RFC 9111 §4.2.1) is,
 /// and a response without explicit freshness is not stored.
-/// `key_headers` are the request headers in the key, to judge `Vary`.
 ///
 /// Errors: the [`NoStoreReason`] when the response must not be stored.
 pub fn storable_ttl(
@@ -146,16 +290,10 @@ pub fn storable_ttl(
     status: StatusCode,
     headers: &HeaderMap,
 ) -> Result<u32, NoStoreReason> {
-    // A partial response (206) is never stored: it is not the whole representation.
-    let status_ok = status != StatusCode::PARTIAL_CONTENT
-        && match route.and_then(|r| r.config.cache_statuses.as_ref()) {
-            Some(allowed) => allowed.contains(&status.as_u16()),
-            None => status.is_success(),
-        };
-    if !status_ok {
-        return Err(NoStoreReason::Status);
-    }
-    let cc = CacheControl::parse(headers);
+    let unparsable = |_| NoStoreReason::Unparsable;
+    let cc = CacheControl::parse(headers).map_err(unparsable)?;
+    let vary = vary_names(headers).map_err(unparsable)?;
+    check_freshness_fields(headers).map_err(unparsable)?;
     if cc.private {
         return Err(NoStoreReason::Private);
     }
@@ -166,16 +304,20 @@ pub fn storable_ttl(
         return Err(NoStoreReason::SetCookie);
     }
     let key_headers: &[String] = route.map_or(&[], |r| &r.config.key_headers);
-    for value in headers.get_all(header::VARY) {
-        let Ok(value) = value.to_str() else {
-            return Err(NoStoreReason::Vary);
+    if vary
+        .iter()
+        .any(|name| name == "*" || !key_headers.contains(name))
+    {
+        return Err(NoStoreReason::Vary);
+    }
+    // A partial response (206) is never stored: it is not the whole representation.
+    let status_ok = status != StatusCode::PARTIAL_CONTENT
+        && match route.and_then(|r| r.config.cache_statuses.as_ref()) {
+            Some(allowed) => allowed.contains(&status.as_u16()),
+            None => status.is_success(),
         };
-        for name in value.split(',').map(str::trim).filter(|n| !n.is_empty()) {
-            let name = name.to_ascii_lowercase();
-            if name == "*" || !key_headers.contains(&name) {
-                return Err(NoStoreReason::Vary);
-            }
-        }
+    if !status_ok {
+        return Err(NoStoreReason::Status);
     }
     let ttl = match route {
         Some(r) => r.config.ttl_secs,
@@ -271,11 +413,11 @@ mod tests {
     fn credentials_bypass_unless_keyed() {
         let h = headers(&[("authorization", "Bearer x")]);
         assert_eq!(
-            check_request(None, &Method::GET, &h),
+            check_request(None, &Method::GET, &h, RequestShape::default()),
             Err(BypassReason::Authorization)
         );
         assert_eq!(
-            check_request(None, &Method::POST, &headers(&[])),
+            check_request(None, &Method::POST, &headers(&[]), RequestShape::default()),
             Err(BypassReason::Method)
         );
         let cfg: crate::config::Config = toml::from_str(
@@ -285,6 +427,78 @@ mod tests {
         let policy = Policy::new(&cfg.routes);
         let route = policy.route_for(&Method::GET, "/me");
         assert!(route.is_some());
-        assert_eq!(check_request(route, &Method::GET, &h), Ok(()));
+        assert_eq!(
+            check_request(route, &Method::GET, &h, RequestShape::default()),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn private_markers_win_over_every_status() {
+        let cfg: crate::config::Config =
+            toml::from_str("[[routes]]\nmethod='GET'\npath='/*'\nttl_secs=5\n").unwrap();
+        let policy = Policy::new(&cfg.routes);
+        let route = policy.route_for(&Method::GET, "/x");
+        let markers: [(&'static str, &'static str); 6] = [
+            ("cache-control", "private"),
+            ("cache-control", "no-store"),
+            ("cache-control", "no-cache=\"set-cookie\""),
+            ("set-cookie", "sid=1"),
+            ("cache-control", "max-age=5, \"x"),
+            ("vary", "*"),
+        ];
+        for code in [200, 204, 302, 304, 404, 500, 503] {
+            let status = StatusCode::from_u16(code).unwrap();
+            for r in [route, None] {
+                for marker in markers {
+                    let reason = storable_ttl(r, status, &headers(&[marker])).unwrap_err();
+                    assert!(!reason.shareable(), "{code} {marker:?} -> {reason:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn unparsable_freshness_fails_closed() {
+        let ok = StatusCode::OK;
+        for bad in [
+            ("cache-control", "public, max-age=60, \"oops"),
+            ("cache-control", "max-age=abc"),
+            ("cache-control", "max-age=60; private"),
+            ("cache-control", "max-age=\"60"),
+            ("vary", "accept language"),
+            ("expires", "tomorrow"),
+            ("age", "-1"),
+        ] {
+            let h = headers(&[bad, ("cache-control", "max-age=60")]);
+            assert_eq!(
+                storable_ttl(None, ok, &h),
+                Err(NoStoreReason::Unparsable),
+                "{bad:?}"
+            );
+        }
+        let mut h = headers(&[("cache-control", "max-age=60")]);
+        h.append(
+            "cache-control",
+            http::HeaderValue::from_bytes(b"priv\xe9ate").unwrap(),
+        );
+        assert_eq!(storable_ttl(None, ok, &h), Err(NoStoreReason::Unparsable));
+        let quoted = headers(&[("cache-control", "private=\"a, b\", max-age=5")]);
+        assert_eq!(storable_ttl(None, ok, &quoted), Err(NoStoreReason::Private));
+        let fine = headers(&[("cache-control", "public , max-age=\"60\" ,, x=y")]);
+        assert_eq!(storable_ttl(None, ok, &fine), Ok(60));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn parsing_any_header_value_is_total(v in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64)) {
+            if let Ok(value) = http::HeaderValue::from_bytes(&v) {
+                let mut h = HeaderMap::new();
+                for name in ["cache-control", "vary", "expires", "age"] {
+                    h.insert(name, value.clone());
+                }
+                let _ = storable_ttl(None, StatusCode::OK, &h);
+            }
+        }
     }
 }

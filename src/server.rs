@@ -4,21 +4,23 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{Request, Response};
+use futures_util::FutureExt;
+use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
 
 use crate::admin::Admin;
 use crate::config::Config;
+use crate::entry::EnvelopeKeys;
 use crate::key::KeyBuilder;
 use crate::metrics::Metrics;
 use crate::proxy::body::ProxyBody;
@@ -82,11 +84,6 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         ),
         None => None,
     };
-    let store = TieredStore::new(
-        MemoryTier::new(config.cache.memory_max_bytes),
-        redis,
-        metrics.clone(),
-    );
     let secret = match &config.cache.key_secret {
         Some(s) => s.as_bytes().to_vec(),
         None => {
@@ -94,6 +91,16 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             random_secret().to_vec()
         }
     };
+    let seal = config.redis.as_ref().is_none_or(|r| r.encrypt);
+    if let Some(redis) = &redis {
+        warn_if_unreachable(redis.clone());
+    }
+    let store = TieredStore::new(
+        MemoryTier::new(config.cache.memory_max_bytes),
+        redis,
+        EnvelopeKeys::new(&secret, seal),
+        metrics.clone(),
+    );
     let keys = KeyBuilder::new(&secret, &config.cache.namespace);
     let switches = Arc::new(Switches::new(
         config.cache.enabled,
@@ -121,11 +128,40 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         .local_addr()
         .map_err(|e| StartError::Bind(config.admin_listen, e))?;
     let (shutdown, rx) = watch::channel(false);
-    let proxy_loop = serve(listener, rx.clone(), move |req, peer| {
+    let max_connections = config
+        .server
+        .max_connections
+        .clamp(1, Semaphore::MAX_PERMITS);
+    let limits = ConnLimits {
+        header_read_timeout: Duration::from_millis(config.server.header_read_timeout_ms.max(1)),
+        connections: Arc::new(Semaphore::new(max_connections)),
+        max_connections,
+    };
+    let panics = metrics.clone();
+    let proxy_loop = serve(listener, rx.clone(), limits.clone(), move |req, peer| {
         let proxy = proxy.clone();
-        async move { proxy.handle(req, peer).await }
+        let panics = panics.clone();
+        async move {
+            // A panic must not take the connection down or print request data (the panic
+            // hook prints only a location): answer 500 and count it.
+            match AssertUnwindSafe(proxy.handle(req, peer))
+                .catch_unwind()
+                .await
+            {
+                Ok(resp) => resp,
+                Err(_) => {
+                    panics.panics.inc();
+                    crate::proxy::plain(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
+                }
+            }
+        }
     });
-    let admin_loop = serve(admin_listener, rx, move |req, _peer| {
+    let admin_limits = ConnLimits {
+        connections: Arc::new(Semaphore::new(64)),
+        max_connections: 64,
+        ..limits
+    };
+    let admin_loop = serve(admin_listener, rx, admin_limits, move |req, _peer| {
         let admin = admin.clone();
         async move { admin.handle(req).await }
     });
@@ -167,14 +203,59 @@ fn random_secret() -> [u8; 32] {
     out
 }
 
-/// Accepts connections until `shutdown` turns true, serving each with `handler`.
-async fn serve<H, F>(listener: TcpListener, mut shutdown: watch::Receiver<bool>, handler: H)
-where
+/// Installs a panic hook that logs where a panic happened and never its message: a
+/// message can hold request data (a path, a header), which must not reach the logs.
+pub fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        let location = info
+            .location()
+            .map(|l| format!("{}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        tracing::error!(%location, "panic (message withheld: it may hold request data)");
+    }));
+}
+
+/// Logs a warning at start-up when Redis does not answer a first `GET`; cachegate serves
+/// from the memory tier and the upstream meanwhile, and the Redis tier resumes by itself.
+fn warn_if_unreachable(redis: RedisTier) {
+    tokio::spawn(async move {
+        if !redis.ping().await {
+            tracing::warn!(
+                "redis is unreachable at start-up: serving without the Redis tier until it answers"
+            );
+        }
+    });
+}
+
+/// Limits on the connections of one listener.
+#[derive(Clone)]
+struct ConnLimits {
+    header_read_timeout: Duration,
+    /// One permit per open connection, `max_connections` in all.
+    connections: Arc<Semaphore>,
+    max_connections: usize,
+}
+
+/// Accepts connections until `shutdown` turns true, serving each with `handler`. Once
+/// `max_connections` are open, no more are accepted until one closes: further clients
+/// wait in the kernel's listen backlog.
+async fn serve<H, F>(
+    listener: TcpListener,
+    mut shutdown: watch::Receiver<bool>,
+    limits: ConnLimits,
+    handler: H,
+) where
     H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<ProxyBody>> + Send + 'static,
 {
-    let graceful = GracefulShutdown::new();
     loop {
+        let permit = tokio::select! {
+            permit = limits.connections.clone().acquire_owned() => match permit {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            _ = shutdown.changed() => break,
+        };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
@@ -195,15 +276,32 @@ where
         });
         let conn = http1::Builder::new()
             .timer(TokioTimer::new())
-            .header_read_timeout(Duration::from_secs(30))
-            .serve_connection(TokioIo::new(stream), service);
-        let conn = graceful.watch(conn);
+            .header_read_timeout(limits.header_read_timeout)
+            .serve_connection(TokioIo::new(stream), service)
+            .with_upgrades();
+        let mut stop = shutdown.clone();
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            let mut conn = std::pin::pin!(conn);
+            let result = tokio::select! {
+                r = conn.as_mut() => r,
+                _ = async { stop.wait_for(|stop| *stop).await.is_ok() } => {
+                    // Finish the request in progress, then close.
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = result {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
+            drop(permit);
         });
     }
     drop(listener);
-    let _ = tokio::time::timeout(Duration::from_secs(10), graceful.shutdown()).await;
+    // Every open connection holds a permit: having them all back means all have closed.
+    let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
+    let _ = tokio::time::timeout(
+        Duration::from_secs(10),
+        limits.connections.acquire_many(all),
+    )
+    .await;
 }

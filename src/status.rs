@@ -45,17 +45,27 @@ pub enum BypassReason {
     Cookie,
     /// A body-keyed route got a body that is not JSON.
     MalformedBody,
+    /// A body-keyed route got JSON that is not I-JSON (RFC 7493): duplicate member names
+    /// or numbers beyond an IEEE 754 double, which RFC 8785 cannot canonicalize faithfully.
+    NotIJson,
+    /// A body-keyed route got a body whose `Content-Type` is not `application/json` or
+    /// `*+json`.
+    ContentType,
+    /// The request has a body the key does not cover (e.g. a GET or HEAD with a body).
+    RequestBody,
+    /// The path holds an encoded `/`, `\` or NUL, which upstreams decode differently.
+    AmbiguousPath,
     /// A body-keyed route got a body over `max_request_body_bytes`.
     OversizedBody,
     /// The request asks for a byte range (`Range`), which is passed through.
     Range,
-    /// The request uses a feature the cache does not handle (e.g. an upgrade).
-    Unsupported,
+    /// The request asks for a protocol upgrade (e.g. WebSocket); it is tunnelled.
+    Upgrade,
 }
 
 impl BypassReason {
     /// Every reason, for metric and stats listings.
-    pub const ALL: [BypassReason; 10] = [
+    pub const ALL: [BypassReason; 14] = [
         BypassReason::Disabled,
         BypassReason::Rollout,
         BypassReason::RouteDisabled,
@@ -63,9 +73,13 @@ impl BypassReason {
         BypassReason::Authorization,
         BypassReason::Cookie,
         BypassReason::MalformedBody,
+        BypassReason::NotIJson,
+        BypassReason::ContentType,
+        BypassReason::RequestBody,
+        BypassReason::AmbiguousPath,
         BypassReason::OversizedBody,
         BypassReason::Range,
-        BypassReason::Unsupported,
+        BypassReason::Upgrade,
     ];
 
     /// The label and `detail=` value.
@@ -78,9 +92,13 @@ impl BypassReason {
             BypassReason::Authorization => "authorization",
             BypassReason::Cookie => "cookie",
             BypassReason::MalformedBody => "malformed-body",
+            BypassReason::NotIJson => "not-i-json",
+            BypassReason::ContentType => "content-type",
+            BypassReason::RequestBody => "request-body",
+            BypassReason::AmbiguousPath => "ambiguous-path",
             BypassReason::OversizedBody => "oversized-body",
             BypassReason::Range => "range",
-            BypassReason::Unsupported => "unsupported",
+            BypassReason::Upgrade => "upgrade",
         }
     }
 }
@@ -104,11 +122,13 @@ pub enum NoStoreReason {
     Vary,
     /// The upstream could not be reached or timed out.
     UpstreamError,
+    /// `Cache-Control`, `Vary`, `Expires` or `Age` could not be parsed: fail closed.
+    Unparsable,
 }
 
 impl NoStoreReason {
     /// Every reason, for metric and stats listings.
-    pub const ALL: [NoStoreReason; 8] = [
+    pub const ALL: [NoStoreReason; 9] = [
         NoStoreReason::Status,
         NoStoreReason::NoStore,
         NoStoreReason::Private,
@@ -117,6 +137,7 @@ impl NoStoreReason {
         NoStoreReason::TooLarge,
         NoStoreReason::Vary,
         NoStoreReason::UpstreamError,
+        NoStoreReason::Unparsable,
     ];
 
     /// The label and `detail=` value.
@@ -130,21 +151,17 @@ impl NoStoreReason {
             NoStoreReason::TooLarge => "too-large",
             NoStoreReason::Vary => "vary",
             NoStoreReason::UpstreamError => "upstream-error",
+            NoStoreReason::Unparsable => "unparsable",
         }
     }
 
     /// Whether a response not stored for this reason may still be handed to other requests
-    /// coalesced on the same key: not when it is private to the requester.
+    /// coalesced on the same key. Only `status` and `no-freshness` may:
+    /// [`crate::policy::storable_ttl`] reports every private marker before these two, so
+    /// such a response carries none. (The request's own credentials are checked
+    /// separately, [`crate::policy::credentialed`].)
     pub fn shareable(self) -> bool {
-        !matches!(
-            self,
-            NoStoreReason::Private
-                | NoStoreReason::SetCookie
-                | NoStoreReason::NoStore
-                | NoStoreReason::Vary
-                | NoStoreReason::UpstreamError
-                | NoStoreReason::TooLarge
-        )
+        matches!(self, NoStoreReason::Status | NoStoreReason::NoFreshness)
     }
 }
 
@@ -163,6 +180,20 @@ pub enum CachePhase {
 }
 
 impl CachePhase {
+    /// Every phase with every reason, for metric and stats listings.
+    pub fn all() -> impl Iterator<Item = CachePhase> {
+        Tier::ALL
+            .into_iter()
+            .map(CachePhase::Hit)
+            .chain([CachePhase::Miss(Ok(())), CachePhase::Collapsed])
+            .chain(
+                NoStoreReason::ALL
+                    .into_iter()
+                    .map(|r| CachePhase::Miss(Err(r))),
+            )
+            .chain(BypassReason::ALL.into_iter().map(CachePhase::Bypass))
+    }
+
     /// The `X-Cache-Status` value: `HIT`, `MISS` or `BYPASS`.
     pub fn x_cache_status(self) -> &'static str {
         match self {

@@ -50,7 +50,7 @@ async fn two_processes_share_one_redis() {
     assert_eq!(miss.cache(), "MISS");
     // The write to Redis happens after the response: wait for it to land.
     let stored = eventually(Duration::from_secs(5), || async {
-        !redis.keys("cachegate:v1:*").await.is_empty()
+        !redis.keys("cachegate:v2:*").await.is_empty()
     })
     .await;
     assert!(stored, "entry never reached redis");
@@ -73,33 +73,79 @@ async fn two_processes_share_one_redis() {
 }
 
 #[tokio::test]
-async fn corrupt_entry_in_redis_is_a_miss() {
+async fn forged_copied_tampered_or_corrupt_entries_are_misses_and_counted() {
     let up = Upstream::start().await;
     let redis = Redis::start().await;
     let writer = Gate::start(&up, Some(&redis), ROUTES).await;
-    assert_eq!(writer.get("/kpi/c").await.cache(), "MISS");
+    assert_eq!(writer.get("/kpi/a").await.cache(), "MISS");
+    assert_eq!(writer.get("/kpi/b").await.cache(), "MISS");
     assert!(
         eventually(Duration::from_secs(5), || async {
-            redis.keys("cachegate:v1:*").await.len() == 1
+            redis.keys("cachegate:v2:*").await.len() == 2
         })
         .await
     );
-    let key = redis.keys("cachegate:v1:*").await.remove(0);
     let mut conn = redis.connection().await;
-    // A valid-looking header with a flipped body byte, then plain garbage.
-    let mut envelope: Vec<u8> = conn.get(&key).await.unwrap();
-    let last = envelope.len() - 20;
-    envelope[last] ^= 1;
-    let _: () = conn.set(&key, envelope).await.unwrap();
-    let reader = Gate::start(&up, Some(&redis), ROUTES).await;
-    let r = reader.get("/kpi/c").await;
-    assert_eq!(r.status, 200);
-    assert_eq!(r.cache(), "MISS");
-    let _: () = conn.set(&key, b"\x09garbage".to_vec()).await.unwrap();
-    let other = Gate::start(&up, Some(&redis), ROUTES).await;
-    assert_eq!(other.get("/kpi/c").await.cache(), "MISS");
-    assert_eq!(other.stats().await["redis"]["corrupt_entries"], 1);
-    assert_eq!(reader.stats().await["redis"]["corrupt_entries"], 1);
+    let keys = redis.keys("cachegate:v2:*").await;
+    // Sealed by default: nothing of the response is readable in Redis.
+    for key in &keys {
+        let envelope: Vec<u8> = conn.get(key).await.unwrap();
+        assert!(
+            !envelope.windows(6).any(|w| w == b"\"path\""),
+            "readable entry"
+        );
+        assert!(!envelope.windows(4).any(|w| w == b"/kpi"), "readable entry");
+    }
+    // Each attack on a fresh reader (empty memory tier) must be a miss and counted.
+    let attacks: Vec<(&str, Vec<u8>)> = {
+        let a: Vec<u8> = conn.get(&keys[0]).await.unwrap();
+        let b: Vec<u8> = conn.get(&keys[1]).await.unwrap();
+        let mut tampered = a.clone();
+        let i = tampered.len() - 20;
+        tampered[i] ^= 1;
+        // A well-formed envelope for this key, written with another secret.
+        let forger = cachegate::entry::EnvelopeKeys::new(b"not-the-secret", false);
+        let entry = cachegate::entry::CachedResponse::compact(
+            http::StatusCode::OK,
+            &http::HeaderMap::new(),
+            bytes::Bytes::from_static(b"{\"n\":999}"),
+            cachegate::entry::now_ms(),
+            60,
+            Vec::new(),
+        );
+        let hex = keys[0].rsplit(':').next().unwrap();
+        let mut raw = [0u8; 32];
+        for (i, byte) in raw.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap();
+        }
+        let forged = entry
+            .encode(&cachegate::key::CacheKey(raw), &forger)
+            .to_vec();
+        vec![
+            ("copied from another key", b),
+            ("tampered", tampered),
+            ("forged", forged),
+            ("garbage", b"\x02\x01garbage".to_vec()),
+        ]
+    };
+    let genuine: Vec<u8> = conn.get(&keys[0]).await.unwrap();
+    for (what, bytes) in attacks {
+        let _: () = conn.set(&keys[0], bytes).await.unwrap();
+        let reader = Gate::start(&up, Some(&redis), ROUTES).await;
+        let before = up.hits();
+        let (a, b) = (reader.get("/kpi/a").await, reader.get("/kpi/b").await);
+        let misses = [&a, &b].iter().filter(|r| r.cache() == "MISS").count();
+        assert_eq!(misses, 1, "{what}: exactly the attacked key misses");
+        assert!(a.n() != 999 && b.n() != 999, "{what}: forged body served");
+        assert_eq!(up.hits(), before + 1, "{what}");
+        assert_eq!(
+            reader.stats().await["redis"]["rejected_entries"],
+            1,
+            "{what}"
+        );
+        // Put the genuine entry back for the next attack.
+        let _: () = conn.set(&keys[0], genuine.clone()).await.unwrap();
+    }
 }
 
 /// Sends requests over 50 keys until `stop` is set (at most 5000); every one must be a
@@ -174,7 +220,7 @@ async fn redis_paused_killed_and_restarted_never_fails_a_request() {
         let redis = &redis;
         async move {
             assert_eq!(gate.get(&path).await.status, 200);
-            !redis.keys("cachegate:v1:*").await.is_empty()
+            !redis.keys("cachegate:v2:*").await.is_empty()
         }
     })
     .await;
@@ -218,7 +264,7 @@ async fn acl_user_with_password_and_wrong_password() {
         let mut conn = conn.clone();
         async move {
             let keys: Vec<String> = redis::cmd("KEYS")
-                .arg("cachegate:v1:*")
+                .arg("cachegate:v2:*")
                 .query_async(&mut conn)
                 .await
                 .unwrap();
@@ -250,7 +296,7 @@ async fn rediss_with_a_private_ca() {
     let writer = Gate::start(&up, Some(&redis), ROUTES).await;
     assert_eq!(writer.get("/kpi/tls").await.cache(), "MISS");
     let stored = eventually(Duration::from_secs(5), || async {
-        !redis.keys("cachegate:v1:*").await.is_empty()
+        !redis.keys("cachegate:v2:*").await.is_empty()
     })
     .await;
     assert!(

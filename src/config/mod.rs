@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 pub use self::error::ConfigError;
 use self::error::{field_at, line_col};
-pub use self::values::{MethodName, PathPattern, Percent, RedisUrl, UpstreamUrl};
+pub use self::values::{MethodName, PathPattern, Percent, ProxyNet, RedisUrl, UpstreamUrl};
 
 /// The whole configuration of one `cachegate serve` process.
 ///
@@ -28,6 +28,8 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Address of the admin listener (`/metrics`, `/healthz`, `/stats`). Default `127.0.0.1:9090`.
     pub admin_listen: SocketAddr,
+    /// Limits on client connections and which peers are trusted proxies.
+    pub server: ServerConfig,
     /// The origin every request is forwarded to.
     pub upstream: UpstreamConfig,
     /// Switches and limits of the cache itself.
@@ -46,8 +48,37 @@ pub struct UpstreamConfig {
     pub url: Option<UpstreamUrl>,
     /// Limit on establishing a TCP connection to the origin, in milliseconds. Default 1000.
     pub connect_timeout_ms: u64,
-    /// Limit on waiting for the origin's response head, in milliseconds. Default 30000.
+    /// Limit on waiting for the origin's response head, in milliseconds (then 504).
+    /// Default 30000.
     pub response_timeout_ms: u64,
+    /// Limit on the idle time between two chunks of the origin's response body (and before
+    /// the first), in milliseconds. Default 30000.
+    pub body_timeout_ms: u64,
+    /// Limit on one whole upstream exchange, from sending the request to the last byte of
+    /// the response body, in milliseconds. Default 120000.
+    pub total_timeout_ms: u64,
+    /// `true` forwards the client's `Host` and puts it in the cache key; `false` (default)
+    /// sends the upstream URL's host, so that a client cannot steer the upstream with it.
+    pub preserve_host: bool,
+}
+
+/// `[server]`: limits on client connections.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Limit on receiving a request head (and on an idle keep-alive connection waiting
+    /// for the next one), in milliseconds. Default 10000.
+    pub header_read_timeout_ms: u64,
+    /// Limit on the idle time between two chunks of a client's request body, in
+    /// milliseconds (then 408). Default 10000.
+    pub client_body_timeout_ms: u64,
+    /// Open client connections at most; further clients wait in the listen backlog until
+    /// one closes. Default 10000.
+    pub max_connections: usize,
+    /// Peers (addresses or CIDR ranges, e.g. `10.0.0.0/8`) whose `X-Forwarded-*` and
+    /// `Forwarded` headers are passed on; from any other peer they are replaced. Default
+    /// none.
+    pub trusted_proxies: Vec<ProxyNet>,
 }
 
 /// `[cache]`: the kill switch, rollout, key secret, memory-tier size and other limits.
@@ -91,6 +122,10 @@ pub struct RedisConfig {
     pub op_timeout_ms: u64,
     /// Limit on establishing a connection to Redis, in milliseconds. Default 500.
     pub connect_timeout_ms: u64,
+    /// Encrypt stored responses (XChaCha20-Poly1305, key derived from `key_secret`, the
+    /// cache key as associated data). `false` stores them readable but still
+    /// authenticated. Default `true`.
+    pub encrypt: bool,
     /// Consecutive failures that open the circuit breaker. Default 3.
     pub breaker_failures: u32,
     /// How long an open breaker skips Redis before probing it again, in milliseconds.
@@ -123,8 +158,15 @@ pub struct RouteConfig {
     #[serde(default)]
     pub key_headers: Vec<String>,
     /// Whether the canonical JSON body (RFC 8785) enters the cache key. Default `false`.
+    /// Only `application/json` and `*+json` bodies that are I-JSON (RFC 7493) are keyed;
+    /// others pass through uncached.
     #[serde(default)]
     pub key_body: bool,
+    /// With `key_query`, whether query parameters outside it are still forwarded to the
+    /// upstream. Default `false`: they are removed, so that a stored answer never depends
+    /// on a parameter the key ignores.
+    #[serde(default)]
+    pub forward_unkeyed_query: bool,
     /// Tags (surrogate keys) attached to stored entries.
     #[serde(default)]
     pub tags: Vec<String>,
@@ -142,6 +184,7 @@ impl Default for Config {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
+            server: ServerConfig::default(),
             upstream: UpstreamConfig::default(),
             cache: CacheConfig::default(),
             redis: None,
@@ -156,6 +199,20 @@ impl Default for UpstreamConfig {
             url: None,
             connect_timeout_ms: 1000,
             response_timeout_ms: 30_000,
+            body_timeout_ms: 30_000,
+            total_timeout_ms: 120_000,
+            preserve_host: false,
+        }
+    }
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            header_read_timeout_ms: 10_000,
+            client_body_timeout_ms: 10_000,
+            max_connections: 10_000,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -182,6 +239,7 @@ impl Default for RedisConfig {
             tls_ca_file: None,
             op_timeout_ms: 100,
             connect_timeout_ms: 500,
+            encrypt: true,
             breaker_failures: 3,
             breaker_cooldown_ms: 2000,
         }

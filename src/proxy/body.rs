@@ -1,8 +1,12 @@
-//! Body plumbing: the boxed body type used on both sides of the proxy, and reading a body
-//! up to a limit without losing what was read when the limit is passed.
+//! Body plumbing: the boxed body type used on both sides of the proxy, reading a body up
+//! to a limit without losing what was read when the limit is passed, and time limits on a
+//! body that trickles or stalls ([`Timed`]).
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
+
+use std::future::Future;
 
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
@@ -67,7 +71,140 @@ where
         }
         // Trailers are dropped: cached responses are stored without them.
     }
-    Ok(Limited::Complete(buf.freeze()))
+    // An exact-size copy: a stored body must not keep read buffers or spare capacity alive.
+    Ok(Limited::Complete(Bytes::copy_from_slice(&buf)))
+}
+
+/// Which side of the proxy a body comes from, so that its failures are blamed on the right
+/// party: a client fault is a 4xx, an upstream fault a 502/504.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The client's request body.
+    Client,
+    /// The upstream's response body.
+    Upstream,
+}
+
+/// Why a [`Timed`] body failed.
+#[derive(Debug)]
+pub struct BodyError {
+    /// Whose body it was.
+    pub side: Side,
+    /// `true` when a time limit passed, `false` when the body itself failed.
+    pub timed_out: bool,
+    source: Option<BoxError>,
+}
+
+impl std::fmt::Display for BodyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let side = match self.side {
+            Side::Client => "request",
+            Side::Upstream => "upstream response",
+        };
+        match (&self.source, self.timed_out) {
+            (_, true) => write!(f, "{side} body timed out"),
+            (Some(e), false) => write!(f, "{side} body failed: {e}"),
+            (None, false) => write!(f, "{side} body failed"),
+        }
+    }
+}
+
+impl std::error::Error for BodyError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source.as_deref().map(|e| e as _)
+    }
+}
+
+/// The first [`BodyError`] in an error's chain of sources, if any: how a body failure
+/// that surfaced through the HTTP client is recognized.
+pub fn body_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a BodyError> {
+    let mut current = Some(e);
+    while let Some(err) = current {
+        if let Some(found) = err.downcast_ref::<BodyError>() {
+            return Some(found);
+        }
+        current = err.source();
+    }
+    None
+}
+
+/// A body with two time limits: `idle` between frames (and before the first), and an
+/// overall deadline. Either one passing ends the body with a [`BodyError`] marked
+/// `timed_out`; the body's own errors become a [`BodyError`] of the same side.
+pub struct Timed<B> {
+    inner: B,
+    side: Side,
+    idle: Duration,
+    idle_timer: Pin<Box<tokio::time::Sleep>>,
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<B> Timed<B> {
+    /// Limits `inner` to `idle` between frames and, when given, to `deadline` overall.
+    pub fn new(
+        inner: B,
+        side: Side,
+        idle: Duration,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Self {
+        Timed {
+            inner,
+            side,
+            idle,
+            idle_timer: Box::pin(tokio::time::sleep(idle)),
+            deadline: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
+        }
+    }
+
+    fn error(&self, timed_out: bool, source: Option<BoxError>) -> BodyError {
+        BodyError {
+            side: self.side,
+            timed_out,
+            source,
+        }
+    }
+}
+
+impl<B> Body for Timed<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = &mut *self;
+        if let Some(deadline) = &mut this.deadline
+            && deadline.as_mut().poll(cx).is_ready()
+        {
+            return Poll::Ready(Some(Err(this.error(true, None))));
+        }
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                let next = tokio::time::Instant::now() + this.idle;
+                this.idle_timer.as_mut().reset(next);
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(this.error(false, Some(e.into()))))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => match this.idle_timer.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Some(Err(this.error(true, None)))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// A body that yields `prefix` and then the frames of `rest`.
@@ -150,5 +287,31 @@ mod tests {
             panic!("should fit")
         };
         assert_eq!(&b[..], b"abcdef");
+    }
+
+    #[tokio::test]
+    async fn a_stalled_body_times_out_and_says_whose_it_was() {
+        let stalled = StreamBody::new(futures_util::stream::pending::<
+            Result<Frame<Bytes>, BoxError>,
+        >());
+        let timed = Timed::new(stalled, Side::Client, Duration::from_millis(50), None);
+        let err = read_limited(timed, 10).await.err().unwrap();
+        let found = body_error(err.as_ref()).unwrap();
+        assert!(found.timed_out);
+        assert_eq!(found.side, Side::Client);
+
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(100);
+        let trickle = StreamBody::new(Box::pin(futures_util::stream::unfold((), |()| async {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            Some((Ok::<_, BoxError>(Frame::data(Bytes::from_static(b"x"))), ()))
+        })));
+        let timed = Timed::new(
+            trickle,
+            Side::Upstream,
+            Duration::from_millis(50),
+            Some(deadline),
+        );
+        let err = read_limited(timed, 1 << 20).await.err().unwrap();
+        assert!(body_error(err.as_ref()).unwrap().timed_out);
     }
 }

@@ -1,12 +1,20 @@
-//! Header rules for a proxy: hop-by-hop removal (RFC 9110 §7.6.1) and forwarding headers.
+//! Header rules for a proxy: hop-by-hop removal (RFC 9110 §7.6.1), what a client may and
+//! may not send on to the upstream, and message framing.
+//!
+//! A request's answer may be shared with other clients, so nothing a client sends outside
+//! the cache key may steer the upstream: the client's `Host` is replaced by the upstream's
+//! (unless `preserve_host`, which puts it in the key), its forwarding headers are replaced
+//! by cachegate's own (unless it is a trusted proxy), and method/URL override headers are
+//! removed.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use ipnet::IpNet;
 
 /// Headers that apply to one connection only and are never forwarded or stored
 /// (RFC 9110 §7.6.1, plus the legacy `Keep-Alive` and `Proxy-Connection`).
-const HOP_BY_HOP: [HeaderName; 8] = [
+const HOP_BY_HOP: [HeaderName; 9] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -15,10 +23,23 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::TE,
     header::TRAILER,
     header::TRANSFER_ENCODING,
+    header::UPGRADE,
 ];
 
-/// Removes hop-by-hop headers, including every header named in `Connection`.
-/// `Upgrade` is removed too: cachegate does not tunnel protocol upgrades.
+/// Headers some frameworks read to change a request's method or URL. They are removed:
+/// the cache key is built from the real method and URL.
+const OVERRIDES: [&str; 7] = [
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+    "x-original-url",
+    "x-rewrite-url",
+    "x-original-uri",
+    "x-override-url",
+];
+
+/// Removes hop-by-hop headers, including `Upgrade` and every header named in
+/// `Connection`. Upgrades are tunnelled separately ([`super::upgrade`]).
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
@@ -30,50 +51,167 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     for name in named.iter().chain(HOP_BY_HOP.iter()) {
         headers.remove(name);
     }
-    headers.remove(header::UPGRADE);
 }
 
-/// Appends the client's address to `X-Forwarded-For` and sets `X-Forwarded-Proto: http`
-/// when the request does not carry one already.
-pub fn add_forwarded(headers: &mut HeaderMap, client: SocketAddr) {
-    let ip = client.ip().to_string();
-    let value = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev}, {ip}"),
-        None => ip,
-    };
-    if let Ok(v) = HeaderValue::from_str(&value) {
-        headers.insert("x-forwarded-for", v);
+/// Whether a request asks for a protocol upgrade (`Upgrade` plus `Connection: upgrade`,
+/// RFC 9110 §7.8).
+pub fn wants_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// The request-side forwarding rules: which peers are trusted proxies and which `Host`
+/// the upstream gets.
+#[derive(Debug, Clone, Default)]
+pub struct Forwarding {
+    /// Peers whose `X-Forwarded-*` / `Forwarded` headers are kept.
+    pub trusted_proxies: Vec<IpNet>,
+    /// The `Host` the upstream gets; `None` keeps the client's (`preserve_host`).
+    pub upstream_host: Option<HeaderValue>,
+}
+
+impl Forwarding {
+    /// Whether `peer` is a trusted proxy.
+    pub fn trusts(&self, peer: IpAddr) -> bool {
+        let peer = peer.to_canonical();
+        self.trusted_proxies.iter().any(|net| net.contains(&peer))
     }
-    if !headers.contains_key("x-forwarded-proto") {
-        headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+
+    /// Rewrites a request's headers for the upstream: hop-by-hop headers were removed
+    /// already; this sets `Host`, removes override headers, replaces forwarding headers
+    /// (appending to a trusted proxy's `X-Forwarded-For`), and drops `Content-Length`, which
+    /// the HTTP client sets from the body it actually sends.
+    pub fn apply(&self, headers: &mut HeaderMap, client: SocketAddr) {
+        if let Some(host) = &self.upstream_host {
+            headers.insert(header::HOST, host.clone());
+        }
+        for name in OVERRIDES {
+            headers.remove(name);
+        }
+        headers.remove(header::CONTENT_LENGTH);
+        let trusted = self.trusts(client.ip());
+        let ip = client.ip().to_canonical().to_string();
+        let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+            Some(prev) if trusted => format!("{prev}, {ip}"),
+            _ => ip,
+        };
+        if !trusted {
+            let spoofable: Vec<HeaderName> = headers
+                .keys()
+                .filter(|n| n.as_str().starts_with("x-forwarded-"))
+                .cloned()
+                .chain([header::FORWARDED, HeaderName::from_static("x-real-ip")])
+                .collect();
+            for name in spoofable {
+                headers.remove(name);
+            }
+        }
+        if let Ok(v) = HeaderValue::from_str(&xff) {
+            headers.insert("x-forwarded-for", v);
+        }
+        if !headers.contains_key("x-forwarded-proto") {
+            headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+        }
+    }
+}
+
+/// Makes an upstream response's framing cachegate's own: hop-by-hop headers (including
+/// `Transfer-Encoding`) and `Content-Length` are removed, so the length a client gets is
+/// always the length of the body it gets (RFC 9112 §6.3: a message with both is suspect).
+/// The one exception is the `Content-Length` of a response to `HEAD`, which frames nothing
+/// and is kept when it is a single well-formed number.
+pub fn own_response_framing(headers: &mut HeaderMap, head_request: bool) {
+    let had_transfer_encoding = headers.contains_key(header::TRANSFER_ENCODING);
+    remove_hop_by_hop(headers);
+    let mut lengths = headers.get_all(header::CONTENT_LENGTH).iter();
+    let keep = head_request
+        && !had_transfer_encoding
+        && matches!(
+            (lengths.next(), lengths.next()),
+            (Some(v), None) if !v.is_empty() && v.as_bytes().iter().all(u8::is_ascii_digit)
+        );
+    if !keep {
+        headers.remove(header::CONTENT_LENGTH);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::header_map;
 
     #[test]
     fn strips_connection_named_headers() {
-        let mut h = HeaderMap::new();
-        h.insert(
-            "connection",
-            HeaderValue::from_static("keep-alive, x-secret-hop"),
-        );
-        h.insert("x-secret-hop", HeaderValue::from_static("1"));
-        h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
-        h.insert("content-type", HeaderValue::from_static("text/plain"));
+        let mut h = header_map(&[
+            ("connection", "keep-alive, x-secret-hop"),
+            ("x-secret-hop", "1"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "websocket"),
+            ("content-type", "text/plain"),
+        ]);
         remove_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("content-type"));
     }
 
     #[test]
-    fn appends_forwarded_for() {
-        let mut h = HeaderMap::new();
-        h.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
-        add_forwarded(&mut h, "127.0.0.1:5000".parse().unwrap());
-        assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
+    fn client_forwarding_headers_are_replaced_unless_trusted() {
+        let fwd = Forwarding {
+            trusted_proxies: vec!["10.0.0.0/8".parse().unwrap()],
+            upstream_host: Some(HeaderValue::from_static("origin:80")),
+        };
+        let spoofed = || {
+            header_map(&[
+                ("host", "evil.example"),
+                ("x-forwarded-for", "1.2.3.4"),
+                ("x-forwarded-host", "evil.example"),
+                ("x-forwarded-proto", "https"),
+                ("forwarded", "host=evil.example"),
+                ("x-http-method-override", "DELETE"),
+                ("x-original-url", "/admin"),
+                ("content-length", "5"),
+            ])
+        };
+        let mut h = spoofed();
+        fwd.apply(&mut h, "127.0.0.1:5000".parse().unwrap());
+        assert_eq!(h["host"], "origin:80");
+        assert_eq!(h["x-forwarded-for"], "127.0.0.1");
         assert_eq!(h["x-forwarded-proto"], "http");
+        for gone in [
+            "x-forwarded-host",
+            "forwarded",
+            "x-http-method-override",
+            "x-original-url",
+            "content-length",
+        ] {
+            assert!(!h.contains_key(gone), "{gone}");
+        }
+        let mut h = spoofed();
+        fwd.apply(&mut h, "10.1.2.3:5000".parse().unwrap());
+        assert_eq!(h["x-forwarded-for"], "1.2.3.4, 10.1.2.3");
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(h["x-forwarded-host"], "evil.example");
+        assert!(!h.contains_key("x-original-url"));
+    }
+
+    #[test]
+    fn response_framing_is_ours() {
+        let mut h = header_map(&[("content-length", "5"), ("transfer-encoding", "chunked")]);
+        own_response_framing(&mut h, false);
+        assert!(h.is_empty());
+        let mut h = header_map(&[("content-length", "5"), ("transfer-encoding", "chunked")]);
+        own_response_framing(&mut h, true);
+        assert!(h.is_empty());
+        let mut h = header_map(&[("content-length", "5")]);
+        own_response_framing(&mut h, true);
+        assert_eq!(h["content-length"], "5");
+        let mut h = header_map(&[("content-length", "5"), ("content-length", "6")]);
+        own_response_framing(&mut h, true);
+        assert!(h.is_empty());
     }
 }

@@ -1,20 +1,26 @@
 //! The caching reverse proxy: the whole request path, top to bottom, in [`Proxy::handle`].
 //!
-//! 1. Strip hop-by-hop headers (`X-Forwarded-*` is added only when a request is forwarded).
-//! 2. Admission: kill switch, route, method, credentials ([`policy::check_request`]).
-//! 3. For body-keyed routes, read the body (bounded) and canonicalize it (RFC 8785).
-//! 4. Build the cache key; apply `rollout_percent`.
-//! 5. Take the client's conditional headers out (answered by the cache, RFC 9110 §13.2).
+//! 1. The request target: exactly one `Host` (RFC 9112 §3.2), else 400; the path
+//!    normalized once ([`crate::uri::normalize_path`]) for routing, key and upstream.
+//! 2. Protocol upgrades are tunnelled ([`upgrade`]); hop-by-hop headers are removed.
+//! 3. Admission: kill switch, route, method, body, credentials ([`policy::check_request`]).
+//! 4. For body-keyed routes, read the body (bounded in size and time) and canonicalize it
+//!    (RFC 8785 over I-JSON).
+//! 5. Build the cache key; apply `rollout_percent`; drop query parameters outside the key.
+//! 6. Take the client's conditional headers out (answered by the cache, RFC 9110 §13.2).
 //!    Look up memory, then Redis.
-//! 6. On a miss, coalesce: one leader fetches from the upstream, stores if allowed and
-//!    shares the response; followers wait (bounded) or go to the upstream themselves.
+//! 7. On a miss, coalesce: one leader fetches from the upstream, stores if allowed and
+//!    shares the response when it may; followers wait (bounded), go themselves when the
+//!    answer may not be shared, and join again when the leader failed.
 //!
-//! Any request the cache cannot handle is passed through untouched (BYPASS), and a cache
-//! fault never becomes an error response.
+//! Any request the cache cannot handle is passed through (BYPASS) with the same forwarding
+//! rules ([`headers::Forwarding`]), and a cache fault never becomes an error response.
+//! Client faults are 4xx, upstream faults 502/504.
 
 pub mod body;
 pub mod headers;
 mod switches;
+pub mod upgrade;
 pub mod upstream;
 
 use std::net::SocketAddr;
@@ -23,22 +29,28 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::request::Parts;
-use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http::uri::PathAndQuery;
+use http::{HeaderValue, Method, Request, Response, StatusCode, Version, header};
+use http_body::Body as _;
 use hyper::body::Incoming;
+use tokio::time::Instant;
 
 pub use self::switches::Switches;
 
-use self::body::{Limited, ProxyBody, read_limited};
-use self::upstream::{Upstream, UpstreamError};
+use self::body::{BoxError, Limited, ProxyBody, Side, Timed, body_error, read_limited};
+use self::headers::Forwarding;
+use self::upgrade::UpgradeRequest;
+use self::upstream::{Upstream, UpstreamBody, UpstreamError};
 use crate::coalesce::{Coalescer, Leader, Role, WaitOutcome};
 use crate::conditional::{self, Conditions};
 use crate::config::Config;
 use crate::entry::{CachedResponse, now_ms};
-use crate::key::{CacheKey, KeyBuilder, KeyParts, canonical_json};
+use crate::key::{BodyKeyError, CacheKey, KeyBuilder, KeyParts, canonical_json, in_filter};
 use crate::metrics::Metrics;
-use crate::policy::{self, Policy, Route};
+use crate::policy::{self, Policy, RequestShape, Route};
 use crate::status::{BypassReason, CachePhase, NoStoreReason, Tier};
 use crate::store::TieredStore;
+use crate::uri::{normalize_path, parse_query};
 
 /// Size and wait limits applied on the request path.
 #[derive(Debug, Clone, Copy)]
@@ -46,6 +58,7 @@ struct Limits {
     max_request_body_bytes: usize,
     max_response_body_bytes: usize,
     coalesce_wait: Duration,
+    client_body_timeout: Duration,
 }
 
 /// The proxy: policy, keys, tiers, coalescing and the upstream client.
@@ -56,6 +69,9 @@ pub struct Proxy {
     /// Followers get the leader's response, whether or not it was stored.
     coalescer: Coalescer<CacheKey, Arc<CachedResponse>>,
     upstream: Upstream,
+    forwarding: Forwarding,
+    /// `preserve_host`: the client's `Host` is forwarded and keyed.
+    preserve_host: bool,
     metrics: Arc<Metrics>,
     switches: Arc<Switches>,
     limits: Limits,
@@ -66,6 +82,8 @@ struct Ctx {
     key: CacheKey,
     client: SocketAddr,
     method: Method,
+    /// The request carries credentials: its answer is never handed to another request.
+    credentialed: bool,
     /// The client's validators, taken out of the forwarded request.
     conditions: Conditions,
 }
@@ -77,6 +95,13 @@ struct Outcome {
     fwd_status: Option<u16>,
 }
 
+/// A request cachegate refuses itself, and why (the `kind` metric label).
+struct ClientFault {
+    status: StatusCode,
+    reason: &'static str,
+    kind: &'static str,
+}
+
 impl Proxy {
     /// Builds the proxy from a finished config (see [`Config::finish`]).
     pub fn new(
@@ -86,28 +111,54 @@ impl Proxy {
         metrics: Arc<Metrics>,
         switches: Arc<Switches>,
     ) -> Self {
+        let upstream = Upstream::new(&config.upstream);
+        let forwarding = Forwarding {
+            trusted_proxies: config.server.trusted_proxies.iter().map(|n| n.0).collect(),
+            upstream_host: (!config.upstream.preserve_host)
+                .then(|| upstream.host_header())
+                .flatten(),
+        };
         Proxy {
             policy: Policy::new(&config.routes),
             keys,
             store,
             coalescer: Coalescer::default(),
-            upstream: Upstream::new(&config.upstream),
+            upstream,
+            forwarding,
+            preserve_host: config.upstream.preserve_host,
             metrics,
             switches,
             limits: Limits {
                 max_request_body_bytes: config.cache.max_request_body_bytes,
                 max_response_body_bytes: config.cache.max_response_body_bytes,
                 coalesce_wait: Duration::from_millis(config.cache.coalesce_wait_ms),
+                client_body_timeout: Duration::from_millis(
+                    config.server.client_body_timeout_ms.max(1),
+                ),
             },
         }
     }
 
-    /// Answers one client request. Never fails: upstream faults become 502/504 with a short
-    /// plain-text reason, cache faults are misses.
+    /// Answers one client request. Never fails: client faults become 4xx, upstream faults
+    /// 502/504 with a short plain-text reason, cache faults are misses.
     pub async fn handle(&self, req: Request<Incoming>, client: SocketAddr) -> Response<ProxyBody> {
         let (mut parts, body) = req.into_parts();
+
+        // The request target: one Host, one spelling of the path.
+        if let Err(fault) = check_host(&parts) {
+            return self.refuse(fault);
+        }
+        let target = normalize_path(parts.uri.path());
+        let query = parts.uri.query().map(str::to_owned);
+        set_path_and_query(&mut parts, &target.path, query.as_deref());
+        let has_body = !body.is_end_stream();
+        let timeout = self.limits.client_body_timeout;
+        let body = body::boxed(Timed::new(body, Side::Client, timeout, None));
+
+        if headers::wants_upgrade(&parts.headers) {
+            return self.tunnel(parts, body, client).await;
+        }
         headers::remove_hop_by_hop(&mut parts.headers);
-        let body = body::boxed(body);
 
         // Admission: may this request use the cache at all?
         if !self.switches.enabled() {
@@ -115,8 +166,12 @@ impl Proxy {
                 .bypass(parts, body, client, BypassReason::Disabled)
                 .await;
         }
-        let route = self.policy.route_for(&parts.method, parts.uri.path());
-        if let Err(reason) = policy::check_request(route, &parts.method, &parts.headers) {
+        let route = self.policy.route_for(&parts.method, &target.path);
+        let shape = RequestShape {
+            has_body,
+            ambiguous_path: target.ambiguous,
+        };
+        if let Err(reason) = policy::check_request(route, &parts.method, &parts.headers, shape) {
             return self.bypass(parts, body, client, reason).await;
         }
 
@@ -126,15 +181,12 @@ impl Proxy {
             Some(_) => match read_limited(body, self.limits.max_request_body_bytes).await {
                 Ok(Limited::Complete(bytes)) => match canonical_json(&bytes) {
                     Ok(canonical) => (body::full(bytes), Some(canonical)),
-                    Err(_) => {
-                        return self
-                            .bypass(
-                                parts,
-                                body::full(bytes),
-                                client,
-                                BypassReason::MalformedBody,
-                            )
-                            .await;
+                    Err(e) => {
+                        let reason = match e {
+                            BodyKeyError::MalformedJson => BypassReason::MalformedBody,
+                            BodyKeyError::NotIJson => BypassReason::NotIJson,
+                        };
+                        return self.bypass(parts, body::full(bytes), client, reason).await;
                     }
                 },
                 Ok(Limited::TooLarge(rest)) => {
@@ -147,16 +199,37 @@ impl Proxy {
                         )
                         .await;
                 }
-                Err(_) => return plain(StatusCode::BAD_REQUEST, "request body could not be read"),
+                Err(e) => return self.refuse(request_body_fault(&e)),
             },
         };
 
         // The key, and whether it is in the rollout.
-        let key = self.key_for(&parts, route, canonical_body.as_deref());
+        let params = parse_query(query.as_deref().unwrap_or(""));
+        let query_filter = route.and_then(|r| r.config.key_query.as_deref());
+        let key = self.keys.build(&KeyParts {
+            method: &parts.method,
+            path: &target.path,
+            host: self.preserve_host.then(|| host_str(&parts)).flatten(),
+            query: &params,
+            query_filter,
+            headers: &parts.headers,
+            header_names: route.map_or(&[], |r| &r.config.key_headers),
+            canonical_body: canonical_body.as_deref(),
+        });
         if !self.switches.rolled_out(&key) {
             return self
                 .bypass(parts, body, client, BypassReason::Rollout)
                 .await;
+        }
+        // A stored answer may not depend on a parameter the key ignores.
+        if query_filter.is_some() && !route.is_some_and(|r| r.config.forward_unkeyed_query) {
+            let kept: Vec<&str> = params
+                .iter()
+                .filter(|p| in_filter(query_filter, &p.name))
+                .map(|p| p.raw)
+                .collect();
+            let kept = (!kept.is_empty()).then(|| kept.join("&"));
+            set_path_and_query(&mut parts, &target.path, kept.as_deref());
         }
 
         // From here on the cache answers: the client's own conditions are evaluated by
@@ -166,6 +239,7 @@ impl Proxy {
             key,
             client,
             method: parts.method.clone(),
+            credentialed: policy::credentialed(&parts.headers),
             conditions: Conditions::take(&mut parts.headers),
         };
 
@@ -174,46 +248,43 @@ impl Proxy {
             return self.serve_entry(&entry, &ctx, hit(&entry, tier));
         }
 
-        // Miss: one request per key goes to the upstream.
-        match self.coalescer.join(&key) {
-            Role::Leader(leader) => self.fetch(parts, body, route, &ctx, Some(leader)).await,
-            Role::Follower(follower) => match follower.wait(self.limits.coalesce_wait).await {
+        // Miss: one request per key goes to the upstream. A follower whose leader failed
+        // joins again, so that one of them leads the next attempt.
+        let deadline = Instant::now() + self.limits.coalesce_wait;
+        loop {
+            let follower = match self.coalescer.join(&key) {
+                Role::Leader(leader) => {
+                    return self.fetch(parts, body, route, &ctx, Some(leader)).await;
+                }
+                Role::Follower(follower) => follower,
+            };
+            let waits = &self.metrics.coalesced_waits;
+            match follower
+                .wait(deadline.saturating_duration_since(Instant::now()))
+                .await
+            {
                 WaitOutcome::Shared(entry) => {
-                    self.metrics.coalesced_waits.inc("served");
+                    waits.inc("served");
                     let outcome = miss(CachePhase::Collapsed, Some(entry.status.as_u16()));
-                    self.serve_entry(&entry, &ctx, outcome)
+                    return self.serve_entry(&entry, &ctx, outcome);
+                }
+                WaitOutcome::Released => {
+                    waits.inc("released");
+                    return self.fetch(parts, body, route, &ctx, None).await;
                 }
                 WaitOutcome::TimedOut => {
-                    self.metrics.coalesced_waits.inc("timeout");
-                    self.fetch(parts, body, route, &ctx, None).await
+                    waits.inc("timeout");
+                    return self.fetch(parts, body, route, &ctx, None).await;
                 }
-                WaitOutcome::Abandoned => {
-                    self.metrics.coalesced_waits.inc("retried");
-                    self.fetch(parts, body, route, &ctx, None).await
-                }
-            },
+                WaitOutcome::Failed => waits.inc("retried"),
+            }
         }
     }
 
-    fn key_for(
-        &self,
-        parts: &Parts,
-        route: Option<&Route>,
-        canonical_body: Option<&[u8]>,
-    ) -> CacheKey {
-        self.keys.build(&KeyParts {
-            method: &parts.method,
-            path: parts.uri.path(),
-            query: parts.uri.query(),
-            query_filter: route.and_then(|r| r.config.key_query.as_deref()),
-            headers: &parts.headers,
-            header_names: route.map_or(&[], |r| &r.config.key_headers),
-            canonical_body,
-        })
-    }
-
     /// Forwards a cacheable request to the upstream, stores the response when policy allows,
-    /// and (as leader) shares it with followers when it is safe to share.
+    /// and (as leader) shares it with followers when it may be given to another request.
+    /// A leader dropped without sharing or releasing fails the flight: its followers join
+    /// again.
     async fn fetch(
         &self,
         parts: Parts,
@@ -226,7 +297,7 @@ impl Proxy {
         // A flight that ended between our lookup and our join has just stored its entry.
         if let Some(entry) = self.store.lookup_memory(key).await {
             if let Some(leader) = leader {
-                leader.publish(Some(entry.clone()));
+                leader.share(entry.clone());
             }
             return self.serve_entry(&entry, ctx, hit(&entry, Tier::Memory));
         }
@@ -239,10 +310,15 @@ impl Proxy {
         };
         let fwd_status = Some(head.status.as_u16());
         let decision = policy::storable_ttl(route, head.status, &head.headers);
-        if let Err(reason) = decision
-            && !reason.shareable()
-        {
-            // Private to this requester, or not worth holding: stream it, followers retry.
+        // May another request have this answer? Never when it is private to its requester
+        // (whatever its status) or the request was credentialed, even on a per-credential key.
+        let shareable = !ctx.credentialed && decision.as_ref().err().is_none_or(|r| r.shareable());
+        if decision.is_err() && !shareable {
+            // Neither stored nor shared: stream it; followers go to the upstream themselves.
+            if let Some(leader) = leader {
+                leader.release();
+            }
+            let reason = decision.err().unwrap_or(NoStoreReason::Private);
             let resp = Response::from_parts(head, body::boxed(resp_body));
             return self.finish(
                 resp,
@@ -253,31 +329,49 @@ impl Proxy {
         let bytes = match read_limited(resp_body, self.limits.max_response_body_bytes).await {
             Ok(Limited::Complete(bytes)) => bytes,
             Ok(Limited::TooLarge(rest)) => {
+                if let Some(leader) = leader {
+                    leader.release();
+                }
                 let resp = Response::from_parts(head, body::boxed(rest));
                 let phase = CachePhase::Miss(Err(NoStoreReason::TooLarge));
                 return self.finish(resp, miss(phase, fwd_status), Some(key));
             }
             Err(e) => {
-                self.metrics.upstream_errors.inc("body");
+                let timed_out = body_error(e.as_ref()).is_some_and(|b| b.timed_out);
+                let (status, kind, text) = if timed_out {
+                    (
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "body-timeout",
+                        "upstream response body timed out",
+                    )
+                } else {
+                    (
+                        StatusCode::BAD_GATEWAY,
+                        "body",
+                        "upstream response body failed",
+                    )
+                };
+                self.metrics.upstream_errors.inc(kind);
                 tracing::warn!(error = %e, "upstream response body failed");
-                let resp = plain(StatusCode::BAD_GATEWAY, "upstream response body failed");
                 let phase = CachePhase::Miss(Err(NoStoreReason::UpstreamError));
-                return self.finish(resp, miss(phase, fwd_status), Some(key));
+                return self.finish(plain(status, text), miss(phase, fwd_status), Some(key));
             }
         };
-        let entry = Arc::new(CachedResponse {
-            status: head.status,
-            headers: head.headers,
-            body: bytes,
-            stored_at_ms: now_ms(),
-            ttl_secs: *decision.as_ref().unwrap_or(&0),
-            tags: route.map(|r| r.config.tags.clone()).unwrap_or_default(),
-        });
+        let entry = Arc::new(CachedResponse::compact(
+            head.status,
+            &head.headers,
+            bytes,
+            now_ms(),
+            *decision.as_ref().unwrap_or(&0),
+            route.map(|r| r.config.tags.clone()).unwrap_or_default(),
+        ));
         if decision.is_ok() {
             self.store.store(*key, entry.clone()).await;
         }
-        if let Some(leader) = leader {
-            leader.publish(Some(entry.clone()));
+        match leader {
+            Some(leader) if shareable => leader.share(entry.clone()),
+            Some(leader) => leader.release(),
+            None => {}
         }
         let outcome = miss(CachePhase::Miss(decision.map(|_| ())), fwd_status);
         self.serve_entry(&entry, ctx, outcome)
@@ -302,36 +396,92 @@ impl Proxy {
         }
     }
 
-    /// Adds `X-Forwarded-*`, sends to the upstream and records its latency. Returns the
-    /// response head without hop-by-hop headers, and the streaming body. Errors are turned
-    /// into the 502/504 response that the client gets.
+    /// Tunnels a protocol upgrade (WebSocket) to the upstream; never cached.
+    async fn tunnel(
+        &self,
+        mut parts: Parts,
+        body: ProxyBody,
+        client: SocketAddr,
+    ) -> Response<ProxyBody> {
+        let phase = CachePhase::Bypass(BypassReason::Upgrade);
+        let upgrade = UpgradeRequest::take(&parts.headers, &mut parts.extensions);
+        headers::remove_hop_by_hop(&mut parts.headers);
+        let Some(upgrade) = upgrade else {
+            return self
+                .bypass(parts, body, client, BypassReason::Upgrade)
+                .await;
+        };
+        upgrade.restore_headers(&mut parts.headers);
+        self.forwarding.apply(&mut parts.headers, client);
+        let resp = match self.upstream.send(Request::from_parts(parts, body)).await {
+            Ok((resp, _)) => resp,
+            Err(e) => return self.finish(self.upstream_failure(e), miss(phase, None), None),
+        };
+        let fwd_status = Some(resp.status().as_u16());
+        let resp = match upgrade.tunnel(resp) {
+            Ok(switching) => switching.map(|()| body::empty()),
+            Err(other) => {
+                let (mut head, resp_body) = other.into_parts();
+                headers::own_response_framing(&mut head.headers, false);
+                Response::from_parts(head, body::boxed(resp_body))
+            }
+        };
+        self.finish(resp, miss(phase, fwd_status), None)
+    }
+
+    /// Applies the forwarding rules, sends to the upstream and records its latency. Returns
+    /// the response head with cachegate's own framing ([`headers::own_response_framing`]),
+    /// and the streaming body. Errors are turned into the response that the client gets.
     async fn send(
         &self,
         mut parts: Parts,
         body: ProxyBody,
         client: SocketAddr,
-    ) -> Result<(http::response::Parts, Incoming), Response<ProxyBody>> {
-        headers::add_forwarded(&mut parts.headers, client);
+    ) -> Result<(http::response::Parts, UpstreamBody), Response<ProxyBody>> {
+        self.forwarding.apply(&mut parts.headers, client);
+        let head_request = parts.method == Method::HEAD;
         match self.upstream.send(Request::from_parts(parts, body)).await {
             Ok((resp, elapsed)) => {
                 self.metrics
                     .upstream_duration
                     .observe(elapsed.as_secs_f64());
                 let (mut head, body) = resp.into_parts();
-                headers::remove_hop_by_hop(&mut head.headers);
+                headers::own_response_framing(&mut head.headers, head_request);
                 Ok((head, body))
             }
-            Err(UpstreamError::Unreachable(reason)) => {
+            Err(e) => Err(self.upstream_failure(e)),
+        }
+    }
+
+    /// The response for a failed exchange: 502/504 for the upstream's faults, 400/408 when
+    /// the client's request body failed or stalled.
+    fn upstream_failure(&self, e: UpstreamError) -> Response<ProxyBody> {
+        match e {
+            UpstreamError::Unreachable(reason) => {
                 self.metrics.upstream_errors.inc("unreachable");
                 tracing::warn!(%reason, "upstream unreachable");
-                Err(plain(StatusCode::BAD_GATEWAY, "upstream unreachable"))
+                plain(StatusCode::BAD_GATEWAY, "upstream unreachable")
             }
-            Err(UpstreamError::Timeout) => {
+            UpstreamError::Timeout => {
                 self.metrics.upstream_errors.inc("timeout");
                 tracing::warn!("upstream timed out");
-                Err(plain(StatusCode::GATEWAY_TIMEOUT, "upstream timed out"))
+                plain(StatusCode::GATEWAY_TIMEOUT, "upstream timed out")
+            }
+            UpstreamError::ClientBody { timed_out } => {
+                self.refuse(if timed_out { BODY_TIMEOUT } else { BAD_BODY })
             }
         }
+    }
+
+    /// A client fault answered by cachegate itself, counted by kind.
+    fn refuse(&self, fault: ClientFault) -> Response<ProxyBody> {
+        self.metrics.client_errors.inc(fault.kind);
+        tracing::debug!(
+            status = fault.status.as_u16(),
+            kind = fault.kind,
+            "client error"
+        );
+        plain(fault.status, fault.reason)
     }
 
     /// Builds the response for a stored or shared entry: the entry itself, or `304 Not
@@ -400,6 +550,60 @@ impl Proxy {
             "request"
         );
         resp
+    }
+}
+
+const BAD_BODY: ClientFault = ClientFault {
+    status: StatusCode::BAD_REQUEST,
+    reason: "request body could not be read",
+    kind: "body",
+};
+
+const BODY_TIMEOUT: ClientFault = ClientFault {
+    status: StatusCode::REQUEST_TIMEOUT,
+    reason: "request body timed out",
+    kind: "body-timeout",
+};
+
+/// RFC 9112 §3.2: an HTTP/1.1 request has exactly one `Host`; no request has two.
+fn check_host(parts: &Parts) -> Result<(), ClientFault> {
+    let hosts = parts.headers.get_all(header::HOST).iter().count();
+    if hosts > 1 || (hosts == 0 && parts.version == Version::HTTP_11) {
+        return Err(ClientFault {
+            status: StatusCode::BAD_REQUEST,
+            reason: "a request needs exactly one Host header",
+            kind: "host",
+        });
+    }
+    Ok(())
+}
+
+/// The client's `Host`, for `preserve_host`.
+fn host_str(parts: &Parts) -> Option<&str> {
+    parts
+        .headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+}
+
+/// Points the request at `path` with `query`; the upstream URL's origin is added later.
+fn set_path_and_query(parts: &mut Parts, path: &str, query: Option<&str>) {
+    let pq = match query {
+        Some(q) => format!("{path}?{q}"),
+        None => path.to_string(),
+    };
+    if let Ok(pq) = PathAndQuery::try_from(pq) {
+        parts.uri = pq.into();
+    }
+}
+
+/// The client fault behind a failed read of a request body: a stall (408) or a malformed
+/// or interrupted body (400).
+fn request_body_fault(e: &BoxError) -> ClientFault {
+    if body_error(e.as_ref()).is_some_and(|b| b.timed_out) {
+        BODY_TIMEOUT
+    } else {
+        BAD_BODY
     }
 }
 

@@ -1,14 +1,15 @@
 //! The pooled HTTP/1.1 client that sends requests to the origin.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use http::{Request, Response, Uri};
+use http::{HeaderValue, Request, Response, Uri};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use tokio::time::Instant;
 
-use super::body::ProxyBody;
+use super::body::{ProxyBody, Side, Timed, body_error};
 use crate::config::{UpstreamConfig, UpstreamUrl};
 
 /// Why the upstream gave no response.
@@ -18,7 +19,16 @@ pub enum UpstreamError {
     Unreachable(String),
     /// No response head within `response_timeout_ms` (answered with 504).
     Timeout,
+    /// The client's request body failed or stalled while it was being sent: a client
+    /// fault (answered with 400, or 408 when `timed_out`).
+    ClientBody {
+        /// The client stalled past `client_body_timeout_ms`.
+        timed_out: bool,
+    },
 }
+
+/// The upstream's response body, limited by `body_timeout_ms` and `total_timeout_ms`.
+pub type UpstreamBody = Timed<Incoming>;
 
 /// The origin and a connection pool to it.
 #[derive(Clone)]
@@ -26,6 +36,8 @@ pub struct Upstream {
     client: Client<HttpConnector, ProxyBody>,
     base: UpstreamUrl,
     response_timeout: Duration,
+    body_timeout: Duration,
+    total_timeout: Duration,
 }
 
 impl Upstream {
@@ -50,7 +62,14 @@ impl Upstream {
                 .clone()
                 .expect("upstream url is checked at start-up"),
             response_timeout: Duration::from_millis(config.response_timeout_ms.max(1)),
+            body_timeout: Duration::from_millis(config.body_timeout_ms.max(1)),
+            total_timeout: Duration::from_millis(config.total_timeout_ms.max(1)),
         }
+    }
+
+    /// The `Host` header value the upstream gets by default: the upstream URL's authority.
+    pub fn host_header(&self) -> Option<HeaderValue> {
+        HeaderValue::from_str(&self.base.authority).ok()
     }
 
     /// The origin's URI for a request's path and query.
@@ -63,22 +82,38 @@ impl Upstream {
             .build()
     }
 
-    /// Sends `req` (already stripped of hop-by-hop headers) and waits for the response head.
-    /// Returns the response and how long the head took.
+    /// Sends `req` (already stripped of hop-by-hop headers) and waits for the response head,
+    /// at most `response_timeout_ms` and never past `total_timeout_ms`. Returns the response,
+    /// whose body is limited to `body_timeout_ms` between chunks and to the rest of
+    /// `total_timeout_ms`, and how long the head took.
     ///
     /// Errors: [`UpstreamError::Unreachable`] when the connection or the exchange fails,
-    /// [`UpstreamError::Timeout`] after `response_timeout_ms`.
+    /// [`UpstreamError::Timeout`] when a limit passes first, [`UpstreamError::ClientBody`]
+    /// when it failed because the client's request body did.
     pub async fn send(
         &self,
         mut req: Request<ProxyBody>,
-    ) -> Result<(Response<Incoming>, Duration), UpstreamError> {
+    ) -> Result<(Response<UpstreamBody>, Duration), UpstreamError> {
         *req.uri_mut() = self
             .uri_for(req.uri())
             .map_err(|e| UpstreamError::Unreachable(format!("bad upstream URI: {e}")))?;
         let started = Instant::now();
-        match tokio::time::timeout(self.response_timeout, self.client.request(req)).await {
-            Ok(Ok(resp)) => Ok((resp, started.elapsed())),
-            Ok(Err(e)) => Err(UpstreamError::Unreachable(error_chain(&e))),
+        let deadline = started + self.total_timeout;
+        let head_limit = self.response_timeout.min(self.total_timeout);
+        match tokio::time::timeout(head_limit, self.client.request(req)).await {
+            Ok(Ok(resp)) => {
+                let elapsed = started.elapsed();
+                let body_timeout = self.body_timeout;
+                let resp =
+                    resp.map(|b| Timed::new(b, Side::Upstream, body_timeout, Some(deadline)));
+                Ok((resp, elapsed))
+            }
+            Ok(Err(e)) => Err(match body_error(&e) {
+                Some(b) if b.side == Side::Client => UpstreamError::ClientBody {
+                    timed_out: b.timed_out,
+                },
+                _ => UpstreamError::Unreachable(error_chain(&e)),
+            }),
             Err(_) => Err(UpstreamError::Timeout),
         }
     }

@@ -7,7 +7,7 @@ pub mod redis;
 
 use std::sync::Arc;
 
-use crate::entry::{CachedResponse, now_ms};
+use crate::entry::{CachedResponse, EnvelopeKeys, now_ms};
 use crate::key::CacheKey;
 use crate::metrics::Metrics;
 use crate::status::Tier;
@@ -20,15 +20,23 @@ pub use self::redis::RedisTier;
 pub struct TieredStore {
     memory: MemoryTier,
     redis: Option<RedisTier>,
+    envelope_keys: EnvelopeKeys,
     metrics: Arc<Metrics>,
 }
 
 impl TieredStore {
-    /// Combines a memory tier with an optional Redis tier.
-    pub fn new(memory: MemoryTier, redis: Option<RedisTier>, metrics: Arc<Metrics>) -> Self {
+    /// Combines a memory tier with an optional Redis tier whose envelopes are sealed and
+    /// opened with `envelope_keys`.
+    pub fn new(
+        memory: MemoryTier,
+        redis: Option<RedisTier>,
+        envelope_keys: EnvelopeKeys,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         TieredStore {
             memory,
             redis,
+            envelope_keys,
             metrics,
         }
     }
@@ -39,16 +47,17 @@ impl TieredStore {
     }
 
     /// Looks `key` up in the memory tier, then in Redis. A fresh Redis entry is copied into
-    /// the memory tier. A corrupt or foreign Redis entry counts as a miss.
+    /// the memory tier. A Redis entry that fails authentication (forged, copied from another
+    /// key, altered) or decoding counts as a miss and in `redis_rejected_entries_total`.
     pub async fn lookup(&self, key: &CacheKey) -> Option<(Arc<CachedResponse>, Tier)> {
         if let Some(entry) = self.memory.get(key).await {
             return Some((entry, Tier::Memory));
         }
         let redis = self.redis.as_ref()?;
         let bytes = redis.get(key).await?;
-        let Some(entry) = CachedResponse::decode(key, &bytes) else {
-            self.metrics.redis_corrupt_entries.inc();
-            tracing::warn!(key = %key.short(), "undecodable entry in redis treated as a miss");
+        let Some(entry) = CachedResponse::decode(key, &bytes, &self.envelope_keys) else {
+            self.metrics.redis_rejected_entries.inc();
+            tracing::warn!(key = %key.short(), "unauthenticated or undecodable entry in redis treated as a miss");
             return None;
         };
         if !entry.is_fresh(now_ms()) {
@@ -71,9 +80,10 @@ impl TieredStore {
         self.metrics.stores.inc(Tier::Memory.as_str());
         if let Some(redis) = self.redis.clone() {
             let metrics = self.metrics.clone();
+            let keys = self.envelope_keys.clone();
             tokio::spawn(async move {
                 let ttl = u64::from(entry.ttl_secs);
-                if redis.set(&key, entry.encode(&key), ttl).await {
+                if redis.set(&key, entry.encode(&key, &keys), ttl).await {
                     metrics.stores.inc(Tier::Redis.as_str());
                 }
             });

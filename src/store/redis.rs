@@ -81,12 +81,12 @@ impl RedisTier {
                 config.breaker_failures,
                 Duration::from_millis(config.breaker_cooldown_ms),
             )),
-            prefix: format!("{namespace}:v1:"),
+            prefix: format!("{namespace}:v2:"),
             metrics,
         })
     }
 
-    /// The Redis key of a cache key: `{namespace}:v1:{hex}`.
+    /// The Redis key of a cache key: `{namespace}:v2:{hex}`.
     pub fn redis_key(&self, key: &CacheKey) -> String {
         format!("{}{}", self.prefix, key.to_hex())
     }
@@ -127,6 +127,16 @@ impl RedisTier {
         self.metrics
             .redis_breaker_state
             .set(self.breaker.state() as i64);
+    }
+
+    /// Whether Redis answers a `PING` within the operation timeout (through the breaker).
+    pub async fn ping(&self) -> bool {
+        let mut conn = self.conn.clone();
+        self.guarded("get", async move {
+            redis::cmd("PING").query_async::<String>(&mut conn).await
+        })
+        .await
+        .is_some()
     }
 
     /// The stored envelope for `key`, or `None` on a miss, a failure or a timeout.

@@ -1,15 +1,20 @@
 //! Cache keys: what identifies a reusable response, as a keyed hash.
 //!
-//! A key covers namespace + method + normalized path + sorted query parameters + the
-//! selected request headers + the canonical JSON body (RFC 8785, JSON Canonicalization
-//! Scheme). It is a keyed BLAKE3 hash under a secret: birth dates and similar inputs have
+//! A key covers namespace + method + normalized path (+ the client's `Host` on
+//! `preserve_host` routes) + query parameters sorted by name + the selected request
+//! headers + the canonical JSON body (RFC 8785, JSON Canonicalization Scheme, over I-JSON
+//! bodies only: [`canonical_json`]). It is a keyed BLAKE3 hash under a secret: birth dates and similar inputs have
 //! little entropy, so an unkeyed hash could be reversed by guessing. No raw request data
 //! is kept in a key.
 
-use std::borrow::Cow;
 use std::fmt;
 
 use http::{HeaderMap, Method};
+
+mod json;
+
+pub use self::json::{BodyKeyError, canonical_json, is_json_media_type};
+use crate::uri::QueryParam;
 
 /// A cache key: 32 bytes of keyed BLAKE3 over the request's identifying parts.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
@@ -43,13 +48,6 @@ impl fmt::Debug for CacheKey {
     }
 }
 
-/// Why a request body could not enter a key.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BodyKeyError {
-    /// The body is not valid JSON.
-    MalformedJson,
-}
-
 /// Builds [`CacheKey`]s under one secret and namespace.
 #[derive(Clone)]
 pub struct KeyBuilder {
@@ -61,10 +59,12 @@ pub struct KeyBuilder {
 pub struct KeyParts<'a> {
     /// The request method.
     pub method: &'a Method,
-    /// The request path, without the query.
+    /// The normalized request path ([`crate::uri::normalize_path`]), without the query.
     pub path: &'a str,
-    /// The raw query string, if any.
-    pub query: Option<&'a str>,
+    /// The `Host` the upstream gets, when the route forwards the client's (`preserve_host`).
+    pub host: Option<&'a str>,
+    /// The parsed query parameters ([`crate::uri::parse_query`]), in the client's order.
+    pub query: &'a [QueryParam<'a>],
     /// Query parameter names to keep; `None` keeps all.
     pub query_filter: Option<&'a [String]>,
     /// The request headers.
@@ -87,6 +87,10 @@ impl KeyBuilder {
 
     /// Hashes the parts into a key. Each part is length-prefixed, so no two different
     /// requests can be spelled into the same input.
+    ///
+    /// Query parameters are sorted by name only: the order of repeated values of one name
+    /// is kept (many frameworks read `?id=1&id=2` as a list), and a pair without `=` is
+    /// told apart from one with an empty value.
     pub fn build(&self, parts: &KeyParts<'_>) -> CacheKey {
         // Serialize into one buffer and hash once: much cheaper than many small updates.
         let body_len = parts.canonical_body.map_or(0, <[u8]>::len);
@@ -97,27 +101,31 @@ impl KeyBuilder {
         };
         field(self.namespace.as_bytes());
         field(parts.method.as_str().as_bytes());
-        field(normalize_percent(parts.path).as_bytes());
-        let mut pairs: Vec<(Cow<'_, str>, Cow<'_, str>)> = parts
+        field(parts.path.as_bytes());
+        match parts.host {
+            Some(host) => {
+                field(b"host");
+                field(host.to_ascii_lowercase().as_bytes());
+            }
+            None => field(b"nohost"),
+        }
+        let mut params: Vec<&QueryParam<'_>> = parts
             .query
-            .unwrap_or("")
-            .split('&')
-            .filter(|p| !p.is_empty())
-            .map(|p| {
-                let (k, v) = p.split_once('=').unwrap_or((p, ""));
-                (normalize_percent(k), normalize_percent(v))
-            })
-            .filter(|(k, _)| {
-                parts
-                    .query_filter
-                    .is_none_or(|keep| keep.iter().any(|n| n == k))
-            })
+            .iter()
+            .filter(|p| in_filter(parts.query_filter, &p.name))
             .collect();
-        pairs.sort_unstable();
-        field(&(pairs.len() as u32).to_le_bytes());
-        for (k, v) in &pairs {
-            field(k.as_bytes());
-            field(v.as_bytes());
+        // A stable sort: values of one name keep their order.
+        params.sort_by(|a, b| a.name.cmp(&b.name));
+        field(&(params.len() as u32).to_le_bytes());
+        for p in &params {
+            field(p.name.as_bytes());
+            match &p.value {
+                Some(v) => {
+                    field(b"=");
+                    field(v.as_bytes());
+                }
+                None => field(b""),
+            }
         }
         let mut names: Vec<&String> = parts.header_names.iter().collect();
         names.sort_unstable();
@@ -140,51 +148,10 @@ impl KeyBuilder {
     }
 }
 
-/// Canonicalizes a JSON body by RFC 8785 (JCS): object members sorted, no insignificant
-/// whitespace, numbers spelled as ECMAScript does.
-///
-/// Errors: [`BodyKeyError::MalformedJson`] when `body` is not JSON.
-///
-/// ```
-/// use cachegate::key::canonical_json;
-/// let a = canonical_json(br#"{"lat": 51.50, "name": "Ada"}"#).unwrap();
-/// let b = canonical_json(br#"{"name":"Ada","lat":5.15e1}"#).unwrap();
-/// assert_eq!(a, b);
-/// assert_eq!(a, br#"{"lat":51.5,"name":"Ada"}"#);
-/// ```
-pub fn canonical_json(body: &[u8]) -> Result<Vec<u8>, BodyKeyError> {
-    let value: serde_json::Value =
-        serde_json::from_slice(body).map_err(|_| BodyKeyError::MalformedJson)?;
-    serde_jcs::to_vec(&value).map_err(|_| BodyKeyError::MalformedJson)
-}
-
-/// RFC 3986 §6.2.2 normalization: percent-encoded unreserved characters are decoded and
-/// the hex digits of the remaining escapes upper-cased.
-fn normalize_percent(s: &str) -> Cow<'_, str> {
-    if !s.contains('%') {
-        return Cow::Borrowed(s);
-    }
-    let bytes = s.as_bytes();
-    let mut out = String::with_capacity(s.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            let hex = &s[i + 1..i + 3];
-            if let Ok(b) = u8::from_str_radix(hex, 16) {
-                if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-                    out.push(b as char);
-                } else {
-                    out.push('%');
-                    out.push_str(&hex.to_ascii_uppercase());
-                }
-                i += 3;
-                continue;
-            }
-        }
-        out.push(bytes[i] as char);
-        i += 1;
-    }
-    Cow::Owned(out)
+/// Whether a query parameter named `name` passes a route's `key_query` filter (`None`:
+/// every parameter does).
+pub fn in_filter(filter: Option<&[String]>, name: &str) -> bool {
+    filter.is_none_or(|keep| keep.iter().any(|n| n == name))
 }
 
 #[cfg(test)]
@@ -192,26 +159,18 @@ mod tests {
     use super::*;
 
     fn key(b: &KeyBuilder, path: &str, query: Option<&str>, body: Option<&[u8]>) -> CacheKey {
+        let path = crate::uri::normalize_path(path).path;
+        let query = crate::uri::parse_query(query.unwrap_or(""));
         b.build(&KeyParts {
             method: &Method::POST,
-            path,
-            query,
+            path: &path,
+            host: None,
+            query: &query,
             query_filter: None,
             headers: &HeaderMap::new(),
             header_names: &[],
             canonical_body: body,
         })
-    }
-
-    #[test]
-    fn json_order_and_spelling_do_not_matter() {
-        let a = canonical_json(br#"{"b": 1.0, "a": [1, 2e0], "c": "x"}"#).unwrap();
-        let b = canonical_json(br#"{"a":[1,2],"c":"x","b":1}"#).unwrap();
-        assert_eq!(a, b);
-        assert_eq!(
-            canonical_json(b"{bad").unwrap_err(),
-            BodyKeyError::MalformedJson
-        );
     }
 
     #[test]
@@ -239,8 +198,12 @@ mod tests {
     }
 
     #[test]
-    fn truncated_escape_is_kept() {
-        assert_eq!(normalize_percent("a%2"), "a%2");
-        assert_eq!(normalize_percent("%"), "%");
+    fn repeated_parameters_keep_their_order_and_bare_names_differ() {
+        let b = KeyBuilder::new(b"s", "ns");
+        let k = |q| key(&b, "/a", Some(q), None);
+        assert_ne!(k("id=1&id=2"), k("id=2&id=1"));
+        assert_eq!(k("id=1&x=0&id=2"), k("x=0&id=1&id=2"));
+        assert_ne!(k("debug"), k("debug="));
+        assert_ne!(k("a=b&c"), k("a=b%26c"));
     }
 }

@@ -1,0 +1,269 @@
+//! The canonical form of a JSON request body: RFC 8785 (JCS) over I-JSON (RFC 7493).
+//!
+//! RFC 8785 is defined for I-JSON only. Two bodies outside it can differ and still get
+//! one canonical form: duplicate member names (`{"date":A,"date":B}` and `{"date":B}`
+//! both become `{"date":B}`), and numbers that an IEEE 754 double cannot hold
+//! (`9007199254740993` becomes `9007199254740992`). Such bodies are refused
+//! ([`BodyKeyError::NotIJson`]), so the proxy passes them through uncached instead of
+//! answering one with the response to the other.
+
+use std::collections::HashSet;
+use std::fmt;
+
+use http::{HeaderMap, header};
+use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde_json::{Map, Value};
+
+/// Why a request body could not enter a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyKeyError {
+    /// The body is not JSON.
+    MalformedJson,
+    /// The body is JSON but not I-JSON (RFC 7493): a duplicate member name, or a number
+    /// that does not survive a round trip through an IEEE 754 double.
+    NotIJson,
+}
+
+/// Canonicalizes a JSON body by RFC 8785 (JCS): object members sorted, no insignificant
+/// whitespace, numbers spelled as ECMAScript does.
+///
+/// Errors: [`BodyKeyError::MalformedJson`] when `body` is not JSON,
+/// [`BodyKeyError::NotIJson`] when it is not I-JSON (RFC 7493 §2.2, §2.3).
+///
+/// ```
+/// use cachegate::key::{BodyKeyError, canonical_json};
+/// let a = canonical_json(br#"{"lat": 51.50, "name": "Ada"}"#).unwrap();
+/// let b = canonical_json(br#"{"name":"Ada","lat":5.15e1}"#).unwrap();
+/// assert_eq!(a, b);
+/// assert_eq!(a, br#"{"lat":51.5,"name":"Ada"}"#);
+/// assert_eq!(canonical_json(b"[9007199254740993]"), Err(BodyKeyError::NotIJson));
+/// assert_eq!(canonical_json(br#"{"a":1,"a":2}"#), Err(BodyKeyError::NotIJson));
+/// ```
+pub fn canonical_json(body: &[u8]) -> Result<Vec<u8>, BodyKeyError> {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let value = match IJson::deserialize(&mut de).and_then(|v| de.end().map(|()| v)) {
+        Ok(IJson(v)) => v,
+        Err(e) if e.to_string().starts_with(DUPLICATE) => return Err(BodyKeyError::NotIJson),
+        Err(_) => return Err(BodyKeyError::MalformedJson),
+    };
+    if !number_tokens(body).all(survives_double) {
+        return Err(BodyKeyError::NotIJson);
+    }
+    serde_jcs::to_vec(&value).map_err(|_| BodyKeyError::NotIJson)
+}
+
+/// Whether a `Content-Type` names JSON: `application/json` or any `+json` type
+/// (RFC 6839 §3.1), parameters ignored. A missing or unreadable header is not JSON.
+pub fn is_json_media_type(headers: &HeaderMap) -> bool {
+    let mut values = headers.get_all(header::CONTENT_TYPE).iter();
+    let (Some(value), None) = (values.next(), values.next()) else {
+        return false;
+    };
+    let Ok(value) = value.to_str() else {
+        return false;
+    };
+    let essence = value.split(';').next().unwrap_or("").trim();
+    let Some((kind, subtype)) = essence.split_once('/') else {
+        return false;
+    };
+    let subtype = subtype.to_ascii_lowercase();
+    kind.eq_ignore_ascii_case("application") && (subtype == "json" || subtype.ends_with("+json"))
+}
+
+const DUPLICATE: &str = "duplicate member name";
+
+/// A JSON value read with duplicate member names refused.
+struct IJson(Value);
+
+impl<'de> Deserialize<'de> for IJson {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(IJsonVisitor).map(IJson)
+    }
+}
+
+struct IJsonVisitor;
+
+impl<'de> Visitor<'de> for IJsonVisitor {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<Value, E> {
+        serde_json::Number::from_f64(v)
+            .map(Value::Number)
+            .ok_or_else(|| E::custom("non-finite number"))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_owned()))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut items = Vec::new();
+        while let Some(IJson(v)) = seq.next_element()? {
+            items.push(v);
+        }
+        Ok(Value::Array(items))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut seen = HashSet::new();
+        let mut members = Map::new();
+        while let Some(name) = map.next_key::<String>()? {
+            if !seen.insert(name.clone()) {
+                return Err(de::Error::custom(DUPLICATE));
+            }
+            let IJson(v) = map.next_value()?;
+            members.insert(name, v);
+        }
+        Ok(Value::Object(members))
+    }
+}
+
+/// The number tokens of a JSON text that has already parsed, skipping strings.
+fn number_tokens(json: &[u8]) -> impl Iterator<Item = &str> {
+    let mut i = 0;
+    std::iter::from_fn(move || {
+        while i < json.len() {
+            match json[i] {
+                b'"' => {
+                    i += 1;
+                    while i < json.len() && json[i] != b'"' {
+                        i += if json[i] == b'\\' { 2 } else { 1 };
+                    }
+                    i += 1;
+                }
+                b'-' | b'0'..=b'9' => {
+                    let start = i;
+                    while i < json.len()
+                        && matches!(json[i], b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E')
+                    {
+                        i += 1;
+                    }
+                    return std::str::from_utf8(&json[start..i]).ok();
+                }
+                _ => i += 1,
+            }
+        }
+        None
+    })
+}
+
+/// Whether a JSON number token means exactly the number that its nearest IEEE 754 double
+/// spells in shortest form (RFC 7493 §2.2): `0.1` does, `9007199254740993` and
+/// `0.10000000000000000000001` do not.
+fn survives_double(token: &str) -> bool {
+    let Ok(double) = token.parse::<f64>() else {
+        return false;
+    };
+    double.is_finite() && decimal(token) == decimal(&format!("{double:e}"))
+}
+
+/// A decimal number as (significant digits without leading or trailing zeros, power of
+/// ten of the last digit); zero is `("", 0)`; `None` when the exponent overflows.
+fn decimal(number: &str) -> Option<(String, i64)> {
+    let number = number.trim_start_matches('-');
+    let (mantissa, exp) = match number.split_once(['e', 'E']) {
+        Some((m, e)) => (m, e.trim_start_matches('+').parse::<i64>().ok()?),
+        None => (number, 0),
+    };
+    let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    let digits = format!("{int}{frac}");
+    let digits = digits.trim_start_matches('0');
+    let significant = digits.trim_end_matches('0');
+    if significant.is_empty() {
+        return Some((String::new(), 0));
+    }
+    let trailing = (digits.len() - significant.len()) as i64;
+    let power = exp.checked_sub(frac.len() as i64)?.checked_add(trailing)?;
+    Some((significant.to_string(), power))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_support::header_map;
+    use proptest::prelude::*;
+
+    #[test]
+    fn json_order_and_spelling_do_not_matter() {
+        let a = canonical_json(br#"{"b": 1.0, "a": [1, 2e0], "c": "x"}"#).unwrap();
+        let b = canonical_json(br#"{"a":[1,2],"c":"x","b":1}"#).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(canonical_json(b"{bad"), Err(BodyKeyError::MalformedJson));
+        assert_eq!(canonical_json(b"{} x"), Err(BodyKeyError::MalformedJson));
+    }
+
+    #[test]
+    fn bodies_outside_i_json_are_refused() {
+        for body in [
+            "9007199254740993",
+            "[-9007199254740993]",
+            "18446744073709551615",
+            "0.10000000000000000000001",
+            "1e-400",
+            r#"{"date":"a","date":"b"}"#,
+            r#"{"x":{"k":1,"k":1}}"#,
+            r#"[{"a":1},{"b":1,"b":2}]"#,
+        ] {
+            assert_eq!(
+                canonical_json(body.as_bytes()),
+                Err(BodyKeyError::NotIJson),
+                "{body}"
+            );
+        }
+        // serde_json refuses it while parsing: not keyed either way.
+        assert!(canonical_json(b"1e400").is_err());
+        for body in [
+            "9007199254740992",
+            "0.1",
+            "-0",
+            "1e308",
+            "5e-324",
+            r#"{"a":"1e999"}"#,
+            r#"["\"9007199254740993"]"#,
+        ] {
+            assert!(canonical_json(body.as_bytes()).is_ok(), "{body}");
+        }
+    }
+
+    #[test]
+    fn media_types() {
+        let json = |ct| is_json_media_type(&header_map(&[("content-type", ct)]));
+        assert!(json("application/json"));
+        assert!(json("Application/JSON; charset=utf-8"));
+        assert!(json("application/vnd.api+json"));
+        assert!(!json("application/x-www-form-urlencoded"));
+        assert!(!json("text/json"));
+        assert!(!is_json_media_type(&header_map(&[])));
+    }
+
+    proptest! {
+        #[test]
+        fn any_bytes_give_an_answer(body in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = canonical_json(&body);
+        }
+
+        #[test]
+        fn canonical_form_is_a_fixed_point(n in any::<f64>(), s in ".*", i in any::<i64>()) {
+            let v = serde_json::json!({"n": if n.is_finite() { n } else { 0.0 }, "s": s, "i": i});
+            let text = v.to_string();
+            if let Ok(c) = canonical_json(text.as_bytes()) {
+                prop_assert_eq!(canonical_json(&c), Ok(c.clone()));
+            }
+        }
+    }
+}

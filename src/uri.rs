@@ -1,0 +1,221 @@
+//! One spelling per request target: path normalization and query parsing.
+//!
+//! The normalized path is computed once per request and used for route matching, for the
+//! cache key and for the forwarded request, so that no two of them can disagree about what
+//! a request asks for (RFC 3986 §6.2.2). Query parameters are parsed once into
+//! [`QueryParam`]s, which keep their raw spelling for forwarding and a normalized spelling
+//! for the key.
+//!
+//! Every function here is total: any input gives an answer, none panics.
+
+use std::borrow::Cow;
+
+/// A path normalized by [`normalize_path`], and whether its meaning depends on how the
+/// upstream decodes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NormalPath {
+    /// The normalized path: starts with `/`, unreserved escapes decoded, other escapes with
+    /// upper-case hex, no empty or dot segments.
+    pub path: String,
+    /// The path holds an encoded `/`, `\`, NUL or a raw `\`: upstreams disagree on what such a
+    /// path names, so a request for it is not cached.
+    pub ambiguous: bool,
+}
+
+/// Normalizes a request path (RFC 3986 §6.2.2 syntax-based normalization):
+///
+/// 1. percent-escapes of unreserved characters (`A-Z a-z 0-9 - . _ ~`) are decoded, the
+///    hex digits of other escapes upper-cased, and a `%` that starts no valid escape is
+///    written `%25`;
+/// 2. runs of `/` become one `/`;
+/// 3. dot segments are removed (RFC 3986 §5.2.4); `..` above the root stays at the root.
+///
+/// ```
+/// use cachegate::uri::normalize_path;
+/// assert_eq!(normalize_path("/api/%61ccount//me").path, "/api/account/me");
+/// assert_eq!(normalize_path("/kpi/../api/./account/me").path, "/api/account/me");
+/// assert_eq!(normalize_path("/a%2fb").path, "/a%2Fb");
+/// assert!(normalize_path("/a%2fb").ambiguous);
+/// ```
+pub fn normalize_path(raw: &str) -> NormalPath {
+    let decoded = normalize_percent(raw);
+    let ambiguous = decoded.contains("%2F")
+        || decoded.contains("%5C")
+        || decoded.contains("%00")
+        || decoded.contains('\\');
+    let mut segments: Vec<&str> = Vec::new();
+    let mut trailing_slash = false;
+    for segment in decoded.split('/') {
+        trailing_slash = false;
+        match segment {
+            "" => trailing_slash = true,
+            "." => trailing_slash = true,
+            ".." => {
+                segments.pop();
+                trailing_slash = true;
+            }
+            s => segments.push(s),
+        }
+    }
+    let mut path = String::with_capacity(decoded.len() + 1);
+    for s in &segments {
+        path.push('/');
+        path.push_str(s);
+    }
+    if trailing_slash || segments.is_empty() {
+        path.push('/');
+    }
+    NormalPath { path, ambiguous }
+}
+
+/// One `name[=value]` pair of a query string.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueryParam<'a> {
+    /// The pair as the client spelled it, for forwarding.
+    pub raw: &'a str,
+    /// The name, percent-normalized as in [`normalize_path`].
+    pub name: Cow<'a, str>,
+    /// The value, percent-normalized; `None` when the pair has no `=` (`?debug`), which is
+    /// not the same as an empty value (`?debug=`).
+    pub value: Option<Cow<'a, str>>,
+}
+
+/// Splits a query string on `&` into its non-empty pairs, in the client's order.
+///
+/// ```
+/// use cachegate::uri::parse_query;
+/// let q = parse_query("b=2&a&a=&%61=x");
+/// assert_eq!(q.len(), 4);
+/// assert_eq!(q[1].value, None);
+/// assert_eq!(q[2].value.as_deref(), Some(""));
+/// assert_eq!(q[3].name, "a");
+/// ```
+pub fn parse_query(query: &str) -> Vec<QueryParam<'_>> {
+    query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|raw| {
+            let (name, value) = match raw.split_once('=') {
+                Some((n, v)) => (n, Some(normalize_percent(v))),
+                None => (raw, None),
+            };
+            QueryParam {
+                raw,
+                name: normalize_percent(name),
+                value,
+            }
+        })
+        .collect()
+}
+
+/// Whether `b` is an RFC 3986 unreserved character.
+fn unreserved(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
+}
+
+fn hex_value(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
+/// RFC 3986 §6.2.2.1-2: decodes escapes of unreserved characters, upper-cases the hex of
+/// the others, and writes a `%` that starts no valid escape as `%25`. Works on bytes, so
+/// any UTF-8 input is handled.
+pub fn normalize_percent(s: &str) -> Cow<'_, str> {
+    if !s.contains('%') {
+        return Cow::Borrowed(s);
+    }
+    let bytes = s.as_bytes();
+    let mut out: Vec<u8> = Vec::with_capacity(s.len() + 2);
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] != b'%' {
+            out.push(bytes[i]);
+            i += 1;
+            continue;
+        }
+        let escape = bytes
+            .get(i + 1)
+            .and_then(|&h| hex_value(h))
+            .zip(bytes.get(i + 2).and_then(|&l| hex_value(l)));
+        match escape {
+            Some((h, l)) if unreserved(h * 16 + l) => {
+                out.push(h * 16 + l);
+                i += 3;
+            }
+            Some(_) => {
+                out.push(b'%');
+                out.push(bytes[i + 1].to_ascii_uppercase());
+                out.push(bytes[i + 2].to_ascii_uppercase());
+                i += 3;
+            }
+            None => {
+                out.extend_from_slice(b"%25");
+                i += 1;
+            }
+        }
+    }
+    // Only ASCII bytes were replaced, by ASCII bytes: the result is still UTF-8.
+    Cow::Owned(
+        String::from_utf8(out)
+            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn paths() {
+        let n = |p: &str| normalize_path(p).path;
+        assert_eq!(n("/"), "/");
+        assert_eq!(n(""), "/");
+        assert_eq!(n("/a/b/"), "/a/b/");
+        assert_eq!(n("/a/./b/../c"), "/a/c");
+        assert_eq!(n("/../../x"), "/x");
+        assert_eq!(n("/a/%2e%2E/b"), "/b");
+        assert_eq!(n("//a///b"), "/a/b");
+        assert_eq!(n("/a/.."), "/");
+        assert_eq!(n("/%7euser"), "/~user");
+        assert_eq!(n("/%e2%82%ac"), "/%E2%82%AC");
+        assert_eq!(n("/100%"), "/100%25");
+        assert_eq!(n("/%a\u{e9}"), "/%25a\u{e9}");
+        assert!(normalize_path("/a%5cb").ambiguous);
+        assert!(normalize_path("/a\\b").ambiguous);
+        assert!(!normalize_path("/a/b").ambiguous);
+    }
+
+    #[test]
+    fn percent() {
+        assert_eq!(normalize_percent("a%2"), "a%252");
+        assert_eq!(normalize_percent("%"), "%25");
+        assert_eq!(normalize_percent("%41%2f"), "A%2F");
+    }
+
+    proptest! {
+        #[test]
+        fn normalization_is_total_and_idempotent(s in any::<String>()) {
+            let once = normalize_path(&s);
+            prop_assert!(once.path.starts_with('/'));
+            prop_assert!(!once.path.contains("//"));
+            prop_assert_eq!(normalize_path(&once.path).path, once.path.clone());
+            let q = parse_query(&s);
+            for p in q {
+                prop_assert_eq!(normalize_percent(&p.name), p.name.clone());
+            }
+        }
+
+        #[test]
+        fn no_dot_segments_survive(segs in proptest::collection::vec("(\\.|\\.\\.|%2e|%2E%2e|[a-z]{1,3}|)", 0..12)) {
+            let p = format!("/{}", segs.join("/"));
+            let n = normalize_path(&p).path;
+            prop_assert!(!n.split('/').any(|s| s == "." || s == ".."), "{} -> {}", p, n);
+        }
+    }
+}
