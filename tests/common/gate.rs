@@ -26,9 +26,19 @@ impl Gate {
     }
 
     async fn start_inner(upstream: &Upstream, redis: Option<String>, config: &str) -> Gate {
+        Gate::start_at(&upstream.url(), redis, config, "").await
+    }
+
+    /// Starts cachegate in front of the upstream at `url`; `upstream_extra` adds lines to
+    /// the `[upstream]` table (timeouts, `preserve_host`).
+    pub async fn start_at(
+        url: &str,
+        redis: Option<String>,
+        config: &str,
+        upstream_extra: &str,
+    ) -> Gate {
         let mut toml = format!(
-            "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{config}\n[upstream]\nurl = \"{}\"\nresponse_timeout_ms = 3000\n",
-            upstream.url()
+            "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{config}\n[upstream]\nurl = \"{url}\"\nresponse_timeout_ms = 3000\n{upstream_extra}\n"
         );
         if let Some(table) = redis {
             toml.push_str(&format!("[redis]\n{table}"));
@@ -46,6 +56,11 @@ impl Gate {
             running: Some(running),
             client: client(),
         }
+    }
+
+    /// The proxy's `host:port`, for raw sockets.
+    pub fn addr(&self) -> String {
+        self.base.trim_start_matches("http://").to_string()
     }
 
     pub fn url(&self, path: &str) -> String {

@@ -4,6 +4,7 @@
 #![allow(dead_code, unused_imports)]
 
 mod gate;
+pub mod raw;
 mod redis;
 mod upstream;
 

@@ -1,0 +1,640 @@
+//! The attack suite: one test per defect class of the hardening pass, against real
+//! sockets, scripted raw-socket upstreams and raw-socket clients.
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use common::raw::{RawUpstream, Script, exchange, parse_responses, read_to_close};
+use common::{Gate, Reply, Upstream};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const LIMIT: Duration = Duration::from_secs(5);
+
+async fn get_with(gate: &Gate, path: &str, headers: &[(&str, &str)]) -> Reply {
+    let mut req = gate.client.get(gate.url(path));
+    for (n, v) in headers {
+        req = req.header(*n, *v);
+    }
+    Reply::from(req.send().await.unwrap()).await
+}
+
+fn ok(body: &str, extra: &str) -> Vec<u8> {
+    format!(
+        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n{extra}\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+// 1. A private answer is never given to another request, whatever its status.
+#[tokio::test]
+async fn private_answers_are_never_shared_under_coalescing_whatever_the_status() {
+    let up = Upstream::start().await;
+    let gate = Gate::start(
+        &up,
+        None,
+        r#"
+[[routes]]
+method = "GET"
+path = "/p/*"
+ttl_secs = 60
+cache_statuses = [200, 302, 404, 500]
+
+[[routes]]
+method = "GET"
+path = "/me/*"
+ttl_secs = 60
+key_headers = ["authorization"]
+cache_statuses = [200, 302, 404, 500]
+"#,
+    )
+    .await;
+    let markers: [(&str, &str, &str); 5] = [
+        ("set-cookie", "/p", "x-test-set-cookie"),
+        ("private", "/p", "x-test-cache-control"),
+        ("no-store", "/p", "x-test-cache-control"),
+        ("credentialed", "/me", "authorization"),
+        ("shareable control", "/p", "x-test-none"),
+    ];
+    let mut cases = Vec::new();
+    for status in ["200", "302", "404", "500"] {
+        for (marker, prefix, header) in markers {
+            let value = match marker {
+                "set-cookie" => "sid=first-client-session",
+                "credentialed" => "Bearer same-user",
+                "shareable control" => "-",
+                other => other,
+            };
+            let path = format!("{prefix}/{}-{status}", marker.replace(' ', "-"));
+            cases.push((status, marker, header, value, path));
+        }
+    }
+    let mut tasks = Vec::new();
+    for (status, marker, header, value, path) in cases {
+        let client = gate.client.clone();
+        let url = gate.url(&path);
+        tasks.push(tokio::spawn(async move {
+            let mut reqs = Vec::new();
+            for _ in 0..50 {
+                let req = client
+                    .get(&url)
+                    .header("x-test-status", status)
+                    .header("x-test-delay-ms", "300")
+                    .header(header, value);
+                reqs.push(async move { Reply::from(req.send().await.unwrap()).await });
+            }
+            let replies = futures_util::future::join_all(reqs).await;
+            let distinct: HashSet<u64> = replies.iter().map(Reply::n).collect();
+            let collapsed = replies
+                .iter()
+                .filter(|r| r.header("cache-status").contains("collapsed"))
+                .count();
+            (status, marker, distinct.len(), collapsed, replies)
+        }));
+    }
+    for task in tasks {
+        let (status, marker, distinct, collapsed, replies) = task.await.unwrap();
+        assert!(replies.iter().all(|r| r.status.to_string() == status));
+        match marker {
+            "shareable control" => {
+                assert_eq!(distinct, 1, "{status}: a shareable answer is shared");
+                assert!(collapsed > 0, "{status}: the control coalesced");
+            }
+            // Stored per credential, so later requests with the same token may HIT it;
+            // never handed over while in flight.
+            "credentialed" => assert_eq!(collapsed, 0, "{status} {marker}"),
+            _ => assert_eq!(
+                distinct, 50,
+                "{status} {marker}: an answer went to another client"
+            ),
+        }
+    }
+}
+
+// 2. The length a client gets is the length of the body it gets.
+#[tokio::test]
+async fn upstream_framing_conflicts_never_desync_the_client() {
+    let evil_body = "0123456789ABCDEF-smuggled";
+    let up = RawUpstream::start(move |head, _| {
+        let chunked = format!(
+            "{:x}\r\n{evil_body}\r\n0\r\n\r\n",
+            evil_body.len()
+        );
+        if head.starts_with("GET /both") {
+            Script::Reply(
+                format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\nCache-Control: max-age=60\r\n\r\n{chunked}"
+                )
+                .into_bytes(),
+            )
+        } else if head.starts_with("GET /identity") {
+            Script::ReplyAndClose(
+                format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: identity\r\nCache-Control: max-age=60\r\n\r\n{evil_body}"
+                )
+                .into_bytes(),
+            )
+        } else {
+            Script::Reply(ok("second", "Cache-Control: max-age=60\r\n"))
+        }
+    })
+    .await;
+    let gate = Gate::start_at(&up.url(), None, "", "").await;
+    for path in ["/both", "/identity"] {
+        // Twice: the MISS, then the HIT replayed from the cache.
+        for round in 0..2 {
+            let pipelined = format!(
+                "GET {path} HTTP/1.1\r\nHost: a\r\n\r\nGET /next HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+            );
+            let bytes = exchange(&gate.addr(), pipelined.as_bytes(), LIMIT).await;
+            let responses = parse_responses(&bytes);
+            assert_eq!(responses.len(), 2, "{path} round {round}: {responses:?}");
+            let first = &responses[0];
+            if first.status == 200 {
+                let len: usize = first.header("content-length").unwrap().parse().unwrap();
+                assert_eq!(len, first.body.len(), "{path} round {round}");
+            }
+            assert_eq!(responses[1].body, b"second", "{path} round {round}");
+        }
+    }
+}
+
+// 3. Inputs outside the key never reach the upstream.
+#[tokio::test]
+async fn request_inputs_outside_the_key_never_reach_the_upstream() {
+    let up = Upstream::start().await;
+    let routes = r#"
+[[routes]]
+method = "GET"
+path = "/report"
+ttl_secs = 60
+key_query = ["from"]
+"#;
+    let gate = Gate::start(&up, None, routes).await;
+    let upstream_host = up.addr.to_string();
+    let spoof = [
+        ("host", "evil.example"),
+        ("x-forwarded-host", "evil.example"),
+        ("x-forwarded-proto", "https"),
+        ("x-forwarded-for", "6.6.6.6"),
+        ("forwarded", "for=6.6.6.6;host=evil.example"),
+        ("x-http-method-override", "DELETE"),
+        ("x-original-url", "/admin"),
+        ("x-rewrite-url", "/admin"),
+    ];
+    let first = get_with(&gate, "/page?x=1", &spoof).await;
+    let seen = &first.json()["headers"];
+    assert_eq!(seen["host"], upstream_host.as_str());
+    assert_eq!(seen["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(seen["x-forwarded-proto"], "http");
+    for gone in [
+        "x-forwarded-host",
+        "forwarded",
+        "x-http-method-override",
+        "x-original-url",
+        "x-rewrite-url",
+    ] {
+        assert!(seen.get(gone).is_none(), "{gone} reached the upstream");
+    }
+
+    // Query parameters outside key_query are not forwarded.
+    let r = gate.get("/report?from=1&debug=evil&from=2").await;
+    assert_eq!(r.json()["query"], "from=1&from=2");
+
+    // A GET with a body bypasses the cache.
+    let body_get = gate
+        .client
+        .get(gate.url("/page?x=2"))
+        .body("{\"evil\":1}")
+        .send()
+        .await
+        .unwrap();
+    let body_get = Reply::from(body_get).await;
+    assert_eq!(body_get.cache(), "BYPASS");
+    assert!(
+        body_get
+            .header("cache-status")
+            .ends_with("detail=request-body")
+    );
+
+    // Two Host headers, or none on HTTP/1.1: 400, nothing forwarded.
+    let before = up.hits();
+    for request in [
+        "GET /page HTTP/1.1\r\nHost: a\r\nHost: evil.example\r\nConnection: close\r\n\r\n",
+        "GET /page HTTP/1.1\r\nConnection: close\r\n\r\n",
+    ] {
+        let responses = parse_responses(&exchange(&gate.addr(), request.as_bytes(), LIMIT).await);
+        assert_eq!(responses[0].status, 400, "{request:?}");
+    }
+    assert_eq!(up.hits(), before);
+    let http10 = exchange(&gate.addr(), b"GET /page?x=3 HTTP/1.0\r\n\r\n", LIMIT).await;
+    let http10 = String::from_utf8_lossy(&http10);
+    assert!(
+        http10.starts_with("HTTP/1.0 200") || http10.starts_with("HTTP/1.1 200"),
+        "{http10}"
+    );
+
+    // Trusted proxies keep their forwarding headers; preserve_host keys on the Host.
+    let trusting = Gate::start_at(
+        &up.url(),
+        None,
+        "[server]\ntrusted_proxies = [\"127.0.0.0/8\"]\n[[routes]]\nmethod = \"GET\"\npath = \"/v\"\nttl_secs = 60\n",
+        "preserve_host = true\n",
+    )
+    .await;
+    let a = get_with(
+        &trusting,
+        "/v",
+        &[("host", "a.example"), ("x-forwarded-for", "9.9.9.9")],
+    )
+    .await;
+    assert_eq!(a.json()["headers"]["host"], "a.example");
+    assert_eq!(a.json()["headers"]["x-forwarded-for"], "9.9.9.9, 127.0.0.1");
+    let b = get_with(&trusting, "/v", &[("host", "b.example")]).await;
+    assert_eq!(b.cache(), "MISS", "another Host is another key");
+    let a2 = get_with(&trusting, "/v", &[("host", "a.example")]).await;
+    assert_eq!((a2.cache(), a2.n()), ("HIT", a.n()));
+}
+
+// 4. Query spellings that upstreams tell apart get different keys.
+#[tokio::test]
+async fn repeated_and_bare_query_parameters_are_told_apart() {
+    let up = Upstream::start().await;
+    let gate = Gate::start(
+        &up,
+        None,
+        "[[routes]]\nmethod = \"GET\"\npath = \"/q\"\nttl_secs = 60\n",
+    )
+    .await;
+    assert_eq!(gate.get("/q?id=1&id=2").await.cache(), "MISS");
+    assert_eq!(gate.get("/q?id=2&id=1").await.cache(), "MISS");
+    assert_eq!(gate.get("/q?b=0&id=1&id=2").await.cache(), "MISS");
+    assert_eq!(gate.get("/q?id=1&b=0&id=2").await.cache(), "HIT");
+    assert_eq!(gate.get("/q?debug").await.cache(), "MISS");
+    assert_eq!(gate.get("/q?debug=").await.cache(), "MISS");
+}
+
+// 5. JSON bodies that differ never share a key.
+#[tokio::test]
+async fn bodies_outside_i_json_or_not_json_bypass() {
+    let up = Upstream::start().await;
+    let gate = Gate::start(
+        &up,
+        None,
+        "[[routes]]\nmethod = \"POST\"\npath = \"/chart\"\nttl_secs = 60\nkey_body = true\n",
+    )
+    .await;
+    let detail = |r: &Reply| {
+        r.header("cache-status")
+            .rsplit("detail=")
+            .next()
+            .unwrap_or("")
+            .to_string()
+    };
+    assert_eq!(
+        gate.post_json("/chart", r#"{"id":9007199254740992}"#)
+            .await
+            .cache(),
+        "MISS"
+    );
+    for body in [
+        r#"{"id":9007199254740993}"#,
+        r#"{"x":0.1000000000000000000000001}"#,
+        r#"{"date":"1815-12-10","date":"2000-01-01"}"#,
+    ] {
+        let r = gate.post_json("/chart", body).await;
+        assert_eq!(
+            (r.cache(), detail(&r).as_str()),
+            ("BYPASS", "not-i-json"),
+            "{body}"
+        );
+    }
+    let form = gate
+        .client
+        .post(gate.url("/chart"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(r#"{"id":9007199254740992}"#)
+        .send()
+        .await
+        .unwrap();
+    let form = Reply::from(form).await;
+    assert_eq!(
+        (form.cache(), detail(&form).as_str()),
+        ("BYPASS", "content-type")
+    );
+    let typed = gate
+        .client
+        .post(gate.url("/chart"))
+        .header("content-type", "application/vnd.api+json; charset=utf-8")
+        .body(r#"{"id":9007199254740992}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(Reply::from(typed).await.cache(), "HIT");
+}
+
+// 6. No input panics the request path.
+#[tokio::test]
+async fn malformed_escapes_and_odd_targets_never_panic() {
+    let up = Upstream::start().await;
+    let gate = Gate::start(
+        &up,
+        None,
+        "[[routes]]\nmethod = \"GET\"\npath = \"/kpi/*\"\nttl_secs = 60\n",
+    )
+    .await;
+    let targets: [&[u8]; 6] = [
+        b"/kpi/%a%C3%A9",
+        b"/kpi/x?q=%a\xc3\xa9&%=%%",
+        b"/kpi/%",
+        b"/kpi/%%2",
+        b"/kpi/a?%e2%82",
+        b"/kpi/\xc3\xa9",
+    ];
+    for target in targets {
+        let mut req = b"GET ".to_vec();
+        req.extend_from_slice(target);
+        req.extend_from_slice(b" HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n");
+        let responses = parse_responses(&exchange(&gate.addr(), &req, LIMIT).await);
+        assert_eq!(responses.len(), 1, "{}", String::from_utf8_lossy(target));
+        assert!(
+            responses[0].status < 500,
+            "{}",
+            String::from_utf8_lossy(target)
+        );
+    }
+    assert_eq!(gate.stats().await["panics"], 0);
+}
+
+// 7. An unparsable Cache-Control fails closed.
+#[tokio::test]
+async fn unparsable_freshness_headers_are_not_stored() {
+    let up = RawUpstream::start(|head, _| {
+        let extra: &[u8] = if head.starts_with("GET /byte") {
+            b"Cache-Control: max-age=60, priv\xe9ate\r\n"
+        } else if head.starts_with("GET /vary") {
+            b"Cache-Control: max-age=60\r\nVary: accept language\r\n"
+        } else if head.starts_with("GET /age") {
+            b"Cache-Control: max-age=60\r\nAge: soon\r\n"
+        } else {
+            b"Cache-Control: max-age=60\r\nExpires: someday\r\n"
+        };
+        let mut reply = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n".to_vec();
+        reply.extend_from_slice(extra);
+        reply.extend_from_slice(b"\r\nok");
+        Script::Reply(reply)
+    })
+    .await;
+    let gate = Gate::start_at(&up.url(), None, "", "").await;
+    for path in ["/byte", "/vary", "/age", "/expires"] {
+        for _ in 0..2 {
+            let r = gate.get(path).await;
+            assert_eq!(r.cache(), "MISS", "{path}");
+            assert!(
+                r.header("cache-status").ends_with("detail=unparsable"),
+                "{path}"
+            );
+        }
+    }
+    assert_eq!(up.requests(), 8);
+}
+
+// 9. Every wait is bounded, and a failed leader hands its followers a new one.
+#[tokio::test]
+async fn stalled_upstream_bodies_are_cut_and_followers_get_one_new_leader() {
+    let up = RawUpstream::start(|_, n| {
+        let head = "HTTP/1.1 200 OK\r\nContent-Length: 20\r\nCache-Control: max-age=60\r\n\r\n";
+        if n == 0 {
+            Script::Stall(format!("{head}0123").into_bytes())
+        } else {
+            Script::Reply(format!("{head}01234567890123456789").into_bytes())
+        }
+    })
+    .await;
+    let gate = Gate::start_at(&up.url(), None, "", "body_timeout_ms = 300\n").await;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        let (client, url) = (gate.client.clone(), gate.url("/stall"));
+        tasks.push(tokio::spawn(async move {
+            match client.get(url).send().await {
+                Ok(r) => Reply::from(r).await.status,
+                Err(_) => 0,
+            }
+        }));
+        if tasks.len() == 1 {
+            // Let the first become the leader.
+            common::eventually(LIMIT, || async { up.requests() == 1 }).await;
+        }
+    }
+    let mut statuses = Vec::new();
+    for t in tasks {
+        statuses.push(t.await.unwrap());
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "waits were not bounded"
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        19,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        up.requests(),
+        2,
+        "one more upstream request, not one per follower"
+    );
+    assert_eq!(gate.stats().await["upstream_errors"]["body-timeout"], 1);
+}
+
+#[tokio::test]
+async fn a_trickling_upstream_is_cut_at_the_total_timeout() {
+    let up = RawUpstream::start(|_, _| {
+        let head =
+            b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nCache-Control: max-age=60\r\n\r\n".to_vec();
+        Script::Trickle(head, vec![b'x'; 100], Duration::from_millis(50))
+    })
+    .await;
+    let gate = Gate::start_at(
+        &up.url(),
+        None,
+        "",
+        "body_timeout_ms = 1000\ntotal_timeout_ms = 600\n",
+    )
+    .await;
+    let started = Instant::now();
+    let r = gate.get("/trickle").await;
+    assert_eq!(r.status, 504);
+    assert!(started.elapsed() < Duration::from_secs(3));
+}
+
+#[tokio::test]
+async fn stalling_clients_are_cut_and_connections_are_capped() {
+    let up = Upstream::start().await;
+    let gate = Gate::start(
+        &up,
+        None,
+        "[server]\nclient_body_timeout_ms = 300\nheader_read_timeout_ms = 400\nmax_connections = 2\n[[routes]]\nmethod = \"POST\"\npath = \"/chart\"\nttl_secs = 60\nkey_body = true\n",
+    )
+    .await;
+    // A request body that stalls: 408, on a keyed route and on a passed-through one.
+    for path in ["/chart", "/other"] {
+        let mut s = TcpStream::connect(gate.addr()).await.unwrap();
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"a\":"
+        );
+        s.write_all(head.as_bytes()).await.unwrap();
+        let started = Instant::now();
+        let out = read_to_close(&mut s, LIMIT).await;
+        assert!(
+            String::from_utf8_lossy(&out).starts_with("HTTP/1.1 408"),
+            "{path}: {}",
+            String::from_utf8_lossy(&out)
+        );
+        assert!(started.elapsed() < Duration::from_secs(3));
+    }
+    // A request head that stalls: the connection is closed.
+    let mut s = TcpStream::connect(gate.addr()).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n").await.unwrap();
+    let started = Instant::now();
+    let _ = read_to_close(&mut s, LIMIT).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "header read was not bounded"
+    );
+    drop(s);
+
+    // max_connections = 2: a third client waits until one of two closes.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut s = TcpStream::connect(gate.addr()).await.unwrap();
+        s.write_all(b"GET /held HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 12];
+        s.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"HTTP/1.1 200");
+        held.push(s);
+    }
+    let mut third = TcpStream::connect(gate.addr()).await.unwrap();
+    third
+        .write_all(b"GET /third HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 12];
+    let early = tokio::time::timeout(Duration::from_millis(200), third.read_exact(&mut buf)).await;
+    assert!(
+        early.is_err(),
+        "a third connection was served while two were open"
+    );
+    drop(held.remove(0));
+    tokio::time::timeout(LIMIT, third.read_exact(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&buf, b"HTTP/1.1 200");
+}
+
+// 11. Route matching, the key and the upstream see one path.
+#[tokio::test]
+async fn path_spellings_cannot_escape_a_disabled_route() {
+    let up = Upstream::start().await;
+    let gate = Gate::start(
+        &up,
+        None,
+        r#"
+[[routes]]
+method = "GET"
+path = "/api/account/*"
+ttl_secs = 60
+enabled = false
+
+[[routes]]
+method = "GET"
+path = "/*"
+ttl_secs = 60
+"#,
+    )
+    .await;
+    for path in [
+        "/api/account/me",
+        "/api/%61ccount/me",
+        "/api//account/me",
+        "/kpi/../api/account/me",
+        "/kpi/%2e%2E/api/./account/me",
+        "/api/account/x/../me",
+    ] {
+        for _ in 0..2 {
+            let r = gate.get(path).await;
+            assert_eq!(r.cache(), "BYPASS", "{path}");
+            assert_eq!(r.json()["path"], "/api/account/me", "{path}");
+        }
+    }
+    // An encoded slash means different paths to different upstreams: never cached.
+    let r = gate.get("/kpi/..%2Fapi/account/me").await;
+    assert!(r.header("cache-status").ends_with("detail=ambiguous-path"));
+}
+
+// 12. Upgrades are tunnelled, never cached.
+#[tokio::test]
+async fn websocket_upgrades_are_tunnelled_both_ways() {
+    let up = RawUpstream::start(|head, _| {
+        assert!(head.to_ascii_lowercase().contains("upgrade: websocket"), "{head}");
+        Script::Echo(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\nhello from upstream|".to_vec())
+    })
+    .await;
+    let gate = Gate::start_at(&up.url(), None, "", "").await;
+    let mut s = TcpStream::connect(gate.addr()).await.unwrap();
+    s.write_all(b"GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").await.unwrap();
+    let mut got = Vec::new();
+    let want = b"hello from upstream|";
+    while !got.ends_with(want) {
+        let mut buf = [0u8; 512];
+        let n = tokio::time::timeout(LIMIT, s.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&got).to_ascii_lowercase();
+    assert!(text.starts_with("http/1.1 101"), "{text}");
+    assert!(text.contains("upgrade: websocket"), "{text}");
+    assert!(text.contains("x-cache-status: bypass"), "{text}");
+    s.write_all(b"ping from client").await.unwrap();
+    let mut echo = [0u8; 16];
+    tokio::time::timeout(LIMIT, s.read_exact(&mut echo))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&echo, b"ping from client");
+}
+
+// 13. A client's malformed body is a client fault.
+#[tokio::test]
+async fn malformed_request_bodies_are_400_not_502() {
+    let up = Upstream::start().await;
+    let gate = Gate::start(
+        &up,
+        None,
+        "[[routes]]\nmethod = \"POST\"\npath = \"/chart\"\nttl_secs = 60\nkey_body = true\n",
+    )
+    .await;
+    for path in ["/chart", "/other"] {
+        let req = format!(
+            "POST {path} HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{{}}\r\nzz\r\n"
+        );
+        let out = exchange(&gate.addr(), req.as_bytes(), LIMIT).await;
+        assert!(
+            String::from_utf8_lossy(&out).starts_with("HTTP/1.1 400"),
+            "{path}: {}",
+            String::from_utf8_lossy(&out)
+        );
+    }
+    assert_eq!(gate.stats().await["client_errors"]["body"], 2);
+    assert_eq!(gate.stats().await["upstream_errors"]["unreachable"], 0);
+}
