@@ -63,10 +63,9 @@ fn weak(tag: &str) -> &str {
 
 /// The headers of a `304 Not Modified` made from a full response's headers: the same
 /// metadata without the representation's length (RFC 9110 §15.4.5).
-pub fn not_modified_headers(full: &HeaderMap) -> HeaderMap {
-    let mut headers = full.clone();
-    headers.remove(header::CONTENT_LENGTH);
-    headers
+pub fn not_modified_headers(mut full: HeaderMap) -> HeaderMap {
+    full.remove(header::CONTENT_LENGTH);
+    full
 }
 
 #[cfg(test)]

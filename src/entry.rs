@@ -20,6 +20,7 @@
 //! authentication and decodes to `None`: a miss, never a wrong answer. The version byte
 //! comes first so that a reader can tell an unknown format before anything else.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -74,20 +75,26 @@ fn associated_data(mode_header: &[u8], key: &CacheKey) -> [u8; 34] {
 }
 
 /// A stored response: what is needed to answer a request without the upstream.
+///
+/// Compact by construction: the headers and the body live together in one exact-size
+/// buffer, so an entry costs one allocation besides its `Arc`, and nothing in it keeps a
+/// connection's read buffer or spare capacity alive. [`CachedResponse::headers`] builds a
+/// header map from it on demand, its values sharing the buffer.
 #[derive(Debug, Clone)]
 pub struct CachedResponse {
     /// The response status.
     pub status: StatusCode,
-    /// End-to-end response headers as the upstream sent them (hop-by-hop removed).
-    pub headers: HeaderMap,
-    /// The whole response body.
-    pub body: Bytes,
     /// When the response was received from the upstream, in milliseconds since the Unix epoch.
     pub stored_at_ms: u64,
     /// Freshness lifetime from `stored_at_ms`, in seconds.
     pub ttl_secs: u32,
-    /// Tags (surrogate keys) for later purges.
-    pub tags: Vec<String>,
+    /// Tags (surrogate keys) for later purges, shared by the entries of one route.
+    pub tags: Arc<[String]>,
+    /// The header block (`n u16 | { name_len u16 | name | value_len u32 | value }*`), then
+    /// the body.
+    data: Bytes,
+    /// Where the body starts in `data`.
+    body_start: usize,
 }
 
 /// Milliseconds since the Unix epoch, now.
@@ -97,45 +104,103 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Bytes the memory tier spends on one entry besides its headers, body and tags: the
-/// moka node with its key and timer, the `Arc`, the entry struct and the header map's own
-/// tables. Measured with `bench/memory.sh`.
-pub const ENTRY_OVERHEAD_BYTES: usize = 360;
+/// Bytes the memory tier spends on one entry besides its header block, body and tags: the
+/// moka node with its key, hash-table slot, deque and timer nodes (about 380 B), the `Arc`
+/// and the entry struct, and the allocator's rounding. Measured with `bench/memory.sh`.
+pub const ENTRY_OVERHEAD_BYTES: usize = 540;
 
-/// Bytes one header costs in a header map besides its name and value.
-const HEADER_OVERHEAD_BYTES: usize = 48;
+/// Appends a header block for `headers` to `b` (at most `u16::MAX` headers).
+fn put_header_block(b: &mut BytesMut, headers: &HeaderMap) {
+    let n = headers.len().min(u16::MAX as usize);
+    b.put_u16(n as u16);
+    for (name, value) in headers.iter().take(n) {
+        b.put_u16(name.as_str().len() as u16);
+        b.put_slice(name.as_str().as_bytes());
+        b.put_u32(value.len() as u32);
+        b.put_slice(value.as_bytes());
+    }
+}
+
+/// Reads a header block from the front of `r`, checking every name and value; returns the
+/// block's length. `None` for a malformed block.
+fn check_header_block(r: &mut &[u8]) -> Option<usize> {
+    let start = r.len();
+    let n = get_u16(r)?;
+    for _ in 0..n {
+        let len = get_u16(r)? as usize;
+        HeaderName::from_bytes(take(r, len)?).ok()?;
+        let len = get_u32(r)? as usize;
+        HeaderValue::from_bytes(take(r, len)?).ok()?;
+    }
+    Some(start - r.len())
+}
 
 impl CachedResponse {
-    /// An entry that owns compact copies of `headers` and `body`: nothing in it keeps a
-    /// connection's read buffer or spare capacity alive.
-    pub fn compact(
+    /// An entry holding compact copies of `headers` and `body` (see the type's docs).
+    pub fn new(
         status: StatusCode,
         headers: &HeaderMap,
-        body: Bytes,
+        body: &[u8],
         stored_at_ms: u64,
         ttl_secs: u32,
-        tags: Vec<String>,
+        tags: Arc<[String]>,
     ) -> Self {
-        let mut owned = HeaderMap::with_capacity(headers.len());
-        for (name, value) in headers {
-            let name =
-                HeaderName::from_bytes(name.as_str().as_bytes()).unwrap_or_else(|_| name.clone());
-            let value = HeaderValue::from_bytes(value.as_bytes()).unwrap_or_else(|_| value.clone());
-            owned.append(name, value);
-        }
-        let body = if body.is_empty() {
-            Bytes::new()
-        } else {
-            Bytes::copy_from_slice(&body)
-        };
+        let block: usize = 2 + headers
+            .iter()
+            .map(|(n, v)| 6 + n.as_str().len() + v.len())
+            .sum::<usize>();
+        let mut data = BytesMut::with_capacity(block + body.len());
+        put_header_block(&mut data, headers);
+        let body_start = data.len();
+        data.put_slice(body);
         CachedResponse {
             status,
-            headers: owned,
-            body,
             stored_at_ms,
             ttl_secs,
             tags,
+            data: data.freeze(),
+            body_start,
         }
+    }
+
+    /// The stored headers, as the upstream sent them (hop-by-hop and framing removed). The
+    /// values share the entry's buffer.
+    pub fn headers(&self) -> HeaderMap {
+        let mut r = &self.data[..self.body_start];
+        let n = get_u16(&mut r).unwrap_or(0);
+        let mut headers = HeaderMap::with_capacity(usize::from(n).min(64));
+        let mut at = 2;
+        for _ in 0..n {
+            // The block was written or checked when the entry was made.
+            let Some(name_len) = get_u16(&mut r) else {
+                break;
+            };
+            let Some(name) = take(&mut r, name_len as usize) else {
+                break;
+            };
+            let Some(value_len) = get_u32(&mut r) else {
+                break;
+            };
+            let value_at = at + 2 + name_len as usize + 4;
+            let value_end = value_at + value_len as usize;
+            let (Ok(name), Ok(value)) = (
+                HeaderName::from_bytes(name),
+                HeaderValue::from_maybe_shared(self.data.slice(value_at..value_end)),
+            ) else {
+                break;
+            };
+            let _ = take(&mut r, value_len as usize);
+            at = value_end;
+            if headers.try_append(name, value).is_err() {
+                break;
+            }
+        }
+        headers
+    }
+
+    /// The whole response body (shares the entry's buffer).
+    pub fn body(&self) -> Bytes {
+        self.data.slice(self.body_start..)
     }
 
     /// How long ago the response was stored, in whole seconds (the `Age` header, RFC 9111 §5.1).
@@ -154,31 +219,19 @@ impl CachedResponse {
         !self.remaining_ttl(now_ms).is_zero()
     }
 
-    /// The memory this entry costs in the memory tier, in bytes: body, header names and
-    /// values, tags, and the fixed per-entry overhead ([`ENTRY_OVERHEAD_BYTES`]). Used as
-    /// the memory tier's weight, so that `memory_max_bytes` bounds real memory.
+    /// The memory this entry costs in the memory tier, in bytes: its buffer (headers and
+    /// body) and the fixed per-entry overhead ([`ENTRY_OVERHEAD_BYTES`]); tags are shared
+    /// per route. Used as the memory tier's weight, so that `memory_max_bytes` bounds real
+    /// memory.
     pub fn size_bytes(&self) -> usize {
-        let headers: usize = self
-            .headers
-            .iter()
-            .map(|(n, v)| n.as_str().len() + v.len() + HEADER_OVERHEAD_BYTES)
-            .sum();
-        let tags: usize = self.tags.iter().map(|t| t.len() + 24).sum();
-        self.body.len() + headers + tags + ENTRY_OVERHEAD_BYTES
+        self.data.len() + ENTRY_OVERHEAD_BYTES
     }
 
     fn encode_payload(&self, b: &mut BytesMut) {
         b.put_u64(self.stored_at_ms);
         b.put_u32(self.ttl_secs);
         b.put_u16(self.status.as_u16());
-        let headers: Vec<_> = self.headers.iter().take(u16::MAX as usize).collect();
-        b.put_u16(headers.len() as u16);
-        for (name, value) in headers {
-            b.put_u16(name.as_str().len() as u16);
-            b.put_slice(name.as_str().as_bytes());
-            b.put_u32(value.len() as u32);
-            b.put_slice(value.as_bytes());
-        }
+        b.put_slice(&self.data[..self.body_start]);
         let tags: Vec<_> = self.tags.iter().take(u16::MAX as usize).collect();
         b.put_u16(tags.len() as u16);
         for tag in tags {
@@ -186,14 +239,15 @@ impl CachedResponse {
             b.put_u16(tag.len() as u16);
             b.put_slice(tag);
         }
-        b.put_u32(self.body.len() as u32);
-        b.put_slice(&self.body);
+        let body = self.body();
+        b.put_u32(body.len() as u32);
+        b.put_slice(&body);
     }
 
     /// Encodes the entry for `key` into an authenticated envelope (see the module docs),
     /// sealed or signed as `keys` say.
     pub fn encode(&self, key: &CacheKey, keys: &EnvelopeKeys) -> Bytes {
-        let mut payload = BytesMut::with_capacity(self.size_bytes() + 64);
+        let mut payload = BytesMut::with_capacity(self.data.len() + 64);
         self.encode_payload(&mut payload);
         let mode = if keys.seal { MODE_SEALED } else { MODE_SIGNED };
         let header = [VERSION, mode];
@@ -261,21 +315,14 @@ impl CachedResponse {
         }
     }
 
-    fn decode_payload(mut r: &[u8]) -> Option<CachedResponse> {
-        let r = &mut r;
+    fn decode_payload(payload: &[u8]) -> Option<CachedResponse> {
+        let r = &mut &payload[..];
         let stored_at_ms = get_u64(r)?;
         let ttl_secs = get_u32(r)?;
         let status = StatusCode::from_u16(get_u16(r)?).ok()?;
-        let n_headers = get_u16(r)?;
-        // Capacities are capped: the counts are input, and HeaderMap panics past its size.
-        let mut headers = HeaderMap::with_capacity(usize::from(n_headers).min(64));
-        for _ in 0..n_headers {
-            let len = get_u16(r)? as usize;
-            let name = HeaderName::from_bytes(take(r, len)?).ok()?;
-            let len = get_u32(r)? as usize;
-            let value = HeaderValue::from_bytes(take(r, len)?).ok()?;
-            headers.try_append(name, value).ok()?;
-        }
+        let block_at = payload.len() - r.len();
+        let block_len = check_header_block(r)?;
+        let block = &payload[block_at..block_at + block_len];
         let n_tags = get_u16(r)?;
         let mut tags = Vec::with_capacity(usize::from(n_tags).min(64));
         for _ in 0..n_tags {
@@ -283,17 +330,20 @@ impl CachedResponse {
             tags.push(String::from_utf8(take(r, len)?.to_vec()).ok()?);
         }
         let len = get_u32(r)? as usize;
-        let body = Bytes::copy_from_slice(take(r, len)?);
+        let body = take(r, len)?;
         if !r.is_empty() {
             return None;
         }
+        let mut data = BytesMut::with_capacity(block.len() + body.len());
+        data.put_slice(block);
+        data.put_slice(body);
         Some(CachedResponse {
             status,
-            headers,
-            body,
             stored_at_ms,
             ttl_secs,
-            tags,
+            tags: tags.into(),
+            data: data.freeze(),
+            body_start: block.len(),
         })
     }
 }
@@ -326,14 +376,15 @@ mod tests {
         headers.insert("content-type", HeaderValue::from_static("application/json"));
         headers.append("x-multi", HeaderValue::from_static("a"));
         headers.append("x-multi", HeaderValue::from_static("b"));
-        CachedResponse {
-            status: StatusCode::OK,
-            headers,
-            body: Bytes::from_static(b"{\"ok\":true}"),
-            stored_at_ms: 1_700_000_000_000,
-            ttl_secs: 30,
-            tags: vec!["natal".into()],
-        }
+        let tags: Vec<String> = vec!["natal".into()];
+        CachedResponse::new(
+            StatusCode::OK,
+            &headers,
+            b"{\"ok\":true}",
+            1_700_000_000_000,
+            30,
+            tags.into(),
+        )
     }
 
     fn keys(seal: bool) -> EnvelopeKeys {
@@ -349,8 +400,10 @@ mod tests {
             // Either mode is read, whichever the writer chose.
             let d = CachedResponse::decode(&key, &bytes, &keys(!seal)).unwrap();
             assert_eq!(d.status, e.status);
-            assert_eq!(d.headers, e.headers);
-            assert_eq!(d.body, e.body);
+            assert_eq!(d.headers(), e.headers());
+            assert_eq!(d.headers()["content-type"], "application/json");
+            assert_eq!(d.headers().get_all("x-multi").iter().count(), 2);
+            assert_eq!(d.body(), e.body());
             assert_eq!(d.tags, e.tags);
             assert_eq!((d.stored_at_ms, d.ttl_secs), (e.stored_at_ms, e.ttl_secs));
         }

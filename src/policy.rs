@@ -7,6 +7,7 @@
 //! keys on that header; a client's request `Cache-Control` is ignored, so clients cannot
 //! force recomputation of an expensive endpoint.
 
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use http::{HeaderMap, Method, StatusCode, header};
@@ -22,6 +23,8 @@ pub struct Route {
     pub name: String,
     /// The route's settings as configured, with header names lower-cased.
     pub config: RouteConfig,
+    /// The route's tags, shared by every entry it stores.
+    pub tags: Arc<[String]>,
 }
 
 /// All routes, tried in order.
@@ -41,6 +44,7 @@ impl Policy {
                     *h = h.to_ascii_lowercase();
                 }
                 Route {
+                    tags: r.tags.clone().into(),
                     name: r
                         .name
                         .clone()

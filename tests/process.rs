@@ -77,3 +77,36 @@ async fn sigterm_stops_the_process_cleanly() {
     assert!(stopped, "cachegate did not stop on SIGTERM");
     assert_eq!(exit, Some(0));
 }
+
+#[tokio::test]
+async fn logs_have_no_colour_codes_off_a_terminal_and_warn_when_redis_is_down() {
+    use std::process::{Command, Stdio};
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let (listen, admin, dead_redis) = (
+        common::free_port(),
+        common::free_port(),
+        common::free_port(),
+    );
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cachegate"))
+        .args(["serve", "--upstream", "http://127.0.0.1:9"])
+        .args(["--listen", &format!("127.0.0.1:{listen}")])
+        .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
+        .args(["--redis", &format!("redis://127.0.0.1:{dead_redis}")])
+        .env("CACHEGATE_KEY_SECRET", "test-secret")
+        .stdout(Stdio::null())
+        .stderr(log.reopen().unwrap())
+        .spawn()
+        .unwrap();
+    let warned = common::eventually(Duration::from_secs(10), || async {
+        std::fs::read_to_string(log.path()).is_ok_and(|t| t.contains("redis is unreachable"))
+    })
+    .await;
+    let _ = child.kill();
+    let _ = child.wait();
+    let text = std::fs::read_to_string(log.path()).unwrap();
+    assert!(warned, "no start-up warning: {text}");
+    assert!(
+        !text.contains('\u{1b}'),
+        "colour codes in a log file: {text:?}"
+    );
+}

@@ -105,13 +105,13 @@ async fn forged_copied_tampered_or_corrupt_entries_are_misses_and_counted() {
         tampered[i] ^= 1;
         // A well-formed envelope for this key, written with another secret.
         let forger = cachegate::entry::EnvelopeKeys::new(b"not-the-secret", false);
-        let entry = cachegate::entry::CachedResponse::compact(
+        let entry = cachegate::entry::CachedResponse::new(
             http::StatusCode::OK,
             &http::HeaderMap::new(),
-            bytes::Bytes::from_static(b"{\"n\":999}"),
+            b"{\"n\":999}",
             cachegate::entry::now_ms(),
             60,
-            Vec::new(),
+            std::sync::Arc::from([]),
         );
         let hex = keys[0].rsplit(':').next().unwrap();
         let mut raw = [0u8; 32];

@@ -268,7 +268,13 @@ impl Config {
             let position = e.span().map(|span| line_col(text, span.start));
             let message = e.message().trim_end();
             let message = match e.span().and_then(|span| field_at(text, span.start)) {
-                Some(field) => format!("field `{field}`: {message}"),
+                Some(table) if message.starts_with("missing field `") => {
+                    let missing = message
+                        .trim_start_matches("missing field `")
+                        .trim_end_matches('`');
+                    format!("field `{table}.{missing}`: missing; every [{table}] table needs it")
+                }
+                Some(field) => format!("field `{field}`: {}", plain_words(&field, message)),
                 None => message.to_string(),
             };
             ConfigError {
@@ -368,6 +374,29 @@ impl Config {
     }
 }
 
+/// Says "a whole number of bytes" where serde says "u64", naming the unit from the field's
+/// suffix (`_bytes`, `_ms`, `_secs`, `_percent`).
+fn plain_words(field: &str, message: &str) -> String {
+    let unit = [
+        ("_bytes", " of bytes"),
+        ("_ms", " of milliseconds"),
+        ("_secs", " of seconds"),
+        ("_connections", " of connections"),
+        ("_failures", " of failures"),
+    ]
+    .iter()
+    .find(|(suffix, _)| field.ends_with(suffix))
+    .map_or("", |(_, unit)| unit);
+    let mut out = message.to_string();
+    for ty in ["u64", "u32", "u16", "u8", "usize"] {
+        out = out.replace(
+            &format!("expected {ty}"),
+            &format!("expected a whole number{unit} (0 or more)"),
+        );
+    }
+    out
+}
+
 fn parse_bool(v: &str) -> Option<bool> {
     match v.trim().to_ascii_lowercase().as_str() {
         "1" | "true" | "yes" | "on" => Some(true),
@@ -394,6 +423,27 @@ mod tests {
             .to_string();
         assert!(shown.contains("ttl"), "{shown}");
         assert!(shown.contains("c.toml:"), "{shown}");
+
+        // A table missing a required field is named by its own line, with the field.
+        let text = "[[routes]]\nmethod = \"GET\"\npath = \"/a\"\nttl_secs = 5\n\n[[routes]]\nmethod = \"GET\"\npath = \"/b\"\n";
+        let shown = Config::from_toml(text, Some(Path::new("c.toml")))
+            .unwrap_err()
+            .to_string();
+        assert!(shown.starts_with("c.toml:6:"), "{shown}");
+        assert!(shown.contains("`routes.ttl_secs`: missing"), "{shown}");
+
+        let text = "[cache]\nmemory_max_bytes = \"lots\"\n";
+        let shown = Config::from_toml(text, None).unwrap_err().to_string();
+        assert!(
+            shown.contains("expected a whole number of bytes"),
+            "{shown}"
+        );
+        let text = "[upstream]\nurl = \"127.0.0.1:8000\"\n";
+        let shown = Config::from_toml(text, None).unwrap_err().to_string();
+        assert!(
+            shown.contains("http://127.0.0.1:8000") && !shown.contains("TLS"),
+            "{shown}"
+        );
     }
 
     #[test]

@@ -39,10 +39,23 @@ impl FromStr for UpstreamUrl {
         let uri: http::Uri = s
             .parse()
             .map_err(|e| format!("expected an http:// URL, found {s:?}: {e}"))?;
-        if uri.scheme_str() != Some("http") {
-            return Err(format!(
-                "expected an http:// URL (TLS to the upstream is not supported yet), found {s:?}"
-            ));
+        match uri.scheme_str() {
+            Some("http") => {}
+            Some("https") => {
+                return Err(format!(
+                    "expected an http:// URL (TLS to the upstream is not supported yet), found {s:?}"
+                ));
+            }
+            Some(other) => {
+                return Err(format!(
+                    "expected an http:// URL, found the scheme {other:?} in {s:?}"
+                ));
+            }
+            None => {
+                return Err(format!(
+                    "expected an http:// URL, found {s:?}: add the scheme, e.g. \"http://{s}\""
+                ));
+            }
         }
         let authority = uri
             .authority()

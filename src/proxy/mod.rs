@@ -357,13 +357,13 @@ impl Proxy {
                 return self.finish(plain(status, text), miss(phase, fwd_status), Some(key));
             }
         };
-        let entry = Arc::new(CachedResponse::compact(
+        let entry = Arc::new(CachedResponse::new(
             head.status,
             &head.headers,
-            bytes,
+            &bytes,
             now_ms(),
             *decision.as_ref().unwrap_or(&0),
-            route.map(|r| r.config.tags.clone()).unwrap_or_default(),
+            route.map_or_else(|| Arc::from([]), |r| r.tags.clone()),
         ));
         if decision.is_ok() {
             self.store.store(*key, entry.clone()).await;
@@ -493,25 +493,24 @@ impl Proxy {
         outcome: Outcome,
     ) -> Response<ProxyBody> {
         let is_get = ctx.method == Method::GET || ctx.method == Method::HEAD;
-        let mut resp = if is_get
-            && entry.status == StatusCode::OK
-            && ctx.conditions.not_modified(&entry.headers)
-        {
-            let mut resp = Response::new(body::empty());
-            *resp.status_mut() = StatusCode::NOT_MODIFIED;
-            *resp.headers_mut() = conditional::not_modified_headers(&entry.headers);
-            resp
-        } else {
-            let body = if ctx.method == Method::HEAD {
-                body::empty()
+        let headers = entry.headers();
+        let mut resp =
+            if is_get && entry.status == StatusCode::OK && ctx.conditions.not_modified(&headers) {
+                let mut resp = Response::new(body::empty());
+                *resp.status_mut() = StatusCode::NOT_MODIFIED;
+                *resp.headers_mut() = conditional::not_modified_headers(headers);
+                resp
             } else {
-                body::full(entry.body.clone())
+                let body = if ctx.method == Method::HEAD {
+                    body::empty()
+                } else {
+                    body::full(entry.body())
+                };
+                let mut resp = Response::new(body);
+                *resp.status_mut() = entry.status;
+                *resp.headers_mut() = headers;
+                resp
             };
-            let mut resp = Response::new(body);
-            *resp.status_mut() = entry.status;
-            *resp.headers_mut() = entry.headers.clone();
-            resp
-        };
         if let CachePhase::Hit(_) = outcome.phase {
             resp.headers_mut()
                 .insert(header::AGE, HeaderValue::from(entry.age_secs(now_ms())));

@@ -75,18 +75,17 @@ impl MemoryTier {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bytes::Bytes;
     use http::{HeaderMap, StatusCode};
 
     fn entry(body_bytes: usize, ttl_secs: u32) -> Arc<CachedResponse> {
-        Arc::new(CachedResponse {
-            status: StatusCode::OK,
-            headers: HeaderMap::new(),
-            body: Bytes::from(vec![b'x'; body_bytes]),
-            stored_at_ms: now_ms(),
+        Arc::new(CachedResponse::new(
+            StatusCode::OK,
+            &HeaderMap::new(),
+            &vec![b'x'; body_bytes],
+            now_ms(),
             ttl_secs,
-            tags: Vec::new(),
-        })
+            Arc::from([]),
+        ))
     }
 
     #[tokio::test]
