@@ -35,6 +35,7 @@ fn keys(c: &mut Criterion) {
             headers,
             header_names: names,
             canonical_body,
+            content_type: canonical_body.map(|_| &b"application/json"[..]),
         }
     }
 

@@ -56,11 +56,16 @@ impl Policy {
         Policy { routes }
     }
 
-    /// The first route matching `method` and `path`, if any.
+    /// The first route matching `method` and `path`, if any. A `HEAD` request follows the
+    /// first route for `GET` or `HEAD` (RFC 9110 §9.3.2: HEAD is GET without the content),
+    /// so a GET route's rules (`enabled`, keys, statuses) cannot be sidestepped with HEAD.
+    /// Paths match case-sensitively.
     pub fn route_for(&self, method: &Method, path: &str) -> Option<&Route> {
+        let matches_method =
+            |m: &Method| m == method || (method == Method::HEAD && m == Method::GET);
         self.routes
             .iter()
-            .find(|r| r.config.method.0 == method && r.config.path.matches(path))
+            .find(|r| matches_method(&r.config.method.0) && r.config.path.matches(path))
     }
 }
 
@@ -325,12 +330,26 @@ pub fn storable_ttl(
     }
     let ttl = match route {
         Some(r) => r.config.ttl_secs,
-        None => explicit_freshness(&cc, headers).ok_or(NoStoreReason::NoFreshness)?,
+        // Freshness already spent upstream (`Age`, RFC 9111 §4.2.3) is not given again.
+        None => explicit_freshness(&cc, headers)
+            .ok_or(NoStoreReason::NoFreshness)?
+            .saturating_sub(upstream_age(headers)),
     };
     if ttl == 0 {
         return Err(NoStoreReason::NoFreshness);
     }
     Ok(ttl.min(u64::from(u32::MAX)) as u32)
+}
+
+/// The largest `Age` the upstream sent, in seconds (0 when none); checked well-formed
+/// before.
+fn upstream_age(headers: &HeaderMap) -> u64 {
+    headers
+        .get_all(header::AGE)
+        .iter()
+        .filter_map(|v| v.to_str().ok().and_then(|v| delta_seconds(v.trim())))
+        .max()
+        .unwrap_or(0)
 }
 
 /// The HTTP-date (RFC 9110 §5.6.7) in header `name`, if present and well-formed.
@@ -491,6 +510,13 @@ mod tests {
         assert_eq!(storable_ttl(None, ok, &quoted), Err(NoStoreReason::Private));
         let fine = headers(&[("cache-control", "public , max-age=\"60\" ,, x=y")]);
         assert_eq!(storable_ttl(None, ok, &fine), Ok(60));
+        let aged = headers(&[("cache-control", "max-age=60"), ("age", "50")]);
+        assert_eq!(storable_ttl(None, ok, &aged), Ok(10));
+        let spent = headers(&[("cache-control", "max-age=60"), ("age", "60")]);
+        assert_eq!(
+            storable_ttl(None, ok, &spent),
+            Err(NoStoreReason::NoFreshness)
+        );
     }
 
     proptest::proptest! {

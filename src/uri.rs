@@ -17,8 +17,9 @@ pub struct NormalPath {
     /// The normalized path: starts with `/`, unreserved escapes decoded, other escapes with
     /// upper-case hex, no empty or dot segments.
     pub path: String,
-    /// The path holds an encoded `/`, `\`, NUL or a raw `\`: upstreams disagree on what such a
-    /// path names, so a request for it is not cached.
+    /// The path holds an encoded `/`, `\`, `;` or NUL, or a raw `\` or `;` (path parameters,
+    /// which Tomcat, Jetty and Spring strip before routing): upstreams disagree on what such
+    /// a path names, so a request for it is not cached.
     pub ambiguous: bool,
 }
 
@@ -42,7 +43,9 @@ pub fn normalize_path(raw: &str) -> NormalPath {
     let ambiguous = decoded.contains("%2F")
         || decoded.contains("%5C")
         || decoded.contains("%00")
-        || decoded.contains('\\');
+        || decoded.contains("%3B")
+        || decoded.contains('\\')
+        || decoded.contains(';');
     let mut segments: Vec<&str> = Vec::new();
     let mut trailing_slash = false;
     for segment in decoded.split('/') {
@@ -189,6 +192,8 @@ mod tests {
         assert!(normalize_path("/a%5cb").ambiguous);
         assert!(normalize_path("/a\\b").ambiguous);
         assert!(!normalize_path("/a/b").ambiguous);
+        assert!(normalize_path("/api/account;/me").ambiguous);
+        assert!(normalize_path("/api/account%3bx=1/me").ambiguous);
     }
 
     #[test]

@@ -73,6 +73,9 @@ pub struct KeyParts<'a> {
     pub header_names: &'a [String],
     /// The canonical JSON body, when the route keys on it.
     pub canonical_body: Option<&'a [u8]>,
+    /// The request's `Content-Type`, keyed with the body: an upstream may read a body by
+    /// its charset or media type.
+    pub content_type: Option<&'a [u8]>,
 }
 
 impl KeyBuilder {
@@ -140,6 +143,7 @@ impl KeyBuilder {
         match parts.canonical_body {
             Some(body) => {
                 field(b"body");
+                field(parts.content_type.unwrap_or(b""));
                 field(body);
             }
             None => field(b"nobody"),
@@ -170,6 +174,7 @@ mod tests {
             headers: &HeaderMap::new(),
             header_names: &[],
             canonical_body: body,
+            content_type: None,
         })
     }
 

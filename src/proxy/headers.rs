@@ -53,10 +53,17 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// Whether a request asks for a protocol upgrade (`Upgrade` plus `Connection: upgrade`,
-/// RFC 9110 §7.8).
+/// Whether a request asks for a WebSocket upgrade (`Upgrade: websocket` plus
+/// `Connection: upgrade`, RFC 9110 §7.8, RFC 6455 §4.1). Other upgrades (such as `h2c`,
+/// whose frames would carry headers past the forwarding rules) are not tunnelled: their
+/// `Upgrade` is removed with the other hop-by-hop headers.
 pub fn wants_upgrade(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::UPGRADE)
+    headers
+        .get_all(header::UPGRADE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|p| p.trim().eq_ignore_ascii_case("websocket"))
         && headers
             .get_all(header::CONNECTION)
             .iter()

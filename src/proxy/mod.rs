@@ -150,10 +150,16 @@ impl Proxy {
         }
         let target = normalize_path(parts.uri.path());
         let query = parts.uri.query().map(str::to_owned);
-        set_path_and_query(&mut parts, &target.path, query.as_deref());
+        if target.path != parts.uri.path() {
+            set_path_and_query(&mut parts, &target.path, query.as_deref());
+        }
         let has_body = !body.is_end_stream();
-        let timeout = self.limits.client_body_timeout;
-        let body = body::boxed(Timed::new(body, Side::Client, timeout, None));
+        let body = if has_body {
+            let timeout = self.limits.client_body_timeout;
+            body::boxed(Timed::new(body, Side::Client, timeout, None))
+        } else {
+            body::boxed(body)
+        };
 
         if headers::wants_upgrade(&parts.headers) {
             return self.tunnel(parts, body, client).await;
@@ -215,6 +221,10 @@ impl Proxy {
             headers: &parts.headers,
             header_names: route.map_or(&[], |r| &r.config.key_headers),
             canonical_body: canonical_body.as_deref(),
+            content_type: canonical_body
+                .as_ref()
+                .and_then(|_| parts.headers.get(header::CONTENT_TYPE))
+                .map(HeaderValue::as_bytes),
         });
         if !self.switches.rolled_out(&key) {
             return self
