@@ -71,10 +71,10 @@ fn envelope(c: &mut Criterion) {
         &[b'x'; 2048],
         1_790_000_000_000,
         60,
-        tags.into(),
+        &tags,
     );
-    c.bench_function("entry/headers_for_a_hit", |b| {
-        b.iter(|| black_box(&entry).headers())
+    c.bench_function("entry/parts_for_a_hit", |b| {
+        b.iter(|| black_box(&entry).parts())
     });
     let key = CacheKey([3; 32]);
     for (mode, seal) in [("sealed", true), ("signed", false)] {

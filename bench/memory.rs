@@ -47,10 +47,16 @@ async fn upstream() -> SocketAddr {
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
             tokio::spawn(async move {
-                let service = service_fn(|_req: Request<hyper::body::Incoming>| async {
+                let service = service_fn(|req: Request<hyper::body::Incoming>| async move {
+                    // The warm-up's answers go through the upstream and are never stored.
+                    let cache_control = if req.uri().path().starts_with("/warm/") {
+                        "no-store"
+                    } else {
+                        CACHE_CONTROL
+                    };
                     let resp = Response::builder()
                         .header("content-type", CONTENT_TYPE)
-                        .header("cache-control", CACHE_CONTROL)
+                        .header("cache-control", cache_control)
                         .body(Full::new(Bytes::from_static(BODY)))
                         .unwrap();
                     Ok::<_, Infallible>(resp)
@@ -91,30 +97,34 @@ async fn run(entries: usize, max_bytes: u64) {
         .build_http();
     let client = Arc::new(client);
 
-    // Warm up connections and buffers on one key, then take the baseline.
-    for _ in 0..2_000 {
-        let uri = format!("{base}/warm").parse().unwrap();
-        let resp = client.get(uri).await.unwrap();
-        let _ = resp.into_body().collect().await;
+    // Warm up the 32 client and upstream connections, their buffers and the allocator's
+    // per-thread arenas with the same concurrency as the fill (answers marked no-store, so
+    // nothing is stored), then take the baseline.
+    let fill = |keys: usize, prefix: &'static str| {
+        let next = Arc::new(AtomicUsize::new(0));
+        (0..32)
+            .map(|_| {
+                let (client, next, base) = (client.clone(), next.clone(), base.clone());
+                tokio::spawn(async move {
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= keys {
+                            break;
+                        }
+                        let uri = format!("{base}/{prefix}/{i}").parse().unwrap();
+                        let resp = client.get(uri).await.unwrap();
+                        let _ = resp.into_body().collect().await;
+                    }
+                })
+            })
+            .collect::<Vec<_>>()
+    };
+    for w in fill(20_000, "warm") {
+        w.await.unwrap();
     }
     let baseline = rss_bytes();
 
-    let next = Arc::new(AtomicUsize::new(0));
-    let mut workers = Vec::new();
-    for _ in 0..32 {
-        let (client, next, base) = (client.clone(), next.clone(), base.clone());
-        workers.push(tokio::spawn(async move {
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= entries {
-                    break;
-                }
-                let uri = format!("{base}/e/{i}").parse().unwrap();
-                let resp = client.get(uri).await.unwrap();
-                let _ = resp.into_body().collect().await;
-            }
-        }));
-    }
+    let workers = fill(entries, "e");
     for w in workers {
         w.await.unwrap();
     }

@@ -30,7 +30,7 @@ impl Admin {
         match req.uri().path() {
             "/healthz" => plain(StatusCode::OK, "ok\n"),
             "/metrics" => {
-                self.store.refresh_gauges().await;
+                self.store.refresh_gauges();
                 let text = self.metrics.encode();
                 generated(
                     StatusCode::OK,
@@ -39,7 +39,7 @@ impl Admin {
                 )
             }
             "/stats" => {
-                self.store.refresh_gauges().await;
+                self.store.refresh_gauges();
                 let mut stats = self.metrics.stats();
                 stats["enabled"] = self.switches.enabled().into();
                 stats["rollout_percent"] = self.switches.rollout_percent().into();

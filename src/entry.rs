@@ -76,26 +76,27 @@ fn associated_data(mode_header: &[u8], key: &CacheKey) -> [u8; 34] {
 
 /// A stored response: what is needed to answer a request without the upstream.
 ///
-/// Compact by construction: the headers and the body live together in one exact-size
-/// buffer, so an entry costs one allocation besides its `Arc`, and nothing in it keeps a
-/// connection's read buffer or spare capacity alive. [`CachedResponse::headers`] builds a
-/// header map from it on demand, its values sharing the buffer.
+/// Compact by construction: the whole entry is one exact-size, reference-counted buffer
+/// laid out as the envelope's payload (see the module docs: `stored_at_ms | ttl_secs |
+/// status | header block | tags | body`), so an entry costs one allocation, cloning it is
+/// one atomic increment, and nothing in it keeps a connection's read buffer or spare
+/// capacity alive. [`CachedResponse::headers`] and [`CachedResponse::body`] hand out
+/// views that share the buffer.
 #[derive(Debug, Clone)]
 pub struct CachedResponse {
-    /// The response status.
-    pub status: StatusCode,
-    /// When the response was received from the upstream, in milliseconds since the Unix epoch.
-    pub stored_at_ms: u64,
-    /// Freshness lifetime from `stored_at_ms`, in seconds.
-    pub ttl_secs: u32,
-    /// Tags (surrogate keys) for later purges, shared by the entries of one route.
-    pub tags: Arc<[String]>,
-    /// The header block (`n u16 | { name_len u16 | name | value_len u32 | value }*`), then
-    /// the body.
-    data: Bytes,
+    /// The payload: fields at fixed offsets, then the header block, tags and body.
+    data: Arc<[u8]>,
+    /// Where the tag list starts in `data`.
+    tags_at: u32,
     /// Where the body starts in `data`.
-    body_start: usize,
+    body_at: u32,
 }
+
+/// Offsets of the fixed fields in the payload.
+const STORED_AT: usize = 0;
+const TTL: usize = 8;
+const STATUS: usize = 12;
+const BLOCK: usize = 14;
 
 /// Milliseconds since the Unix epoch, now.
 pub fn now_ms() -> u64 {
@@ -104,12 +105,13 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Bytes the memory tier really spends on one entry besides its header block, body and
-/// tags: the moka node with its key, hash-table slot, deque and timer nodes (about 380 B),
-/// the `Arc` and the entry struct, and the allocator's rounding and fragmentation under
-/// load. Measured through the proxy with `bench/memory.sh` (real bytes per entry minus the
-/// buffer), so that `memory_max_bytes` bounds the process's real memory.
-pub const ENTRY_OVERHEAD_BYTES: usize = 780;
+/// Bytes the memory tier really spends on one entry besides its buffer: the cache's slot
+/// (the 32-byte key, the buffer's pointer and length, the eviction policy's state), its
+/// hash-table slot, the buffer's reference counts and the allocator's rounding, with the
+/// slack of tables that grow by doubling. Measured through the proxy with
+/// `bench/memory.sh` (real bytes per entry minus the buffer: 130 B at 1 M entries, 158 B
+/// at 100 k), so that `memory_max_bytes` bounds the process's real memory.
+pub const ENTRY_OVERHEAD_BYTES: usize = 160;
 
 /// Appends a header block for `headers` to `b` (at most `u16::MAX` headers).
 fn put_header_block(b: &mut BytesMut, headers: &HeaderMap) {
@@ -138,40 +140,111 @@ fn check_header_block(r: &mut &[u8]) -> Option<usize> {
 }
 
 impl CachedResponse {
-    /// An entry holding compact copies of `headers` and `body` (see the type's docs).
-    pub fn new(
+    /// An entry for a response with `status`, `headers` and `body`, received at
+    /// `stored_at_ms` (milliseconds since the Unix epoch) and fresh for `ttl_secs`, tagged
+    /// with `tags` for later purges. At most `u16::MAX` headers and tags are kept; a body
+    /// or header value over 4 GiB is cut (the proxy never stores one: routes cap bodies).
+    pub fn new<T: AsRef<str>>(
         status: StatusCode,
         headers: &HeaderMap,
         body: &[u8],
         stored_at_ms: u64,
         ttl_secs: u32,
-        tags: Arc<[String]>,
+        tags: &[T],
     ) -> Self {
         let block: usize = 2 + headers
             .iter()
             .map(|(n, v)| 6 + n.as_str().len() + v.len())
             .sum::<usize>();
-        let mut data = BytesMut::with_capacity(block + body.len());
-        put_header_block(&mut data, headers);
-        let body_start = data.len();
-        data.put_slice(body);
-        CachedResponse {
-            status,
-            stored_at_ms,
-            ttl_secs,
-            tags,
-            data: data.freeze(),
-            body_start,
+        let tag_bytes: usize = 2 + tags.iter().map(|t| 2 + t.as_ref().len()).sum::<usize>();
+        let mut b = BytesMut::with_capacity(BLOCK + block + tag_bytes + 4 + body.len());
+        b.put_u64(stored_at_ms);
+        b.put_u32(ttl_secs);
+        b.put_u16(status.as_u16());
+        put_header_block(&mut b, headers);
+        let tags_at = b.len();
+        let n = tags.len().min(u16::MAX as usize);
+        b.put_u16(n as u16);
+        for tag in &tags[..n] {
+            let tag = tag.as_ref().as_bytes();
+            let tag = &tag[..tag.len().min(u16::MAX as usize)];
+            b.put_u16(tag.len() as u16);
+            b.put_slice(tag);
         }
+        let body = &body[..body.len().min(u32::MAX as usize)];
+        b.put_u32(body.len() as u32);
+        let body_at = b.len();
+        b.put_slice(body);
+        CachedResponse {
+            data: Arc::from(&b[..]),
+            tags_at: tags_at as u32,
+            body_at: body_at as u32,
+        }
+    }
+
+    /// The response status.
+    pub fn status(&self) -> StatusCode {
+        // Checked when the entry was made or decoded.
+        StatusCode::from_u16(self.u16_at(STATUS)).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+    }
+
+    /// When the response was received from the upstream, in milliseconds since the Unix
+    /// epoch.
+    pub fn stored_at_ms(&self) -> u64 {
+        let mut r = &self.data[STORED_AT..TTL];
+        r.get_u64()
+    }
+
+    /// Freshness lifetime from [`CachedResponse::stored_at_ms`], in seconds.
+    pub fn ttl_secs(&self) -> u32 {
+        let mut r = &self.data[TTL..STATUS];
+        r.get_u32()
+    }
+
+    fn u16_at(&self, at: usize) -> u16 {
+        let mut r = &self.data[at..at + 2];
+        r.get_u16()
+    }
+
+    /// The entry's tags (surrogate keys), in the order they were given.
+    pub fn tags(&self) -> impl Iterator<Item = &str> {
+        let mut r = &self.data[self.tags_at as usize..self.body_at as usize];
+        let n = get_u16(&mut r).unwrap_or(0);
+        (0..n).map_while(move |_| {
+            let len = get_u16(&mut r)?;
+            // Checked to be UTF-8 when the entry was made or decoded.
+            std::str::from_utf8(take(&mut r, len as usize)?).ok()
+        })
+    }
+
+    /// Whether `self` and `other` are the same stored entry (not merely equal ones).
+    pub fn is_same(&self, other: &CachedResponse) -> bool {
+        Arc::ptr_eq(&self.data, &other.data)
+    }
+
+    /// The buffer as `Bytes`, for views that outlive `&self` (one small allocation).
+    fn shared(&self) -> Bytes {
+        Bytes::from_owner(self.data.clone())
+    }
+
+    /// The stored headers and the body, sharing the entry's buffer: what a hit sends.
+    pub fn parts(&self) -> (HeaderMap, Bytes) {
+        let shared = self.shared();
+        let body = shared.slice(self.body_at as usize..);
+        (self.headers_in(&shared), body)
     }
 
     /// The stored headers, as the upstream sent them (hop-by-hop and framing removed). The
     /// values share the entry's buffer.
     pub fn headers(&self) -> HeaderMap {
-        let mut r = &self.data[..self.body_start];
+        self.headers_in(&self.shared())
+    }
+
+    fn headers_in(&self, shared: &Bytes) -> HeaderMap {
+        let mut r = &self.data[BLOCK..self.tags_at as usize];
         let n = get_u16(&mut r).unwrap_or(0);
         let mut headers = HeaderMap::with_capacity(usize::from(n).min(64));
-        let mut at = 2;
+        let mut at = BLOCK + 2;
         for _ in 0..n {
             // The block was written or checked when the entry was made.
             let Some(name_len) = get_u16(&mut r) else {
@@ -187,7 +260,7 @@ impl CachedResponse {
             let value_end = value_at + value_len as usize;
             let (Ok(name), Ok(value)) = (
                 HeaderName::from_bytes(name),
-                HeaderValue::from_maybe_shared(self.data.slice(value_at..value_end)),
+                HeaderValue::from_maybe_shared(shared.slice(value_at..value_end)),
             ) else {
                 break;
             };
@@ -202,17 +275,17 @@ impl CachedResponse {
 
     /// The whole response body (shares the entry's buffer).
     pub fn body(&self) -> Bytes {
-        self.data.slice(self.body_start..)
+        self.shared().slice(self.body_at as usize..)
     }
 
     /// How long ago the response was stored, in whole seconds (the `Age` header, RFC 9111 §5.1).
     pub fn age_secs(&self, now_ms: u64) -> u64 {
-        now_ms.saturating_sub(self.stored_at_ms) / 1000
+        now_ms.saturating_sub(self.stored_at_ms()) / 1000
     }
 
     /// Freshness left at `now_ms`; zero once the entry is stale.
     pub fn remaining_ttl(&self, now_ms: u64) -> Duration {
-        let expires = self.stored_at_ms + u64::from(self.ttl_secs) * 1000;
+        let expires = self.stored_at_ms() + u64::from(self.ttl_secs()) * 1000;
         Duration::from_millis(expires.saturating_sub(now_ms))
     }
 
@@ -221,36 +294,17 @@ impl CachedResponse {
         !self.remaining_ttl(now_ms).is_zero()
     }
 
-    /// The memory this entry costs in the memory tier, in bytes: its buffer (headers and
-    /// body) and the fixed per-entry overhead ([`ENTRY_OVERHEAD_BYTES`]); tags are shared
-    /// per route. Used as the memory tier's weight, so that `memory_max_bytes` bounds real
-    /// memory.
+    /// The memory this entry costs in the memory tier, in bytes: its buffer (fields,
+    /// headers, tags and body) and the fixed per-entry overhead ([`ENTRY_OVERHEAD_BYTES`]).
+    /// Used as the memory tier's weight, so that `memory_max_bytes` bounds real memory.
     pub fn size_bytes(&self) -> usize {
         self.data.len() + ENTRY_OVERHEAD_BYTES
-    }
-
-    fn encode_payload(&self, b: &mut BytesMut) {
-        b.put_u64(self.stored_at_ms);
-        b.put_u32(self.ttl_secs);
-        b.put_u16(self.status.as_u16());
-        b.put_slice(&self.data[..self.body_start]);
-        let tags: Vec<_> = self.tags.iter().take(u16::MAX as usize).collect();
-        b.put_u16(tags.len() as u16);
-        for tag in tags {
-            let tag = &tag.as_bytes()[..tag.len().min(u16::MAX as usize)];
-            b.put_u16(tag.len() as u16);
-            b.put_slice(tag);
-        }
-        let body = self.body();
-        b.put_u32(body.len() as u32);
-        b.put_slice(&body);
     }
 
     /// Encodes the entry for `key` into an authenticated envelope (see the module docs),
     /// sealed or signed as `keys` say.
     pub fn encode(&self, key: &CacheKey, keys: &EnvelopeKeys) -> Bytes {
-        let mut payload = BytesMut::with_capacity(self.data.len() + 64);
-        self.encode_payload(&mut payload);
+        let payload = &self.data[..];
         let mode = if keys.seal { MODE_SEALED } else { MODE_SIGNED };
         let header = [VERSION, mode];
         let mut out = BytesMut::with_capacity(payload.len() + 2 + NONCE_LEN + MAC_LEN);
@@ -263,7 +317,7 @@ impl CachedResponse {
                 .encrypt(
                     &nonce,
                     Payload {
-                        msg: &payload,
+                        msg: payload,
                         aad: &aad,
                     },
                 )
@@ -271,8 +325,8 @@ impl CachedResponse {
             out.put_slice(&nonce);
             out.put_slice(&sealed);
         } else {
-            let mac = keys.mac(key, &header, &payload);
-            out.put_slice(&payload);
+            let mac = keys.mac(key, &header, payload);
+            out.put_slice(payload);
             out.put_slice(&mac);
         }
         out.freeze()
@@ -317,35 +371,29 @@ impl CachedResponse {
         }
     }
 
+    /// Checks a payload's structure (every header, tag and length) and makes the entry.
     fn decode_payload(payload: &[u8]) -> Option<CachedResponse> {
         let r = &mut &payload[..];
-        let stored_at_ms = get_u64(r)?;
-        let ttl_secs = get_u32(r)?;
-        let status = StatusCode::from_u16(get_u16(r)?).ok()?;
-        let block_at = payload.len() - r.len();
-        let block_len = check_header_block(r)?;
-        let block = &payload[block_at..block_at + block_len];
+        let _stored_at_ms = get_u64(r)?;
+        let _ttl_secs = get_u32(r)?;
+        StatusCode::from_u16(get_u16(r)?).ok()?;
+        check_header_block(r)?;
+        let tags_at = payload.len() - r.len();
         let n_tags = get_u16(r)?;
-        let mut tags = Vec::with_capacity(usize::from(n_tags).min(64));
         for _ in 0..n_tags {
             let len = get_u16(r)? as usize;
-            tags.push(String::from_utf8(take(r, len)?.to_vec()).ok()?);
+            std::str::from_utf8(take(r, len)?).ok()?;
         }
         let len = get_u32(r)? as usize;
-        let body = take(r, len)?;
+        let body_at = payload.len() - r.len();
+        take(r, len)?;
         if !r.is_empty() {
             return None;
         }
-        let mut data = BytesMut::with_capacity(block.len() + body.len());
-        data.put_slice(block);
-        data.put_slice(body);
         Some(CachedResponse {
-            status,
-            stored_at_ms,
-            ttl_secs,
-            tags: tags.into(),
-            data: data.freeze(),
-            body_start: block.len(),
+            data: Arc::from(payload),
+            tags_at: u32::try_from(tags_at).ok()?,
+            body_at: u32::try_from(body_at).ok()?,
         })
     }
 }
@@ -385,7 +433,7 @@ mod tests {
             b"{\"ok\":true}",
             1_700_000_000_000,
             30,
-            tags.into(),
+            &tags,
         )
     }
 
@@ -401,13 +449,18 @@ mod tests {
             let bytes = e.encode(&key, &keys(seal));
             // Either mode is read, whichever the writer chose.
             let d = CachedResponse::decode(&key, &bytes, &keys(!seal)).unwrap();
-            assert_eq!(d.status, e.status);
+            assert_eq!(d.status(), e.status());
             assert_eq!(d.headers(), e.headers());
             assert_eq!(d.headers()["content-type"], "application/json");
             assert_eq!(d.headers().get_all("x-multi").iter().count(), 2);
             assert_eq!(d.body(), e.body());
-            assert_eq!(d.tags, e.tags);
-            assert_eq!((d.stored_at_ms, d.ttl_secs), (e.stored_at_ms, e.ttl_secs));
+            assert!(d.tags().eq(e.tags()));
+            assert_eq!(d.tags().collect::<Vec<_>>(), ["natal"]);
+            assert_eq!(
+                (d.stored_at_ms(), d.ttl_secs()),
+                (e.stored_at_ms(), e.ttl_secs())
+            );
+            assert_eq!((d.stored_at_ms(), d.ttl_secs()), (1_700_000_000_000, 30));
         }
     }
 

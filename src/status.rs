@@ -9,7 +9,7 @@ use std::fmt::Write;
 /// The tier that answered a hit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Tier {
-    /// The in-process moka cache.
+    /// The in-process memory tier.
     Memory,
     /// The shared Redis/Valkey cache.
     Redis,

@@ -111,7 +111,7 @@ async fn forged_copied_tampered_or_corrupt_entries_are_misses_and_counted() {
             b"{\"n\":999}",
             cachegate::entry::now_ms(),
             60,
-            std::sync::Arc::from([]),
+            &["kpi"],
         );
         let hex = keys[0].rsplit(':').next().unwrap();
         let mut raw = [0u8; 32];

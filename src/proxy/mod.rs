@@ -67,7 +67,7 @@ pub struct Proxy {
     keys: KeyBuilder,
     store: TieredStore,
     /// Followers get the leader's response, whether or not it was stored.
-    coalescer: Coalescer<CacheKey, Arc<CachedResponse>>,
+    coalescer: Coalescer<CacheKey, CachedResponse>,
     upstream: Upstream,
     forwarding: Forwarding,
     /// `preserve_host`: the client's `Host` is forwarded and keyed.
@@ -275,7 +275,7 @@ impl Proxy {
             {
                 WaitOutcome::Shared(entry) => {
                     waits.inc("served");
-                    let outcome = miss(CachePhase::Collapsed, Some(entry.status.as_u16()));
+                    let outcome = miss(CachePhase::Collapsed, Some(entry.status().as_u16()));
                     return self.serve_entry(&entry, &ctx, outcome);
                 }
                 WaitOutcome::Released => {
@@ -301,11 +301,11 @@ impl Proxy {
         body: ProxyBody,
         route: Option<&Route>,
         ctx: &Ctx,
-        leader: Option<Leader<CacheKey, Arc<CachedResponse>>>,
+        leader: Option<Leader<CacheKey, CachedResponse>>,
     ) -> Response<ProxyBody> {
         let key = &ctx.key;
         // A flight that ended between our lookup and our join has just stored its entry.
-        if let Some(entry) = self.store.lookup_memory(key).await {
+        if let Some(entry) = self.store.lookup_memory(key) {
             if let Some(leader) = leader {
                 leader.share(entry.clone());
             }
@@ -367,14 +367,14 @@ impl Proxy {
                 return self.finish(plain(status, text), miss(phase, fwd_status), Some(key));
             }
         };
-        let entry = Arc::new(CachedResponse::new(
+        let entry = CachedResponse::new(
             head.status,
             &head.headers,
             &bytes,
             now_ms(),
             *decision.as_ref().unwrap_or(&0),
-            route.map_or_else(|| Arc::from([]), |r| r.tags.clone()),
-        ));
+            route.map_or(&[][..], |r| &r.tags[..]),
+        );
         if decision.is_ok() {
             self.store.store(*key, entry.clone()).await;
         }
@@ -503,24 +503,26 @@ impl Proxy {
         outcome: Outcome,
     ) -> Response<ProxyBody> {
         let is_get = ctx.method == Method::GET || ctx.method == Method::HEAD;
-        let headers = entry.headers();
-        let mut resp =
-            if is_get && entry.status == StatusCode::OK && ctx.conditions.not_modified(&headers) {
-                let mut resp = Response::new(body::empty());
-                *resp.status_mut() = StatusCode::NOT_MODIFIED;
-                *resp.headers_mut() = conditional::not_modified_headers(headers);
-                resp
+        let (headers, stored_body) = entry.parts();
+        let mut resp = if is_get
+            && entry.status() == StatusCode::OK
+            && ctx.conditions.not_modified(&headers)
+        {
+            let mut resp = Response::new(body::empty());
+            *resp.status_mut() = StatusCode::NOT_MODIFIED;
+            *resp.headers_mut() = conditional::not_modified_headers(headers);
+            resp
+        } else {
+            let body = if ctx.method == Method::HEAD {
+                body::empty()
             } else {
-                let body = if ctx.method == Method::HEAD {
-                    body::empty()
-                } else {
-                    body::full(entry.body())
-                };
-                let mut resp = Response::new(body);
-                *resp.status_mut() = entry.status;
-                *resp.headers_mut() = headers;
-                resp
+                body::full(stored_body)
             };
+            let mut resp = Response::new(body);
+            *resp.status_mut() = entry.status();
+            *resp.headers_mut() = headers;
+            resp
+        };
         if let CachePhase::Hit(_) = outcome.phase {
             resp.headers_mut()
                 .insert(header::AGE, HeaderValue::from(entry.age_secs(now_ms())));

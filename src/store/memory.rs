@@ -1,74 +1,69 @@
-//! The memory tier: a moka cache bounded by bytes, with a per-entry TTL.
+//! The memory tier: a concurrent cache bounded by bytes (quick_cache, S3-FIFO-like
+//! eviction), where an entry stops being returned when its own freshness runs out.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
-use moka::Expiry;
-use moka::future::Cache;
+use quick_cache::Weighter;
+use quick_cache::sync::Cache;
 
 use crate::entry::{CachedResponse, now_ms};
 use crate::key::CacheKey;
 
-/// Expires each entry when its own freshness runs out.
-struct EntryExpiry;
+/// Weighs an entry by the bytes it really holds ([`CachedResponse::size_bytes`]).
+#[derive(Clone)]
+struct EntryWeighter;
 
-impl Expiry<CacheKey, Arc<CachedResponse>> for EntryExpiry {
-    fn expire_after_create(
-        &self,
-        _key: &CacheKey,
-        value: &Arc<CachedResponse>,
-        _created_at: Instant,
-    ) -> Option<Duration> {
-        Some(value.remaining_ttl(now_ms()))
-    }
-
-    fn expire_after_update(
-        &self,
-        _key: &CacheKey,
-        value: &Arc<CachedResponse>,
-        _updated_at: Instant,
-        _duration_until_expiry: Option<Duration>,
-    ) -> Option<Duration> {
-        Some(value.remaining_ttl(now_ms()))
+impl Weighter<CacheKey, CachedResponse> for EntryWeighter {
+    fn weight(&self, _key: &CacheKey, value: &CachedResponse) -> u64 {
+        value.size_bytes() as u64
     }
 }
 
+/// A typical entry size, used only to size the cache's tables ahead (they grow as needed).
+const TYPICAL_ENTRY_BYTES: u64 = 2048;
+
 /// The in-process tier. Cloning shares the same cache.
+///
+/// Entries past their freshness are not returned and are removed when looked up; until
+/// then they count against the budget like any other entry and are evicted first among
+/// equals only by the eviction policy, never by time.
 #[derive(Clone)]
 pub struct MemoryTier {
-    cache: Cache<CacheKey, Arc<CachedResponse>>,
+    cache: Arc<Cache<CacheKey, CachedResponse, EntryWeighter>>,
 }
 
 impl MemoryTier {
-    /// A tier holding at most `max_bytes`, counting each entry's headers and body
-    /// ([`CachedResponse::size_bytes`]); the least valuable entries are evicted first
-    /// (moka's TinyLFU).
+    /// A tier holding at most `max_bytes`, counting each entry's headers, body and the
+    /// tier's own per-entry overhead ([`CachedResponse::size_bytes`]); entries seen once are
+    /// evicted before entries seen again (quick_cache's CLOCK-Pro / S3-FIFO policy).
     pub fn new(max_bytes: u64) -> Self {
-        let cache = Cache::builder()
-            .max_capacity(max_bytes)
-            .weigher(|_k: &CacheKey, v: &Arc<CachedResponse>| {
-                u32::try_from(v.size_bytes()).unwrap_or(u32::MAX)
-            })
-            .expire_after(EntryExpiry)
-            .build();
-        MemoryTier { cache }
+        let estimated_items = (max_bytes / TYPICAL_ENTRY_BYTES).clamp(16, 1 << 20) as usize;
+        let cache = Cache::with_weighter(estimated_items, max_bytes.max(1), EntryWeighter);
+        MemoryTier {
+            cache: Arc::new(cache),
+        }
     }
 
-    /// The entry for `key` if present and still fresh.
-    pub async fn get(&self, key: &CacheKey) -> Option<Arc<CachedResponse>> {
-        let entry = self.cache.get(key).await?;
-        entry.is_fresh(now_ms()).then_some(entry)
+    /// The entry for `key` if present and still fresh. An entry past its freshness is
+    /// removed.
+    pub fn get(&self, key: &CacheKey) -> Option<CachedResponse> {
+        let entry = self.cache.get(key)?;
+        if entry.is_fresh(now_ms()) {
+            return Some(entry);
+        }
+        self.cache.remove_if(key, |held| held.is_same(&entry));
+        None
     }
 
-    /// Stores `entry` under `key` until its TTL runs out.
-    pub async fn insert(&self, key: CacheKey, entry: Arc<CachedResponse>) {
-        self.cache.insert(key, entry).await;
+    /// Stores `entry` under `key`, replacing what was there. An entry heavier than the
+    /// whole budget is not stored.
+    pub fn insert(&self, key: CacheKey, entry: CachedResponse) {
+        self.cache.insert(key, entry);
     }
 
-    /// `(entries, weighted bytes)` after pending maintenance has run.
-    pub async fn usage(&self) -> (u64, u64) {
-        self.cache.run_pending_tasks().await;
-        (self.cache.entry_count(), self.cache.weighted_size())
+    /// `(entries, weighted bytes)`.
+    pub fn usage(&self) -> (u64, u64) {
+        (self.cache.len() as u64, self.cache.weight())
     }
 }
 
@@ -77,36 +72,44 @@ mod tests {
     use super::*;
     use http::{HeaderMap, StatusCode};
 
-    fn entry(body_bytes: usize, ttl_secs: u32) -> Arc<CachedResponse> {
-        Arc::new(CachedResponse::new(
+    fn entry(body_bytes: usize, stored_at_ms: u64, ttl_secs: u32) -> CachedResponse {
+        CachedResponse::new::<&str>(
             StatusCode::OK,
             &HeaderMap::new(),
             &vec![b'x'; body_bytes],
-            now_ms(),
+            stored_at_ms,
             ttl_secs,
-            Arc::from([]),
-        ))
+            &[],
+        )
     }
 
-    #[tokio::test]
-    async fn bounded_by_bytes() {
+    #[test]
+    fn bounded_by_bytes() {
         let tier = MemoryTier::new(100_000);
         for i in 0..100u8 {
-            tier.insert(CacheKey([i; 32]), entry(10_000, 60)).await;
+            tier.insert(CacheKey([i; 32]), entry(10_000, now_ms(), 60));
         }
-        let (entries, bytes) = tier.usage().await;
+        let (entries, bytes) = tier.usage();
         assert!(bytes <= 100_000, "{bytes} bytes held");
         assert!(entries > 0 && entries < 100, "{entries} entries held");
     }
 
-    #[tokio::test]
-    async fn stale_entries_are_not_returned() {
+    #[test]
+    fn stale_entries_are_not_returned_and_are_removed() {
         let tier = MemoryTier::new(1 << 20);
-        let mut old = (*entry(10, 1)).clone();
-        old.stored_at_ms -= 5_000;
-        tier.insert(CacheKey([1; 32]), Arc::new(old)).await;
-        assert!(tier.get(&CacheKey([1; 32])).await.is_none());
-        tier.insert(CacheKey([2; 32]), entry(10, 60)).await;
-        assert!(tier.get(&CacheKey([2; 32])).await.is_some());
+        tier.insert(CacheKey([1; 32]), entry(10, now_ms() - 5_000, 1));
+        assert_eq!(tier.usage().0, 1);
+        assert!(tier.get(&CacheKey([1; 32])).is_none());
+        assert_eq!(tier.usage().0, 0);
+        tier.insert(CacheKey([2; 32]), entry(10, now_ms(), 60));
+        assert!(tier.get(&CacheKey([2; 32])).is_some());
+    }
+
+    #[test]
+    fn an_entry_larger_than_the_budget_is_not_held() {
+        let tier = MemoryTier::new(10_000);
+        tier.insert(CacheKey([3; 32]), entry(20_000, now_ms(), 60));
+        assert!(tier.get(&CacheKey([3; 32])).is_none());
+        assert!(tier.usage().1 <= 10_000);
     }
 }

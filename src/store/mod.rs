@@ -49,8 +49,8 @@ impl TieredStore {
     /// Looks `key` up in the memory tier, then in Redis. A fresh Redis entry is copied into
     /// the memory tier. A Redis entry that fails authentication (forged, copied from another
     /// key, altered) or decoding counts as a miss and in `redis_rejected_entries_total`.
-    pub async fn lookup(&self, key: &CacheKey) -> Option<(Arc<CachedResponse>, Tier)> {
-        if let Some(entry) = self.memory.get(key).await {
+    pub async fn lookup(&self, key: &CacheKey) -> Option<(CachedResponse, Tier)> {
+        if let Some(entry) = self.memory.get(key) {
             return Some((entry, Tier::Memory));
         }
         let redis = self.redis.as_ref()?;
@@ -63,26 +63,25 @@ impl TieredStore {
         if !entry.is_fresh(now_ms()) {
             return None;
         }
-        let entry = Arc::new(entry);
-        self.memory.insert(*key, entry.clone()).await;
+        self.memory.insert(*key, entry.clone());
         Some((entry, Tier::Redis))
     }
 
     /// Looks `key` up in the memory tier only.
-    pub async fn lookup_memory(&self, key: &CacheKey) -> Option<Arc<CachedResponse>> {
-        self.memory.get(key).await
+    pub fn lookup_memory(&self, key: &CacheKey) -> Option<CachedResponse> {
+        self.memory.get(key)
     }
 
     /// Stores `entry` in the memory tier now and in Redis in a background task, so that the
     /// response is never delayed by Redis.
-    pub async fn store(&self, key: CacheKey, entry: Arc<CachedResponse>) {
-        self.memory.insert(key, entry.clone()).await;
+    pub async fn store(&self, key: CacheKey, entry: CachedResponse) {
+        self.memory.insert(key, entry.clone());
         self.metrics.stores.inc(Tier::Memory.as_str());
         if let Some(redis) = self.redis.clone() {
             let metrics = self.metrics.clone();
             let keys = self.envelope_keys.clone();
             tokio::spawn(async move {
-                let ttl = u64::from(entry.ttl_secs);
+                let ttl = u64::from(entry.ttl_secs());
                 if redis.set(&key, entry.encode(&key, &keys), ttl).await {
                     metrics.stores.inc(Tier::Redis.as_str());
                 }
@@ -91,8 +90,8 @@ impl TieredStore {
     }
 
     /// Refreshes the memory-tier gauges.
-    pub async fn refresh_gauges(&self) {
-        let (entries, bytes) = self.memory.usage().await;
+    pub fn refresh_gauges(&self) {
+        let (entries, bytes) = self.memory.usage();
         self.metrics.memory_entries.set(entries as i64);
         self.metrics.memory_bytes.set(bytes as i64);
     }
