@@ -52,6 +52,12 @@ impl LabeledCounter {
         self.family.get_or_create(&[(self.key, value)]).inc();
     }
 
+    /// A handle on the counter labelled `value`, for code that counts without `Metrics`
+    /// (it shares the count).
+    pub fn handle(&self, value: &'static str) -> Counter {
+        self.family.get_or_create(&[(self.key, value)]).clone()
+    }
+
     /// The count labelled `value` (0 if never incremented).
     pub fn get(&self, value: &'static str) -> u64 {
         self.family.get(&[(self.key, value)]).map_or(0, |c| c.get())
@@ -99,7 +105,8 @@ pub struct Metrics {
     /// Redis entries rejected as misses: failed authentication (forged, copied from another
     /// key, tampered) or decoding (corrupt, unknown version).
     pub redis_rejected_entries: Counter,
-    /// Requests refused as client faults, by `kind`: `host`, `body`, `body-timeout`.
+    /// Client faults, by `kind`: `host`, `body`, `body-timeout` (requests refused),
+    /// `send-timeout` (connections closed because the client stopped reading).
     pub client_errors: LabeledCounter,
     /// Request handlers that panicked (answered with 500; no request data is logged).
     pub panics: Counter,
@@ -109,6 +116,11 @@ pub struct Metrics {
     pub memory_entries: Gauge,
     /// Weighted size of the memory tier in bytes (refreshed on scrape).
     pub memory_bytes: Gauge,
+    /// Open client connections of the proxy listener, tunnels included (each holds one of
+    /// `max_connections`).
+    pub open_connections: Gauge,
+    /// Open tunnels (upgraded WebSocket connections).
+    pub open_tunnels: Gauge,
 }
 
 impl Default for Metrics {
@@ -138,11 +150,14 @@ impl Metrics {
             LabeledCounter::new("kind", &["unreachable", "timeout", "body", "body-timeout"]);
         let redis_errors = LabeledCounter::new("op", &["get", "set"]);
         let redis_rejected_entries = Counter::default();
-        let client_errors = LabeledCounter::new("kind", &["host", "body", "body-timeout"]);
+        let client_errors =
+            LabeledCounter::new("kind", &["host", "body", "body-timeout", "send-timeout"]);
         let panics = Counter::default();
         let redis_breaker_state = Gauge::default();
         let memory_entries = Gauge::default();
         let memory_bytes = Gauge::default();
+        let open_connections = Gauge::default();
+        let open_tunnels = Gauge::default();
         let r = &mut registry;
         r.register(
             "requests",
@@ -178,7 +193,7 @@ impl Metrics {
         );
         r.register(
             "client_errors",
-            "Requests refused as client faults, by kind",
+            "Client faults by kind (refused requests, clients that stopped reading)",
             client_errors.family.clone(),
         );
         r.register(
@@ -201,6 +216,16 @@ impl Metrics {
             "Weighted bytes in the memory tier",
             memory_bytes.clone(),
         );
+        r.register(
+            "open_connections",
+            "Open client connections of the proxy listener, tunnels included",
+            open_connections.clone(),
+        );
+        r.register(
+            "open_tunnels",
+            "Open tunnels (upgraded WebSocket connections)",
+            open_tunnels.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -216,6 +241,8 @@ impl Metrics {
             redis_breaker_state,
             memory_entries,
             memory_bytes,
+            open_connections,
+            open_tunnels,
         }
     }
 
@@ -281,6 +308,10 @@ impl Metrics {
             "memory": {
                 "entries": self.memory_entries.get(),
                 "bytes": self.memory_bytes.get(),
+            },
+            "connections": {
+                "open": self.open_connections.get(),
+                "tunnels": self.open_tunnels.get(),
             },
         })
     }

@@ -546,6 +546,60 @@ async fn stalling_clients_are_cut_and_connections_are_capped() {
     assert_eq!(&buf, b"HTTP/1.1 200");
 }
 
+// 9. A client that stops reading a response is cut at the send timeout, and gives its
+// connection slot back.
+#[tokio::test]
+async fn a_client_that_stops_reading_is_cut_at_the_send_timeout() {
+    const BIG: usize = 32 << 20;
+    let big = {
+        let mut r = format!("HTTP/1.1 200 OK\r\nContent-Length: {BIG}\r\n\r\n").into_bytes();
+        r.resize(r.len() + BIG, b'x');
+        std::sync::Arc::new(r)
+    };
+    let up = RawUpstream::start(move |head, _| {
+        if head.starts_with("GET /big ") {
+            Script::Reply(big.to_vec())
+        } else {
+            Script::Reply(ok("small", ""))
+        }
+    })
+    .await;
+    let gate = Gate::start_at(
+        &up.url(),
+        None,
+        "[server]\nclient_send_timeout_ms = 300\nmax_connections = 1\n",
+        "",
+    )
+    .await;
+    // A client with a small receive window that asks for 32 MB and reads nothing.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stalled = socket.connect(gate.addr().parse().unwrap()).await.unwrap();
+    stalled
+        .write_all(b"GET /big HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(
+        common::eventually(Duration::from_secs(10), || async {
+            gate.stats().await["client_errors"]["send-timeout"] == 1
+        })
+        .await,
+        "a client that stopped reading was never cut"
+    );
+    assert!(
+        common::eventually(LIMIT, || async {
+            gate.stats().await["connections"]["open"] == 0
+        })
+        .await
+    );
+    // The only connection slot is free again.
+    let reply = tokio::time::timeout(LIMIT, gate.get("/small"))
+        .await
+        .unwrap();
+    assert_eq!(reply.body, "small");
+    drop(stalled);
+}
+
 // 11. Route matching, the key and the upstream see one path.
 #[tokio::test]
 async fn path_spellings_cannot_escape_a_disabled_route() {
@@ -616,7 +670,85 @@ async fn websocket_upgrades_are_tunnelled_both_ways() {
         Script::Echo(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\nhello from upstream|".to_vec())
     })
     .await;
-    let gate = Gate::start_at(&up.url(), None, "", "").await;
+    let gate = Gate::start_at(
+        &up.url(),
+        None,
+        "[server]\ntunnel_idle_timeout_ms = 500\n",
+        "",
+    )
+    .await;
+    let (mut s, text) = open_websocket(&gate).await;
+    assert!(text.starts_with("http/1.1 101"), "{text}");
+    assert!(text.contains("upgrade: websocket"), "{text}");
+    assert!(text.contains("x-cache-status: bypass"), "{text}");
+    s.write_all(b"ping from client").await.unwrap();
+    let mut echo = [0u8; 16];
+    tokio::time::timeout(LIMIT, s.read_exact(&mut echo))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&echo, b"ping from client");
+    // The tunnel keeps its connection slot while open.
+    let stats = gate.stats().await;
+    assert_eq!(stats["connections"]["tunnels"], 1, "{stats}");
+    assert_eq!(stats["connections"]["open"], 1, "{stats}");
+    // Silent both ways for tunnel_idle_timeout_ms: closed, slot given back.
+    let started = Instant::now();
+    let rest = read_to_close(&mut s, LIMIT).await;
+    assert!(rest.is_empty() && started.elapsed() < LIMIT);
+    assert!(
+        common::eventually(LIMIT, || async {
+            let stats = gate.stats().await;
+            stats["connections"]["tunnels"] == 0 && stats["connections"]["open"] == 0
+        })
+        .await
+    );
+
+    // Only WebSocket is tunnelled: an h2c upgrade would carry headers past the forwarding
+    // rules, so it goes on as a plain request without its Upgrade.
+    let h2c = exchange(
+        &gate.addr(),
+        b"GET /h2c HTTP/1.1\r\nHost: a\r\nUpgrade: h2c\r\nConnection: Upgrade, HTTP2-Settings\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n",
+        Duration::from_millis(500),
+    )
+    .await;
+    let h2c = String::from_utf8_lossy(&h2c);
+    assert!(h2c.starts_with("HTTP/1.1 200"), "{h2c}");
+    assert!(h2c.ends_with("plain"), "the upstream saw an upgrade: {h2c}");
+}
+
+#[tokio::test]
+async fn tunnels_count_against_max_connections_and_close_at_shutdown() {
+    let up = RawUpstream::start(|_, _| {
+        Script::Echo(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\nhello from upstream|".to_vec())
+    })
+    .await;
+    let mut gate = Gate::start_at(&up.url(), None, "[server]\nmax_connections = 1\n", "").await;
+    let (mut tunnel, _) = open_websocket(&gate).await;
+    // The only slot is the tunnel's: another client waits.
+    let mut second = TcpStream::connect(gate.addr()).await.unwrap();
+    second
+        .write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 12];
+    let early = tokio::time::timeout(Duration::from_millis(200), second.read_exact(&mut buf)).await;
+    assert!(early.is_err(), "served while the tunnel held the only slot");
+    // Shutdown closes the open tunnel instead of waiting out its 10 s grace.
+    let started = Instant::now();
+    gate.running.take().unwrap().shutdown().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    let rest = read_to_close(&mut tunnel, LIMIT).await;
+    assert!(rest.is_empty());
+}
+
+/// Opens a WebSocket tunnel through `gate` and reads up to the upstream's greeting.
+/// Returns the socket and the lower-cased text read.
+async fn open_websocket(gate: &Gate) -> (TcpStream, String) {
     let mut s = TcpStream::connect(gate.addr()).await.unwrap();
     s.write_all(b"GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").await.unwrap();
     let mut got = Vec::new();
@@ -630,29 +762,7 @@ async fn websocket_upgrades_are_tunnelled_both_ways() {
         assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
         got.extend_from_slice(&buf[..n]);
     }
-    let text = String::from_utf8_lossy(&got).to_ascii_lowercase();
-    assert!(text.starts_with("http/1.1 101"), "{text}");
-    assert!(text.contains("upgrade: websocket"), "{text}");
-    assert!(text.contains("x-cache-status: bypass"), "{text}");
-    s.write_all(b"ping from client").await.unwrap();
-    let mut echo = [0u8; 16];
-    tokio::time::timeout(LIMIT, s.read_exact(&mut echo))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(&echo, b"ping from client");
-
-    // Only WebSocket is tunnelled: an h2c upgrade would carry headers past the forwarding
-    // rules, so it goes on as a plain request without its Upgrade.
-    let h2c = exchange(
-        &gate.addr(),
-        b"GET /h2c HTTP/1.1\r\nHost: a\r\nUpgrade: h2c\r\nConnection: Upgrade, HTTP2-Settings\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n",
-        Duration::from_millis(500),
-    )
-    .await;
-    let h2c = String::from_utf8_lossy(&h2c);
-    assert!(h2c.starts_with("HTTP/1.1 200"), "{h2c}");
-    assert!(h2c.ends_with("plain"), "the upstream saw an upgrade: {h2c}");
+    (s, String::from_utf8_lossy(&got).to_ascii_lowercase())
 }
 
 // 13. A client's malformed body is a client fault.

@@ -72,8 +72,14 @@ pub struct ServerConfig {
     /// Limit on the idle time between two chunks of a client's request body, in
     /// milliseconds (then 408). Default 10000.
     pub client_body_timeout_ms: u64,
-    /// Open client connections at most; further clients wait in the listen backlog until
-    /// one closes. Default 10000.
+    /// Limit on how long a response write may wait for the client to accept any byte, in
+    /// milliseconds (nginx's `send_timeout`); then the connection is closed. Default 60000.
+    pub client_send_timeout_ms: u64,
+    /// Limit on the time a tunnelled (WebSocket) connection may carry no byte in either
+    /// direction, in milliseconds; then both sides are closed. Default 300000.
+    pub tunnel_idle_timeout_ms: u64,
+    /// Open client connections at most, tunnels included; further clients wait in the
+    /// listen backlog until one closes. Default 10000.
     pub max_connections: usize,
     /// Peers (addresses or CIDR ranges, e.g. `10.0.0.0/8`) whose `X-Forwarded-*` and
     /// `Forwarded` headers are passed on; from any other peer they are replaced. Default
@@ -211,6 +217,8 @@ impl Default for ServerConfig {
         ServerConfig {
             header_read_timeout_ms: 10_000,
             client_body_timeout_ms: 10_000,
+            client_send_timeout_ms: 60_000,
+            tunnel_idle_timeout_ms: 300_000,
             max_connections: 10_000,
             trusted_proxies: Vec::new(),
         }

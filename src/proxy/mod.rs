@@ -33,13 +33,14 @@ use http::uri::PathAndQuery;
 use http::{HeaderValue, Method, Request, Response, StatusCode, Version, header};
 use http_body::Body as _;
 use hyper::body::Incoming;
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 pub use self::switches::Switches;
 
 use self::body::{BoxError, Limited, ProxyBody, Side, Timed, body_error, read_limited};
 use self::headers::Forwarding;
-use self::upgrade::UpgradeRequest;
+use self::upgrade::{TunnelLimits, UpgradeRequest};
 use self::upstream::{Upstream, UpstreamBody, UpstreamError};
 use crate::coalesce::{Coalescer, Leader, Role, WaitOutcome};
 use crate::conditional::{self, Conditions};
@@ -75,6 +76,7 @@ pub struct Proxy {
     metrics: Arc<Metrics>,
     switches: Arc<Switches>,
     limits: Limits,
+    tunnels: TunnelLimits,
 }
 
 /// What the cache path needs to know about a request once its key is built.
@@ -110,8 +112,10 @@ impl Proxy {
         store: TieredStore,
         metrics: Arc<Metrics>,
         switches: Arc<Switches>,
+        shutdown: watch::Receiver<bool>,
     ) -> Self {
         let upstream = Upstream::new(&config.upstream);
+        let open_tunnels = metrics.open_tunnels.clone();
         let forwarding = Forwarding {
             trusted_proxies: config.server.trusted_proxies.iter().map(|n| n.0).collect(),
             upstream_host: (!config.upstream.preserve_host)
@@ -135,6 +139,11 @@ impl Proxy {
                 client_body_timeout: Duration::from_millis(
                     config.server.client_body_timeout_ms.max(1),
                 ),
+            },
+            tunnels: TunnelLimits {
+                idle_timeout: Duration::from_millis(config.server.tunnel_idle_timeout_ms.max(1)),
+                shutdown,
+                open: open_tunnels,
             },
         }
     }
@@ -428,7 +437,7 @@ impl Proxy {
             Err(e) => return self.finish(self.upstream_failure(e), miss(phase, None), None),
         };
         let fwd_status = Some(resp.status().as_u16());
-        let resp = match upgrade.tunnel(resp) {
+        let resp = match upgrade.tunnel(resp, self.tunnels.clone()) {
             Ok(switching) => switching.map(|()| body::empty()),
             Err(other) => {
                 let (mut head, resp_body) = other.into_parts();

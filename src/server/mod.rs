@@ -1,6 +1,10 @@
 //! Start-up and the accept loops: binds the proxy and admin listeners, serves HTTP/1.1
 //! connections with hyper, and shuts down gracefully.
 
+mod io;
+
+pub use self::io::{ClientIo, ConnTicket};
+
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -14,6 +18,8 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
@@ -102,6 +108,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         metrics.clone(),
     );
     let keys = KeyBuilder::new(&secret, &config.cache.namespace);
+    let (shutdown, rx) = watch::channel(false);
     let switches = Arc::new(Switches::new(
         config.cache.enabled,
         config.cache.rollout_percent.0,
@@ -112,6 +119,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         store.clone(),
         metrics.clone(),
         switches.clone(),
+        rx.clone(),
     ));
     let admin = Admin {
         metrics: metrics.clone(),
@@ -127,13 +135,15 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let admin_addr = admin_listener
         .local_addr()
         .map_err(|e| StartError::Bind(config.admin_listen, e))?;
-    let (shutdown, rx) = watch::channel(false);
     let max_connections = config
         .server
         .max_connections
         .clamp(1, Semaphore::MAX_PERMITS);
     let limits = ConnLimits {
         header_read_timeout: Duration::from_millis(config.server.header_read_timeout_ms.max(1)),
+        send_timeout: Duration::from_millis(config.server.client_send_timeout_ms.max(1)),
+        open: metrics.open_connections.clone(),
+        send_timeouts: metrics.client_errors.handle("send-timeout"),
         connections: Arc::new(Semaphore::new(max_connections)),
         max_connections,
     };
@@ -159,6 +169,8 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let admin_limits = ConnLimits {
         connections: Arc::new(Semaphore::new(64)),
         max_connections: 64,
+        open: Gauge::default(),
+        send_timeouts: Counter::default(),
         ..limits
     };
     let admin_loop = serve(admin_listener, rx, admin_limits, move |req, _peer| {
@@ -231,14 +243,21 @@ fn warn_if_unreachable(redis: RedisTier) {
 #[derive(Clone)]
 struct ConnLimits {
     header_read_timeout: Duration,
+    /// See [`ClientIo`].
+    send_timeout: Duration,
+    /// Open connections (`cachegate_open_connections` for the proxy listener).
+    open: Gauge,
+    /// `client_errors{kind="send-timeout"}` for the proxy listener.
+    send_timeouts: Counter,
     /// One permit per open connection, `max_connections` in all.
     connections: Arc<Semaphore>,
     max_connections: usize,
 }
 
 /// Accepts connections until `shutdown` turns true, serving each with `handler`. Once
-/// `max_connections` are open, no more are accepted until one closes: further clients
-/// wait in the kernel's listen backlog.
+/// `max_connections` are open (tunnels included: the permit lives in the socket, see
+/// [`ClientIo`]), no more are accepted until one closes: further clients wait in the
+/// kernel's listen backlog.
 async fn serve<H, F>(
     listener: TcpListener,
     mut shutdown: watch::Receiver<bool>,
@@ -277,7 +296,15 @@ async fn serve<H, F>(
         let conn = http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(limits.header_read_timeout)
-            .serve_connection(TokioIo::new(stream), service)
+            .serve_connection(
+                TokioIo::new(ClientIo::new(
+                    stream,
+                    limits.send_timeout,
+                    limits.send_timeouts.clone(),
+                    ConnTicket::new(permit, limits.open.clone()),
+                )),
+                service,
+            )
             .with_upgrades();
         let mut stop = shutdown.clone();
         tokio::spawn(async move {
@@ -293,11 +320,11 @@ async fn serve<H, F>(
             if let Err(e) = result {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
-            drop(permit);
         });
     }
     drop(listener);
-    // Every open connection holds a permit: having them all back means all have closed.
+    // Every open connection and tunnel holds a permit: having them all back means all have
+    // closed.
     let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
     let _ = tokio::time::timeout(
         Duration::from_secs(10),
