@@ -30,6 +30,7 @@ fn keys(c: &mut Criterion) {
             method: &Method::GET,
             path: "/kpi/revenue/daily",
             host: None,
+            forwarded: None,
             query,
             query_filter: None,
             headers,

@@ -105,7 +105,8 @@ pub struct Metrics {
     /// Redis entries rejected as misses: failed authentication (forged, copied from another
     /// key, tampered) or decoding (corrupt, unknown version).
     pub redis_rejected_entries: Counter,
-    /// Client faults, by `kind`: `host`, `body`, `body-timeout` (requests refused),
+    /// Client faults, by `kind`: `host`, `target`, `method`, `body`, `body-timeout`
+    /// (requests refused),
     /// `send-timeout` (connections closed because the client stopped reading).
     pub client_errors: LabeledCounter,
     /// Request handlers that panicked (answered with 500; no request data is logged).
@@ -150,8 +151,17 @@ impl Metrics {
             LabeledCounter::new("kind", &["unreachable", "timeout", "body", "body-timeout"]);
         let redis_errors = LabeledCounter::new("op", &["get", "set"]);
         let redis_rejected_entries = Counter::default();
-        let client_errors =
-            LabeledCounter::new("kind", &["host", "body", "body-timeout", "send-timeout"]);
+        let client_errors = LabeledCounter::new(
+            "kind",
+            &[
+                "host",
+                "target",
+                "method",
+                "body",
+                "body-timeout",
+                "send-timeout",
+            ],
+        );
         let panics = Counter::default();
         let redis_breaker_state = Gauge::default();
         let memory_entries = Gauge::default();

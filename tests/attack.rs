@@ -257,6 +257,43 @@ key_query = ["from"]
     assert_eq!(b.cache(), "MISS", "another Host is another key");
     let a2 = get_with(&trusting, "/v", &[("host", "a.example")]).await;
     assert_eq!((a2.cache(), a2.n()), ("HIT", a.n()));
+
+    // A trusted proxy's forwarded origin reaches the upstream, so it is keyed; the client
+    // address it forwards is not.
+    let origins: [&[(&str, &str)]; 5] = [
+        &[("x-forwarded-host", "a.example")],
+        &[("x-forwarded-host", "b.example")],
+        &[
+            ("x-forwarded-host", "a.example"),
+            ("x-forwarded-proto", "https"),
+        ],
+        &[("forwarded", "for=1.1.1.1;host=a.example;proto=https")],
+        &[("x-forwarded-prefix", "/tenant")],
+    ];
+    let mut seen = Vec::new();
+    for headers in origins {
+        let r = get_with(
+            &trusting,
+            "/v",
+            &[&[("host", "a.example")], headers].concat(),
+        )
+        .await;
+        assert_eq!(r.cache(), "MISS", "{headers:?} got another origin's answer");
+        for (name, value) in headers {
+            assert_eq!(r.json()["headers"][*name], *value);
+        }
+        seen.push(r.n());
+    }
+    let again = get_with(
+        &trusting,
+        "/v",
+        &[
+            ("host", "a.example"),
+            ("forwarded", "for=2.2.2.2;host=a.example;proto=https"),
+        ],
+    )
+    .await;
+    assert_eq!((again.cache(), again.n()), ("HIT", seen[3]));
 }
 
 // 4. Query spellings that upstreams tell apart get different keys.
@@ -340,6 +377,50 @@ async fn bodies_outside_i_json_or_not_json_bypass() {
             .await
             .cache(),
         "HIT"
+    );
+}
+
+// 3b. Request-target forms a reverse proxy does not serve are refused; `OPTIONS *` and
+// absolute-form targets are passed on as what they mean.
+#[tokio::test]
+async fn request_target_forms_are_served_or_refused_as_they_mean() {
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let lines = seen.clone();
+    let up = RawUpstream::start(move |head, _| {
+        lines
+            .lock()
+            .unwrap()
+            .push(head.lines().next().unwrap_or("").to_string());
+        Script::Reply(ok("ok", ""))
+    })
+    .await;
+    let gate = Gate::start_at(&up.url(), None, "", "").await;
+    let cases: [(&str, u16); 4] = [
+        ("OPTIONS * HTTP/1.1\r\nHost: a\r\n", 200),
+        (
+            "CONNECT a.example:443 HTTP/1.1\r\nHost: a.example:443\r\n",
+            405,
+        ),
+        ("GET * HTTP/1.1\r\nHost: a\r\n", 400),
+        ("GET http://evil.example/x HTTP/1.1\r\nHost: a\r\n", 200),
+    ];
+    for (head, status) in cases {
+        let request = format!("{head}Connection: close\r\n\r\n");
+        let responses = parse_responses(&exchange(&gate.addr(), request.as_bytes(), LIMIT).await);
+        assert_eq!(responses[0].status, status, "{head:?}");
+        if status == 405 {
+            assert!(responses[0].header("allow").is_some());
+        }
+    }
+    assert_eq!(
+        *seen.lock().unwrap(),
+        ["OPTIONS * HTTP/1.1", "GET /x HTTP/1.1"],
+        "what the upstream was asked"
+    );
+    let errors = &gate.stats().await["client_errors"];
+    assert_eq!(
+        (errors["method"].as_u64(), errors["target"].as_u64()),
+        (Some(1), Some(1))
     );
 }
 

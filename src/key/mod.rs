@@ -63,6 +63,10 @@ pub struct KeyParts<'a> {
     pub path: &'a str,
     /// The `Host` the upstream gets, when the route forwards the client's (`preserve_host`).
     pub host: Option<&'a str>,
+    /// The origin a trusted proxy says the client asked for (its `X-Forwarded-Host`,
+    /// `-Proto`, `-Port`, `-Prefix` and `Forwarded` `host`/`proto`, see
+    /// [`crate::proxy::headers::forwarded_origin`]): forwarded to the upstream, so keyed.
+    pub forwarded: Option<&'a [u8]>,
     /// The parsed query parameters ([`crate::uri::parse_query`]), in the client's order.
     pub query: &'a [QueryParam<'a>],
     /// Query parameter names to keep; `None` keeps all.
@@ -111,6 +115,10 @@ impl KeyBuilder {
                 field(host.to_ascii_lowercase().as_bytes());
             }
             None => field(b"nohost"),
+        }
+        if let Some(forwarded) = parts.forwarded {
+            field(b"forwarded");
+            field(forwarded);
         }
         let mut params: Vec<&QueryParam<'_>> = parts
             .query
@@ -169,6 +177,7 @@ mod tests {
             method: &Method::POST,
             path: &path,
             host: None,
+            forwarded: None,
             query: &query,
             query_filter: None,
             headers: &HeaderMap::new(),

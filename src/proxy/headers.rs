@@ -127,6 +127,88 @@ impl Forwarding {
     }
 }
 
+/// `X-Forwarded-*` headers that name the origin the client asked for (as opposed to the
+/// client's address): an upstream builds absolute URLs, redirects and tenant choices from
+/// them.
+const FORWARDED_ORIGIN: [&str; 4] = [
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "x-forwarded-port",
+    "x-forwarded-prefix",
+];
+
+/// The origin a trusted proxy forwards, as bytes for the cache key: the values of
+/// `X-Forwarded-Host`, `-Proto`, `-Port` and `-Prefix`, and the `host` and `proto`
+/// parameters of `Forwarded` (RFC 7239 §4, quoted strings respected). `None` when there is
+/// none. Client addresses (`X-Forwarded-For`, `Forwarded: for=`, `X-Real-IP`) are not
+/// included: keying them would make one entry per client; an upstream that answers by
+/// client address must mark its answers `private`.
+///
+/// Only meaningful for a trusted peer: from others these headers are replaced
+/// ([`Forwarding::apply`]).
+pub fn forwarded_origin(headers: &HeaderMap) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut put = |name: &[u8], value: &[u8]| {
+        for part in [name, value] {
+            out.extend_from_slice(&(part.len() as u32).to_le_bytes());
+            out.extend_from_slice(part);
+        }
+    };
+    for name in FORWARDED_ORIGIN {
+        for value in headers.get_all(name) {
+            put(name.as_bytes(), value.as_bytes());
+        }
+    }
+    for value in headers.get_all(header::FORWARDED) {
+        match forwarded_pairs(value.as_bytes()) {
+            Some(pairs) => {
+                for (name, value) in pairs {
+                    if name.eq_ignore_ascii_case(b"host") || name.eq_ignore_ascii_case(b"proto") {
+                        put(&name.to_ascii_lowercase(), value);
+                    }
+                }
+            }
+            // Not parsable: an upstream may still read something from it, so all of it
+            // is keyed.
+            None => put(b"forwarded", value.as_bytes()),
+        }
+    }
+    (!out.is_empty()).then_some(out)
+}
+
+/// The `name=value` pairs of a `Forwarded` header value (RFC 7239 §4): split at `,` and `;`
+/// outside quoted strings; values as written (quotes included), empty elements skipped.
+/// `None` for a value that is not of that form (an unterminated quoted string, a pair
+/// without `=`).
+fn forwarded_pairs(value: &[u8]) -> Option<Vec<(&[u8], &[u8])>> {
+    let mut pairs = Vec::new();
+    let (mut start, mut quoted, mut escaped) = (0, false, false);
+    for i in 0..=value.len() {
+        let b = value.get(i).copied();
+        if escaped {
+            escaped = false;
+        } else if quoted {
+            match b {
+                Some(b'\\') => escaped = true,
+                Some(b'"') => quoted = false,
+                None => return None,
+                _ => {}
+            }
+        } else if b == Some(b'"') {
+            quoted = true;
+        } else if matches!(b, None | Some(b',' | b';')) {
+            let pair = value[start..i].trim_ascii();
+            if !pair.is_empty() {
+                let eq = pair.iter().position(|&c| c == b'=')?;
+                pairs.push((pair[..eq].trim_ascii(), pair[eq + 1..].trim_ascii()));
+            }
+            start = i + 1;
+        }
+    }
+    // A value ending inside a quoted string (after an escape).
+    (!quoted).then_some(pairs)
+}
+
 /// Makes an upstream response's framing cachegate's own: hop-by-hop headers (including
 /// `Transfer-Encoding`) and `Content-Length` are removed, so the length a client gets is
 /// always the length of the body it gets (RFC 9112 §6.3: a message with both is suspect).
@@ -204,6 +286,53 @@ mod tests {
         assert_eq!(h["x-forwarded-proto"], "https");
         assert_eq!(h["x-forwarded-host"], "evil.example");
         assert!(!h.contains_key("x-original-url"));
+    }
+
+    #[test]
+    fn forwarded_origin_tells_origins_apart_and_ignores_client_addresses() {
+        let origin = |pairs: &[(&'static str, &'static str)]| forwarded_origin(&header_map(pairs));
+        assert_eq!(
+            origin(&[("x-forwarded-for", "1.2.3.4"), ("x-real-ip", "1.2.3.4")]),
+            None
+        );
+        assert_eq!(origin(&[("forwarded", "for=1.2.3.4;by=10.0.0.1")]), None);
+        let a = origin(&[("forwarded", "for=1.2.3.4;host=a.example;proto=https")]);
+        let b = origin(&[("forwarded", "for=5.6.7.8; host=a.example; proto=https")]);
+        assert!(a.is_some());
+        assert_eq!(a, b, "the client address does not split entries");
+        let distinct = [
+            origin(&[("forwarded", "host=a.example")]),
+            origin(&[("forwarded", "host=b.example")]),
+            origin(&[("forwarded", "host=\"a.example;proto=http\"")]),
+            origin(&[("forwarded", "host=\"a.example")]),
+            origin(&[("forwarded", "host")]),
+            origin(&[("x-forwarded-host", "a.example")]),
+            origin(&[("x-forwarded-host", "b.example")]),
+            origin(&[("x-forwarded-proto", "https")]),
+            origin(&[("x-forwarded-port", "443")]),
+            origin(&[("x-forwarded-prefix", "/tenant")]),
+            origin(&[
+                ("x-forwarded-host", "a.example"),
+                ("x-forwarded-proto", "https"),
+            ]),
+            origin(&[
+                ("x-forwarded-host", "a.example"),
+                ("x-forwarded-host", "b.example"),
+            ]),
+        ];
+        for (i, x) in distinct.iter().enumerate() {
+            assert!(x.is_some(), "{i}");
+            for (j, y) in distinct.iter().enumerate().skip(i + 1) {
+                assert_ne!(x, y, "{i} and {j}");
+            }
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn forwarded_parsing_never_panics(value in proptest::collection::vec(0x20u8..0x7f, 0..64)) {
+            let _ = forwarded_pairs(&value);
+        }
     }
 
     #[test]

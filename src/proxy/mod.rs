@@ -153,13 +153,14 @@ impl Proxy {
     pub async fn handle(&self, req: Request<Incoming>, client: SocketAddr) -> Response<ProxyBody> {
         let (mut parts, body) = req.into_parts();
 
-        // The request target: one Host, one spelling of the path.
-        if let Err(fault) = check_host(&parts) {
+        // The request target: one Host, a form a reverse proxy serves, one spelling of the
+        // path.
+        if let Err(fault) = check_host(&parts).and_then(|()| check_target_form(&parts)) {
             return self.refuse(fault);
         }
         let target = normalize_path(parts.uri.path());
         let query = parts.uri.query().map(str::to_owned);
-        if target.path != parts.uri.path() {
+        if target.path != parts.uri.path() && !is_asterisk_form(&parts) {
             set_path_and_query(&mut parts, &target.path, query.as_deref());
         }
         let has_body = !body.is_end_stream();
@@ -170,6 +171,11 @@ impl Proxy {
             body::boxed(body)
         };
 
+        if is_asterisk_form(&parts) {
+            // `OPTIONS *` asks about the server, not a resource: passed on as it is.
+            headers::remove_hop_by_hop(&mut parts.headers);
+            return self.bypass(parts, body, client, BypassReason::Method).await;
+        }
         if headers::wants_upgrade(&parts.headers) {
             return self.tunnel(parts, body, client).await;
         }
@@ -218,13 +224,20 @@ impl Proxy {
             },
         };
 
-        // The key, and whether it is in the rollout.
+        // The key, and whether it is in the rollout. A trusted proxy's forwarded origin
+        // reaches the upstream, so it is keyed.
         let params = parse_query(query.as_deref().unwrap_or(""));
+        let forwarded = self
+            .forwarding
+            .trusts(client.ip())
+            .then(|| headers::forwarded_origin(&parts.headers))
+            .flatten();
         let query_filter = route.and_then(|r| r.config.key_query.as_deref());
         let key = self.keys.build(&KeyParts {
             method: &parts.method,
             path: &target.path,
             host: self.preserve_host.then(|| host_str(&parts)).flatten(),
+            forwarded: forwarded.as_deref(),
             query: &params,
             query_filter,
             headers: &parts.headers,
@@ -500,7 +513,15 @@ impl Proxy {
             kind = fault.kind,
             "client error"
         );
-        plain(fault.status, fault.reason)
+        let mut resp = plain(fault.status, fault.reason);
+        if fault.status == StatusCode::METHOD_NOT_ALLOWED {
+            // RFC 9110 §15.5.6: a 405 lists the methods that are served.
+            resp.headers_mut().insert(
+                header::ALLOW,
+                HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
+            );
+        }
+        resp
     }
 
     /// Builds the response for a stored or shared entry: the entry itself, or `304 Not
@@ -596,6 +617,32 @@ fn check_host(parts: &Parts) -> Result<(), ClientFault> {
         });
     }
     Ok(())
+}
+
+/// Refuses the request-target forms a reverse proxy does not serve (RFC 9112 §3.2):
+/// `CONNECT` (authority form: cachegate is not a forward proxy) gets `405`, and the
+/// asterisk form with any method but `OPTIONS` gets `400`.
+fn check_target_form(parts: &Parts) -> Result<(), ClientFault> {
+    if parts.method == Method::CONNECT {
+        return Err(ClientFault {
+            status: StatusCode::METHOD_NOT_ALLOWED,
+            reason: "CONNECT is not served: this is a reverse proxy",
+            kind: "method",
+        });
+    }
+    if parts.uri.path() == "*" && !is_asterisk_form(parts) {
+        return Err(ClientFault {
+            status: StatusCode::BAD_REQUEST,
+            reason: "the asterisk-form target is for OPTIONS only",
+            kind: "target",
+        });
+    }
+    Ok(())
+}
+
+/// `OPTIONS *` (RFC 9112 §3.2.4).
+fn is_asterisk_form(parts: &Parts) -> bool {
+    parts.method == Method::OPTIONS && parts.uri.path() == "*" && parts.uri.query().is_none()
 }
 
 /// The client's `Host`, for `preserve_host`.

@@ -72,13 +72,20 @@ impl Upstream {
         HeaderValue::from_str(&self.base.authority).ok()
     }
 
-    /// The origin's URI for a request's path and query.
+    /// The origin's URI for a request's path and query. The asterisk form (`OPTIONS *`,
+    /// RFC 9112 §3.2.4) stays as it is: it names the server, not a resource under the
+    /// upstream URL's path prefix.
     fn uri_for(&self, uri: &Uri) -> Result<Uri, http::Error> {
         let path_and_query = uri.path_and_query().map_or("/", |pq| pq.as_str());
+        let target = if path_and_query == "*" {
+            "*".to_string()
+        } else {
+            format!("{}{}", self.base.path_prefix, path_and_query)
+        };
         Uri::builder()
             .scheme("http")
             .authority(self.base.authority.as_str())
-            .path_and_query(format!("{}{}", self.base.path_prefix, path_and_query))
+            .path_and_query(target)
             .build()
     }
 
