@@ -7,8 +7,10 @@
 
 use std::hint::black_box;
 
-use cachegate::entry::{CachedResponse, EnvelopeKeys};
-use cachegate::key::{CacheKey, KeyBuilder, KeyParts, canonical_json};
+use cachegate::engine::envelope::EnvelopeKeys;
+use cachegate::engine::store::Storable;
+use cachegate::entry::CachedResponse;
+use cachegate::key::{CacheKey, KeyBuilder, KeyParts, canonical_json, request_key};
 use cachegate::uri::{QueryParam, parse_query};
 use criterion::{Criterion, criterion_group, criterion_main};
 use http::{HeaderMap, HeaderValue, Method, StatusCode};
@@ -44,16 +46,21 @@ fn keys(c: &mut Criterion) {
     c.bench_function("key/get_with_query_and_header", |b| {
         b.iter(|| {
             let query = parse_query(black_box(QUERY));
-            builder.build(&parts(&headers, &names, &query, None))
+            request_key(&builder, &parts(&headers, &names, &query, None))
         })
     });
     c.bench_function("key/post_raw_body", |b| {
-        b.iter(|| builder.build(black_box(&parts(&headers, &names, &[], Some(CHART)))))
+        b.iter(|| {
+            request_key(
+                &builder,
+                black_box(&parts(&headers, &names, &[], Some(CHART))),
+            )
+        })
     });
     c.bench_function("key/post_canonical_json_body", |b| {
         b.iter(|| {
             let canonical = canonical_json(black_box(CHART)).unwrap();
-            builder.build(&parts(&headers, &names, &[], Some(&canonical)))
+            request_key(&builder, &parts(&headers, &names, &[], Some(&canonical)))
         })
     });
 }
@@ -80,12 +87,14 @@ fn envelope(c: &mut Criterion) {
     let key = CacheKey([3; 32]);
     for (mode, seal) in [("sealed", true), ("signed", false)] {
         let keys = EnvelopeKeys::new(b"bench-secret", seal);
-        let encoded = entry.encode(&key, &keys);
+        let encoded = keys.seal(&key, &entry.to_payload());
         c.bench_function(&format!("envelope/encode_2k_{mode}"), |b| {
-            b.iter(|| black_box(&entry).encode(&key, &keys))
+            b.iter(|| keys.seal(&key, &black_box(&entry).to_payload()))
         });
         c.bench_function(&format!("envelope/decode_2k_{mode}"), |b| {
-            b.iter(|| CachedResponse::decode(&key, black_box(&encoded), &keys).unwrap())
+            b.iter(|| {
+                CachedResponse::from_payload(keys.open(&key, black_box(&encoded)).unwrap()).unwrap()
+            })
         });
     }
 }

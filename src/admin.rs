@@ -6,7 +6,9 @@ use http::{Method, Request, Response, StatusCode};
 
 use crate::proxy::body::ProxyBody;
 use crate::proxy::{Switches, generated, plain};
-use crate::store::TieredStore;
+use cachegate_core::store::TieredStore;
+
+use crate::entry::CachedResponse;
 
 use crate::metrics::Metrics;
 
@@ -16,7 +18,7 @@ pub struct Admin {
     /// The metrics registry.
     pub metrics: Arc<Metrics>,
     /// The tiers, for the memory-tier gauges.
-    pub store: TieredStore,
+    pub store: TieredStore<CachedResponse>,
     /// The run-time switches, shown in `/stats`.
     pub switches: Arc<Switches>,
 }

@@ -1,78 +1,21 @@
-//! The stored entry and its versioned, authenticated binary envelope.
+//! The stored HTTP response: one compact buffer that is also its Redis payload.
 //!
-//! Layout of envelope version 2 (integers big-endian):
+//! Payload layout (integers big-endian), sealed into the engine's envelope
+//! ([`cachegate_core::envelope`]) for Redis:
 //!
 //! ```text
-//! version u8 = 2 | mode u8 | nonce [24] (sealed only) | payload | tag
-//! payload = stored_at_ms u64 | ttl_secs u32 | status u16
-//!         | n_headers u16 | { name_len u16 | name | value_len u32 | value }*
-//!         | n_tags u16 | { tag_len u16 | tag }* | body_len u32 | body
+//! stored_at_ms u64 | ttl_secs u32 | status u16
+//! | n_headers u16 | { name_len u16 | name | value_len u32 | value }*
+//! | n_tags u16 | { tag_len u16 | tag }* | body_len u32 | body
 //! ```
-//!
-//! Mode 1, *sealed* (the default): the payload is encrypted with XChaCha20-Poly1305
-//! (RFC 8439 with a 24-byte random nonce) under a key derived from `key_secret`; the
-//! associated data is the version, the mode and the cache key, and the tag is Poly1305's
-//! 16 bytes. Mode 0, *signed*: the payload is readable and the tag is a 32-byte keyed BLAKE3
-//! MAC over version, mode, cache key and payload.
-//!
-//! Either way, an entry not written by a holder of `key_secret` for this very cache key —
-//! forged, copied from another key, altered, truncated, of another version — fails
-//! authentication and decodes to `None`: a miss, never a wrong answer. The version byte
-//! comes first so that a reader can tell an unknown format before anything else.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use chacha20poly1305::aead::{Aead, AeadCore, KeyInit, OsRng, Payload};
-use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+use cachegate_core::store::Storable;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 
-use crate::key::CacheKey;
-
-const VERSION: u8 = 2;
-const MODE_SIGNED: u8 = 0;
-const MODE_SEALED: u8 = 1;
-const NONCE_LEN: usize = 24;
-const MAC_LEN: usize = 32;
-
-/// The keys that authenticate (and by default encrypt) envelopes, derived from the
-/// deployment's `key_secret` so that every replica holding it can read what the others
-/// wrote, and nobody else can write what they will read.
-#[derive(Clone)]
-pub struct EnvelopeKeys {
-    cipher: XChaCha20Poly1305,
-    mac_key: [u8; 32],
-    seal: bool,
-}
-
-impl EnvelopeKeys {
-    /// Keys derived from `secret` (any length) with BLAKE3's key derivation; `seal` chooses
-    /// mode 1 (encrypted) over mode 0 (signed) for new envelopes. Both modes are read.
-    pub fn new(secret: &[u8], seal: bool) -> Self {
-        let aead_key = blake3::derive_key("cachegate 2026-11 envelope seal v2", secret);
-        EnvelopeKeys {
-            cipher: XChaCha20Poly1305::new(&aead_key.into()),
-            mac_key: blake3::derive_key("cachegate 2026-11 envelope mac v2", secret),
-            seal,
-        }
-    }
-
-    fn mac(&self, key: &CacheKey, mode_header: &[u8], payload: &[u8]) -> [u8; MAC_LEN] {
-        let mut h = blake3::Hasher::new_keyed(&self.mac_key);
-        h.update(mode_header);
-        h.update(&key.0);
-        h.update(payload);
-        *h.finalize().as_bytes()
-    }
-}
-
-fn associated_data(mode_header: &[u8], key: &CacheKey) -> [u8; 34] {
-    let mut aad = [0u8; 34];
-    aad[..2].copy_from_slice(mode_header);
-    aad[2..].copy_from_slice(&key.0);
-    aad
-}
+pub use cachegate_core::now_ms;
 
 /// A stored response: what is needed to answer a request without the upstream.
 ///
@@ -97,13 +40,6 @@ const STORED_AT: usize = 0;
 const TTL: usize = 8;
 const STATUS: usize = 12;
 const BLOCK: usize = 14;
-
-/// Milliseconds since the Unix epoch, now.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
 
 /// Bytes the memory tier really spends on one entry besides its buffer: the cache's slot
 /// (the 32-byte key, the buffer's pointer and length, the eviction policy's state), its
@@ -217,11 +153,6 @@ impl CachedResponse {
         })
     }
 
-    /// Whether `self` and `other` are the same stored entry (not merely equal ones).
-    pub fn is_same(&self, other: &CachedResponse) -> bool {
-        Arc::ptr_eq(&self.data, &other.data)
-    }
-
     /// The buffer as `Bytes`, for views that outlive `&self` (one small allocation).
     fn shared(&self) -> Bytes {
         Bytes::from_owner(self.data.clone())
@@ -278,99 +209,6 @@ impl CachedResponse {
         self.shared().slice(self.body_at as usize..)
     }
 
-    /// How long ago the response was stored, in whole seconds (the `Age` header, RFC 9111 §5.1).
-    pub fn age_secs(&self, now_ms: u64) -> u64 {
-        now_ms.saturating_sub(self.stored_at_ms()) / 1000
-    }
-
-    /// Freshness left at `now_ms`; zero once the entry is stale.
-    pub fn remaining_ttl(&self, now_ms: u64) -> Duration {
-        let expires = self.stored_at_ms() + u64::from(self.ttl_secs()) * 1000;
-        Duration::from_millis(expires.saturating_sub(now_ms))
-    }
-
-    /// Whether the entry is still fresh at `now_ms`.
-    pub fn is_fresh(&self, now_ms: u64) -> bool {
-        !self.remaining_ttl(now_ms).is_zero()
-    }
-
-    /// The memory this entry costs in the memory tier, in bytes: its buffer (fields,
-    /// headers, tags and body) and the fixed per-entry overhead ([`ENTRY_OVERHEAD_BYTES`]).
-    /// Used as the memory tier's weight, so that `memory_max_bytes` bounds real memory.
-    pub fn size_bytes(&self) -> usize {
-        self.data.len() + ENTRY_OVERHEAD_BYTES
-    }
-
-    /// Encodes the entry for `key` into an authenticated envelope (see the module docs),
-    /// sealed or signed as `keys` say.
-    pub fn encode(&self, key: &CacheKey, keys: &EnvelopeKeys) -> Bytes {
-        let payload = &self.data[..];
-        let mode = if keys.seal { MODE_SEALED } else { MODE_SIGNED };
-        let header = [VERSION, mode];
-        let mut out = BytesMut::with_capacity(payload.len() + 2 + NONCE_LEN + MAC_LEN);
-        out.put_slice(&header);
-        if keys.seal {
-            let nonce = XChaCha20Poly1305::generate_nonce(&mut OsRng);
-            let aad = associated_data(&header, key);
-            let sealed = keys
-                .cipher
-                .encrypt(
-                    &nonce,
-                    Payload {
-                        msg: payload,
-                        aad: &aad,
-                    },
-                )
-                .expect("XChaCha20-Poly1305 encryption of an in-memory buffer cannot fail");
-            out.put_slice(&nonce);
-            out.put_slice(&sealed);
-        } else {
-            let mac = keys.mac(key, &header, payload);
-            out.put_slice(payload);
-            out.put_slice(&mac);
-        }
-        out.freeze()
-    }
-
-    /// Decodes an envelope stored under `key`. Returns `None` for anything that is not a
-    /// well-formed version-2 envelope written with these keys for that same key (another
-    /// version, a foreign or copied entry, a forged, truncated or altered one).
-    pub fn decode(key: &CacheKey, data: &[u8], keys: &EnvelopeKeys) -> Option<CachedResponse> {
-        let (header, rest) = (data.get(..2)?, data.get(2..)?);
-        if header[0] != VERSION {
-            return None;
-        }
-        match header[1] {
-            MODE_SEALED => {
-                let (nonce, sealed) = (rest.get(..NONCE_LEN)?, rest.get(NONCE_LEN..)?);
-                let aad = associated_data(header, key);
-                let payload = keys
-                    .cipher
-                    .decrypt(
-                        XNonce::from_slice(nonce),
-                        Payload {
-                            msg: sealed,
-                            aad: &aad,
-                        },
-                    )
-                    .ok()?;
-                Self::decode_payload(&payload)
-            }
-            MODE_SIGNED => {
-                let split = rest.len().checked_sub(MAC_LEN)?;
-                let (payload, mac) = rest.split_at(split);
-                let expected = blake3::Hash::from_bytes(keys.mac(key, header, payload));
-                let mac: [u8; MAC_LEN] = mac.try_into().ok()?;
-                // Constant-time comparison: blake3::Hash's PartialEq is.
-                if expected != blake3::Hash::from_bytes(mac) {
-                    return None;
-                }
-                Self::decode_payload(payload)
-            }
-            _ => None,
-        }
-    }
-
     /// Checks a payload's structure (every header, tag and length) and makes the entry.
     fn decode_payload(payload: &[u8]) -> Option<CachedResponse> {
         let r = &mut &payload[..];
@@ -398,6 +236,29 @@ impl CachedResponse {
     }
 }
 
+impl Storable for CachedResponse {
+    fn stored_at_ms(&self) -> u64 {
+        CachedResponse::stored_at_ms(self)
+    }
+
+    fn ttl_secs(&self) -> u32 {
+        CachedResponse::ttl_secs(self)
+    }
+
+    /// The buffer and the fixed per-entry overhead ([`ENTRY_OVERHEAD_BYTES`]).
+    fn size_bytes(&self) -> usize {
+        self.data.len() + ENTRY_OVERHEAD_BYTES
+    }
+
+    fn to_payload(&self) -> Vec<u8> {
+        self.data.to_vec()
+    }
+
+    fn from_payload(payload: Vec<u8>) -> Option<Self> {
+        Self::decode_payload(&payload)
+    }
+}
+
 fn take<'a>(r: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
     if r.len() < n {
         return None;
@@ -420,6 +281,8 @@ fn get_u64(r: &mut &[u8]) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use cachegate_core::envelope::EnvelopeKeys;
+    use cachegate_core::key::CacheKey;
 
     fn sample() -> CachedResponse {
         let mut headers = HeaderMap::new();
@@ -437,18 +300,14 @@ mod tests {
         )
     }
 
-    fn keys(seal: bool) -> EnvelopeKeys {
-        EnvelopeKeys::new(b"secret", seal)
-    }
-
     #[test]
-    fn round_trip_in_both_modes() {
+    fn round_trip_through_a_sealed_envelope() {
         let key = CacheKey([7; 32]);
         let e = sample();
         for seal in [true, false] {
-            let bytes = e.encode(&key, &keys(seal));
-            // Either mode is read, whichever the writer chose.
-            let d = CachedResponse::decode(&key, &bytes, &keys(!seal)).unwrap();
+            let keys = EnvelopeKeys::new(b"secret", seal);
+            let bytes = keys.seal(&key, &e.to_payload());
+            let d = CachedResponse::from_payload(keys.open(&key, &bytes).unwrap()).unwrap();
             assert_eq!(d.status(), e.status());
             assert_eq!(d.headers(), e.headers());
             assert_eq!(d.headers()["content-type"], "application/json");
@@ -456,74 +315,33 @@ mod tests {
             assert_eq!(d.body(), e.body());
             assert!(d.tags().eq(e.tags()));
             assert_eq!(d.tags().collect::<Vec<_>>(), ["natal"]);
-            assert_eq!(
-                (d.stored_at_ms(), d.ttl_secs()),
-                (e.stored_at_ms(), e.ttl_secs())
-            );
             assert_eq!((d.stored_at_ms(), d.ttl_secs()), (1_700_000_000_000, 30));
+            let (headers, body) = d.parts();
+            assert_eq!((headers, body), (e.headers(), e.body()));
         }
     }
 
     #[test]
-    fn sealed_envelopes_do_not_show_the_body() {
-        let bytes = sample().encode(&CacheKey([7; 32]), &keys(true));
-        assert!(!bytes.windows(4).any(|w| w == b"true"));
-        let signed = sample().encode(&CacheKey([7; 32]), &keys(false));
-        assert!(signed.windows(4).any(|w| w == b"true"));
-    }
-
-    #[test]
-    fn forged_copied_altered_or_truncated_is_none() {
-        let key = CacheKey([7; 32]);
-        for seal in [true, false] {
-            let k = keys(seal);
-            let bytes = sample().encode(&key, &k);
+    fn truncated_or_padded_payloads_are_rejected() {
+        let payload = sample().to_payload();
+        for n in 0..payload.len() {
             assert!(
-                CachedResponse::decode(&CacheKey([8; 32]), &bytes, &k).is_none(),
-                "copied"
+                CachedResponse::from_payload(payload[..n].to_vec()).is_none(),
+                "{n}"
             );
-            let other_secret = EnvelopeKeys::new(b"other", seal);
-            assert!(
-                CachedResponse::decode(&key, &bytes, &other_secret).is_none(),
-                "forged"
-            );
-            for i in 0..bytes.len() {
-                let mut bad = bytes.to_vec();
-                bad[i] ^= 0x41;
-                assert!(
-                    CachedResponse::decode(&key, &bad, &k).is_none(),
-                    "flip at {i}"
-                );
-            }
-            for n in 0..bytes.len() {
-                assert!(CachedResponse::decode(&key, &bytes[..n], &k).is_none());
-            }
         }
+        let mut longer = payload.clone();
+        longer.push(0);
+        assert!(CachedResponse::from_payload(longer).is_none());
     }
 
     proptest::proptest! {
         #[test]
-        fn any_bytes_decode_to_a_miss_never_a_panic(data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512), mode in 0u8..3) {
-            let mut data = data;
-            if data.len() >= 2 {
-                data[0] = VERSION;
-                data[1] = mode;
-            }
-            for seal in [true, false] {
-                proptest::prop_assert!(CachedResponse::decode(&CacheKey([1; 32]), &data, &keys(seal)).is_none());
-            }
-        }
-
-        #[test]
-        fn any_payload_after_a_valid_mac_never_panics(payload in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256)) {
+        fn any_payload_decodes_or_is_rejected_never_panics(payload in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256)) {
             // Authenticated but malformed payloads (a writer with the secret and a bug).
-            let k = keys(false);
-            let key = CacheKey([1; 32]);
-            let header = [VERSION, MODE_SIGNED];
-            let mut data = header.to_vec();
-            data.extend_from_slice(&payload);
-            data.extend_from_slice(&k.mac(&key, &header, &payload));
-            let _ = CachedResponse::decode(&key, &data, &k);
+            if let Some(entry) = CachedResponse::from_payload(payload) {
+                let _ = (entry.status(), entry.parts(), entry.tags().count());
+            }
         }
     }
 }

@@ -1,6 +1,9 @@
 //! cachegate: a caching reverse proxy for slow HTTP APIs, with an in-process memory tier
 //! and a shared Redis/Valkey tier.
 //!
+//! The engine (cache keys, tiers, envelopes, coalescing) is the `cachegate-core` crate,
+//! re-exported here as [`engine`]; this crate is the HTTP side and the proxy.
+//!
 //! Module map, in request order:
 //! - [`config`]: the TOML file, flags and environment.
 //! - [`server`]: listeners and accept loops.
@@ -8,8 +11,7 @@
 //! - [`policy`]: routes, admission, storability (RFC 9111).
 //! - [`uri`]: one normalized path and parsed query per request.
 //! - [`key`]: cache keys (keyed BLAKE3, RFC 8785 JSON bodies over I-JSON).
-//! - [`store`]: the memory and Redis tiers; [`entry`]: the stored envelope.
-//! - [`coalesce`]: one upstream request per key.
+//! - [`entry`]: the stored response, as the engine's tiers hold it.
 //! - [`conditional`]: client `If-None-Match` / `If-Modified-Since`, answered by the cache.
 //! - [`status`]: the decision enums behind headers and metric labels.
 //! - [`metrics`]: Prometheus metrics and JSON stats; [`admin`]: the admin listener
@@ -17,8 +19,9 @@
 
 #![warn(missing_docs)]
 
+pub use cachegate_core as engine;
+
 pub mod admin;
-pub mod coalesce;
 pub mod conditional;
 pub mod config;
 pub mod entry;
@@ -28,7 +31,6 @@ pub mod policy;
 pub mod proxy;
 pub mod server;
 pub mod status;
-pub mod store;
 pub mod uri;
 
 #[cfg(test)]

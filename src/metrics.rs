@@ -3,6 +3,7 @@
 //! Label values come from the decision enums in [`crate::status`], so a metric label and
 //! the `Cache-Status` header always agree.
 
+use cachegate_core::metrics::{BreakerState, StoreMetrics, TIERS};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -10,6 +11,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use serde_json::{Map, Value, json};
+
+pub use cachegate_core::metrics::LabeledCounter;
 
 use crate::status::CachePhase;
 
@@ -22,68 +25,6 @@ pub struct RequestLabels {
     pub reason: &'static str,
 }
 
-/// One `key="value"` label pair.
-type Label = [(&'static str, &'static str); 1];
-
-/// A counter family with a single label, such as `tier` or `outcome`, whose every value is
-/// exported from start-up (at zero until counted).
-#[derive(Clone, Debug)]
-pub struct LabeledCounter {
-    key: &'static str,
-    values: &'static [&'static str],
-    family: Family<Label, Counter>,
-}
-
-impl LabeledCounter {
-    fn new(key: &'static str, values: &'static [&'static str]) -> Self {
-        let family = Family::<Label, Counter>::default();
-        for v in values {
-            let _ = family.get_or_create(&[(key, *v)]);
-        }
-        LabeledCounter {
-            key,
-            values,
-            family,
-        }
-    }
-
-    /// Adds one to the counter labelled `value`.
-    pub fn inc(&self, value: &'static str) {
-        self.family.get_or_create(&[(self.key, value)]).inc();
-    }
-
-    /// A handle on the counter labelled `value`, for code that counts without `Metrics`
-    /// (it shares the count).
-    pub fn handle(&self, value: &'static str) -> Counter {
-        self.family.get_or_create(&[(self.key, value)]).clone()
-    }
-
-    /// The count labelled `value` (0 if never incremented).
-    pub fn get(&self, value: &'static str) -> u64 {
-        self.family.get(&[(self.key, value)]).map_or(0, |c| c.get())
-    }
-
-    fn by_value(&self) -> Value {
-        Value::Object(
-            self.values
-                .iter()
-                .map(|v| (v.to_string(), json!(self.get(v))))
-                .collect(),
-        )
-    }
-}
-
-/// Circuit-breaker states as exported by `cachegate_redis_breaker_state`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BreakerState {
-    /// Redis is used (0).
-    Closed = 0,
-    /// Redis is skipped until the cool-down ends (1).
-    Open = 1,
-    /// One probe request is trying Redis (2).
-    HalfOpen = 2,
-}
-
 /// Every metric cachegate exports. Cheap to update from any task.
 pub struct Metrics {
     registry: Registry,
@@ -91,8 +32,9 @@ pub struct Metrics {
     pub requests: Family<RequestLabels, Counter>,
     /// Hits by `tier` (`memory`, `redis`).
     pub hits: LabeledCounter,
-    /// Entries written, by `tier`.
-    pub stores: LabeledCounter,
+    /// The tiers' own metrics: stores by tier, Redis errors, rejected entries, breaker
+    /// state, memory-tier size.
+    pub store: StoreMetrics,
     /// Coalesced waits by `outcome`: `served`, `timeout`, `retried` (the leader's response
     /// could not be shared or the leader went away).
     pub coalesced_waits: LabeledCounter,
@@ -100,23 +42,12 @@ pub struct Metrics {
     pub upstream_duration: Histogram,
     /// Upstream failures by `kind`: `unreachable`, `timeout`, `body`.
     pub upstream_errors: LabeledCounter,
-    /// Redis failures and timeouts by `op`: `get`, `set`.
-    pub redis_errors: LabeledCounter,
-    /// Redis entries rejected as misses: failed authentication (forged, copied from another
-    /// key, tampered) or decoding (corrupt, unknown version).
-    pub redis_rejected_entries: Counter,
     /// Client faults, by `kind`: `host`, `target`, `method`, `body`, `body-timeout`
     /// (requests refused),
     /// `send-timeout` (connections closed because the client stopped reading).
     pub client_errors: LabeledCounter,
     /// Request handlers that panicked (answered with 500; no request data is logged).
     pub panics: Counter,
-    /// Circuit-breaker state, see [`BreakerState`].
-    pub redis_breaker_state: Gauge,
-    /// Entries in the memory tier (approximate, refreshed on scrape).
-    pub memory_entries: Gauge,
-    /// Weighted size of the memory tier in bytes (refreshed on scrape).
-    pub memory_bytes: Gauge,
     /// Open client connections of the proxy listener, tunnels included (each holds one of
     /// `max_connections`).
     pub open_connections: Gauge,
@@ -141,16 +72,12 @@ impl Metrics {
                 reason: phase.reason_label(),
             });
         }
-        const TIERS: &[&str] = &["memory", "redis"];
         let hits = LabeledCounter::new("tier", TIERS);
-        let stores = LabeledCounter::new("tier", TIERS);
         let coalesced_waits =
             LabeledCounter::new("outcome", &["served", "timeout", "retried", "released"]);
         let upstream_duration = Histogram::new(exponential_buckets(0.001, 2.0, 16));
         let upstream_errors =
             LabeledCounter::new("kind", &["unreachable", "timeout", "body", "body-timeout"]);
-        let redis_errors = LabeledCounter::new("op", &["get", "set"]);
-        let redis_rejected_entries = Counter::default();
         let client_errors = LabeledCounter::new(
             "kind",
             &[
@@ -163,9 +90,6 @@ impl Metrics {
             ],
         );
         let panics = Counter::default();
-        let redis_breaker_state = Gauge::default();
-        let memory_entries = Gauge::default();
-        let memory_bytes = Gauge::default();
         let open_connections = Gauge::default();
         let open_tunnels = Gauge::default();
         let r = &mut registry;
@@ -174,57 +98,28 @@ impl Metrics {
             "Requests by cache status and reason",
             requests.clone(),
         );
-        r.register("hits", "Cache hits by tier", hits.family.clone());
-        r.register("stores", "Entries written by tier", stores.family.clone());
-        r.register(
+        hits.register(r, "hits", "Cache hits by tier");
+        let store = StoreMetrics::register(r);
+        coalesced_waits.register(
+            r,
             "coalesced_waits",
             "Requests that waited on another request for the same key, by outcome",
-            coalesced_waits.family.clone(),
         );
         r.register(
             "upstream_duration_seconds",
             "Time to the upstream's response head",
             upstream_duration.clone(),
         );
-        r.register(
-            "upstream_errors",
-            "Upstream failures by kind",
-            upstream_errors.family.clone(),
-        );
-        r.register(
-            "redis_errors",
-            "Redis failures and timeouts by operation",
-            redis_errors.family.clone(),
-        );
-        r.register(
-            "redis_rejected_entries",
-            "Redis entries that failed authentication or decoding and were treated as misses",
-            redis_rejected_entries.clone(),
-        );
-        r.register(
+        upstream_errors.register(r, "upstream_errors", "Upstream failures by kind");
+        client_errors.register(
+            r,
             "client_errors",
             "Client faults by kind (refused requests, clients that stopped reading)",
-            client_errors.family.clone(),
         );
         r.register(
             "panics",
             "Request handlers that panicked and were answered with 500",
             panics.clone(),
-        );
-        r.register(
-            "redis_breaker_state",
-            "Redis circuit breaker: 0 closed, 1 open, 2 half-open",
-            redis_breaker_state.clone(),
-        );
-        r.register(
-            "memory_entries",
-            "Entries in the memory tier",
-            memory_entries.clone(),
-        );
-        r.register(
-            "memory_bytes",
-            "Weighted bytes in the memory tier",
-            memory_bytes.clone(),
         );
         r.register(
             "open_connections",
@@ -240,17 +135,12 @@ impl Metrics {
             registry,
             requests,
             hits,
-            stores,
+            store,
             coalesced_waits,
             upstream_duration,
             upstream_errors,
-            redis_errors,
-            redis_rejected_entries,
             client_errors,
             panics,
-            redis_breaker_state,
-            memory_entries,
-            memory_bytes,
             open_connections,
             open_tunnels,
         }
@@ -300,24 +190,20 @@ impl Metrics {
         }
         json!({
             "requests": {"total": total, "by_status": by_status},
-            "hits_by_tier": self.hits.by_value(),
-            "stores_by_tier": self.stores.by_value(),
-            "coalesced_waits": self.coalesced_waits.by_value(),
-            "upstream_errors": self.upstream_errors.by_value(),
-            "client_errors": self.client_errors.by_value(),
+            "hits_by_tier": by_value(&self.hits),
+            "stores_by_tier": by_value(&self.store.stores),
+            "coalesced_waits": by_value(&self.coalesced_waits),
+            "upstream_errors": by_value(&self.upstream_errors),
+            "client_errors": by_value(&self.client_errors),
             "panics": self.panics.get(),
             "redis": {
-                "errors": self.redis_errors.by_value(),
-                "rejected_entries": self.redis_rejected_entries.get(),
-                "breaker_state": match self.redis_breaker_state.get() {
-                    1 => "open",
-                    2 => "half-open",
-                    _ => "closed",
-                },
+                "errors": by_value(&self.store.redis_errors),
+                "rejected_entries": self.store.redis_rejected_entries.get(),
+                "breaker_state": BreakerState::from_gauge(self.store.redis_breaker_state.get()).as_str(),
             },
             "memory": {
-                "entries": self.memory_entries.get(),
-                "bytes": self.memory_bytes.get(),
+                "entries": self.store.memory_entries.get(),
+                "bytes": self.store.memory_bytes.get(),
             },
             "connections": {
                 "open": self.open_connections.get(),
@@ -325,4 +211,15 @@ impl Metrics {
             },
         })
     }
+}
+
+/// `{value: count}` for every declared value of a labelled counter.
+fn by_value(counter: &LabeledCounter) -> Value {
+    Value::Object(
+        counter
+            .counts()
+            .into_iter()
+            .map(|(v, n)| (v.to_string(), json!(n)))
+            .collect(),
+    )
 }

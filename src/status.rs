@@ -6,27 +6,7 @@
 
 use std::fmt::Write;
 
-/// The tier that answered a hit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Tier {
-    /// The in-process memory tier.
-    Memory,
-    /// The shared Redis/Valkey cache.
-    Redis,
-}
-
-impl Tier {
-    /// Every tier, for metric and stats listings.
-    pub const ALL: [Tier; 2] = [Tier::Memory, Tier::Redis];
-
-    /// The label: `memory` or `redis`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Tier::Memory => "memory",
-            Tier::Redis => "redis",
-        }
-    }
-}
+pub use cachegate_core::store::Tier;
 
 /// Why a request was neither looked up in nor stored into the cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -104,7 +104,7 @@ async fn forged_copied_tampered_or_corrupt_entries_are_misses_and_counted() {
         let i = tampered.len() - 20;
         tampered[i] ^= 1;
         // A well-formed envelope for this key, written with another secret.
-        let forger = cachegate::entry::EnvelopeKeys::new(b"not-the-secret", false);
+        let forger = cachegate::engine::envelope::EnvelopeKeys::new(b"not-the-secret", false);
         let entry = cachegate::entry::CachedResponse::new(
             http::StatusCode::OK,
             &http::HeaderMap::new(),
@@ -118,8 +118,9 @@ async fn forged_copied_tampered_or_corrupt_entries_are_misses_and_counted() {
         for (i, byte) in raw.iter_mut().enumerate() {
             *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap();
         }
-        let forged = entry
-            .encode(&cachegate::key::CacheKey(raw), &forger)
+        let payload = cachegate::engine::store::Storable::to_payload(&entry);
+        let forged = forger
+            .seal(&cachegate::key::CacheKey(raw), &payload)
             .to_vec();
         vec![
             ("copied from another key", b),

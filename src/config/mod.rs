@@ -139,6 +139,20 @@ pub struct RedisConfig {
     pub breaker_cooldown_ms: u64,
 }
 
+impl RedisConfig {
+    /// The engine's connection options for this table.
+    pub fn options(&self) -> cachegate_core::store::RedisOptions {
+        cachegate_core::store::RedisOptions {
+            url: self.url.0.clone(),
+            tls_ca_file: self.tls_ca_file.clone(),
+            op_timeout_ms: self.op_timeout_ms,
+            connect_timeout_ms: self.connect_timeout_ms,
+            breaker_failures: self.breaker_failures,
+            breaker_cooldown_ms: self.breaker_cooldown_ms,
+        }
+    }
+}
+
 /// One `[[routes]]` entry: which requests it matches and how they are cached.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]

@@ -7,53 +7,13 @@
 //! little entropy, so an unkeyed hash could be reversed by guessing. No raw request data
 //! is kept in a key.
 
-use std::fmt;
-
 use http::{HeaderMap, Method};
 
 mod json;
 
 pub use self::json::{BodyKeyError, canonical_json, is_json_media_type};
 use crate::uri::QueryParam;
-
-/// A cache key: 32 bytes of keyed BLAKE3 over the request's identifying parts.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub struct CacheKey(pub [u8; 32]);
-
-impl CacheKey {
-    /// Lower-case hex of the whole key (64 characters).
-    pub fn to_hex(&self) -> String {
-        use fmt::Write;
-        let mut s = String::with_capacity(64);
-        for b in self.0 {
-            let _ = write!(s, "{b:02x}");
-        }
-        s
-    }
-
-    /// The first 12 hex characters, enough to tell keys apart in logs.
-    pub fn short(&self) -> String {
-        self.to_hex()[..12].to_string()
-    }
-
-    /// A bucket from 0 to 99 derived from the key, for `rollout_percent`.
-    pub fn rollout_bucket(&self) -> u8 {
-        (u16::from_be_bytes([self.0[0], self.0[1]]) % 100) as u8
-    }
-}
-
-impl fmt::Debug for CacheKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "CacheKey({})", self.short())
-    }
-}
-
-/// Builds [`CacheKey`]s under one secret and namespace.
-#[derive(Clone)]
-pub struct KeyBuilder {
-    secret: [u8; 32],
-    namespace: String,
-}
+pub use cachegate_core::key::{CacheKey, KeyBuilder};
 
 /// The parts of a request that a route lets into the key.
 pub struct KeyParts<'a> {
@@ -82,82 +42,67 @@ pub struct KeyParts<'a> {
     pub content_type: Option<&'a [u8]>,
 }
 
-impl KeyBuilder {
-    /// A builder whose hash key is derived from `secret` (any length) with BLAKE3's key
-    /// derivation, so that the same secret gives the same keys on every replica.
-    pub fn new(secret: &[u8], namespace: &str) -> Self {
-        KeyBuilder {
-            secret: blake3::derive_key("cachegate 2026-11 cache key v1", secret),
-            namespace: namespace.to_string(),
+/// The key of a request: its parts hashed under `keys` (namespace first). Each part is
+/// length-prefixed, so no two different requests can be spelled into the same input.
+///
+/// Query parameters are sorted by name only: the order of repeated values of one name is
+/// kept (many frameworks read `?id=1&id=2` as a list), and a pair without `=` is told
+/// apart from one with an empty value.
+pub fn request_key(keys: &KeyBuilder, parts: &KeyParts<'_>) -> CacheKey {
+    // Serialize into one buffer and hash once: much cheaper than many small updates.
+    let body_len = parts.canonical_body.map_or(0, <[u8]>::len);
+    let mut fields = keys.fields(256 + body_len);
+    let mut field = |bytes: &[u8]| fields.push(bytes);
+    field(parts.method.as_str().as_bytes());
+    field(parts.path.as_bytes());
+    match parts.host {
+        Some(host) => {
+            field(b"host");
+            field(host.to_ascii_lowercase().as_bytes());
         }
+        None => field(b"nohost"),
     }
-
-    /// Hashes the parts into a key. Each part is length-prefixed, so no two different
-    /// requests can be spelled into the same input.
-    ///
-    /// Query parameters are sorted by name only: the order of repeated values of one name
-    /// is kept (many frameworks read `?id=1&id=2` as a list), and a pair without `=` is
-    /// told apart from one with an empty value.
-    pub fn build(&self, parts: &KeyParts<'_>) -> CacheKey {
-        // Serialize into one buffer and hash once: much cheaper than many small updates.
-        let body_len = parts.canonical_body.map_or(0, <[u8]>::len);
-        let mut buf = Vec::with_capacity(256 + body_len);
-        let mut field = |bytes: &[u8]| {
-            buf.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
-            buf.extend_from_slice(bytes);
-        };
-        field(self.namespace.as_bytes());
-        field(parts.method.as_str().as_bytes());
-        field(parts.path.as_bytes());
-        match parts.host {
-            Some(host) => {
-                field(b"host");
-                field(host.to_ascii_lowercase().as_bytes());
-            }
-            None => field(b"nohost"),
-        }
-        if let Some(forwarded) = parts.forwarded {
-            field(b"forwarded");
-            field(forwarded);
-        }
-        let mut params: Vec<&QueryParam<'_>> = parts
-            .query
-            .iter()
-            .filter(|p| in_filter(parts.query_filter, &p.name))
-            .collect();
-        // A stable sort: values of one name keep their order.
-        params.sort_by(|a, b| a.name.cmp(&b.name));
-        field(&(params.len() as u32).to_le_bytes());
-        for p in &params {
-            field(p.name.as_bytes());
-            match &p.value {
-                Some(v) => {
-                    field(b"=");
-                    field(v.as_bytes());
-                }
-                None => field(b""),
-            }
-        }
-        let mut names: Vec<&String> = parts.header_names.iter().collect();
-        names.sort_unstable();
-        for name in names {
-            field(name.as_bytes());
-            let values = parts.headers.get_all(name.as_str());
-            field(&(values.iter().count() as u32).to_le_bytes());
-            for v in values {
+    if let Some(forwarded) = parts.forwarded {
+        field(b"forwarded");
+        field(forwarded);
+    }
+    let mut params: Vec<&QueryParam<'_>> = parts
+        .query
+        .iter()
+        .filter(|p| in_filter(parts.query_filter, &p.name))
+        .collect();
+    // A stable sort: values of one name keep their order.
+    params.sort_by(|a, b| a.name.cmp(&b.name));
+    field(&(params.len() as u32).to_le_bytes());
+    for p in &params {
+        field(p.name.as_bytes());
+        match &p.value {
+            Some(v) => {
+                field(b"=");
                 field(v.as_bytes());
             }
+            None => field(b""),
         }
-        match parts.canonical_body {
-            Some(body) => {
-                field(b"body");
-                field(parts.content_type.unwrap_or(b""));
-                field(body);
-            }
-            None => field(b"nobody"),
-        }
-        CacheKey(*blake3::keyed_hash(&self.secret, &buf).as_bytes())
     }
+    let mut names: Vec<&String> = parts.header_names.iter().collect();
+    names.sort_unstable();
+    for name in names {
+        field(name.as_bytes());
+        let values = parts.headers.get_all(name.as_str());
+        field(&(values.iter().count() as u32).to_le_bytes());
+        for v in values {
+            field(v.as_bytes());
+        }
+    }
+    match parts.canonical_body {
+        Some(body) => {
+            field(b"body");
+            field(parts.content_type.unwrap_or(b""));
+            field(body);
+        }
+        None => field(b"nobody"),
+    }
+    keys.finish(&fields)
 }
 
 /// Whether a query parameter named `name` passes a route's `key_query` filter (`None`:
@@ -173,18 +118,21 @@ mod tests {
     fn key(b: &KeyBuilder, path: &str, query: Option<&str>, body: Option<&[u8]>) -> CacheKey {
         let path = crate::uri::normalize_path(path).path;
         let query = crate::uri::parse_query(query.unwrap_or(""));
-        b.build(&KeyParts {
-            method: &Method::POST,
-            path: &path,
-            host: None,
-            forwarded: None,
-            query: &query,
-            query_filter: None,
-            headers: &HeaderMap::new(),
-            header_names: &[],
-            canonical_body: body,
-            content_type: None,
-        })
+        request_key(
+            b,
+            &KeyParts {
+                method: &Method::POST,
+                path: &path,
+                host: None,
+                forwarded: None,
+                query: &query,
+                query_filter: None,
+                headers: &HeaderMap::new(),
+                header_names: &[],
+                canonical_body: body,
+                content_type: None,
+            },
+        )
     }
 
     #[test]

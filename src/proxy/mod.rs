@@ -42,16 +42,18 @@ use self::body::{BoxError, Limited, ProxyBody, Side, Timed, body_error, read_lim
 use self::headers::Forwarding;
 use self::upgrade::{TunnelLimits, UpgradeRequest};
 use self::upstream::{Upstream, UpstreamBody, UpstreamError};
-use crate::coalesce::{Coalescer, Leader, Role, WaitOutcome};
 use crate::conditional::{self, Conditions};
 use crate::config::Config;
 use crate::entry::{CachedResponse, now_ms};
-use crate::key::{BodyKeyError, CacheKey, KeyBuilder, KeyParts, canonical_json, in_filter};
+use crate::key::{
+    BodyKeyError, CacheKey, KeyBuilder, KeyParts, canonical_json, in_filter, request_key,
+};
 use crate::metrics::Metrics;
 use crate::policy::{self, Policy, RequestShape, Route};
 use crate::status::{BypassReason, CachePhase, NoStoreReason, Tier};
-use crate::store::TieredStore;
 use crate::uri::{normalize_path, parse_query};
+use cachegate_core::coalesce::{Coalescer, Leader, Role, WaitOutcome};
+use cachegate_core::store::{Storable, TieredStore};
 
 /// Size and wait limits applied on the request path.
 #[derive(Debug, Clone, Copy)]
@@ -66,7 +68,7 @@ struct Limits {
 pub struct Proxy {
     policy: Policy,
     keys: KeyBuilder,
-    store: TieredStore,
+    store: TieredStore<CachedResponse>,
     /// Followers get the leader's response, whether or not it was stored.
     coalescer: Coalescer<CacheKey, CachedResponse>,
     upstream: Upstream,
@@ -109,7 +111,7 @@ impl Proxy {
     pub fn new(
         config: &Config,
         keys: KeyBuilder,
-        store: TieredStore,
+        store: TieredStore<CachedResponse>,
         metrics: Arc<Metrics>,
         switches: Arc<Switches>,
         shutdown: watch::Receiver<bool>,
@@ -233,21 +235,24 @@ impl Proxy {
             .then(|| headers::forwarded_origin(&parts.headers))
             .flatten();
         let query_filter = route.and_then(|r| r.config.key_query.as_deref());
-        let key = self.keys.build(&KeyParts {
-            method: &parts.method,
-            path: &target.path,
-            host: self.preserve_host.then(|| host_str(&parts)).flatten(),
-            forwarded: forwarded.as_deref(),
-            query: &params,
-            query_filter,
-            headers: &parts.headers,
-            header_names: route.map_or(&[], |r| &r.config.key_headers),
-            canonical_body: canonical_body.as_deref(),
-            content_type: canonical_body
-                .as_ref()
-                .and_then(|_| parts.headers.get(header::CONTENT_TYPE))
-                .map(HeaderValue::as_bytes),
-        });
+        let key = request_key(
+            &self.keys,
+            &KeyParts {
+                method: &parts.method,
+                path: &target.path,
+                host: self.preserve_host.then(|| host_str(&parts)).flatten(),
+                forwarded: forwarded.as_deref(),
+                query: &params,
+                query_filter,
+                headers: &parts.headers,
+                header_names: route.map_or(&[], |r| &r.config.key_headers),
+                canonical_body: canonical_body.as_deref(),
+                content_type: canonical_body
+                    .as_ref()
+                    .and_then(|_| parts.headers.get(header::CONTENT_TYPE))
+                    .map(HeaderValue::as_bytes),
+            },
+        );
         if !self.switches.rolled_out(&key) {
             return self
                 .bypass(parts, body, client, BypassReason::Rollout)
@@ -398,7 +403,7 @@ impl Proxy {
             route.map_or(&[][..], |r| &r.tags[..]),
         );
         if decision.is_ok() {
-            self.store.store(*key, entry.clone()).await;
+            self.store.store(*key, entry.clone());
         }
         match leader {
             Some(leader) if shareable => leader.share(entry.clone()),

@@ -26,12 +26,12 @@ use tokio::task::JoinHandle;
 
 use crate::admin::Admin;
 use crate::config::Config;
-use crate::entry::EnvelopeKeys;
-use crate::key::KeyBuilder;
 use crate::metrics::Metrics;
 use crate::proxy::body::ProxyBody;
 use crate::proxy::{Proxy, Switches};
-use crate::store::{MemoryTier, RedisTier, TieredStore};
+use cachegate_core::envelope::EnvelopeKeys;
+use cachegate_core::key::KeyBuilder;
+use cachegate_core::store::{MemoryTier, RedisTier, TieredStore};
 
 /// Why cachegate could not start.
 #[derive(Debug)]
@@ -85,8 +85,12 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let metrics = Arc::new(Metrics::new());
     let redis = match &config.redis {
         Some(rc) => Some(
-            RedisTier::new(rc, &config.cache.namespace, metrics.clone())
-                .map_err(|e| StartError::Redis(e.to_string()))?,
+            RedisTier::new(
+                &rc.options(),
+                &config.cache.namespace,
+                metrics.store.clone(),
+            )
+            .map_err(|e| StartError::Redis(e.to_string()))?,
         ),
         None => None,
     };
@@ -105,7 +109,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         MemoryTier::new(config.cache.memory_max_bytes),
         redis,
         EnvelopeKeys::new(&secret, seal),
-        metrics.clone(),
+        metrics.store.clone(),
     );
     let keys = KeyBuilder::new(&secret, &config.cache.namespace);
     let (shutdown, rx) = watch::channel(false);

@@ -5,6 +5,7 @@
 //! again after the cool-down. redis-rs's `ConnectionManager` reconnects by itself, so the
 //! tier comes back when Redis does.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,9 +14,41 @@ use redis::AsyncCommands;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use super::breaker::Breaker;
-use crate::config::RedisConfig;
 use crate::key::CacheKey;
-use crate::metrics::Metrics;
+use crate::metrics::StoreMetrics;
+
+/// How to reach Redis and how long to wait for it.
+#[derive(Debug, Clone)]
+pub struct RedisOptions {
+    /// `redis://[user:password@]host:port[/db]`, or `rediss://` for TLS.
+    pub url: String,
+    /// PEM file of the CA that signed the server's certificate, for `rediss://` servers
+    /// whose CA is not a public one. `None`: the public web PKI roots are trusted.
+    pub tls_ca_file: Option<PathBuf>,
+    /// Limit on one Redis operation, in milliseconds. Default 100.
+    pub op_timeout_ms: u64,
+    /// Limit on establishing a connection, in milliseconds. Default 500.
+    pub connect_timeout_ms: u64,
+    /// Consecutive failures that open the circuit breaker. Default 3.
+    pub breaker_failures: u32,
+    /// How long an open breaker skips Redis before probing it again, in milliseconds.
+    /// Default 2000.
+    pub breaker_cooldown_ms: u64,
+}
+
+impl RedisOptions {
+    /// Options for `url` with the defaults above.
+    pub fn new(url: impl Into<String>) -> Self {
+        RedisOptions {
+            url: url.into(),
+            tls_ca_file: None,
+            op_timeout_ms: 100,
+            connect_timeout_ms: 500,
+            breaker_failures: 3,
+            breaker_cooldown_ms: 2000,
+        }
+    }
+}
 
 /// Why a Redis tier could not be created.
 #[derive(Debug)]
@@ -36,7 +69,7 @@ pub struct RedisTier {
     op_timeout: Duration,
     breaker: Arc<Breaker>,
     prefix: String,
-    metrics: Arc<Metrics>,
+    metrics: StoreMetrics,
 }
 
 impl RedisTier {
@@ -46,12 +79,12 @@ impl RedisTier {
     ///
     /// Errors: the URL cannot be used by redis-rs, or `tls_ca_file` cannot be read.
     pub fn new(
-        config: &RedisConfig,
+        config: &RedisOptions,
         namespace: &str,
-        metrics: Arc<Metrics>,
+        metrics: StoreMetrics,
     ) -> Result<Self, RedisSetupError> {
         let client = match &config.tls_ca_file {
-            None => redis::Client::open(config.url.0.as_str()),
+            None => redis::Client::open(config.url.as_str()),
             Some(path) => {
                 let root_cert = std::fs::read(path)
                     .map_err(|e| RedisSetupError(format!("tls_ca_file {}: {e}", path.display())))?;
@@ -59,7 +92,7 @@ impl RedisTier {
                     client_tls: None,
                     root_cert: Some(root_cert),
                 };
-                redis::Client::build_with_tls(config.url.0.as_str(), certs)
+                redis::Client::build_with_tls(config.url.as_str(), certs)
             }
         }
         .map_err(|e| RedisSetupError(e.to_string()))?;
@@ -162,5 +195,15 @@ impl RedisTier {
         })
         .await
         .is_some()
+    }
+
+    /// Deletes `key` (`DEL`). Returns whether Redis confirmed; failures are counted, never
+    /// raised.
+    pub async fn del(&self, key: &CacheKey) -> bool {
+        let mut conn = self.conn.clone();
+        let redis_key = self.redis_key(key);
+        self.guarded("del", async move { conn.del::<_, ()>(redis_key).await })
+            .await
+            .is_some()
     }
 }

@@ -1,0 +1,36 @@
+//! cachegate's caching engine, usable on its own and shared by the `cachegate` proxy.
+//!
+//! The parts, in the order a lookup meets them:
+//! - [`key`]: cache keys, keyed BLAKE3 hashes under a secret ([`key::KeyBuilder`]); no
+//!   caller data can be read back from a key.
+//! - [`store`]: the two tiers behind one [`store::TieredStore`]: an in-process memory tier
+//!   bounded by bytes ([`store::MemoryTier`], quick_cache) and a shared Redis/Valkey tier
+//!   ([`store::RedisTier`]) whose every operation is bounded by a timeout and guarded by a
+//!   circuit breaker, so that a dead or slow Redis turns into misses, never into errors.
+//!   What is stored implements [`store::Storable`].
+//! - [`envelope`]: how an entry travels through Redis: versioned, authenticated with a key
+//!   derived from the secret, and sealed (XChaCha20-Poly1305) by default.
+//! - [`coalesce`]: one computation (or upstream request) per key, however many callers
+//!   miss at once.
+//! - [`metrics`]: the tiers' Prometheus metrics, registered into the caller's registry.
+//!
+//! A lookup: key -> memory tier -> (miss) Redis `GET` under the breaker -> envelope opened
+//! and checked against the key -> entry copied into the memory tier. A store: memory tier
+//! at once, Redis in a background task.
+
+#![warn(missing_docs)]
+
+pub mod coalesce;
+pub mod envelope;
+pub mod key;
+pub mod metrics;
+pub mod store;
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}

@@ -1,0 +1,199 @@
+//! Storage tiers and the two-tier lookup: memory first, then Redis; a Redis hit fills the
+//! memory tier; a store writes memory at once and Redis in the background.
+
+pub mod breaker;
+pub mod memory;
+pub mod redis;
+
+use std::time::Duration;
+
+use crate::envelope::EnvelopeKeys;
+use crate::key::CacheKey;
+use crate::metrics::StoreMetrics;
+use crate::now_ms;
+
+pub use self::memory::MemoryTier;
+pub use self::redis::{RedisOptions, RedisSetupError, RedisTier};
+
+/// Where an entry was found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Tier {
+    /// The in-process memory tier.
+    Memory,
+    /// The shared Redis/Valkey tier.
+    Redis,
+}
+
+impl Tier {
+    /// Every tier, for metric and stats listings.
+    pub const ALL: [Tier; 2] = [Tier::Memory, Tier::Redis];
+
+    /// The label: `memory` or `redis`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tier::Memory => "memory",
+            Tier::Redis => "redis",
+        }
+    }
+}
+
+/// What the tiers can hold: a value with its freshness, that knows its memory cost and
+/// how to turn itself into the bytes sealed into a Redis envelope and back.
+///
+/// Cloning must be cheap (a reference count): a memory-tier hit returns a clone.
+pub trait Storable: Clone + Send + Sync + 'static {
+    /// When the value was produced, in milliseconds since the Unix epoch.
+    fn stored_at_ms(&self) -> u64;
+
+    /// Freshness lifetime from [`Storable::stored_at_ms`], in seconds.
+    fn ttl_secs(&self) -> u32;
+
+    /// How long the entry is kept past its freshness, in seconds, so that it can still be
+    /// served stale (stale-if-error, refresh) or revalidated. Default 0: dropped once stale.
+    fn grace_secs(&self) -> u32 {
+        0
+    }
+
+    /// Bytes the entry costs in the memory tier, per-entry overhead included: the memory
+    /// tier's weight, so that its budget bounds real memory.
+    fn size_bytes(&self) -> usize;
+
+    /// The bytes sealed into the Redis envelope.
+    fn to_payload(&self) -> Vec<u8>;
+
+    /// The value back from [`Storable::to_payload`]'s bytes; `None` when they are not a
+    /// well-formed payload of this type (another format version, for instance): a miss.
+    fn from_payload(payload: Vec<u8>) -> Option<Self>;
+
+    /// Freshness left at `now_ms`; zero once stale.
+    fn remaining_ttl(&self, now_ms: u64) -> Duration {
+        let expires = self.stored_at_ms() + u64::from(self.ttl_secs()) * 1000;
+        Duration::from_millis(expires.saturating_sub(now_ms))
+    }
+
+    /// Whether the value is fresh at `now_ms`.
+    fn is_fresh(&self, now_ms: u64) -> bool {
+        !self.remaining_ttl(now_ms).is_zero()
+    }
+
+    /// Whether the value is still kept at `now_ms`: fresh, or stale for less than
+    /// [`Storable::grace_secs`].
+    fn is_kept(&self, now_ms: u64) -> bool {
+        let kept_for = u64::from(self.ttl_secs()) + u64::from(self.grace_secs());
+        now_ms < self.stored_at_ms() + kept_for * 1000
+    }
+
+    /// How long ago the value was stored, in whole seconds (an HTTP `Age`).
+    fn age_secs(&self, now_ms: u64) -> u64 {
+        now_ms.saturating_sub(self.stored_at_ms()) / 1000
+    }
+}
+
+/// The tiers together. Cloning shares them.
+#[derive(Clone)]
+pub struct TieredStore<V: Storable> {
+    memory: MemoryTier<V>,
+    redis: Option<RedisTier>,
+    envelope_keys: EnvelopeKeys,
+    metrics: StoreMetrics,
+}
+
+impl<V: Storable> TieredStore<V> {
+    /// Combines a memory tier with an optional Redis tier whose envelopes are sealed and
+    /// opened with `envelope_keys`; counts into `metrics`.
+    pub fn new(
+        memory: MemoryTier<V>,
+        redis: Option<RedisTier>,
+        envelope_keys: EnvelopeKeys,
+        metrics: StoreMetrics,
+    ) -> Self {
+        TieredStore {
+            memory,
+            redis,
+            envelope_keys,
+            metrics,
+        }
+    }
+
+    /// Whether a Redis tier is configured.
+    pub fn has_redis(&self) -> bool {
+        self.redis.is_some()
+    }
+
+    /// The Redis tier, if configured.
+    pub fn redis(&self) -> Option<&RedisTier> {
+        self.redis.as_ref()
+    }
+
+    /// Looks `key` up in the memory tier, then in Redis, and returns what is still kept
+    /// ([`Storable::is_kept`]: fresh, or stale within its grace); the caller decides what
+    /// a stale entry is good for. A Redis entry is copied into the memory tier. A Redis
+    /// entry that fails authentication (forged, copied from another key, altered) or
+    /// decoding is a miss, counted in `redis_rejected_entries_total`.
+    pub async fn lookup(&self, key: &CacheKey) -> Option<(V, Tier)> {
+        if let Some(entry) = self.memory.get(key) {
+            return Some((entry, Tier::Memory));
+        }
+        let redis = self.redis.as_ref()?;
+        let bytes = redis.get(key).await?;
+        let Some(entry) = self
+            .envelope_keys
+            .open(key, &bytes)
+            .and_then(V::from_payload)
+        else {
+            self.metrics.redis_rejected_entries.inc();
+            tracing::warn!(key = %key.short(), "unauthenticated or undecodable entry in redis treated as a miss");
+            return None;
+        };
+        if !entry.is_kept(now_ms()) {
+            return None;
+        }
+        self.memory.insert(*key, entry.clone());
+        Some((entry, Tier::Redis))
+    }
+
+    /// Looks `key` up in the memory tier only.
+    pub fn lookup_memory(&self, key: &CacheKey) -> Option<V> {
+        self.memory.get(key)
+    }
+
+    /// Stores `entry` in the memory tier now and in Redis in a background task (kept for
+    /// its TTL plus grace), so that the caller is never delayed by Redis.
+    pub fn store(&self, key: CacheKey, entry: V) {
+        self.memory.insert(key, entry.clone());
+        self.metrics.stores.inc(Tier::Memory.as_str());
+        if let Some(redis) = self.redis.clone() {
+            let metrics = self.metrics.clone();
+            let keys = self.envelope_keys.clone();
+            tokio::spawn(async move {
+                let keep_secs = u64::from(entry.ttl_secs()) + u64::from(entry.grace_secs());
+                let envelope = keys.seal(&key, &entry.to_payload());
+                if redis.set(&key, envelope, keep_secs).await {
+                    metrics.stores.inc(Tier::Redis.as_str());
+                }
+            });
+        }
+    }
+
+    /// Removes `key` from the memory tier and from Redis. Returns whether Redis confirmed
+    /// (always `true` without a Redis tier); a Redis failure is counted, never raised.
+    pub async fn remove(&self, key: &CacheKey) -> bool {
+        self.memory.remove(key);
+        match &self.redis {
+            Some(redis) => redis.del(key).await,
+            None => true,
+        }
+    }
+
+    /// Refreshes the memory-tier gauges.
+    pub fn refresh_gauges(&self) {
+        let (entries, bytes) = self.memory.usage();
+        self.metrics.memory_entries.set(entries as i64);
+        self.metrics.memory_bytes.set(bytes as i64);
+    }
+
+    /// The metrics this store counts into.
+    pub fn metrics(&self) -> &StoreMetrics {
+        &self.metrics
+    }
+}
