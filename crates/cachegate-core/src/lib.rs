@@ -20,13 +20,22 @@
 
 #![warn(missing_docs)]
 
+pub mod cache;
 pub mod coalesce;
+pub mod codec;
 pub mod envelope;
 pub mod key;
 pub mod metrics;
 pub mod store;
 
 use std::time::{SystemTime, UNIX_EPOCH};
+
+pub use cache::{
+    BuildError, Cache, CacheBuilder, CacheMetrics, CacheStats, Error, Fetched, Options,
+    SharedError, Source,
+};
+pub use codec::{Codec, CodecError, Postcard};
+pub use store::RedisOptions;
 
 /// Milliseconds since the Unix epoch, now.
 pub fn now_ms() -> u64 {

@@ -130,6 +130,13 @@ impl StoreMetrics {
     /// New metrics, registered into `registry`.
     pub fn register(registry: &mut Registry) -> Self {
         let m = StoreMetrics::default();
+        m.register_into(registry);
+        m
+    }
+
+    /// Registers these metrics into `registry` (they keep counting where they are).
+    pub fn register_into(&self, registry: &mut Registry) {
+        let m = self;
         m.stores
             .register(registry, "stores", "Entries written by tier");
         m.redis_errors.register(
@@ -157,6 +164,5 @@ impl StoreMetrics {
             "Weighted bytes in the memory tier",
             m.memory_bytes.clone(),
         );
-        m
     }
 }

@@ -91,7 +91,7 @@ pub trait Storable: Clone + Send + Sync + 'static {
 
 /// The tiers together. Cloning shares them.
 #[derive(Clone)]
-pub struct TieredStore<V: Storable> {
+pub struct TieredStore<V> {
     memory: MemoryTier<V>,
     redis: Option<RedisTier>,
     envelope_keys: EnvelopeKeys,
@@ -160,6 +160,16 @@ impl<V: Storable> TieredStore<V> {
     /// Stores `entry` in the memory tier now and in Redis in a background task (kept for
     /// its TTL plus grace), so that the caller is never delayed by Redis.
     pub fn store(&self, key: CacheKey, entry: V) {
+        self.store_inner(key, entry, None);
+    }
+
+    /// Like [`TieredStore::store`], with the entry's payload ([`Storable::to_payload`])
+    /// already at hand, so that it is not encoded twice.
+    pub fn store_with_payload(&self, key: CacheKey, entry: V, payload: Vec<u8>) {
+        self.store_inner(key, entry, Some(payload));
+    }
+
+    fn store_inner(&self, key: CacheKey, entry: V, payload: Option<Vec<u8>>) {
         self.memory.insert(key, entry.clone());
         self.metrics.stores.inc(Tier::Memory.as_str());
         if let Some(redis) = self.redis.clone() {
@@ -167,7 +177,8 @@ impl<V: Storable> TieredStore<V> {
             let keys = self.envelope_keys.clone();
             tokio::spawn(async move {
                 let keep_secs = u64::from(entry.ttl_secs()) + u64::from(entry.grace_secs());
-                let envelope = keys.seal(&key, &entry.to_payload());
+                let payload = payload.unwrap_or_else(|| entry.to_payload());
+                let envelope = keys.seal(&key, &payload);
                 if redis.set(&key, envelope, keep_secs).await {
                     metrics.stores.inc(Tier::Redis.as_str());
                 }
