@@ -49,6 +49,16 @@ const BLOCK: usize = 14;
 /// at 100 k), so that `memory_max_bytes` bounds the process's real memory.
 pub const ENTRY_OVERHEAD_BYTES: usize = 160;
 
+/// Room for a stored response's fields and headers besides its body: hyper reads at most
+/// 100 headers in a head of at most ~400 KiB.
+const MAX_HEAD_BYTES: usize = 512 << 10;
+
+/// The heaviest entry ([`Storable::size_bytes`]) a response with a body of at most
+/// `max_body_bytes` makes: what the memory tier must be able to hold.
+pub fn max_entry_bytes(max_body_bytes: usize) -> u64 {
+    (max_body_bytes + MAX_HEAD_BYTES + ENTRY_OVERHEAD_BYTES) as u64
+}
+
 /// Appends a header block for `headers` to `b` (at most `u16::MAX` headers).
 fn put_header_block(b: &mut BytesMut, headers: &HeaderMap) {
     let n = headers.len().min(u16::MAX as usize);
@@ -322,6 +332,15 @@ mod tests {
     }
 
     #[test]
+    fn freshness_never_overflows() {
+        let mut payload = sample().to_payload();
+        payload[..8].copy_from_slice(&u64::MAX.to_be_bytes());
+        let entry = CachedResponse::from_payload(payload).unwrap();
+        assert!(entry.is_fresh(0) && entry.is_kept(u64::MAX - 1));
+        assert_eq!(entry.age_secs(0), 0);
+    }
+
+    #[test]
     fn truncated_or_padded_payloads_are_rejected() {
         let payload = sample().to_payload();
         for n in 0..payload.len() {
@@ -341,6 +360,8 @@ mod tests {
             // Authenticated but malformed payloads (a writer with the secret and a bug).
             if let Some(entry) = CachedResponse::from_payload(payload) {
                 let _ = (entry.status(), entry.parts(), entry.tags().count());
+                // Freshness arithmetic on any stored time (u64::MAX included).
+                let _ = (entry.is_fresh(u64::MAX), entry.is_kept(0), entry.age_secs(0));
             }
         }
     }

@@ -76,6 +76,8 @@ pub struct RequestShape {
     pub has_body: bool,
     /// Its path is ambiguous ([`crate::uri::NormalPath::ambiguous`]).
     pub ambiguous_path: bool,
+    /// Its query holds an invalid escape ([`crate::uri::has_invalid_escape`]).
+    pub ambiguous_query: bool,
 }
 
 /// Decides whether a request may use the cache at all (before any key is built).
@@ -97,6 +99,9 @@ pub fn check_request(
     }
     if shape.ambiguous_path {
         return Err(BypassReason::AmbiguousPath);
+    }
+    if shape.ambiguous_query {
+        return Err(BypassReason::AmbiguousQuery);
     }
     // A body the key does not cover must not shape a shared answer (RFC 9110 §9.3.1:
     // content on GET has no defined meaning, yet some upstreams read it).

@@ -33,8 +33,11 @@ pub enum BypassReason {
     ContentType,
     /// The request has a body the key does not cover (e.g. a GET or HEAD with a body).
     RequestBody,
-    /// The path holds an encoded `/`, `\` or NUL, which upstreams decode differently.
+    /// The path holds an encoded `/`, `\` or NUL, a `;` parameter or an invalid escape,
+    /// which upstreams read differently.
     AmbiguousPath,
+    /// The query holds an invalid percent-escape (`%zz`), which upstreams read differently.
+    AmbiguousQuery,
     /// A body-keyed route got a body over `max_request_body_bytes`.
     OversizedBody,
     /// The request asks for a byte range (`Range`), which is passed through.
@@ -45,7 +48,7 @@ pub enum BypassReason {
 
 impl BypassReason {
     /// Every reason, for metric and stats listings.
-    pub const ALL: [BypassReason; 14] = [
+    pub const ALL: [BypassReason; 15] = [
         BypassReason::Disabled,
         BypassReason::Rollout,
         BypassReason::RouteDisabled,
@@ -57,6 +60,7 @@ impl BypassReason {
         BypassReason::ContentType,
         BypassReason::RequestBody,
         BypassReason::AmbiguousPath,
+        BypassReason::AmbiguousQuery,
         BypassReason::OversizedBody,
         BypassReason::Range,
         BypassReason::Upgrade,
@@ -76,6 +80,7 @@ impl BypassReason {
             BypassReason::ContentType => "content-type",
             BypassReason::RequestBody => "request-body",
             BypassReason::AmbiguousPath => "ambiguous-path",
+            BypassReason::AmbiguousQuery => "ambiguous-query",
             BypassReason::OversizedBody => "oversized-body",
             BypassReason::Range => "range",
             BypassReason::Upgrade => "upgrade",

@@ -40,7 +40,8 @@ pub struct NormalPath {
 /// ```
 pub fn normalize_path(raw: &str) -> NormalPath {
     let decoded = normalize_percent(raw);
-    let ambiguous = decoded.contains("%2F")
+    let ambiguous = has_invalid_escape(raw)
+        || decoded.contains("%2F")
         || decoded.contains("%5C")
         || decoded.contains("%00")
         || decoded.contains("%3B")
@@ -109,6 +110,26 @@ pub fn parse_query(query: &str) -> Vec<QueryParam<'_>> {
             }
         })
         .collect()
+}
+
+/// Whether `s` holds a `%` that starts no valid escape (`%zz`, a trailing `%`). What an
+/// upstream makes of one differs (kept as is, dropped with its pair, rejected), so a path
+/// or query holding one is ambiguous: [`normalize_percent`] writes it `%25`, which would
+/// give `%zz` and `%25zz` one key.
+///
+/// ```
+/// use cachegate::uri::has_invalid_escape;
+/// assert!(has_invalid_escape("q=%zz"));
+/// assert!(has_invalid_escape("100%"));
+/// assert!(!has_invalid_escape("q=%25zz&r=%41"));
+/// ```
+pub fn has_invalid_escape(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.iter().enumerate().any(|(i, &c)| {
+        c == b'%'
+            && !(b.get(i + 1).is_some_and(|h| h.is_ascii_hexdigit())
+                && b.get(i + 2).is_some_and(|l| l.is_ascii_hexdigit()))
+    })
 }
 
 /// Whether `b` is an RFC 3986 unreserved character.
@@ -188,6 +209,9 @@ mod tests {
         assert_eq!(n("/%7euser"), "/~user");
         assert_eq!(n("/%e2%82%ac"), "/%E2%82%AC");
         assert_eq!(n("/100%"), "/100%25");
+        assert!(normalize_path("/100%").ambiguous);
+        assert!(normalize_path("/a%zzb").ambiguous);
+        assert!(!normalize_path("/a%25zzb").ambiguous);
         assert_eq!(n("/%a\u{e9}"), "/%25a\u{e9}");
         assert!(normalize_path("/a%5cb").ambiguous);
         assert!(normalize_path("/a\\b").ambiguous);

@@ -184,6 +184,15 @@ key_query = ["from"]
         ("x-http-method-override", "DELETE"),
         ("x-original-url", "/admin"),
         ("x-rewrite-url", "/admin"),
+        // Other spellings of the same inputs.
+        ("x_forwarded_host", "evil.example"),
+        ("x_http_method_override", "DELETE"),
+        ("x-host", "evil.example"),
+        ("x-original-host", "evil.example"),
+        ("x-forwarded", "host=evil.example"),
+        ("x-forwarded-ssl", "on"),
+        ("x-url-scheme", "https"),
+        ("true-client-ip", "6.6.6.6"),
     ];
     let first = get_with(&gate, "/page?x=1", &spoof).await;
     let seen = &first.json()["headers"];
@@ -196,6 +205,14 @@ key_query = ["from"]
         "x-http-method-override",
         "x-original-url",
         "x-rewrite-url",
+        "x_forwarded_host",
+        "x_http_method_override",
+        "x-host",
+        "x-original-host",
+        "x-forwarded",
+        "x-forwarded-ssl",
+        "x-url-scheme",
+        "true-client-ip",
     ] {
         assert!(seen.get(gone).is_none(), "{gone} reached the upstream");
     }
@@ -260,7 +277,9 @@ key_query = ["from"]
 
     // A trusted proxy's forwarded origin reaches the upstream, so it is keyed; the client
     // address it forwards is not.
-    let origins: [&[(&str, &str)]; 5] = [
+    let origins: [&[(&str, &str)]; 7] = [
+        &[("x-forwarded-ssl", "on")],
+        &[("x-forwarded-scheme", "https")],
         &[("x-forwarded-host", "a.example")],
         &[("x-forwarded-host", "b.example")],
         &[
@@ -293,7 +312,7 @@ key_query = ["from"]
         ],
     )
     .await;
-    assert_eq!((again.cache(), again.n()), ("HIT", seen[3]));
+    assert_eq!((again.cache(), again.n()), ("HIT", seen[5]));
 }
 
 // 4. Query spellings that upstreams tell apart get different keys.
@@ -312,6 +331,17 @@ async fn repeated_and_bare_query_parameters_are_told_apart() {
     assert_eq!(gate.get("/q?id=1&b=0&id=2").await.cache(), "HIT");
     assert_eq!(gate.get("/q?debug").await.cache(), "MISS");
     assert_eq!(gate.get("/q?debug=").await.cache(), "MISS");
+    // An invalid escape is read differently by upstreams (kept, dropped with its pair):
+    // never merged with its encoded spelling, it bypasses.
+    let invalid = gate.get("/q?q=%zz").await;
+    assert_eq!(invalid.cache(), "BYPASS");
+    assert!(
+        invalid
+            .header("cache-status")
+            .ends_with("detail=ambiguous-query")
+    );
+    assert_eq!(gate.get("/q?q=%25zz").await.cache(), "MISS");
+    assert_eq!(gate.get("/q?q=%zz").await.cache(), "BYPASS");
 }
 
 // 5. JSON bodies that differ never share a key.
@@ -395,8 +425,10 @@ async fn request_target_forms_are_served_or_refused_as_they_mean() {
     })
     .await;
     let gate = Gate::start_at(&up.url(), None, "", "").await;
-    let cases: [(&str, u16); 4] = [
+    let cases: [(&str, u16); 6] = [
         ("OPTIONS * HTTP/1.1\r\nHost: a\r\n", 200),
+        ("GET example.com:80 HTTP/1.1\r\nHost: a\r\n", 400),
+        ("OPTIONS example.com:80 HTTP/1.1\r\nHost: a\r\n", 400),
         (
             "CONNECT a.example:443 HTTP/1.1\r\nHost: a.example:443\r\n",
             405,
@@ -420,7 +452,7 @@ async fn request_target_forms_are_served_or_refused_as_they_mean() {
     let errors = &gate.stats().await["client_errors"];
     assert_eq!(
         (errors["method"].as_u64(), errors["target"].as_u64()),
-        (Some(1), Some(1))
+        (Some(1), Some(3))
     );
 }
 
@@ -627,6 +659,56 @@ async fn stalling_clients_are_cut_and_connections_are_capped() {
     assert_eq!(&buf, b"HTTP/1.1 200");
 }
 
+// 8. The memory tier holds every entry up to the largest response it may store, and an
+// entry no tier holds is reported as too large, never as stored.
+#[tokio::test]
+async fn large_entries_are_held_or_reported_not_stored() {
+    let up = Upstream::start().await;
+    let route = "[[routes]]\nmethod = \"GET\"\npath = \"/big\"\nttl_secs = 60\n";
+    let big = |gate: &Gate| {
+        let req = gate.client.get(gate.url("/big"));
+        async move {
+            Reply::from(
+                req.header("x-test-body-bytes", "614400")
+                    .send()
+                    .await
+                    .unwrap(),
+            )
+            .await
+        }
+    };
+    let gate = Gate::start(
+        &up,
+        None,
+        &format!("[cache]\nmemory_max_bytes = 4194304\n{route}"),
+    )
+    .await;
+    let first = big(&gate).await;
+    assert_eq!(first.body.len(), 614_400);
+    assert!(
+        first.header("cache-status").contains("stored"),
+        "{}",
+        first.header("cache-status")
+    );
+    let second = big(&gate).await;
+    assert_eq!((second.cache(), second.n()), ("HIT", first.n()));
+
+    let small = Gate::start(
+        &up,
+        None,
+        &format!("[cache]\nmemory_max_bytes = 102400\n{route}"),
+    )
+    .await;
+    let refused = big(&small).await;
+    assert!(
+        refused.header("cache-status").ends_with("detail=too-large"),
+        "{}",
+        refused.header("cache-status")
+    );
+    assert_eq!(big(&small).await.cache(), "MISS");
+    assert_eq!(small.stats().await["stores_by_tier"]["memory"], 0);
+}
+
 // 9. A client that stops reading a response is cut at the send timeout, and gives its
 // connection slot back.
 #[tokio::test]
@@ -744,6 +826,9 @@ ttl_secs = 60
 async fn websocket_upgrades_are_tunnelled_both_ways() {
     let up = RawUpstream::start(|head, _| {
         let head = head.to_ascii_lowercase();
+        if head.starts_with("get /wrong ") {
+            return Script::Reply(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n".to_vec());
+        }
         if !head.contains("upgrade: websocket") {
             let seen = if head.contains("upgrade:") { "upgrade" } else { "plain" };
             return Script::Reply(ok(seen, ""));
@@ -796,6 +881,30 @@ async fn websocket_upgrades_are_tunnelled_both_ways() {
     let h2c = String::from_utf8_lossy(&h2c);
     assert!(h2c.starts_with("HTTP/1.1 200"), "{h2c}");
     assert!(h2c.ends_with("plain"), "the upstream saw an upgrade: {h2c}");
+    // An upstream that switches to another protocol is an upstream fault.
+    let wrong = exchange(
+        &gate.addr(),
+        b"GET /wrong HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+        Duration::from_millis(500),
+    )
+    .await;
+    let wrong = String::from_utf8_lossy(&wrong);
+    assert!(wrong.starts_with("HTTP/1.1 502"), "{wrong}");
+    // Nor when it is listed next to websocket, on one line or two.
+    for upgrade in [
+        "Upgrade: h2c, websocket\r\n",
+        "Upgrade: h2c\r\nUpgrade: websocket\r\n",
+    ] {
+        let request = format!(
+            "GET /h2c HTTP/1.1\r\nHost: a\r\n{upgrade}Connection: Upgrade, HTTP2-Settings\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\nConnection: close\r\n\r\n"
+        );
+        let out = exchange(&gate.addr(), request.as_bytes(), Duration::from_millis(500)).await;
+        let out = String::from_utf8_lossy(&out);
+        assert!(
+            out.starts_with("HTTP/1.1 200") && out.ends_with("plain"),
+            "{upgrade:?}: {out}"
+        );
+    }
 }
 
 #[tokio::test]

@@ -13,8 +13,9 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use ipnet::IpNet;
 
 /// Headers that apply to one connection only and are never forwarded or stored
-/// (RFC 9110 §7.6.1, plus the legacy `Keep-Alive` and `Proxy-Connection`).
-const HOP_BY_HOP: [HeaderName; 9] = [
+/// (RFC 9110 §7.6.1, plus the legacy `Keep-Alive` and `Proxy-Connection`, and h2c's
+/// connection-specific `HTTP2-Settings`, RFC 7540 §3.2.1).
+const HOP_BY_HOP: [HeaderName; 10] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -24,11 +25,13 @@ const HOP_BY_HOP: [HeaderName; 9] = [
     header::TRAILER,
     header::TRANSFER_ENCODING,
     header::UPGRADE,
+    HeaderName::from_static("http2-settings"),
 ];
 
-/// Headers some frameworks read to change a request's method or URL. They are removed:
-/// the cache key is built from the real method and URL.
-const OVERRIDES: [&str; 7] = [
+/// Headers some frameworks read to change a request's method, URL, host or scheme. They
+/// are removed from every request: the cache key is built from the real method and URL,
+/// and the host and scheme the upstream sees are cachegate's.
+const OVERRIDES: [&str; 13] = [
     "x-http-method-override",
     "x-http-method",
     "x-method-override",
@@ -36,6 +39,26 @@ const OVERRIDES: [&str; 7] = [
     "x-rewrite-url",
     "x-original-uri",
     "x-override-url",
+    "x-host",
+    "x-http-host-override",
+    "x-original-host",
+    "x-url-scheme",
+    "front-end-https",
+    "x-original-forwarded-for",
+];
+
+/// Headers that carry a client address, set by proxies and CDNs; from a client that is
+/// not a trusted proxy they are spoofed, and removed (with every `X-Forwarded*` and
+/// `Forwarded`).
+const CLIENT_ADDRESS: [&str; 8] = [
+    "x-real-ip",
+    "x-client-ip",
+    "client-ip",
+    "true-client-ip",
+    "x-cluster-client-ip",
+    "cf-connecting-ip",
+    "fastly-client-ip",
+    "x-proxyuser-ip",
 ];
 
 /// Removes hop-by-hop headers, including `Upgrade` and every header named in
@@ -53,17 +76,21 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// Whether a request asks for a WebSocket upgrade (`Upgrade: websocket` plus
-/// `Connection: upgrade`, RFC 9110 §7.8, RFC 6455 §4.1). Other upgrades (such as `h2c`,
-/// whose frames would carry headers past the forwarding rules) are not tunnelled: their
+/// Whether a request asks for a WebSocket upgrade and nothing else: every protocol its
+/// `Upgrade` lines list is `websocket`, and `Connection` names `upgrade` (RFC 9110 §7.8,
+/// RFC 6455 §4.1). Any other upgrade, alone or listed with `websocket` (such as `h2c`,
+/// whose frames would carry headers past the forwarding rules), is not tunnelled: its
 /// `Upgrade` is removed with the other hop-by-hop headers.
 pub fn wants_upgrade(headers: &HeaderMap) -> bool {
-    headers
+    let mut protocols = headers
         .get_all(header::UPGRADE)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|p| p.trim().eq_ignore_ascii_case("websocket"))
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|p| !p.is_empty())
+        .peekable();
+    protocols.peek().is_some()
+        && protocols.all(|p| p.eq_ignore_ascii_case(b"websocket"))
         && headers
             .get_all(header::CONNECTION)
             .iter()
@@ -97,6 +124,17 @@ impl Forwarding {
         if let Some(host) = &self.upstream_host {
             headers.insert(header::HOST, host.clone());
         }
+        // Names with `_`: many servers (CGI, Rack, Gunicorn) read `X_Forwarded_Host` as
+        // `X-Forwarded-Host`, so every rule below would have a second spelling. They are
+        // dropped, as nginx does by default (`underscores_in_headers off`).
+        let underscored: Vec<HeaderName> = headers
+            .keys()
+            .filter(|n| n.as_str().contains('_'))
+            .cloned()
+            .collect();
+        for name in underscored {
+            headers.remove(name);
+        }
         for name in OVERRIDES {
             headers.remove(name);
         }
@@ -110,9 +148,10 @@ impl Forwarding {
         if !trusted {
             let spoofable: Vec<HeaderName> = headers
                 .keys()
-                .filter(|n| n.as_str().starts_with("x-forwarded-"))
+                .filter(|n| n.as_str().starts_with("x-forwarded"))
                 .cloned()
-                .chain([header::FORWARDED, HeaderName::from_static("x-real-ip")])
+                .chain([header::FORWARDED])
+                .chain(CLIENT_ADDRESS.map(HeaderName::from_static))
                 .collect();
             for name in spoofable {
                 headers.remove(name);
@@ -127,22 +166,14 @@ impl Forwarding {
     }
 }
 
-/// `X-Forwarded-*` headers that name the origin the client asked for (as opposed to the
-/// client's address): an upstream builds absolute URLs, redirects and tenant choices from
-/// them.
-const FORWARDED_ORIGIN: [&str; 4] = [
-    "x-forwarded-host",
-    "x-forwarded-proto",
-    "x-forwarded-port",
-    "x-forwarded-prefix",
-];
-
-/// The origin a trusted proxy forwards, as bytes for the cache key: the values of
-/// `X-Forwarded-Host`, `-Proto`, `-Port` and `-Prefix`, and the `host` and `proto`
-/// parameters of `Forwarded` (RFC 7239 §4, quoted strings respected). `None` when there is
-/// none. Client addresses (`X-Forwarded-For`, `Forwarded: for=`, `X-Real-IP`) are not
-/// included: keying them would make one entry per client; an upstream that answers by
-/// client address must mark its answers `private`.
+/// The origin a trusted proxy forwards, as bytes for the cache key: every `X-Forwarded*`
+/// header but `X-Forwarded-For` (`-Host`, `-Proto`, `-Port`, `-Prefix`, `-Ssl`, `-Scheme`,
+/// `-Server`, `-Uri`, ...: an upstream builds absolute URLs, redirects and tenant choices
+/// from them), and the `host` and `proto` parameters of `Forwarded` (RFC 7239 §4, quoted
+/// strings respected). `None` when there is none. Client addresses (`X-Forwarded-For`,
+/// `Forwarded: for=`, `X-Real-IP` and the like) are not included: keying them would make
+/// one entry per client; an upstream that answers by client address must mark its
+/// answers `private`.
 ///
 /// Only meaningful for a trusted peer: from others these headers are replaced
 /// ([`Forwarding::apply`]).
@@ -154,9 +185,14 @@ pub fn forwarded_origin(headers: &HeaderMap) -> Option<Vec<u8>> {
             out.extend_from_slice(part);
         }
     };
-    for name in FORWARDED_ORIGIN {
+    let mut names: Vec<&HeaderName> = headers
+        .keys()
+        .filter(|n| n.as_str().starts_with("x-forwarded") && n.as_str() != "x-forwarded-for")
+        .collect();
+    names.sort_by_key(|n| n.as_str());
+    for name in names {
         for value in headers.get_all(name) {
-            put(name.as_bytes(), value.as_bytes());
+            put(name.as_str().as_bytes(), value.as_bytes());
         }
     }
     for value in headers.get_all(header::FORWARDED) {
@@ -249,6 +285,76 @@ mod tests {
     }
 
     #[test]
+    fn only_pure_websocket_upgrades_are_tunnelled() {
+        let wants = |pairs: &[(&'static str, &'static str)]| wants_upgrade(&header_map(pairs));
+        assert!(wants(&[
+            ("upgrade", "websocket"),
+            ("connection", "Upgrade")
+        ]));
+        assert!(wants(&[
+            ("upgrade", "WebSocket"),
+            ("connection", "keep-alive, upgrade")
+        ]));
+        for upgrade in [
+            &[("upgrade", "h2c, websocket")][..],
+            &[("upgrade", "h2c"), ("upgrade", "websocket")],
+            &[("upgrade", "websocket"), ("upgrade", "h2c")],
+            &[("upgrade", "")],
+            &[],
+        ] {
+            let mut h = upgrade.to_vec();
+            h.push(("connection", "upgrade"));
+            assert!(!wants(&h), "{upgrade:?}");
+        }
+        assert!(!wants(&[("upgrade", "websocket")]));
+    }
+
+    #[test]
+    fn underscore_spellings_and_override_headers_never_reach_the_upstream() {
+        let fwd = Forwarding {
+            trusted_proxies: vec!["10.0.0.0/8".parse().unwrap()],
+            upstream_host: Some(HeaderValue::from_static("origin:80")),
+        };
+        for peer in ["127.0.0.1:5000", "10.1.2.3:5000"] {
+            let mut h = header_map(&[
+                ("x_forwarded_host", "evil.example"),
+                ("x_http_method_override", "DELETE"),
+                ("x_original_url", "/admin"),
+                ("x-host", "evil.example"),
+                ("x-http-host-override", "evil.example"),
+                ("x-original-host", "evil.example"),
+                ("x-url-scheme", "https"),
+                ("front-end-https", "on"),
+                ("accept", "application/json"),
+            ]);
+            fwd.apply(&mut h, peer.parse().unwrap());
+            let left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+            assert!(
+                left.iter()
+                    .all(|k| !k.contains('_') && !k.contains("host-") && *k != "x-host"),
+                "{peer}: {left:?}"
+            );
+            assert!(h.contains_key("accept"));
+            assert!(!h.contains_key("front-end-https") && !h.contains_key("x-url-scheme"));
+        }
+        let mut h = header_map(&[
+            ("x-forwarded", "host=evil"),
+            ("x-forwarded-ssl", "on"),
+            ("true-client-ip", "6.6.6.6"),
+            ("cf-connecting-ip", "6.6.6.6"),
+        ]);
+        fwd.apply(&mut h, "127.0.0.1:5000".parse().unwrap());
+        for gone in [
+            "x-forwarded",
+            "x-forwarded-ssl",
+            "true-client-ip",
+            "cf-connecting-ip",
+        ] {
+            assert!(!h.contains_key(gone), "{gone}");
+        }
+    }
+
+    #[test]
     fn client_forwarding_headers_are_replaced_unless_trusted() {
         let fwd = Forwarding {
             trusted_proxies: vec!["10.0.0.0/8".parse().unwrap()],
@@ -311,6 +417,10 @@ mod tests {
             origin(&[("x-forwarded-proto", "https")]),
             origin(&[("x-forwarded-port", "443")]),
             origin(&[("x-forwarded-prefix", "/tenant")]),
+            origin(&[("x-forwarded-ssl", "on")]),
+            origin(&[("x-forwarded-scheme", "https")]),
+            origin(&[("x-forwarded-server", "a")]),
+            origin(&[("x-forwarded-uri", "/a")]),
             origin(&[
                 ("x-forwarded-host", "a.example"),
                 ("x-forwarded-proto", "https"),

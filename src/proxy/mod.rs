@@ -40,7 +40,7 @@ pub use self::switches::Switches;
 
 use self::body::{BoxError, Limited, ProxyBody, Side, Timed, body_error, read_limited};
 use self::headers::Forwarding;
-use self::upgrade::{TunnelLimits, UpgradeRequest};
+use self::upgrade::{NotTunnelled, TunnelLimits, UpgradeRequest};
 use self::upstream::{Upstream, UpstreamBody, UpstreamError};
 use crate::conditional::{self, Conditions};
 use crate::config::Config;
@@ -51,7 +51,7 @@ use crate::key::{
 use crate::metrics::Metrics;
 use crate::policy::{self, Policy, RequestShape, Route};
 use crate::status::{BypassReason, CachePhase, NoStoreReason, Tier};
-use crate::uri::{normalize_path, parse_query};
+use crate::uri::{has_invalid_escape, normalize_path, parse_query};
 use cachegate_core::coalesce::{Coalescer, Leader, Role, WaitOutcome};
 use cachegate_core::store::{Storable, TieredStore};
 
@@ -193,6 +193,7 @@ impl Proxy {
         let shape = RequestShape {
             has_body,
             ambiguous_path: target.ambiguous,
+            ambiguous_query: query.as_deref().is_some_and(has_invalid_escape),
         };
         if let Err(reason) = policy::check_request(route, &parts.method, &parts.headers, shape) {
             return self.bypass(parts, body, client, reason).await;
@@ -402,9 +403,12 @@ impl Proxy {
             *decision.as_ref().unwrap_or(&0),
             route.map_or(&[][..], |r| &r.tags[..]),
         );
-        if decision.is_ok() {
-            self.store.store(*key, entry.clone());
-        }
+        // An entry no tier holds (heavier than the memory tier's limit, no Redis) is
+        // reported as too large, not as stored.
+        let decision = match decision {
+            Ok(_) if !self.store.store(*key, entry.clone()) => Err(NoStoreReason::TooLarge),
+            other => other,
+        };
         match leader {
             Some(leader) if shareable => leader.share(entry.clone()),
             Some(leader) => leader.release(),
@@ -441,7 +445,7 @@ impl Proxy {
         client: SocketAddr,
     ) -> Response<ProxyBody> {
         let phase = CachePhase::Bypass(BypassReason::Upgrade);
-        let upgrade = UpgradeRequest::take(&parts.headers, &mut parts.extensions);
+        let upgrade = UpgradeRequest::take(&mut parts.extensions);
         headers::remove_hop_by_hop(&mut parts.headers);
         let Some(upgrade) = upgrade else {
             return self
@@ -457,10 +461,17 @@ impl Proxy {
         let fwd_status = Some(resp.status().as_u16());
         let resp = match upgrade.tunnel(resp, self.tunnels.clone()) {
             Ok(switching) => switching.map(|()| body::empty()),
-            Err(other) => {
+            Err(NotTunnelled::Answer(other)) => {
                 let (mut head, resp_body) = other.into_parts();
                 headers::own_response_framing(&mut head.headers, false);
                 Response::from_parts(head, body::boxed(resp_body))
+            }
+            Err(NotTunnelled::WrongProtocol) => {
+                self.metrics.upstream_errors.inc("unreachable");
+                plain(
+                    StatusCode::BAD_GATEWAY,
+                    "upstream switched to a protocol other than WebSocket",
+                )
             }
         };
         self.finish(resp, miss(phase, fwd_status), None)
@@ -625,14 +636,22 @@ fn check_host(parts: &Parts) -> Result<(), ClientFault> {
 }
 
 /// Refuses the request-target forms a reverse proxy does not serve (RFC 9112 §3.2):
-/// `CONNECT` (authority form: cachegate is not a forward proxy) gets `405`, and the
-/// asterisk form with any method but `OPTIONS` gets `400`.
+/// `CONNECT` (cachegate is not a forward proxy) gets `405`; the authority form with any
+/// other method, and the asterisk form with any method but `OPTIONS`, get `400`.
 fn check_target_form(parts: &Parts) -> Result<(), ClientFault> {
     if parts.method == Method::CONNECT {
         return Err(ClientFault {
             status: StatusCode::METHOD_NOT_ALLOWED,
             reason: "CONNECT is not served: this is a reverse proxy",
             kind: "method",
+        });
+    }
+    if parts.uri.scheme().is_none() && parts.uri.authority().is_some() {
+        // Authority form (`GET host:port`) is for CONNECT only (RFC 9112 §3.2.3).
+        return Err(ClientFault {
+            status: StatusCode::BAD_REQUEST,
+            reason: "the authority-form target is for CONNECT only",
+            kind: "target",
         });
     }
     if parts.uri.path() == "*" && !is_asterisk_form(parts) {

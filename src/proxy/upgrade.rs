@@ -34,50 +34,60 @@ pub struct TunnelLimits {
     pub open: Gauge,
 }
 
-/// The `Upgrade` header of a request and the client side of the connection to take over.
+/// The client side of a WebSocket upgrade ([`super::headers::wants_upgrade`]), to take
+/// over once the upstream agrees.
 pub struct UpgradeRequest {
-    protocol: HeaderValue,
     client: OnUpgrade,
 }
 
+/// Why an upgrade request was not tunnelled.
+pub enum NotTunnelled<B> {
+    /// The upstream did not switch protocols: its answer is passed back as it is.
+    Answer(Response<B>),
+    /// The upstream switched to something other than WebSocket: an upstream fault (502).
+    WrongProtocol,
+}
+
 impl UpgradeRequest {
-    /// Takes what an upgrade needs from a request's headers and extensions. `None` when the
-    /// connection cannot be taken over (the server was not built with upgrades).
-    pub fn take(headers: &HeaderMap, extensions: &mut http::Extensions) -> Option<Self> {
+    /// Takes the client connection from a request's extensions. `None` when it cannot be
+    /// taken over (the server was not built with upgrades).
+    pub fn take(extensions: &mut http::Extensions) -> Option<Self> {
         Some(UpgradeRequest {
-            protocol: headers.get(header::UPGRADE)?.clone(),
             client: extensions.remove::<OnUpgrade>()?,
         })
     }
 
-    /// Puts the upgrade back on a request whose hop-by-hop headers were removed.
+    /// Puts the upgrade back on a request whose hop-by-hop headers were removed: exactly
+    /// `Upgrade: websocket` and `Connection: upgrade`, whatever else the client listed.
     pub fn restore_headers(&self, headers: &mut HeaderMap) {
-        headers.insert(header::UPGRADE, self.protocol.clone());
+        headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
 
-    /// When `upstream` is a `101`, joins the two connections in a background task and
-    /// returns the `101` head for the client (with its `Upgrade` and `Connection`);
-    /// otherwise returns `upstream` untouched as `Err`, to be passed back.
+    /// When `upstream` is a `101` to WebSocket, joins the two connections in a background
+    /// task and returns the `101` head for the client (with `Upgrade: websocket` and
+    /// `Connection: upgrade`). Otherwise [`NotTunnelled`].
     pub fn tunnel<B>(
         self,
         mut upstream: Response<B>,
         limits: TunnelLimits,
-    ) -> Result<Response<()>, Response<B>> {
+    ) -> Result<Response<()>, NotTunnelled<B>> {
         if upstream.status() != StatusCode::SWITCHING_PROTOCOLS {
-            return Err(upstream);
+            return Err(NotTunnelled::Answer(upstream));
         }
-        let Some(server) = upstream.extensions_mut().remove::<OnUpgrade>() else {
-            return Err(upstream);
+        let websocket = super::headers::wants_upgrade(&{
+            let mut h = upstream.headers().clone();
+            h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            h
+        });
+        let server = upstream.extensions_mut().remove::<OnUpgrade>();
+        let (Some(server), true) = (server, websocket) else {
+            return Err(NotTunnelled::WrongProtocol);
         };
         let (head, _) = upstream.into_parts();
         let mut headers = head.headers;
-        let protocol = headers
-            .get(header::UPGRADE)
-            .cloned()
-            .unwrap_or(self.protocol);
         super::headers::remove_hop_by_hop(&mut headers);
-        headers.insert(header::UPGRADE, protocol);
+        headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         let client = self.client;
         tokio::spawn(async move {

@@ -106,7 +106,10 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         warn_if_unreachable(redis.clone());
     }
     let store = TieredStore::new(
-        MemoryTier::new(config.cache.memory_max_bytes),
+        MemoryTier::new(
+            config.cache.memory_max_bytes,
+            crate::entry::max_entry_bytes(config.cache.max_response_body_bytes),
+        ),
         redis,
         EnvelopeKeys::new(&secret, seal),
         metrics.store.clone(),

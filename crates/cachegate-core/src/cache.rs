@@ -211,6 +211,7 @@ impl Options {
 #[derive(Debug, Clone)]
 pub struct CacheBuilder {
     memory_max_bytes: u64,
+    max_entry_bytes: u64,
     redis: Option<RedisOptions>,
     namespace: String,
     key_secret: Option<Vec<u8>>,
@@ -224,6 +225,7 @@ impl Default for CacheBuilder {
     fn default() -> Self {
         CacheBuilder {
             memory_max_bytes: 64 << 20,
+            max_entry_bytes: 4 << 20,
             redis: None,
             namespace: "cachegate".into(),
             key_secret: None,
@@ -240,6 +242,13 @@ impl CacheBuilder {
     /// 64 MiB; 0 turns the memory tier off.
     pub fn memory_max_bytes(mut self, bytes: u64) -> Self {
         self.memory_max_bytes = bytes;
+        self
+    }
+
+    /// The largest value (encoded, with its overhead) the memory tier must hold; larger
+    /// ones go to Redis only. Default 4 MiB.
+    pub fn max_entry_bytes(mut self, bytes: u64) -> Self {
+        self.max_entry_bytes = bytes;
         self
     }
 
@@ -316,7 +325,7 @@ impl CacheBuilder {
             None => None,
         };
         let store = TieredStore::new(
-            MemoryTier::new(self.memory_max_bytes),
+            MemoryTier::new(self.memory_max_bytes, self.max_entry_bytes),
             redis,
             EnvelopeKeys::new(&secret, self.encrypt),
             metrics.store.clone(),
@@ -775,7 +784,9 @@ fn within<V: Storable>(entry: &V, window: Option<Duration>) -> bool {
     let Some(window) = window else {
         return false;
     };
-    let expired_at = entry.stored_at_ms() + u64::from(entry.ttl_secs()) * 1000;
+    let expired_at = entry
+        .stored_at_ms()
+        .saturating_add(u64::from(entry.ttl_secs()) * 1000);
     now_ms().saturating_sub(expired_at) < window.as_millis() as u64
 }
 

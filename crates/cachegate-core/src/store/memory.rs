@@ -3,8 +3,8 @@
 
 use std::sync::Arc;
 
-use quick_cache::Weighter;
-use quick_cache::sync::Cache;
+use quick_cache::sync::{Cache, DefaultLifecycle};
+use quick_cache::{DefaultHashBuilder, OptionsBuilder, Weighter};
 
 use super::Storable;
 use crate::key::CacheKey;
@@ -28,28 +28,63 @@ const TYPICAL_ENTRY_BYTES: u64 = 2048;
 /// Entries no longer kept ([`Storable::is_kept`]: past their freshness and grace) are not
 /// returned and are removed when looked up; until then they count against the budget like
 /// any other entry and are evicted by the eviction policy, never by time.
+///
+/// The cache is split into shards for concurrency, and one entry must fit in one shard:
+/// the number of shards is chosen so that an entry of `max_entry_bytes` fits
+/// ([`MemoryTier::max_entry_bytes`] tells the exact limit); a heavier entry is refused by
+/// [`MemoryTier::insert`], never silently dropped.
 pub struct MemoryTier<V> {
     cache: Arc<Cache<CacheKey, V, EntryWeighter>>,
+    max_entry_bytes: u64,
 }
 
 impl<V> Clone for MemoryTier<V> {
     fn clone(&self) -> Self {
         MemoryTier {
             cache: self.cache.clone(),
+            max_entry_bytes: self.max_entry_bytes,
         }
     }
 }
 
+/// The share of a shard one entry may take: quick_cache admits an entry up to its shard's
+/// hot target (97% of the shard by default); a little below, to stay clear of rounding.
+const ENTRY_SHARE_OF_SHARD: f64 = 0.95;
+
 impl<V: Storable> MemoryTier<V> {
     /// A tier holding at most `max_bytes`, counting each entry's
-    /// [`Storable::size_bytes`]; entries seen once are evicted before entries seen again
-    /// (quick_cache's CLOCK-Pro / S3-FIFO policy).
-    pub fn new(max_bytes: u64) -> Self {
+    /// [`Storable::size_bytes`], that holds entries of up to `max_entry_bytes` (or up to
+    /// the whole budget, when smaller); entries seen once are evicted before entries seen
+    /// again (quick_cache's CLOCK-Pro / S3-FIFO policy).
+    pub fn new(max_bytes: u64, max_entry_bytes: u64) -> Self {
+        let max_bytes = max_bytes.max(1);
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+        let fitting =
+            (max_bytes as f64 * ENTRY_SHARE_OF_SHARD / max_entry_bytes.max(1) as f64) as u64;
+        let shards = prev_power_of_two(fitting.clamp(1, cores * 4));
         let estimated_items = (max_bytes / TYPICAL_ENTRY_BYTES).clamp(16, 1 << 20) as usize;
-        let cache = Cache::with_weighter(estimated_items, max_bytes.max(1), EntryWeighter);
+        let options = OptionsBuilder::new()
+            .shards(shards as usize)
+            .estimated_items_capacity(estimated_items)
+            .weight_capacity(max_bytes)
+            .build()
+            .expect("shards, capacity and weight are all set");
+        let cache = Cache::with_options(
+            options,
+            EntryWeighter,
+            DefaultHashBuilder::default(),
+            DefaultLifecycle::default(),
+        );
+        let max_entry_bytes = (cache.shard_capacity() as f64 * ENTRY_SHARE_OF_SHARD) as u64;
         MemoryTier {
             cache: Arc::new(cache),
+            max_entry_bytes,
         }
+    }
+
+    /// The heaviest entry ([`Storable::size_bytes`]) this tier holds.
+    pub fn max_entry_bytes(&self) -> u64 {
+        self.max_entry_bytes
     }
 
     /// The entry for `key` if present and still kept (fresh, or stale within its grace).
@@ -66,10 +101,16 @@ impl<V: Storable> MemoryTier<V> {
         None
     }
 
-    /// Stores `entry` under `key`, replacing what was there. An entry heavier than the
-    /// whole budget is not stored.
-    pub fn insert(&self, key: CacheKey, entry: V) {
+    /// Stores `entry` under `key`, replacing what was there, and returns `true`. An entry
+    /// heavier than [`MemoryTier::max_entry_bytes`] is not held: what was stored under
+    /// `key` is removed (it is older than `entry`) and `false` is returned.
+    pub fn insert(&self, key: CacheKey, entry: V) -> bool {
+        if entry.size_bytes() as u64 > self.max_entry_bytes {
+            self.cache.remove(&key);
+            return false;
+        }
         self.cache.insert(key, entry);
+        true
     }
 
     /// Removes `key`'s entry, if any.
@@ -81,6 +122,11 @@ impl<V: Storable> MemoryTier<V> {
     pub fn usage(&self) -> (u64, u64) {
         (self.cache.len() as u64, self.cache.weight())
     }
+}
+
+/// The largest power of two not above `n` (`n` at least 1).
+fn prev_power_of_two(n: u64) -> u64 {
+    1 << (63 - n.max(1).leading_zeros())
 }
 
 #[cfg(test)]
@@ -123,7 +169,7 @@ mod tests {
 
     #[test]
     fn bounded_by_bytes() {
-        let tier = MemoryTier::new(100_000);
+        let tier = MemoryTier::new(100_000, 10_000);
         for i in 0..100u8 {
             tier.insert(CacheKey([i; 32]), entry(10_000, now_ms(), 60));
         }
@@ -134,7 +180,7 @@ mod tests {
 
     #[test]
     fn stale_entries_are_not_returned_and_are_removed() {
-        let tier = MemoryTier::new(1 << 20);
+        let tier = MemoryTier::new(1 << 20, 1 << 16);
         tier.insert(CacheKey([1; 32]), entry(10, now_ms() - 5_000, 1));
         assert_eq!(tier.usage().0, 1);
         assert!(tier.get(&CacheKey([1; 32])).is_none());
@@ -146,9 +192,29 @@ mod tests {
     }
 
     #[test]
-    fn an_entry_larger_than_the_budget_is_not_held() {
-        let tier = MemoryTier::new(10_000);
-        tier.insert(CacheKey([3; 32]), entry(20_000, now_ms(), 60));
+    fn entries_up_to_the_max_entry_size_are_held_whatever_the_shards() {
+        // Budgets and entry sizes where a per-core shard split would refuse the entry.
+        for (budget, max_entry) in [
+            (4 << 20, 600 << 10),
+            (16 << 20, 8 << 20),
+            (256 << 20, 9 << 20),
+        ] {
+            let tier = MemoryTier::new(budget, max_entry);
+            assert!(tier.max_entry_bytes() >= max_entry, "{budget} {max_entry}");
+            assert!(tier.insert(CacheKey([4; 32]), entry(max_entry as usize, now_ms(), 60)));
+            assert!(
+                tier.get(&CacheKey([4; 32])).is_some(),
+                "{budget} {max_entry}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_entry_larger_than_the_limit_is_refused_and_replaces_nothing_stale() {
+        let tier = MemoryTier::new(10_000, 5_000);
+        assert!(tier.insert(CacheKey([3; 32]), entry(100, now_ms(), 60)));
+        assert!(!tier.insert(CacheKey([3; 32]), entry(20_000, now_ms(), 60)));
+        // The older, smaller entry is gone: a reader never gets it after a newer store.
         assert!(tier.get(&CacheKey([3; 32])).is_none());
         assert!(tier.usage().1 <= 10_000);
     }

@@ -67,7 +67,9 @@ pub trait Storable: Clone + Send + Sync + 'static {
 
     /// Freshness left at `now_ms`; zero once stale.
     fn remaining_ttl(&self, now_ms: u64) -> Duration {
-        let expires = self.stored_at_ms() + u64::from(self.ttl_secs()) * 1000;
+        let expires = self
+            .stored_at_ms()
+            .saturating_add(u64::from(self.ttl_secs()) * 1000);
         Duration::from_millis(expires.saturating_sub(now_ms))
     }
 
@@ -80,7 +82,7 @@ pub trait Storable: Clone + Send + Sync + 'static {
     /// [`Storable::grace_secs`].
     fn is_kept(&self, now_ms: u64) -> bool {
         let kept_for = u64::from(self.ttl_secs()) + u64::from(self.grace_secs());
-        now_ms < self.stored_at_ms() + kept_for * 1000
+        now_ms < self.stored_at_ms().saturating_add(kept_for * 1000)
     }
 
     /// How long ago the value was stored, in whole seconds (an HTTP `Age`).
@@ -158,21 +160,28 @@ impl<V: Storable> TieredStore<V> {
     }
 
     /// Stores `entry` in the memory tier now and in Redis in a background task (kept for
-    /// its TTL plus grace), so that the caller is never delayed by Redis.
-    pub fn store(&self, key: CacheKey, entry: V) {
-        self.store_inner(key, entry, None);
+    /// its TTL plus grace), so that the caller is never delayed by Redis. Returns whether
+    /// it is stored anywhere: held by the memory tier (see
+    /// [`MemoryTier::max_entry_bytes`]) or on its way to Redis.
+    pub fn store(&self, key: CacheKey, entry: V) -> bool {
+        self.store_inner(key, entry, None)
     }
 
     /// Like [`TieredStore::store`], with the entry's payload ([`Storable::to_payload`])
     /// already at hand, so that it is not encoded twice.
-    pub fn store_with_payload(&self, key: CacheKey, entry: V, payload: Vec<u8>) {
-        self.store_inner(key, entry, Some(payload));
+    pub fn store_with_payload(&self, key: CacheKey, entry: V, payload: Vec<u8>) -> bool {
+        self.store_inner(key, entry, Some(payload))
     }
 
-    fn store_inner(&self, key: CacheKey, entry: V, payload: Option<Vec<u8>>) {
-        self.memory.insert(key, entry.clone());
-        self.metrics.stores.inc(Tier::Memory.as_str());
-        if let Some(redis) = self.redis.clone() {
+    fn store_inner(&self, key: CacheKey, entry: V, payload: Option<Vec<u8>>) -> bool {
+        let in_memory = self.memory.insert(key, entry.clone());
+        if in_memory {
+            self.metrics.stores.inc(Tier::Memory.as_str());
+        }
+        let Some(redis) = self.redis.clone() else {
+            return in_memory;
+        };
+        {
             let metrics = self.metrics.clone();
             let keys = self.envelope_keys.clone();
             tokio::spawn(async move {
@@ -184,6 +193,7 @@ impl<V: Storable> TieredStore<V> {
                 }
             });
         }
+        true
     }
 
     /// Removes `key` from the memory tier and from Redis. Returns whether Redis confirmed
