@@ -612,6 +612,19 @@ where
         loop {
             let follower = match inner.flights.join(&key) {
                 Role::Leader(leader) => {
+                    // A flight that ended between this call's lookup and its join stored
+                    // its value first: take it instead of computing again.
+                    let landed = (!options.force_refresh)
+                        .then(|| inner.store.lookup_memory(&key))
+                        .flatten()
+                        .filter(|entry| entry.is_fresh(now_ms()));
+                    if let Some(entry) = landed {
+                        leader.share(Ok(entry.clone()));
+                        return Ok(Fetched {
+                            value: entry.value().clone(),
+                            source: Source::Coalesced,
+                        });
+                    }
                     let result = self.compute_and_store(key, options, compute).await;
                     leader.share(result.clone());
                     return match result {

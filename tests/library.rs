@@ -1,0 +1,318 @@
+//! The library API (`cachegate_core::Cache`, re-exported as `cachegate::engine`) against a
+//! real `redis-server`: sharing between instances, Redis dying mid-run, refresh-ahead,
+//! stale-if-error, force-refresh, codec versions.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use cachegate::engine::codec::{Codec, CodecError, Postcard};
+use cachegate::engine::{Cache, Options, RedisOptions, Source};
+use common::{Redis, eventually};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Chart {
+    sun: String,
+    houses: Vec<u16>,
+}
+
+fn chart(sun: &str) -> Chart {
+    Chart {
+        sun: sun.into(),
+        houses: (1..=12).collect(),
+    }
+}
+
+fn replica<C: Codec>(redis: &Redis) -> Cache<Chart, C> {
+    Cache::builder()
+        .namespace("lib-test")
+        .key_secret(b"shared by every replica")
+        .redis(RedisOptions::new(redis.url()))
+        .build()
+        .unwrap()
+}
+
+/// A computation that counts its runs and returns `value`.
+fn counted(
+    runs: &Arc<AtomicUsize>,
+    value: Chart,
+) -> impl FnOnce() -> std::future::Ready<Result<Chart, std::io::Error>> + Send + 'static {
+    let runs = runs.clone();
+    move || {
+        runs.fetch_add(1, Ordering::SeqCst);
+        std::future::ready(Ok(value))
+    }
+}
+
+#[tokio::test]
+async fn a_second_replica_gets_the_first_ones_value_from_redis() {
+    let redis = Redis::start().await;
+    let (a, b) = (replica::<Postcard>(&redis), replica::<Postcard>(&redis));
+    let runs = Arc::new(AtomicUsize::new(0));
+    let first = a
+        .get_or_set(
+            "natal:ada",
+            &Options::default(),
+            counted(&runs, chart("Sagittarius")),
+        )
+        .await
+        .unwrap();
+    assert_eq!(first.source, Source::Computed);
+    // The Redis write is in the background: wait for it to land.
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            a.stats().stores_redis == 1
+        })
+        .await
+    );
+    let second = b
+        .get_or_set(
+            "natal:ada",
+            &Options::default(),
+            counted(&runs, chart("wrong")),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (second.value, second.source),
+        (chart("Sagittarius"), Source::Redis)
+    );
+    let third = b
+        .get_or_set(
+            "natal:ada",
+            &Options::default(),
+            counted(&runs, chart("wrong")),
+        )
+        .await
+        .unwrap();
+    assert_eq!(third.source, Source::Memory);
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    // Removal reaches Redis: the other replica's next miss computes.
+    assert!(a.remove("natal:ada").await);
+    let c = replica::<Postcard>(&redis);
+    assert_eq!(c.get("natal:ada").await, None);
+}
+
+#[tokio::test]
+async fn redis_killed_mid_run_never_fails_a_call() {
+    let mut redis = Redis::start().await;
+    let cache = replica::<Postcard>(&redis);
+    let runs = Arc::new(AtomicUsize::new(0));
+    for i in 0..20 {
+        let key = format!("k{i}");
+        cache
+            .get_or_set(&key, &Options::default(), counted(&runs, chart("a")))
+            .await
+            .unwrap();
+    }
+    redis.kill();
+    let started = Instant::now();
+    for i in 0..40 {
+        // Half the keys are in the memory tier, half are new: all answer.
+        let key = format!("k{}", i % 40);
+        let got = cache
+            .get_or_set(&key, &Options::default(), counted(&runs, chart("b")))
+            .await
+            .unwrap();
+        let expected = if i < 20 { "a" } else { "b" };
+        assert_eq!(got.value.sun, expected, "{key}");
+    }
+    // Bounded by the operation timeout and the breaker, not by Redis.
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 40);
+    assert!(cache.stats().redis_errors > 0);
+}
+
+#[tokio::test]
+async fn refresh_ahead_returns_at_once_and_refreshes_in_the_background() {
+    let cache: Cache<Chart> = Cache::builder().build().unwrap();
+    let options = Options::default()
+        .ttl(Duration::from_secs(2))
+        .refresh_ahead(0.9);
+    cache
+        .get_or_set("kpi", &options, || async {
+            Ok::<_, std::io::Error>(chart("v1"))
+        })
+        .await
+        .unwrap();
+    // Time is what the feature is about: after 10% of the TTL, less than 90% is left.
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    // The hit returns v1 without waiting for the refresh, whose computation is held until
+    // the caller has its answer.
+    let (release, mut held) = tokio::sync::watch::channel(false);
+    let started = Instant::now();
+    let hit = cache
+        .get_or_set("kpi", &options, move || async move {
+            let _ = held.wait_for(|go| *go).await;
+            Ok::<_, std::io::Error>(chart("v2"))
+        })
+        .await
+        .unwrap();
+    assert_eq!((hit.value.sun.as_str(), hit.source), ("v1", Source::Memory));
+    assert!(started.elapsed() < Duration::from_millis(500));
+    release.send(true).unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            cache.get("kpi").await.is_some_and(|c| c.sun == "v2")
+        })
+        .await,
+        "the background refresh never landed"
+    );
+    assert_eq!(cache.stats().background_refreshes, 1);
+}
+
+#[tokio::test]
+async fn stale_if_error_returns_the_last_value_marked_stale() {
+    let cache: Cache<Chart> = Cache::builder().build().unwrap();
+    let short = Options::default()
+        .ttl(Duration::from_secs(1))
+        .stale_if_error(Duration::from_secs(60));
+    cache
+        .get_or_set("kpi", &short, || async {
+            Ok::<_, std::io::Error>(chart("last good"))
+        })
+        .await
+        .unwrap();
+    // Past its freshness (1 s), within the stale window.
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            cache.get("kpi").await.is_none()
+        })
+        .await
+    );
+    let failed = || async { Err::<Chart, _>(std::io::Error::other("database down")) };
+    let stale = cache.get_or_set("kpi", &short, failed).await.unwrap();
+    assert!(stale.is_stale());
+    assert_eq!(stale.value.sun, "last good");
+    // Without stale_if_error the error is returned, and never cached.
+    let plain = Options::default().ttl(Duration::from_secs(1));
+    let err = cache.get_or_set("kpi", &plain, failed).await.unwrap_err();
+    assert!(err.to_string().contains("database down"));
+    let recovered = cache
+        .get_or_set("kpi", &plain, || async {
+            Ok::<_, std::io::Error>(chart("new"))
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        (recovered.value.sun.as_str(), recovered.source),
+        ("new", Source::Computed)
+    );
+    assert_eq!(cache.stats().stale_served, 1);
+}
+
+#[tokio::test]
+async fn force_refresh_computes_and_overwrites_a_fresh_value() {
+    let redis = Redis::start().await;
+    let (a, b) = (replica::<Postcard>(&redis), replica::<Postcard>(&redis));
+    let runs = Arc::new(AtomicUsize::new(0));
+    a.get_or_set("k", &Options::default(), counted(&runs, chart("old")))
+        .await
+        .unwrap();
+    let forced = a
+        .get_or_set(
+            "k",
+            &Options::default().force_refresh(),
+            counted(&runs, chart("new")),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (forced.value.sun.as_str(), forced.source),
+        ("new", Source::Computed)
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+    // Overwritten in Redis too.
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            a.stats().stores_redis == 2
+        })
+        .await
+    );
+    assert_eq!(b.get("k").await.map(|c| c.sun), Some("new".into()));
+}
+
+/// Postcard under a newer version number: what an upgraded replica would write.
+struct PostcardV2;
+
+impl Codec for PostcardV2 {
+    const ID: u8 = Postcard::ID;
+    const VERSION: u8 = Postcard::VERSION + 1;
+
+    fn encode<V: Serialize>(value: &V, out: &mut Vec<u8>) -> Result<(), CodecError> {
+        Postcard::encode(value, out)
+    }
+
+    fn decode<V: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<V, CodecError> {
+        Postcard::decode(bytes)
+    }
+}
+
+#[tokio::test]
+async fn a_value_written_by_another_codec_version_is_a_miss() {
+    let redis = Redis::start().await;
+    let old = replica::<Postcard>(&redis);
+    old.get_or_set("k", &Options::default(), || async {
+        Ok::<_, std::io::Error>(chart("written by v1"))
+    })
+    .await
+    .unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            old.stats().stores_redis == 1
+        })
+        .await
+    );
+    let new = replica::<PostcardV2>(&redis);
+    let got = new
+        .get_or_set("k", &Options::default(), || async {
+            Ok::<_, std::io::Error>(chart("computed by v2"))
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        (got.value.sun.as_str(), got.source),
+        ("computed by v2", Source::Computed)
+    );
+    assert_eq!(new.stats().redis_rejected_entries, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stampede_of_one_thousand_callers_runs_one_computation() {
+    let cache: Cache<Chart> = Cache::builder().build().unwrap();
+    let runs = Arc::new(AtomicUsize::new(0));
+    let (release, held) = tokio::sync::watch::channel(false);
+    let calls: Vec<_> = (0..1000)
+        .map(|_| {
+            let (cache, runs, mut held) = (cache.clone(), runs.clone(), held.clone());
+            tokio::spawn(async move {
+                cache
+                    .get_or_set("cold", &Options::default(), move || async move {
+                        runs.fetch_add(1, Ordering::SeqCst);
+                        let _ = held.wait_for(|go| *go).await;
+                        Ok::<_, std::io::Error>(chart("once"))
+                    })
+                    .await
+            })
+        })
+        .collect();
+    // Every caller has joined (as the leader or a waiter) before the computation ends.
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            cache.metrics().misses.get() == 1000
+        })
+        .await
+    );
+    release.send(true).unwrap();
+    for call in calls {
+        assert_eq!(call.await.unwrap().unwrap().value, chart("once"));
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
