@@ -47,47 +47,42 @@ fn counted(
     }
 }
 
+/// `get_or_set` with the default options and a counted computation of `chart(sun)`.
+async fn fetch<C: Codec>(
+    cache: &Cache<Chart, C>,
+    key: &str,
+    runs: &Arc<AtomicUsize>,
+    sun: &str,
+) -> cachegate::engine::Fetched<Chart> {
+    cache
+        .get_or_set(key, &Options::default(), counted(runs, chart(sun)))
+        .await
+        .unwrap()
+}
+
+/// Waits until `cache` has written `n` entries to Redis (writes are in the background).
+async fn written_to_redis<C: Codec>(cache: &Cache<Chart, C>, n: u64) {
+    let written = eventually(Duration::from_secs(5), || async {
+        cache.stats().stores_redis == n
+    });
+    assert!(written.await, "{n} Redis writes never landed");
+}
+
 #[tokio::test]
 async fn a_second_replica_gets_the_first_ones_value_from_redis() {
     let redis = Redis::start().await;
     let (a, b) = (replica::<Postcard>(&redis), replica::<Postcard>(&redis));
     let runs = Arc::new(AtomicUsize::new(0));
-    let first = a
-        .get_or_set(
-            "natal:ada",
-            &Options::default(),
-            counted(&runs, chart("Sagittarius")),
-        )
-        .await
-        .unwrap();
+    let first = fetch(&a, "natal:ada", &runs, "Sagittarius").await;
     assert_eq!(first.source, Source::Computed);
     // The Redis write is in the background: wait for it to land.
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            a.stats().stores_redis == 1
-        })
-        .await
-    );
-    let second = b
-        .get_or_set(
-            "natal:ada",
-            &Options::default(),
-            counted(&runs, chart("wrong")),
-        )
-        .await
-        .unwrap();
+    written_to_redis(&a, 1).await;
+    let second = fetch(&b, "natal:ada", &runs, "wrong").await;
     assert_eq!(
         (second.value, second.source),
         (chart("Sagittarius"), Source::Redis)
     );
-    let third = b
-        .get_or_set(
-            "natal:ada",
-            &Options::default(),
-            counted(&runs, chart("wrong")),
-        )
-        .await
-        .unwrap();
+    let third = fetch(&b, "natal:ada", &runs, "wrong").await;
     assert_eq!(third.source, Source::Memory);
     assert_eq!(runs.load(Ordering::SeqCst), 1);
     // Removal reaches Redis: the other replica's next miss computes.
@@ -103,20 +98,14 @@ async fn redis_killed_mid_run_never_fails_a_call() {
     let runs = Arc::new(AtomicUsize::new(0));
     for i in 0..20 {
         let key = format!("k{i}");
-        cache
-            .get_or_set(&key, &Options::default(), counted(&runs, chart("a")))
-            .await
-            .unwrap();
+        fetch(&cache, &key, &runs, "a").await;
     }
     redis.kill();
     let started = Instant::now();
     for i in 0..40 {
         // Half the keys are in the memory tier, half are new: all answer.
         let key = format!("k{}", i % 40);
-        let got = cache
-            .get_or_set(&key, &Options::default(), counted(&runs, chart("b")))
-            .await
-            .unwrap();
+        let got = fetch(&cache, &key, &runs, "b").await;
         let expected = if i < 20 { "a" } else { "b" };
         assert_eq!(got.value.sun, expected, "{key}");
     }
@@ -213,9 +202,7 @@ async fn force_refresh_computes_and_overwrites_a_fresh_value() {
     let redis = Redis::start().await;
     let (a, b) = (replica::<Postcard>(&redis), replica::<Postcard>(&redis));
     let runs = Arc::new(AtomicUsize::new(0));
-    a.get_or_set("k", &Options::default(), counted(&runs, chart("old")))
-        .await
-        .unwrap();
+    fetch(&a, "k", &runs, "old").await;
     let forced = a
         .get_or_set(
             "k",
@@ -230,12 +217,7 @@ async fn force_refresh_computes_and_overwrites_a_fresh_value() {
     );
     assert_eq!(runs.load(Ordering::SeqCst), 2);
     // Overwritten in Redis too.
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            a.stats().stores_redis == 2
-        })
-        .await
-    );
+    written_to_redis(&a, 2).await;
     assert_eq!(b.get("k").await.map(|c| c.sun), Some("new".into()));
 }
 
@@ -264,12 +246,7 @@ async fn a_value_written_by_another_codec_version_is_a_miss() {
     })
     .await
     .unwrap();
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            old.stats().stores_redis == 1
-        })
-        .await
-    );
+    written_to_redis(&old, 1).await;
     let new = replica::<PostcardV2>(&redis);
     let got = new
         .get_or_set("k", &Options::default(), || async {
