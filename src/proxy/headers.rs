@@ -124,21 +124,7 @@ impl Forwarding {
         if let Some(host) = &self.upstream_host {
             headers.insert(header::HOST, host.clone());
         }
-        // Names with `_`: many servers (CGI, Rack, Gunicorn) read `X_Forwarded_Host` as
-        // `X-Forwarded-Host`, so every rule below would have a second spelling. They are
-        // dropped, as nginx does by default (`underscores_in_headers off`).
-        let underscored: Vec<HeaderName> = headers
-            .keys()
-            .filter(|n| n.as_str().contains('_'))
-            .cloned()
-            .collect();
-        for name in underscored {
-            headers.remove(name);
-        }
-        for name in OVERRIDES {
-            headers.remove(name);
-        }
-        headers.remove(header::CONTENT_LENGTH);
+        strip_overrides(headers);
         let trusted = self.trusts(client.ip());
         let ip = client.ip().to_canonical().to_string();
         let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
@@ -164,6 +150,26 @@ impl Forwarding {
             headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
         }
     }
+}
+
+/// Removes what may steer an origin but is never keyed: header names with `_` (many
+/// servers, CGI, Rack, Gunicorn, read `X_Forwarded_Host` as `X-Forwarded-Host`, so every
+/// rule would have a second spelling; dropped as nginx does by default,
+/// `underscores_in_headers off`), the method/URL/host/scheme override headers, and
+/// `Content-Length` (the client sets it from the body actually sent).
+pub fn strip_overrides(headers: &mut HeaderMap) {
+    let underscored: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| n.as_str().contains('_'))
+        .cloned()
+        .collect();
+    for name in underscored {
+        headers.remove(name);
+    }
+    for name in OVERRIDES {
+        headers.remove(name);
+    }
+    headers.remove(header::CONTENT_LENGTH);
 }
 
 /// The origin a trusted proxy forwards, as bytes for the cache key: every `X-Forwarded*`

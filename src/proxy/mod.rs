@@ -19,6 +19,7 @@
 
 pub mod body;
 pub mod headers;
+pub mod origin;
 mod switches;
 pub mod upgrade;
 pub mod upstream;
@@ -31,8 +32,6 @@ use bytes::Bytes;
 use http::request::Parts;
 use http::uri::PathAndQuery;
 use http::{HeaderValue, Method, Request, Response, StatusCode, Version, header};
-use http_body::Body as _;
-use hyper::body::Incoming;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -40,8 +39,9 @@ pub use self::switches::Switches;
 
 use self::body::{BoxError, Limited, ProxyBody, Side, Timed, body_error, read_limited};
 use self::headers::Forwarding;
+use self::origin::Origin;
 use self::upgrade::{NotTunnelled, TunnelLimits, UpgradeRequest};
-use self::upstream::{Upstream, UpstreamBody, UpstreamError};
+use self::upstream::{Upstream, UpstreamError};
 use crate::conditional::{self, Conditions};
 use crate::config::Config;
 use crate::entry::{CachedResponse, now_ms};
@@ -64,14 +64,16 @@ struct Limits {
     client_body_timeout: Duration,
 }
 
-/// The proxy: policy, keys, tiers, coalescing and the upstream client.
-pub struct Proxy {
+/// The request path: policy, keys, tiers, coalescing, and the [`Origin`] that answers
+/// misses (an HTTP [`Upstream`] for `cachegate serve`, the wrapped service for the tower
+/// layer).
+pub struct Proxy<O = Upstream> {
     policy: Policy,
     keys: KeyBuilder,
     store: TieredStore<CachedResponse>,
     /// Followers get the leader's response, whether or not it was stored.
     coalescer: Coalescer<CacheKey, CachedResponse>,
-    upstream: Upstream,
+    origin: O,
     forwarding: Forwarding,
     /// `preserve_host`: the client's `Host` is forwarded and keyed.
     preserve_host: bool,
@@ -106,32 +108,67 @@ struct ClientFault {
     kind: &'static str,
 }
 
-impl Proxy {
-    /// Builds the proxy from a finished config (see [`Config::finish`]).
-    pub fn new(
-        config: &Config,
-        keys: KeyBuilder,
-        store: TieredStore<CachedResponse>,
-        metrics: Arc<Metrics>,
-        switches: Arc<Switches>,
-        shutdown: watch::Receiver<bool>,
-    ) -> Self {
+/// What a [`Proxy`] shares with the rest of the process.
+pub struct Shared {
+    /// Builds the cache keys.
+    pub keys: KeyBuilder,
+    /// The tiers.
+    pub store: TieredStore<CachedResponse>,
+    /// Where every figure is counted.
+    pub metrics: Arc<Metrics>,
+    /// The kill switch and rollout.
+    pub switches: Arc<Switches>,
+    /// Turns true at shutdown (closes tunnels).
+    pub shutdown: watch::Receiver<bool>,
+}
+
+impl Proxy<Upstream> {
+    /// Builds the proxy in front of the config's HTTP upstream, from a finished config (see
+    /// [`Config::finish`]).
+    pub fn new(config: &Config, shared: Shared) -> Self {
         let upstream = Upstream::new(&config.upstream);
-        let open_tunnels = metrics.open_tunnels.clone();
         let forwarding = Forwarding {
             trusted_proxies: config.server.trusted_proxies.iter().map(|n| n.0).collect(),
             upstream_host: (!config.upstream.preserve_host)
                 .then(|| upstream.host_header())
                 .flatten(),
         };
+        Proxy::with_origin(
+            upstream,
+            forwarding,
+            config.upstream.preserve_host,
+            config,
+            shared,
+        )
+    }
+}
+
+impl<O: Origin> Proxy<O> {
+    /// Builds the request path in front of `origin`, with `config`'s routes and limits,
+    /// `forwarding` rules, and the client's `Host` keyed when `preserve_host`.
+    pub fn with_origin(
+        origin: O,
+        forwarding: Forwarding,
+        preserve_host: bool,
+        config: &Config,
+        shared: Shared,
+    ) -> Self {
+        let Shared {
+            keys,
+            store,
+            metrics,
+            switches,
+            shutdown,
+        } = shared;
+        let open_tunnels = metrics.open_tunnels.clone();
         Proxy {
             policy: Policy::new(&config.routes),
             keys,
             store,
             coalescer: Coalescer::default(),
-            upstream,
+            origin,
             forwarding,
-            preserve_host: config.upstream.preserve_host,
+            preserve_host,
             metrics,
             switches,
             limits: Limits {
@@ -152,7 +189,11 @@ impl Proxy {
 
     /// Answers one client request. Never fails: client faults become 4xx, upstream faults
     /// 502/504 with a short plain-text reason, cache faults are misses.
-    pub async fn handle(&self, req: Request<Incoming>, client: SocketAddr) -> Response<ProxyBody> {
+    pub async fn handle<B>(&self, req: Request<B>, client: SocketAddr) -> Response<ProxyBody>
+    where
+        B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
+        B::Error: Into<BoxError>,
+    {
         let (mut parts, body) = req.into_parts();
 
         // The request target: one Host, a form a reverse proxy serves, one spelling of the
@@ -179,7 +220,11 @@ impl Proxy {
             return self.bypass(parts, body, client, BypassReason::Method).await;
         }
         if headers::wants_upgrade(&parts.headers) {
-            return self.tunnel(parts, body, client).await;
+            if O::TUNNELS {
+                return self.tunnel(parts, body, client).await;
+            }
+            // The origin is the service itself: it gets the upgrade, connection and all.
+            return self.pass_on(parts, body, BypassReason::Upgrade).await;
         }
         headers::remove_hop_by_hop(&mut parts.headers);
 
@@ -230,9 +275,7 @@ impl Proxy {
         // The key, and whether it is in the rollout. A trusted proxy's forwarded origin
         // reaches the upstream, so it is keyed.
         let params = parse_query(query.as_deref().unwrap_or(""));
-        let forwarded = self
-            .forwarding
-            .trusts(client.ip())
+        let forwarded = (!O::REWRITES_FORWARDING || self.forwarding.trusts(client.ip()))
             .then(|| headers::forwarded_origin(&parts.headers))
             .flatten();
         let query_filter = route.and_then(|r| r.config.key_query.as_deref());
@@ -241,7 +284,9 @@ impl Proxy {
             &KeyParts {
                 method: &parts.method,
                 path: &target.path,
-                host: self.preserve_host.then(|| host_str(&parts)).flatten(),
+                host: (self.preserve_host || !O::REWRITES_FORWARDING)
+                    .then(|| host_str(&parts))
+                    .flatten(),
                 forwarded: forwarded.as_deref(),
                 query: &params,
                 query_filter,
@@ -437,6 +482,24 @@ impl Proxy {
         }
     }
 
+    /// Passes a request to the origin exactly as it came (headers, extensions, connection
+    /// upgrade), without the cache: for an origin that is the service itself.
+    async fn pass_on(
+        &self,
+        parts: Parts,
+        body: ProxyBody,
+        reason: BypassReason,
+    ) -> Response<ProxyBody> {
+        let phase = CachePhase::Bypass(reason);
+        match self.origin.send(Request::from_parts(parts, body)).await {
+            Ok((resp, _)) => {
+                let fwd_status = Some(resp.status().as_u16());
+                self.finish(resp, miss(phase, fwd_status), None)
+            }
+            Err(e) => self.finish(self.upstream_failure(e), miss(phase, None), None),
+        }
+    }
+
     /// Tunnels a protocol upgrade (WebSocket) to the upstream; never cached.
     async fn tunnel(
         &self,
@@ -454,7 +517,7 @@ impl Proxy {
         };
         upgrade.restore_headers(&mut parts.headers);
         self.forwarding.apply(&mut parts.headers, client);
-        let resp = match self.upstream.send(Request::from_parts(parts, body)).await {
+        let resp = match self.origin.send(Request::from_parts(parts, body)).await {
             Ok((resp, _)) => resp,
             Err(e) => return self.finish(self.upstream_failure(e), miss(phase, None), None),
         };
@@ -485,10 +548,14 @@ impl Proxy {
         mut parts: Parts,
         body: ProxyBody,
         client: SocketAddr,
-    ) -> Result<(http::response::Parts, UpstreamBody), Response<ProxyBody>> {
-        self.forwarding.apply(&mut parts.headers, client);
+    ) -> Result<(http::response::Parts, ProxyBody), Response<ProxyBody>> {
+        if O::REWRITES_FORWARDING {
+            self.forwarding.apply(&mut parts.headers, client);
+        } else {
+            headers::strip_overrides(&mut parts.headers);
+        }
         let head_request = parts.method == Method::HEAD;
-        match self.upstream.send(Request::from_parts(parts, body)).await {
+        match self.origin.send(Request::from_parts(parts, body)).await {
             Ok((resp, elapsed)) => {
                 self.metrics
                     .upstream_duration

@@ -3,7 +3,6 @@
 use std::time::Duration;
 
 use http::{HeaderValue, Request, Response, Uri};
-use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -26,9 +25,6 @@ pub enum UpstreamError {
         timed_out: bool,
     },
 }
-
-/// The upstream's response body, limited by `body_timeout_ms` and `total_timeout_ms`.
-pub type UpstreamBody = Timed<Incoming>;
 
 /// The origin and a connection pool to it.
 #[derive(Clone)]
@@ -100,7 +96,7 @@ impl Upstream {
     pub async fn send(
         &self,
         mut req: Request<ProxyBody>,
-    ) -> Result<(Response<UpstreamBody>, Duration), UpstreamError> {
+    ) -> Result<(Response<ProxyBody>, Duration), UpstreamError> {
         *req.uri_mut() = self
             .uri_for(req.uri())
             .map_err(|e| UpstreamError::Unreachable(format!("bad upstream URI: {e}")))?;
@@ -111,8 +107,9 @@ impl Upstream {
             Ok(Ok(resp)) => {
                 let elapsed = started.elapsed();
                 let body_timeout = self.body_timeout;
-                let resp =
-                    resp.map(|b| Timed::new(b, Side::Upstream, body_timeout, Some(deadline)));
+                let resp = resp.map(|b| {
+                    super::body::boxed(Timed::new(b, Side::Upstream, body_timeout, Some(deadline)))
+                });
                 Ok((resp, elapsed))
             }
             Ok(Err(e)) => Err(match body_error(&e) {
@@ -135,4 +132,16 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         source = inner.source();
     }
     s
+}
+
+impl super::origin::Origin for Upstream {
+    const TUNNELS: bool = true;
+    const REWRITES_FORWARDING: bool = true;
+
+    async fn send(
+        &self,
+        req: Request<ProxyBody>,
+    ) -> Result<(Response<ProxyBody>, Duration), UpstreamError> {
+        Upstream::send(self, req).await
+    }
 }

@@ -28,7 +28,7 @@ use crate::admin::Admin;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::proxy::body::ProxyBody;
-use crate::proxy::{Proxy, Switches};
+use crate::proxy::{Proxy, Shared, Switches};
 use cachegate_core::envelope::EnvelopeKeys;
 use cachegate_core::key::KeyBuilder;
 use cachegate_core::store::{MemoryTier, RedisTier, TieredStore};
@@ -122,11 +122,13 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     ));
     let proxy = Arc::new(Proxy::new(
         &config,
-        keys,
-        store.clone(),
-        metrics.clone(),
-        switches.clone(),
-        rx.clone(),
+        Shared {
+            keys,
+            store: store.clone(),
+            metrics: metrics.clone(),
+            switches: switches.clone(),
+            shutdown: rx.clone(),
+        },
     ));
     let admin = Admin {
         metrics: metrics.clone(),
