@@ -14,6 +14,7 @@
 //! - [`entry`]: the stored response, as the engine's tiers hold it.
 //! - [`conditional`]: client `If-None-Match` / `If-Modified-Since`, answered by the cache.
 //! - [`status`]: the decision enums behind headers and metric labels.
+//! - [`layer`]: the same request path as a tower layer around a Rust service.
 //! - [`metrics`]: Prometheus metrics and JSON stats; [`admin`]: the admin listener
 //!   serving them (`/metrics`, `/stats`, `/healthz`).
 
@@ -26,6 +27,7 @@ pub mod conditional;
 pub mod config;
 pub mod entry;
 pub mod key;
+pub mod layer;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;

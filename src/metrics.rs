@@ -62,9 +62,9 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    /// Creates and registers every metric under the `cachegate_` prefix.
+    /// Creates every metric and registers it in its own registry under the `cachegate_`
+    /// prefix ([`Metrics::encode`]).
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("cachegate");
         let requests = Family::<RequestLabels, Counter>::default();
         for phase in CachePhase::all() {
             let _ = requests.get_or_create(&RequestLabels {
@@ -92,47 +92,9 @@ impl Metrics {
         let panics = Counter::default();
         let open_connections = Gauge::default();
         let open_tunnels = Gauge::default();
-        let r = &mut registry;
-        r.register(
-            "requests",
-            "Requests by cache status and reason",
-            requests.clone(),
-        );
-        hits.register(r, "hits", "Cache hits by tier");
-        let store = StoreMetrics::register(r);
-        coalesced_waits.register(
-            r,
-            "coalesced_waits",
-            "Requests that waited on another request for the same key, by outcome",
-        );
-        r.register(
-            "upstream_duration_seconds",
-            "Time to the upstream's response head",
-            upstream_duration.clone(),
-        );
-        upstream_errors.register(r, "upstream_errors", "Upstream failures by kind");
-        client_errors.register(
-            r,
-            "client_errors",
-            "Client faults by kind (refused requests, clients that stopped reading)",
-        );
-        r.register(
-            "panics",
-            "Request handlers that panicked and were answered with 500",
-            panics.clone(),
-        );
-        r.register(
-            "open_connections",
-            "Open client connections of the proxy listener, tunnels included",
-            open_connections.clone(),
-        );
-        r.register(
-            "open_tunnels",
-            "Open tunnels (upgraded WebSocket connections)",
-            open_tunnels.clone(),
-        );
-        Metrics {
-            registry,
+        let store = StoreMetrics::default();
+        let mut metrics = Metrics {
+            registry: Registry::default(),
             requests,
             hits,
             store,
@@ -143,7 +105,56 @@ impl Metrics {
             panics,
             open_connections,
             open_tunnels,
-        }
+        };
+        let mut registry = Registry::with_prefix("cachegate");
+        metrics.register_into(&mut registry);
+        metrics.registry = registry;
+        metrics
+    }
+
+    /// Registers every metric into `registry` as well (names relative to its prefix, e.g.
+    /// `requests_total`; the proxy's own registry uses the prefix `cachegate`). The
+    /// metrics keep counting into both.
+    pub fn register_into(&self, r: &mut Registry) {
+        r.register(
+            "requests",
+            "Requests by cache status and reason",
+            self.requests.clone(),
+        );
+        self.hits.register(r, "hits", "Cache hits by tier");
+        self.store.register_into(r);
+        self.coalesced_waits.register(
+            r,
+            "coalesced_waits",
+            "Requests that waited on another request for the same key, by outcome",
+        );
+        r.register(
+            "upstream_duration_seconds",
+            "Time to the upstream's response head",
+            self.upstream_duration.clone(),
+        );
+        self.upstream_errors
+            .register(r, "upstream_errors", "Upstream failures by kind");
+        self.client_errors.register(
+            r,
+            "client_errors",
+            "Client faults by kind (refused requests, clients that stopped reading)",
+        );
+        r.register(
+            "panics",
+            "Request handlers that panicked and were answered with 500",
+            self.panics.clone(),
+        );
+        r.register(
+            "open_connections",
+            "Open client connections of the proxy listener, tunnels included",
+            self.open_connections.clone(),
+        );
+        r.register(
+            "open_tunnels",
+            "Open tunnels (upgraded WebSocket connections)",
+            self.open_tunnels.clone(),
+        );
     }
 
     /// Counts one finished request.

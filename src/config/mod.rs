@@ -362,6 +362,20 @@ impl Config {
         if let Some(v) = env("CACHEGATE_KEY_SECRET") {
             self.cache.key_secret = Some(v);
         }
+        self.check_cache()?;
+        if self.upstream.url.is_none() {
+            return Err(ConfigError::plain(
+                "upstream.url: missing; give `[upstream] url = \"http://host:port\"` in the config file or --upstream",
+            ));
+        }
+        Ok(self)
+    }
+
+    /// Checks what the cache itself needs, upstream aside (the tower layer has none): a
+    /// TLS CA only with `rediss://`, and a key secret whenever Redis is configured.
+    ///
+    /// Errors: the first of those that does not hold.
+    pub fn check_cache(&self) -> Result<(), ConfigError> {
         if let Some(redis) = &self.redis
             && redis.tls_ca_file.is_some()
             && !redis.url.0.starts_with("rediss://")
@@ -370,17 +384,12 @@ impl Config {
                 "redis.tls_ca_file: only used with a rediss:// URL",
             ));
         }
-        if self.upstream.url.is_none() {
-            return Err(ConfigError::plain(
-                "upstream.url: missing; give `[upstream] url = \"http://host:port\"` in the config file or --upstream",
-            ));
-        }
         if self.redis.is_some() && self.cache.key_secret.as_deref().unwrap_or("").is_empty() {
             return Err(ConfigError::plain(
                 "cache.key_secret: required when Redis is configured (replicas must derive the same cache keys); set it in [cache] or CACHEGATE_KEY_SECRET",
             ));
         }
-        Ok(self)
+        Ok(())
     }
 
     /// The effective config as TOML, with the key secret redacted.

@@ -26,6 +26,7 @@ use tokio::task::JoinHandle;
 
 use crate::admin::Admin;
 use crate::config::Config;
+use crate::entry::CachedResponse;
 use crate::metrics::Metrics;
 use crate::proxy::body::ProxyBody;
 use crate::proxy::{Proxy, Shared, Switches};
@@ -83,38 +84,7 @@ impl Running {
 /// Errors: [`StartError`] when a listener cannot bind or the Redis URL is unusable.
 pub async fn start(config: Config) -> Result<Running, StartError> {
     let metrics = Arc::new(Metrics::new());
-    let redis = match &config.redis {
-        Some(rc) => Some(
-            RedisTier::new(
-                &rc.options(),
-                &config.cache.namespace,
-                metrics.store.clone(),
-            )
-            .map_err(|e| StartError::Redis(e.to_string()))?,
-        ),
-        None => None,
-    };
-    let secret = match &config.cache.key_secret {
-        Some(s) => s.as_bytes().to_vec(),
-        None => {
-            tracing::info!("no key_secret set: cache keys use a random per-process secret");
-            random_secret().to_vec()
-        }
-    };
-    let seal = config.redis.as_ref().is_none_or(|r| r.encrypt);
-    if let Some(redis) = &redis {
-        warn_if_unreachable(redis.clone());
-    }
-    let store = TieredStore::new(
-        MemoryTier::new(
-            config.cache.memory_max_bytes,
-            crate::entry::max_entry_bytes(config.cache.max_response_body_bytes),
-        ),
-        redis,
-        EnvelopeKeys::new(&secret, seal),
-        metrics.store.clone(),
-    );
-    let keys = KeyBuilder::new(&secret, &config.cache.namespace);
+    let (keys, store) = engine(&config, &metrics)?;
     let (shutdown, rx) = watch::channel(false);
     let switches = Arc::new(Switches::new(
         config.cache.enabled,
@@ -205,6 +175,48 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         shutdown,
         tasks: vec![tokio::spawn(proxy_loop), tokio::spawn(admin_loop)],
     })
+}
+
+/// The engine a config asks for: the key builder and the tiers (memory, and Redis when
+/// configured), counting into `metrics`. Shared by `cachegate serve` and the tower layer.
+///
+/// Errors: [`StartError::Redis`] when the Redis settings cannot be used.
+pub fn engine(
+    config: &Config,
+    metrics: &Metrics,
+) -> Result<(KeyBuilder, TieredStore<CachedResponse>), StartError> {
+    let redis = match &config.redis {
+        Some(rc) => Some(
+            RedisTier::new(
+                &rc.options(),
+                &config.cache.namespace,
+                metrics.store.clone(),
+            )
+            .map_err(|e| StartError::Redis(e.to_string()))?,
+        ),
+        None => None,
+    };
+    let secret = match &config.cache.key_secret {
+        Some(s) => s.as_bytes().to_vec(),
+        None => {
+            tracing::info!("no key_secret set: cache keys use a random per-process secret");
+            random_secret().to_vec()
+        }
+    };
+    let seal = config.redis.as_ref().is_none_or(|r| r.encrypt);
+    if let Some(redis) = &redis {
+        warn_if_unreachable(redis.clone());
+    }
+    let store = TieredStore::new(
+        MemoryTier::new(
+            config.cache.memory_max_bytes,
+            crate::entry::max_entry_bytes(config.cache.max_response_body_bytes),
+        ),
+        redis,
+        EnvelopeKeys::new(&secret, seal),
+        metrics.store.clone(),
+    );
+    Ok((KeyBuilder::new(&secret, &config.cache.namespace), store))
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
