@@ -58,7 +58,11 @@ use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 use tower::{Layer, Service};
 
+use cachegate_core::coalesce::Coalescer;
+use cachegate_core::key::CacheKey;
+
 use crate::config::{Config, ConfigError};
+use crate::entry::CachedResponse;
 use crate::metrics::Metrics;
 use crate::proxy::body::{BoxError, ProxyBody};
 use crate::proxy::headers::Forwarding;
@@ -86,8 +90,9 @@ impl std::fmt::Display for LayerError {
 
 impl std::error::Error for LayerError {}
 
-/// The layer: configuration, tiers and metrics, shared by every service it wraps. Cloning
-/// shares them.
+/// The layer: configuration, tiers, in-flight requests and metrics, shared by every
+/// service it wraps (a framework may apply a layer once per route or per connection: all
+/// of them are one cache). Cloning shares them.
 #[derive(Clone)]
 pub struct CacheLayer {
     config: Arc<Config>,
@@ -96,7 +101,8 @@ pub struct CacheLayer {
 
 struct LayerShared {
     keys: cachegate_core::key::KeyBuilder,
-    store: cachegate_core::store::TieredStore<crate::entry::CachedResponse>,
+    store: cachegate_core::store::TieredStore<CachedResponse>,
+    coalescer: Coalescer<CacheKey, CachedResponse>,
     metrics: Arc<Metrics>,
     switches: Arc<Switches>,
     /// Never turns true: the layer opens no tunnels.
@@ -133,6 +139,7 @@ impl CacheLayer {
             shared: Arc::new(LayerShared {
                 keys,
                 store,
+                coalescer: Coalescer::default(),
                 metrics,
                 switches,
                 shutdown,
@@ -178,6 +185,7 @@ where
             Shared {
                 keys: shared.keys.clone(),
                 store: shared.store.clone(),
+                coalescer: shared.coalescer.clone(),
                 metrics: shared.metrics.clone(),
                 switches: shared.switches.clone(),
                 shutdown: shared.shutdown.clone(),

@@ -114,6 +114,9 @@ pub struct Shared {
     pub keys: KeyBuilder,
     /// The tiers.
     pub store: TieredStore<CachedResponse>,
+    /// The flights in progress: every request path of one cache shares it, so that one
+    /// request per key reaches the origin.
+    pub coalescer: Coalescer<CacheKey, CachedResponse>,
     /// Where every figure is counted.
     pub metrics: Arc<Metrics>,
     /// The kill switch and rollout.
@@ -156,6 +159,7 @@ impl<O: Origin> Proxy<O> {
         let Shared {
             keys,
             store,
+            coalescer,
             metrics,
             switches,
             shutdown,
@@ -165,7 +169,7 @@ impl<O: Origin> Proxy<O> {
             policy: Policy::new(&config.routes),
             keys,
             store,
-            coalescer: Coalescer::default(),
+            coalescer,
             origin,
             forwarding,
             preserve_host,

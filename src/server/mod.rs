@@ -95,6 +95,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         Shared {
             keys,
             store: store.clone(),
+            coalescer: Default::default(),
             metrics: metrics.clone(),
             switches: switches.clone(),
             shutdown: rx.clone(),

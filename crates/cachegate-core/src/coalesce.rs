@@ -34,6 +34,15 @@ pub struct Coalescer<K, V> {
     inflight: Arc<Mutex<HashMap<K, Slot<V>>>>,
 }
 
+/// Cloning shares the table: clones coalesce with each other.
+impl<K, V> Clone for Coalescer<K, V> {
+    fn clone(&self) -> Self {
+        Coalescer {
+            inflight: self.inflight.clone(),
+        }
+    }
+}
+
 impl<K, V> Default for Coalescer<K, V> {
     fn default() -> Self {
         Coalescer {
