@@ -148,6 +148,19 @@ pub struct Options {
 impl Options {
     /// Freshness lifetime of a value stored by this call (whole seconds, at least 1);
     /// default: the cache's [`CacheBuilder::default_ttl`].
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use cachegate_core::{Cache, Options, Source};
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let cache: Cache<u32> = Cache::builder().build().unwrap();
+    /// let one_second = Options::default().ttl(Duration::from_secs(1));
+    /// cache.get_or_set("k", &one_second, || async { Ok::<_, std::io::Error>(1) }).await.unwrap();
+    /// assert_eq!(cache.get("k").await, Some(1));
+    /// tokio::time::sleep(Duration::from_millis(1100)).await;
+    /// assert_eq!(cache.get("k").await, None, "expired");
+    /// # });
+    /// ```
     pub fn ttl(mut self, ttl: Duration) -> Self {
         self.ttl = Some(ttl);
         self
@@ -155,6 +168,16 @@ impl Options {
 
     /// Tags (surrogate keys) stored with the value, for purges by tag. Stored in clear
     /// text inside the sealed envelope: no personal data in tags.
+    ///
+    /// ```
+    /// # use cachegate_core::{Cache, Options};
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let cache: Cache<u32> = Cache::builder().build().unwrap();
+    /// let tagged = Options::default().tags(["kpi", "kpi:region:eu"]);
+    /// cache.set("kpi:leads:eu", 7, &tagged).unwrap();
+    /// assert_eq!(cache.get("kpi:leads:eu").await, Some(7));
+    /// # });
+    /// ```
     pub fn tags<I, S>(mut self, tags: I) -> Self
     where
         I: IntoIterator<Item = S>,
@@ -165,6 +188,22 @@ impl Options {
     }
 
     /// Computes and overwrites even when a fresh value is stored.
+    ///
+    /// ```
+    /// # use cachegate_core::{Cache, Options, Source};
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let cache: Cache<String> = Cache::builder().build().unwrap();
+    /// cache.set("report", "before the import".into(), &Options::default()).unwrap();
+    /// let fresh = cache
+    ///     .get_or_set("report", &Options::default().force_refresh(), || async {
+    ///         Ok::<_, std::io::Error>("after the import".to_string())
+    ///     })
+    ///     .await
+    ///     .unwrap();
+    /// assert_eq!((fresh.value.as_str(), fresh.source), ("after the import", Source::Computed));
+    /// assert_eq!(cache.get("report").await.as_deref(), Some("after the import"));
+    /// # });
+    /// ```
     pub fn force_refresh(mut self) -> Self {
         self.force_refresh = true;
         self
@@ -174,6 +213,25 @@ impl Options {
     /// left returns at once and starts one background refresh (coalesced per key, limited
     /// by [`CacheBuilder::max_background_refreshes`]). 0.5 refreshes in the second half of
     /// the TTL.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use cachegate_core::{Cache, Options, Source};
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let cache: Cache<u32> = Cache::builder().build().unwrap();
+    /// let options = Options::default().ttl(Duration::from_secs(2)).refresh_ahead(0.9);
+    /// cache.get_or_set("k", &options, || async { Ok::<_, std::io::Error>(1) }).await.unwrap();
+    /// tokio::time::sleep(Duration::from_millis(300)).await; // less than 90% of the TTL left
+    /// let hit = cache
+    ///     .get_or_set("k", &options, || async { Ok::<_, std::io::Error>(2) })
+    ///     .await
+    ///     .unwrap();
+    /// assert_eq!((hit.value, hit.source), (1, Source::Memory)); // at once, refresh started
+    /// while cache.get("k").await != Some(2) {
+    ///     tokio::task::yield_now().await; // the background refresh lands
+    /// }
+    /// # });
+    /// ```
     pub fn refresh_ahead(mut self, share: f64) -> Self {
         self.refresh_ahead = Some(share.clamp(0.0, 1.0));
         self
@@ -181,6 +239,24 @@ impl Options {
 
     /// Keeps a stored value this long past its freshness (whole seconds), and returns it,
     /// marked [`Source::Stale`], when a computation fails within that time.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use cachegate_core::{Cache, Options, Source};
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let cache: Cache<u32> = Cache::builder().build().unwrap();
+    /// let options = Options::default()
+    ///     .ttl(Duration::from_secs(1))
+    ///     .stale_if_error(Duration::from_secs(60));
+    /// cache.get_or_set("k", &options, || async { Ok::<_, std::io::Error>(1) }).await.unwrap();
+    /// tokio::time::sleep(Duration::from_millis(1100)).await; // stale now
+    /// let fallback = cache
+    ///     .get_or_set("k", &options, || async { Err::<u32, _>(std::io::Error::other("db down")) })
+    ///     .await
+    ///     .unwrap();
+    /// assert_eq!((fallback.value, fallback.source), (1, Source::Stale));
+    /// # });
+    /// ```
     pub fn stale_if_error(mut self, window: Duration) -> Self {
         self.stale_if_error = Some(window);
         self
