@@ -227,9 +227,12 @@ impl Options {
     ///     .await
     ///     .unwrap();
     /// assert_eq!((hit.value, hit.source), (1, Source::Memory)); // at once, refresh started
-    /// while cache.get("k").await != Some(2) {
-    ///     tokio::task::yield_now().await; // the background refresh lands
-    /// }
+    /// let landed = async {
+    ///     while cache.get("k").await != Some(2) {
+    ///         tokio::task::yield_now().await;
+    ///     }
+    /// };
+    /// tokio::time::timeout(Duration::from_secs(5), landed).await.expect("the refresh lands");
     /// # });
     /// ```
     pub fn refresh_ahead(mut self, share: f64) -> Self {
