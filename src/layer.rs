@@ -3,12 +3,16 @@
 //! (`X-Cache-Status`, RFC 9211 `Cache-Status`), coalescing, memory and Redis tiers, and
 //! metrics, in the same process and without a sidecar.
 //!
-//! A request flows through [`CacheService`] exactly as through the proxy
-//! ([`crate::proxy::Proxy::handle`]); a miss calls the wrapped service instead of an HTTP
-//! upstream. Two things differ, because the wrapped service sees what the client sent:
-//! `Host` and the forwarding headers (`X-Forwarded-Host`, `-Proto`, ..., `Forwarded`'s host
-//! and proto) are passed on and put into the cache key, and WebSocket upgrades go to the
-//! service untouched.
+//! A request that matches one of the layer's `[[routes]]` flows through [`CacheService`]
+//! exactly as through the proxy ([`crate::proxy::Proxy::handle`]); a miss calls the wrapped
+//! service instead of an HTTP upstream. What differs, because the layer lives inside the
+//! service:
+//! - a request that matches no route goes to the service untouched (no status headers, no
+//!   rules, no limits, not counted): the proxy would cache it by its `Cache-Control` as a
+//!   shared cache does, the layer leaves it alone;
+//! - `Host` and the forwarding headers (`X-Forwarded-Host`, `-Proto`, ..., `Forwarded`'s
+//!   host and proto) are passed on and put into the cache key (the service sees them);
+//! - WebSocket upgrades go to the service untouched.
 //!
 //! ```
 //! use cachegate::layer::CacheLayer;

@@ -145,3 +145,37 @@ async fn requests_the_cache_cannot_handle_reach_the_service_untouched() {
             .contains("cachegate_requests_total")
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_outside_the_routes_are_left_alone() {
+    use axum::http::HeaderMap;
+    use axum::routing::get;
+    let layer = CacheLayer::from_toml(natal_chart::CONFIG).unwrap();
+    // A per-user answer that (wrongly) says it may be cached: a shared cache would store
+    // it; the layer does not touch routes it was not configured for.
+    let me = get(|headers: HeaderMap| async move {
+        let user = headers
+            .get("x-api-key")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("nobody")
+            .to_string();
+        ([("cache-control", "max-age=60")], format!("data of {user}"))
+    });
+    let app = axum::Router::new().route("/me", me).layer(layer.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let server = tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let client = reqwest::Client::new();
+    for user in ["alice", "bob"] {
+        let resp = client
+            .get(format!("{base}/me"))
+            .header("x-api-key", user)
+            .send()
+            .await
+            .unwrap();
+        assert!(resp.headers().get("x-cache-status").is_none());
+        assert_eq!(resp.text().await.unwrap(), format!("data of {user}"));
+    }
+    assert_eq!(layer.metrics().stats()["requests"]["total"], 0);
+    server.abort();
+}

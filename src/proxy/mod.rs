@@ -198,6 +198,14 @@ impl<O: Origin> Proxy<O> {
         B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
         B::Error: Into<BoxError>,
     {
+        if !O::CACHES_UNROUTED
+            && self
+                .policy
+                .route_for(req.method(), &normalize_path(req.uri().path()).path)
+                .is_none()
+        {
+            return self.untouched(req).await;
+        }
         let (mut parts, body) = req.into_parts();
 
         // The request target: one Host, a form a reverse proxy serves, one spelling of the
@@ -483,6 +491,19 @@ impl<O: Origin> Proxy<O> {
                 self.finish(resp, outcome, None)
             }
             Err(error_response) => self.finish(error_response, miss(phase, None), None),
+        }
+    }
+
+    /// Sends a request that is none of the cache's business to the origin as it came and
+    /// returns its response as it is (only an origin failure becomes a 502).
+    async fn untouched<B>(&self, req: Request<B>) -> Response<ProxyBody>
+    where
+        B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
+        B::Error: Into<BoxError>,
+    {
+        match self.origin.send(req.map(body::boxed)).await {
+            Ok((resp, _)) => resp,
+            Err(e) => self.upstream_failure(e),
         }
     }
 

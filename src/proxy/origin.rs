@@ -27,6 +27,12 @@ pub trait Origin: Send + Sync + 'static {
     /// process, which sees what the client sent).
     const REWRITES_FORWARDING: bool;
 
+    /// Whether requests that match no route go through the cache (stored when their
+    /// response says so, RFC 9111, as a shared cache does) or to the origin untouched: no
+    /// status headers, no rules, no limits (a service in the same process: only the
+    /// routes it configured are the cache's business).
+    const CACHES_UNROUTED: bool;
+
     /// Sends `req` and waits for the response head. Returns the response, its body
     /// streaming, and how long the head took.
     ///
@@ -71,6 +77,7 @@ impl ServiceOrigin {
 impl Origin for ServiceOrigin {
     const TUNNELS: bool = false;
     const REWRITES_FORWARDING: bool = false;
+    const CACHES_UNROUTED: bool = false;
 
     fn send(
         &self,

@@ -137,6 +137,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 impl super::origin::Origin for Upstream {
     const TUNNELS: bool = true;
     const REWRITES_FORWARDING: bool = true;
+    const CACHES_UNROUTED: bool = true;
 
     async fn send(
         &self,

@@ -24,6 +24,7 @@ use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
 use serde::Serialize;
@@ -55,7 +56,8 @@ pub enum Error {
 impl std::fmt::Display for Error {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Error::Compute(e) => write!(f, "computation failed: {e}"),
+            // The cause is the error's source, for reporters that walk the chain.
+            Error::Compute(_) => write!(f, "computation failed"),
         }
     }
 }
@@ -67,6 +69,22 @@ impl std::error::Error for Error {
         }
     }
 }
+
+/// The error waiters get when the computation they waited on panicked; the caller that ran
+/// it gets the panic itself.
+#[derive(Debug)]
+pub struct ComputationPanicked;
+
+impl std::fmt::Display for ComputationPanicked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the computation panicked")
+    }
+}
+
+impl std::error::Error for ComputationPanicked {}
+
+/// A panic's payload, to resume unwinding with.
+type Panic = Box<dyn std::any::Any + Send>;
 
 /// Why a [`Cache`] could not be built.
 #[derive(Debug)]
@@ -317,8 +335,10 @@ impl Default for CacheBuilder {
 }
 
 impl CacheBuilder {
-    /// Memory-tier budget in bytes (each value's encoded size plus its overhead). Default
-    /// 64 MiB; 0 turns the memory tier off.
+    /// Memory-tier budget in bytes, counting each value as its encoded (postcard) size plus
+    /// a fixed overhead. Default 64 MiB; 0 turns the memory tier off. A value whose decoded
+    /// form is much larger than its encoding (many small strings, maps) costs more than
+    /// it counts: size the budget for the decoded values, or store them in a compact form.
     pub fn memory_max_bytes(mut self, bytes: u64) -> Self {
         self.memory_max_bytes = bytes;
         self
@@ -339,7 +359,9 @@ impl CacheBuilder {
     }
 
     /// Every key starts with this namespace, and Redis keys are `{namespace}:v2:{hash}`.
-    /// Default `cachegate`.
+    /// Default `cachegate`. Use one namespace per value type: postcard does not describe
+    /// types, so two caches of different types under one namespace could read each
+    /// other's values for equal keys.
     pub fn namespace(mut self, namespace: impl Into<String>) -> Self {
         self.namespace = namespace.into();
         self
@@ -704,7 +726,13 @@ where
                             source: Source::Coalesced,
                         });
                     }
-                    let result = self.compute_and_store(key, options, compute).await;
+                    let result = match self.compute_and_store(key, options, compute).await {
+                        Ok(result) => result,
+                        Err(panic) => {
+                            leader.share(Err(panicked()));
+                            std::panic::resume_unwind(panic);
+                        }
+                    };
                     leader.share(result.clone());
                     return match result {
                         Ok(stored) => Ok(Fetched {
@@ -732,7 +760,11 @@ where
                 WaitOutcome::Failed => waits.inc("retried"),
                 WaitOutcome::Released | WaitOutcome::TimedOut => {
                     waits.inc("timeout");
-                    return match self.compute_and_store(key, options, compute).await {
+                    let result = self
+                        .compute_and_store(key, options, compute)
+                        .await
+                        .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+                    return match result {
                         Ok(stored) => Ok(Fetched {
                             value: stored.value().clone(),
                             source: Source::Computed,
@@ -744,20 +776,30 @@ where
         }
     }
 
-    /// Runs `compute`, stores a value it returns, and counts the outcome.
+    /// Runs `compute`, stores a value it returns, and counts the outcome. `Err` when it
+    /// panicked, with the payload.
     async fn compute_and_store<F, Fut, E>(
         &self,
         key: CacheKey,
         options: &Options,
         compute: F,
-    ) -> Flight<V, C>
+    ) -> Result<Flight<V, C>, Panic>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<V, E>>,
         E: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let metrics = &self.inner.metrics;
-        match compute().await {
+        // A panic is caught so that the flight ends with an error for every waiter (one
+        // panic, not one per waiter); the caller resumes it.
+        let outcome = match std::panic::AssertUnwindSafe(compute()).catch_unwind().await {
+            Ok(outcome) => outcome,
+            Err(panic) => {
+                metrics.computations.inc("error");
+                return Err(panic);
+            }
+        };
+        Ok(match outcome {
             Ok(value) => {
                 metrics.computations.inc("ok");
                 Ok(self.store_value(key, value, options))
@@ -767,7 +809,7 @@ where
                 let boxed: Box<dyn std::error::Error + Send + Sync> = e.into();
                 Err(SharedError::from(boxed))
             }
-        }
+        })
     }
 
     /// Wraps `value` into an entry and stores it; a value that cannot be encoded is
@@ -813,7 +855,11 @@ where
             let computed =
                 tokio::time::timeout(limit, cache.compute_and_store(key, &options, compute)).await;
             match computed {
-                Ok(result) => leader.share(result),
+                Ok(Ok(result)) => leader.share(result),
+                Ok(Err(_panic)) => {
+                    tracing::warn!(key = %key.short(), "background refresh panicked");
+                    leader.share(Err(panicked()));
+                }
                 // A stuck refresh is abandoned: its waiters join again, a later hit retries.
                 Err(_) => leader.fail(),
             }
@@ -863,6 +909,11 @@ where
         self.inner.store.refresh_gauges();
         self.inner.metrics.snapshot()
     }
+}
+
+/// The shared error for a computation that panicked.
+fn panicked() -> SharedError {
+    Arc::new(ComputationPanicked)
 }
 
 /// Whole seconds of `d`, at least 1 when `d` is not zero, at most `u32::MAX`.
@@ -1089,6 +1140,51 @@ mod tests {
         assert_eq!(runs.load(Ordering::SeqCst), 1);
         assert_eq!(cache.metrics().coalesced_waits.get("error"), 49);
         assert_eq!(cache.get("k").await, None);
+    }
+
+    #[tokio::test]
+    async fn a_panicking_computation_runs_once_and_its_waiters_get_an_error() {
+        let cache = cache();
+        let runs = Arc::new(AtomicUsize::new(0));
+        let (gate_tx, gate_rx) = tokio::sync::watch::channel(false);
+        let calls: Vec<_> = (0..10)
+            .map(|_| {
+                let (cache, runs, mut gate) = (cache.clone(), runs.clone(), gate_rx.clone());
+                tokio::spawn(async move {
+                    cache
+                        .get_or_set("k", &Options::default(), move || async move {
+                            runs.fetch_add(1, Ordering::SeqCst);
+                            let _ = gate.wait_for(|open| *open).await;
+                            if runs.load(Ordering::SeqCst) > 0 {
+                                panic!("the computation failed badly");
+                            }
+                            Ok::<String, std::io::Error>(String::new())
+                        })
+                        .await
+                })
+            })
+            .collect();
+        while cache.inner.flights.in_flight() == 0 {
+            tokio::task::yield_now().await;
+        }
+        gate_tx.send(true).unwrap();
+        let (mut panicked, mut errors) = (0, 0);
+        for call in calls {
+            match call.await {
+                Err(join) if join.is_panic() => panicked += 1,
+                Ok(Err(Error::Compute(e))) if e.is::<ComputationPanicked>() => errors += 1,
+                other => panic!("unexpected {:?}", other.map(|r| r.map(|f| f.source))),
+            }
+        }
+        assert_eq!((runs.load(Ordering::SeqCst), panicked, errors), (1, 1, 9));
+        // Nothing is poisoned: the next call computes normally.
+        let ok = cache
+            .get_or_set("k", &Options::default(), || async {
+                Ok::<_, std::io::Error>("fine".to_string())
+            })
+            .await
+            .unwrap();
+        assert_eq!(ok.value, "fine");
     }
 
     #[tokio::test]

@@ -31,8 +31,8 @@ pub mod store;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 pub use cache::{
-    BuildError, Cache, CacheBuilder, CacheMetrics, CacheStats, Error, Fetched, Options,
-    SharedError, Source,
+    BuildError, Cache, CacheBuilder, CacheMetrics, CacheStats, ComputationPanicked, Error, Fetched,
+    Options, SharedError, Source,
 };
 pub use codec::{Codec, CodecError, Postcard};
 pub use store::RedisOptions;

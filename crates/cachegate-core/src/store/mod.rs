@@ -5,6 +5,8 @@ pub mod breaker;
 pub mod memory;
 pub mod redis;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::envelope::EnvelopeKeys;
@@ -91,6 +93,35 @@ pub trait Storable: Clone + Send + Sync + 'static {
     }
 }
 
+/// Keeps Redis writes in the order they were asked for. Writes go out on background
+/// tasks, which may run in any order: each write and removal takes a sequence number when
+/// it is asked for, and under its key's stripe lock, a write older than the last one sent
+/// for that stripe is dropped (the newer value, or the removal, stands). Keys share 256
+/// stripes, so a rare reordered write for another key of the stripe is dropped too: a
+/// later miss, never a wrong value.
+#[derive(Clone)]
+struct WriteOrder {
+    next: Arc<AtomicU64>,
+    stripes: Arc<[tokio::sync::Mutex<u64>]>,
+}
+
+impl WriteOrder {
+    fn new() -> Self {
+        WriteOrder {
+            next: Arc::new(AtomicU64::new(1)),
+            stripes: (0..256).map(|_| tokio::sync::Mutex::new(0)).collect(),
+        }
+    }
+
+    fn next(&self) -> u64 {
+        self.next.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn stripe(&self, key: &CacheKey) -> &tokio::sync::Mutex<u64> {
+        &self.stripes[usize::from(key.0[31])]
+    }
+}
+
 /// The tiers together. Cloning shares them.
 #[derive(Clone)]
 pub struct TieredStore<V> {
@@ -98,6 +129,7 @@ pub struct TieredStore<V> {
     redis: Option<RedisTier>,
     envelope_keys: EnvelopeKeys,
     metrics: StoreMetrics,
+    order: WriteOrder,
 }
 
 impl<V: Storable> TieredStore<V> {
@@ -114,6 +146,7 @@ impl<V: Storable> TieredStore<V> {
             redis,
             envelope_keys,
             metrics,
+            order: WriteOrder::new(),
         }
     }
 
@@ -132,10 +165,29 @@ impl<V: Storable> TieredStore<V> {
     /// a stale entry is good for. A Redis entry is copied into the memory tier. A Redis
     /// entry that fails authentication (forged, copied from another key, altered) or
     /// decoding is a miss, counted in `redis_rejected_entries_total`.
+    ///
+    /// A stale memory entry does not hide Redis: another replica may have stored a fresh
+    /// value there; the stale one is returned only when Redis has nothing fresher.
     pub async fn lookup(&self, key: &CacheKey) -> Option<(V, Tier)> {
-        if let Some(entry) = self.memory.get(key) {
-            return Some((entry, Tier::Memory));
+        let in_memory = self.memory.get(key);
+        if let Some(entry) = &in_memory
+            && (entry.is_fresh(now_ms()) || self.redis.is_none())
+        {
+            return Some((entry.clone(), Tier::Memory));
         }
+        let from_redis = self.lookup_redis(key).await;
+        match (from_redis, in_memory) {
+            (Some(entry), stale) if entry.is_fresh(now_ms()) || stale.is_none() => {
+                self.memory.insert(*key, entry.clone());
+                Some((entry, Tier::Redis))
+            }
+            (_, Some(stale)) => Some((stale, Tier::Memory)),
+            (other, None) => other.map(|entry| (entry, Tier::Redis)),
+        }
+    }
+
+    /// The entry Redis holds for `key`, if kept; rejected envelopes are counted.
+    async fn lookup_redis(&self, key: &CacheKey) -> Option<V> {
         let redis = self.redis.as_ref()?;
         let bytes = redis.get(key).await?;
         let Some(entry) = self
@@ -147,11 +199,7 @@ impl<V: Storable> TieredStore<V> {
             tracing::warn!(key = %key.short(), "unauthenticated or undecodable entry in redis treated as a miss");
             return None;
         };
-        if !entry.is_kept(now_ms()) {
-            return None;
-        }
-        self.memory.insert(*key, entry.clone());
-        Some((entry, Tier::Redis))
+        entry.is_kept(now_ms()).then_some(entry)
     }
 
     /// Looks `key` up in the memory tier only.
@@ -181,18 +229,27 @@ impl<V: Storable> TieredStore<V> {
         let Some(redis) = self.redis.clone() else {
             return in_memory;
         };
-        {
-            let metrics = self.metrics.clone();
-            let keys = self.envelope_keys.clone();
-            tokio::spawn(async move {
-                let keep_secs = u64::from(entry.ttl_secs()) + u64::from(entry.grace_secs());
-                let payload = payload.unwrap_or_else(|| entry.to_payload());
-                let envelope = keys.seal(&key, &payload);
-                if redis.set(&key, envelope, keep_secs).await {
-                    metrics.stores.inc(Tier::Redis.as_str());
-                }
-            });
-        }
+        // Taken now, in call order: the background write is dropped if a later write or
+        // removal of its stripe got there first (see `WriteOrder`).
+        let seq = self.order.next();
+        let (metrics, keys, order) = (
+            self.metrics.clone(),
+            self.envelope_keys.clone(),
+            self.order.clone(),
+        );
+        tokio::spawn(async move {
+            let keep_secs = u64::from(entry.ttl_secs()) + u64::from(entry.grace_secs());
+            let payload = payload.unwrap_or_else(|| entry.to_payload());
+            let envelope = keys.seal(&key, &payload);
+            let mut stripe = order.stripe(&key).lock().await;
+            if *stripe > seq {
+                return; // superseded: a later write or removal already went to Redis
+            }
+            *stripe = seq;
+            if redis.set(&key, envelope, keep_secs).await {
+                metrics.stores.inc(Tier::Redis.as_str());
+            }
+        });
         true
     }
 
@@ -200,10 +257,14 @@ impl<V: Storable> TieredStore<V> {
     /// (always `true` without a Redis tier); a Redis failure is counted, never raised.
     pub async fn remove(&self, key: &CacheKey) -> bool {
         self.memory.remove(key);
-        match &self.redis {
-            Some(redis) => redis.del(key).await,
-            None => true,
-        }
+        let Some(redis) = &self.redis else {
+            return true;
+        };
+        // After every write stored before this call, and before any still pending.
+        let seq = self.order.next();
+        let mut stripe = self.order.stripe(key).lock().await;
+        *stripe = (*stripe).max(seq);
+        redis.del(key).await
     }
 
     /// Refreshes the memory-tier gauges.
