@@ -184,7 +184,10 @@ async fn stale_if_error_returns_the_last_value_marked_stale() {
     let plain = Options::default().ttl(Duration::from_secs(1));
     let err = cache.get_or_set("kpi", &plain, failed).await.unwrap_err();
     let cachegate::engine::Error::Compute(cause) = &err;
-    assert!(cause.to_string().contains("database down"), "{err}: {cause}");
+    assert!(
+        cause.to_string().contains("database down"),
+        "{err}: {cause}"
+    );
     let recovered = cache
         .get_or_set("kpi", &plain, || async {
             Ok::<_, std::io::Error>(chart("new"))
