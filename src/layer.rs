@@ -152,8 +152,8 @@ impl CacheLayer {
         })
     }
 
-    /// The metrics: [`Metrics::encode`] for the Prometheus text, [`Metrics::stats`] for
-    /// the JSON snapshot.
+    /// The metrics: [`Metrics::encode`] for the Prometheus text, [`Metrics::snapshot`] for
+    /// the typed `/stats`-style snapshot, [`Metrics::stats`] for it as JSON.
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.shared.metrics
     }

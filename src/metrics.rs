@@ -10,7 +10,10 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use serde_json::{Map, Value, json};
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+use serde_json::Value;
 
 pub use cachegate_core::metrics::LabeledCounter;
 
@@ -179,10 +182,10 @@ impl Metrics {
         out
     }
 
-    /// The JSON document served at `/stats`: request counts by status and reason, hits by
-    /// tier, coalescing, upstream and Redis figures, memory-tier size.
-    pub fn stats(&self) -> Value {
-        let mut by_status: Map<String, Value> = Map::new();
+    /// A typed snapshot of every figure: what `/stats` serves, for code that embeds the
+    /// proxy or the tower layer.
+    pub fn snapshot(&self) -> Stats {
+        let mut by_status: BTreeMap<&'static str, StatusCounts> = BTreeMap::new();
         let mut total = 0;
         for phase in CachePhase::all() {
             let labels = RequestLabels {
@@ -191,46 +194,113 @@ impl Metrics {
             };
             let n = self.requests.get(&labels).map_or(0, |c| c.get());
             total += n;
-            let entry = by_status
-                .entry(phase.status_label())
-                .or_insert_with(|| json!({"total": 0, "by_reason": {}}));
-            entry["total"] = json!(entry["total"].as_u64().unwrap_or(0) + n);
+            let entry = by_status.entry(phase.status_label()).or_default();
+            entry.total += n;
             if n > 0 {
-                entry["by_reason"][phase.reason_label()] = json!(n);
+                *entry.by_reason.entry(phase.reason_label()).or_default() += n;
             }
         }
-        json!({
-            "requests": {"total": total, "by_status": by_status},
-            "hits_by_tier": by_value(&self.hits),
-            "stores_by_tier": by_value(&self.store.stores),
-            "coalesced_waits": by_value(&self.coalesced_waits),
-            "upstream_errors": by_value(&self.upstream_errors),
-            "client_errors": by_value(&self.client_errors),
-            "panics": self.panics.get(),
-            "redis": {
-                "errors": by_value(&self.store.redis_errors),
-                "rejected_entries": self.store.redis_rejected_entries.get(),
-                "breaker_state": BreakerState::from_gauge(self.store.redis_breaker_state.get()).as_str(),
+        let counts = |c: &LabeledCounter| c.counts().into_iter().collect::<BTreeMap<_, _>>();
+        Stats {
+            requests: RequestCounts { total, by_status },
+            hits_by_tier: counts(&self.hits),
+            stores_by_tier: counts(&self.store.stores),
+            coalesced_waits: counts(&self.coalesced_waits),
+            upstream_errors: counts(&self.upstream_errors),
+            client_errors: counts(&self.client_errors),
+            panics: self.panics.get(),
+            redis: RedisStats {
+                errors: counts(&self.store.redis_errors),
+                rejected_entries: self.store.redis_rejected_entries.get(),
+                breaker_state: BreakerState::from_gauge(self.store.redis_breaker_state.get())
+                    .as_str(),
             },
-            "memory": {
-                "entries": self.store.memory_entries.get(),
-                "bytes": self.store.memory_bytes.get(),
+            memory: MemoryStats {
+                entries: self.store.memory_entries.get().max(0) as u64,
+                bytes: self.store.memory_bytes.get().max(0) as u64,
             },
-            "connections": {
-                "open": self.open_connections.get(),
-                "tunnels": self.open_tunnels.get(),
+            connections: ConnectionStats {
+                open: self.open_connections.get().max(0) as u64,
+                tunnels: self.open_tunnels.get().max(0) as u64,
             },
-        })
+        }
+    }
+
+    /// The JSON document served at `/stats`: [`Metrics::snapshot`] serialized.
+    pub fn stats(&self) -> Value {
+        serde_json::to_value(self.snapshot()).unwrap_or(Value::Null)
     }
 }
 
-/// `{value: count}` for every declared value of a labelled counter.
-fn by_value(counter: &LabeledCounter) -> Value {
-    Value::Object(
-        counter
-            .counts()
-            .into_iter()
-            .map(|(v, n)| (v.to_string(), json!(n)))
-            .collect(),
-    )
+/// A snapshot of the proxy's (or the tower layer's) figures since start: the typed form of
+/// `/stats`. Counts by label are keyed by the label value.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Stats {
+    /// Requests by cache status and reason.
+    pub requests: RequestCounts,
+    /// Hits by tier (`memory`, `redis`).
+    pub hits_by_tier: BTreeMap<&'static str, u64>,
+    /// Entries written by tier.
+    pub stores_by_tier: BTreeMap<&'static str, u64>,
+    /// Coalesced waits by outcome.
+    pub coalesced_waits: BTreeMap<&'static str, u64>,
+    /// Upstream failures by kind.
+    pub upstream_errors: BTreeMap<&'static str, u64>,
+    /// Client faults by kind.
+    pub client_errors: BTreeMap<&'static str, u64>,
+    /// Request handlers that panicked.
+    pub panics: u64,
+    /// The Redis tier.
+    pub redis: RedisStats,
+    /// The memory tier (as of the last refresh of its gauges).
+    pub memory: MemoryStats,
+    /// Open client connections (proxy listener).
+    pub connections: ConnectionStats,
+}
+
+/// Requests, in all and by status.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct RequestCounts {
+    /// Every request counted.
+    pub total: u64,
+    /// By `X-Cache-Status` label (`hit`, `miss`, `collapsed`, `bypass`, ...).
+    pub by_status: BTreeMap<&'static str, StatusCounts>,
+}
+
+/// Requests of one status.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct StatusCounts {
+    /// Requests with this status.
+    pub total: u64,
+    /// By reason label; reasons never seen are left out.
+    pub by_reason: BTreeMap<&'static str, u64>,
+}
+
+/// The Redis tier's figures.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct RedisStats {
+    /// Failures and timeouts by operation.
+    pub errors: BTreeMap<&'static str, u64>,
+    /// Entries rejected (forged, copied, tampered, undecodable).
+    pub rejected_entries: u64,
+    /// `closed`, `open` or `half-open`.
+    pub breaker_state: &'static str,
+}
+
+/// The memory tier's size.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct MemoryStats {
+    /// Entries held.
+    pub entries: u64,
+    /// Weighted bytes held.
+    pub bytes: u64,
+}
+
+/// Open client connections.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct ConnectionStats {
+    /// Open connections, tunnels included.
+    pub open: u64,
+    /// Open tunnels.
+    pub tunnels: u64,
 }

@@ -92,9 +92,11 @@ async fn the_layer_caches_the_chart_by_its_canonical_body() {
         text.contains(r#"natal_requests_total{status="hit",reason="memory"} 1"#),
         "{text}"
     );
-    let stats = service.layer.metrics().stats();
-    assert_eq!(stats["hits_by_tier"]["memory"], 1);
-    assert_eq!(stats["stores_by_tier"]["memory"], 2);
+    let stats = service.layer.metrics().snapshot();
+    assert_eq!(stats.hits_by_tier["memory"], 1);
+    assert_eq!(stats.stores_by_tier["memory"], 2);
+    assert_eq!(stats.requests.by_status["hit"].by_reason["memory"], 1);
+    assert_eq!(service.layer.metrics().stats()["hits_by_tier"]["memory"], 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
