@@ -260,6 +260,10 @@ impl Storable for CachedResponse {
         self.data.len() + ENTRY_OVERHEAD_BYTES
     }
 
+    fn any_tag(&self, pred: &mut dyn FnMut(&str) -> bool) -> bool {
+        self.tags().any(pred)
+    }
+
     fn to_payload(&self) -> Vec<u8> {
         self.data.to_vec()
     }

@@ -899,6 +899,18 @@ where
         self.inner.store.remove(&key).await
     }
 
+    /// Purges every value tagged with any of `tags` (see [`Options::tags`]): from now on
+    /// they are misses in this instance. (Reaching other replicas is the invalidation
+    /// issue's work: markers carried over Redis.)
+    pub fn invalidate_tags<S: AsRef<str>>(&self, tags: &[S]) {
+        self.inner.store.purge_tags(tags);
+    }
+
+    /// Purges every value of the cache's namespace in this instance.
+    pub fn purge_all(&self) {
+        self.inner.store.purge_all();
+    }
+
     /// The metrics, to register into a registry ([`CacheMetrics::register`]).
     pub fn metrics(&self) -> &CacheMetrics {
         &self.inner.metrics
@@ -1053,6 +1065,10 @@ where
         self.inner.payload_len + LIBRARY_ENTRY_OVERHEAD_BYTES
     }
 
+    fn any_tag(&self, pred: &mut dyn FnMut(&str) -> bool) -> bool {
+        self.inner.tags.iter().any(|t| pred(t))
+    }
+
     fn to_payload(&self) -> Vec<u8> {
         let i = &self.inner;
         // Encoded once already when stored; an empty payload would decode to a miss.
@@ -1185,6 +1201,34 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(ok.value, "fine");
+    }
+
+    #[tokio::test]
+    async fn tag_and_namespace_purges_turn_stored_values_into_misses() {
+        let cache = cache();
+        let kpi = Options::default().tags(["kpi", "kpi:eu"]);
+        cache.set("leads:eu", "12".into(), &kpi).unwrap();
+        cache
+            .set("leads:us", "7".into(), &Options::default().tags(["kpi"]))
+            .unwrap();
+        cache
+            .set("profile", "ada".into(), &Options::default())
+            .unwrap();
+        cache.invalidate_tags(&["kpi:eu"]);
+        assert_eq!(cache.get("leads:eu").await, None);
+        assert_eq!(cache.get("leads:us").await.as_deref(), Some("7"));
+        // Stored after the purge (in a later millisecond: one stored in the same
+        // millisecond counts as purged, a miss rather than a stale value): not covered.
+        let purged_at = now_ms();
+        while now_ms() == purged_at {
+            tokio::task::yield_now().await;
+        }
+        cache.set("leads:eu", "13".into(), &kpi).unwrap();
+        assert_eq!(cache.get("leads:eu").await.as_deref(), Some("13"));
+        cache.purge_all();
+        for key in ["leads:eu", "leads:us", "profile"] {
+            assert_eq!(cache.get(key).await, None, "{key}");
+        }
     }
 
     #[tokio::test]

@@ -10,6 +10,7 @@
 //!   What is stored implements [`store::Storable`].
 //! - [`envelope`]: how an entry travels through Redis: versioned, authenticated with a key
 //!   derived from the secret, and sealed (XChaCha20-Poly1305) by default.
+//! - [`purge`]: purges by tag and of the whole namespace, as markers checked at lookup.
 //! - [`coalesce`]: one computation (or upstream request) per key, however many callers
 //!   miss at once.
 //! - [`metrics`]: the tiers' Prometheus metrics, registered into the caller's registry.
@@ -26,6 +27,7 @@ pub mod codec;
 pub mod envelope;
 pub mod key;
 pub mod metrics;
+pub mod purge;
 pub mod store;
 
 use std::time::{SystemTime, UNIX_EPOCH};

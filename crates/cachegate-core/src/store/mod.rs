@@ -13,6 +13,7 @@ use crate::envelope::EnvelopeKeys;
 use crate::key::CacheKey;
 use crate::metrics::StoreMetrics;
 use crate::now_ms;
+use crate::purge::Purges;
 
 pub use self::memory::MemoryTier;
 pub use self::redis::{RedisOptions, RedisSetupError, RedisTier};
@@ -54,6 +55,13 @@ pub trait Storable: Clone + Send + Sync + 'static {
     /// served stale (stale-if-error, refresh) or revalidated. Default 0: dropped once stale.
     fn grace_secs(&self) -> u32 {
         0
+    }
+
+    /// Whether any of the entry's tags (surrogate keys) satisfies `pred`; purges by tag
+    /// ask this ([`crate::purge::Purges`]). Default: no tags.
+    fn any_tag(&self, pred: &mut dyn FnMut(&str) -> bool) -> bool {
+        let _ = pred;
+        false
     }
 
     /// Bytes the entry costs in the memory tier, per-entry overhead included: the memory
@@ -130,6 +138,7 @@ pub struct TieredStore<V> {
     envelope_keys: EnvelopeKeys,
     metrics: StoreMetrics,
     order: WriteOrder,
+    purges: Arc<Purges>,
 }
 
 impl<V: Storable> TieredStore<V> {
@@ -147,6 +156,7 @@ impl<V: Storable> TieredStore<V> {
             envelope_keys,
             metrics,
             order: WriteOrder::new(),
+            purges: Arc::default(),
         }
     }
 
@@ -169,6 +179,32 @@ impl<V: Storable> TieredStore<V> {
     /// A stale memory entry does not hide Redis: another replica may have stored a fresh
     /// value there; the stale one is returned only when Redis has nothing fresher.
     pub async fn lookup(&self, key: &CacheKey) -> Option<(V, Tier)> {
+        let found = self.lookup_tiers(key).await?;
+        if self.is_purged(&found.0) {
+            self.memory.remove(key);
+            return None;
+        }
+        Some(found)
+    }
+
+    /// Whether a purge covers `entry` ([`TieredStore::purge_tags`], [`TieredStore::purge_all`]).
+    fn is_purged(&self, entry: &V) -> bool {
+        self.purges
+            .covers(entry.stored_at_ms(), |pred| entry.any_tag(pred))
+    }
+
+    /// Purges every entry tagged with any of `tags`, on this replica: from now on they are
+    /// misses (the memory tier drops them when they are looked up).
+    pub fn purge_tags<S: AsRef<str>>(&self, tags: &[S]) {
+        self.purges.purge_tags(tags, now_ms());
+    }
+
+    /// Purges every entry of the namespace, on this replica.
+    pub fn purge_all(&self) {
+        self.purges.purge_all(now_ms());
+    }
+
+    async fn lookup_tiers(&self, key: &CacheKey) -> Option<(V, Tier)> {
         let in_memory = self.memory.get(key);
         if let Some(entry) = &in_memory
             && (entry.is_fresh(now_ms()) || self.redis.is_none())
@@ -202,9 +238,9 @@ impl<V: Storable> TieredStore<V> {
         entry.is_kept(now_ms()).then_some(entry)
     }
 
-    /// Looks `key` up in the memory tier only.
+    /// Looks `key` up in the memory tier only (purged entries are misses).
     pub fn lookup_memory(&self, key: &CacheKey) -> Option<V> {
-        self.memory.get(key)
+        self.memory.get(key).filter(|entry| !self.is_purged(entry))
     }
 
     /// Stores `entry` in the memory tier now and in Redis in a background task (kept for

@@ -1,0 +1,110 @@
+//! Purges by tag and of a whole namespace, recorded as markers checked at lookup (the
+//! "tag versions" of FusionCache): a purge records when it happened, and an entry stored
+//! before a purge that covers it is a miss from then on. A purge therefore costs the same
+//! whether it covers one entry or a million, and never scans a keyspace.
+//!
+//! Times are milliseconds: an entry stored in the same millisecond as a purge counts as
+//! purged (a miss, never a stale answer).
+
+use std::collections::HashMap;
+use std::sync::RwLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// The purge markers of one cache (one namespace).
+#[derive(Debug, Default)]
+pub struct Purges {
+    /// False until the first purge: lookups skip the markers entirely.
+    active: AtomicBool,
+    state: RwLock<State>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// Every entry stored at or before this time (ms since the Unix epoch) is purged.
+    all_at_ms: u64,
+    /// Per tag: entries with the tag stored at or before this time are purged.
+    tags: HashMap<String, u64>,
+}
+
+impl Purges {
+    /// Records a purge of every entry tagged with any of `tags`, at `at_ms` (milliseconds
+    /// since the Unix epoch). A later marker for a tag replaces an earlier one.
+    pub fn purge_tags<S: AsRef<str>>(&self, tags: &[S], at_ms: u64) {
+        let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
+        for tag in tags {
+            let at = state.tags.entry(tag.as_ref().to_string()).or_default();
+            *at = (*at).max(at_ms);
+        }
+        self.active.store(true, Ordering::Release);
+    }
+
+    /// Records a purge of every entry, at `at_ms`.
+    pub fn purge_all(&self, at_ms: u64) {
+        let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
+        state.all_at_ms = state.all_at_ms.max(at_ms);
+        self.active.store(true, Ordering::Release);
+    }
+
+    /// Whether an entry stored at `stored_at_ms` with the tags `has_tag` can enumerate is
+    /// purged. `has_tag` is called with a predicate and answers whether any tag satisfies
+    /// it.
+    pub fn covers(
+        &self,
+        stored_at_ms: u64,
+        has_tag: impl FnOnce(&mut dyn FnMut(&str) -> bool) -> bool,
+    ) -> bool {
+        if !self.active.load(Ordering::Acquire) {
+            return false;
+        }
+        let state = self.state.read().unwrap_or_else(|e| e.into_inner());
+        if stored_at_ms <= state.all_at_ms {
+            return true;
+        }
+        if state.tags.is_empty() {
+            return false;
+        }
+        has_tag(&mut |tag| state.tags.get(tag).is_some_and(|&at| stored_at_ms <= at))
+    }
+
+    /// Forgets markers older than `before_ms`: no entry stored before then can still be
+    /// kept (callers pass now minus the longest TTL plus grace).
+    pub fn prune(&self, before_ms: u64) {
+        let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
+        state.tags.retain(|_, at| *at >= before_ms);
+    }
+
+    /// Markers held (tags), for metrics and tests.
+    pub fn tag_markers(&self) -> usize {
+        self.state
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .tags
+            .len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tagged<'a>(tags: &'a [&'a str]) -> impl FnOnce(&mut dyn FnMut(&str) -> bool) -> bool + 'a {
+        move |pred| tags.iter().any(|t| pred(t))
+    }
+
+    #[test]
+    fn entries_stored_before_a_purge_are_covered_later_ones_not() {
+        let p = Purges::default();
+        assert!(!p.covers(100, tagged(&["leads"])));
+        p.purge_tags(&["leads"], 200);
+        assert!(p.covers(100, tagged(&["kpi", "leads"])));
+        assert!(p.covers(200, tagged(&["leads"])));
+        assert!(!p.covers(201, tagged(&["leads"])), "stored after the purge");
+        assert!(!p.covers(100, tagged(&["overview"])), "another tag");
+        p.purge_all(300);
+        assert!(p.covers(250, tagged(&[])));
+        assert!(!p.covers(301, tagged(&["leads"])));
+        p.prune(250);
+        assert_eq!(p.tag_markers(), 0);
+        assert!(p.covers(250, tagged(&[])), "the namespace marker stays");
+    }
+}
