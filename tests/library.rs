@@ -353,3 +353,64 @@ async fn a_stale_memory_entry_does_not_hide_a_fresh_value_in_redis() {
         ("v2", 0)
     );
 }
+
+#[tokio::test]
+async fn a_tag_purge_reaches_every_replica_and_says_so() {
+    let redis = Redis::start().await;
+    let (a, b) = (replica::<Postcard>(&redis), replica::<Postcard>(&redis));
+    let kpi = Options::default().tags(["kpi"]);
+    a.set("leads", chart("v1"), &kpi).unwrap();
+    a.set("profile", chart("ada"), &Options::default()).unwrap();
+    written_to_redis(&a, 2).await;
+    // b holds both in its own memory tier now.
+    assert_eq!(b.get("leads").await.map(|c| c.sun), Some("v1".into()));
+    assert!(b.get("profile").await.is_some());
+    // Both replicas subscribed (each acknowledges its own purges too).
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            let mut conn = redis.connection().await;
+            let counts: Vec<(String, u64)> = redis::cmd("PUBSUB")
+                .arg("NUMSUB")
+                .arg("lib-test:invalidate")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            counts.first().is_some_and(|(_, n)| *n == 2)
+        })
+        .await
+    );
+    let report = a.invalidate_tags(&["kpi"]).await;
+    assert!(report.confirmed(), "{report:?}");
+    assert_eq!(
+        (report.replicas_expected, report.replicas_acknowledged),
+        (2, 2)
+    );
+    // Confirmed: no replica serves the purged entry, from memory or Redis.
+    assert_eq!(b.get("leads").await, None);
+    assert_eq!(a.get("leads").await, None);
+    assert!(b.get("profile").await.is_some(), "untagged entries stay");
+    // A replica that starts later loads the purge from Redis.
+    let c = replica::<Postcard>(&redis);
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            c.get("leads").await.is_none()
+        })
+        .await
+    );
+    let report = b.purge_all().await;
+    assert!(report.confirmed(), "{report:?}");
+    assert_eq!(a.get("profile").await, None);
+}
+
+#[tokio::test]
+async fn a_purge_with_redis_down_applies_here_and_says_the_others_were_not_reached() {
+    let mut redis = Redis::start().await;
+    let cache = replica::<Postcard>(&redis);
+    cache
+        .set("leads", chart("v1"), &Options::default().tags(["kpi"]))
+        .unwrap();
+    redis.kill();
+    let report = cache.invalidate_tags(&["kpi"]).await;
+    assert!(!report.redis_reached && !report.confirmed(), "{report:?}");
+    assert_eq!(cache.get("leads").await, None);
+}

@@ -217,6 +217,7 @@ pub fn engine(
         EnvelopeKeys::new(&secret, seal),
         metrics.store.clone(),
     );
+    store.start_invalidation();
     Ok((KeyBuilder::new(&secret, &config.cache.namespace), store))
 }
 

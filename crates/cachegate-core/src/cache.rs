@@ -34,6 +34,7 @@ use tokio::sync::Semaphore;
 use crate::coalesce::{Coalescer, Role, WaitOutcome};
 use crate::codec::{Codec, CodecError, Postcard};
 use crate::envelope::EnvelopeKeys;
+use crate::invalidation::{PurgeReport, PurgeScope};
 use crate::key::{CacheKey, KeyBuilder};
 use crate::metrics::{BreakerState, LabeledCounter, StoreMetrics, TIERS};
 use crate::now_ms;
@@ -316,6 +317,7 @@ pub struct CacheBuilder {
     encrypt: bool,
     coalesce_wait: Duration,
     max_background_refreshes: usize,
+    ack_timeout: Duration,
 }
 
 impl Default for CacheBuilder {
@@ -330,6 +332,7 @@ impl Default for CacheBuilder {
             encrypt: true,
             coalesce_wait: Duration::from_secs(30),
             max_background_refreshes: 64,
+            ack_timeout: Duration::from_millis(1000),
         }
     }
 }
@@ -394,6 +397,12 @@ impl CacheBuilder {
         self
     }
 
+    /// How long a purge waits for the other replicas' acknowledgements. Default 1 s.
+    pub fn ack_timeout(mut self, timeout: Duration) -> Self {
+        self.ack_timeout = timeout;
+        self
+    }
+
     /// Background refreshes (`refresh_ahead`) running at once, at most; beyond, a hit
     /// starts none (a later hit will). Default 64.
     pub fn max_background_refreshes(mut self, n: usize) -> Self {
@@ -431,6 +440,7 @@ impl CacheBuilder {
             EnvelopeKeys::new(&secret, self.encrypt),
             metrics.store.clone(),
         );
+        store.start_invalidation();
         Ok(Cache {
             inner: Arc::new(Inner {
                 keys: KeyBuilder::new(&secret, &self.namespace),
@@ -439,6 +449,7 @@ impl CacheBuilder {
                 default_ttl: self.default_ttl,
                 coalesce_wait: self.coalesce_wait,
                 refreshes: Arc::new(Semaphore::new(self.max_background_refreshes)),
+                ack_timeout: self.ack_timeout,
                 metrics,
             }),
         })
@@ -634,6 +645,7 @@ struct Inner<V, C> {
     default_ttl: Duration,
     coalesce_wait: Duration,
     refreshes: Arc<Semaphore>,
+    ack_timeout: Duration,
     metrics: CacheMetrics,
 }
 
@@ -899,16 +911,26 @@ where
         self.inner.store.remove(&key).await
     }
 
-    /// Purges every value tagged with any of `tags` (see [`Options::tags`]): from now on
-    /// they are misses in this instance. (Reaching other replicas is the invalidation
-    /// issue's work: markers carried over Redis.)
-    pub fn invalidate_tags<S: AsRef<str>>(&self, tags: &[S]) {
-        self.inner.store.purge_tags(tags);
+    /// Purges every value tagged with any of `tags` (see [`Options::tags`]) on every
+    /// replica sharing this cache's Redis: from now on they are misses. Waits up to
+    /// [`CacheBuilder::ack_timeout`] for the other replicas to acknowledge; the report
+    /// says how many did ([`PurgeReport::confirmed`]). Never fails: with Redis down, the
+    /// purge applies here and the report says the others were not reached.
+    pub async fn invalidate_tags<S: AsRef<str>>(&self, tags: &[S]) -> PurgeReport {
+        let tags = tags.iter().map(|t| t.as_ref().to_string()).collect();
+        self.inner
+            .store
+            .purge(PurgeScope::Tags(tags), self.inner.ack_timeout)
+            .await
     }
 
-    /// Purges every value of the cache's namespace in this instance.
-    pub fn purge_all(&self) {
-        self.inner.store.purge_all();
+    /// Purges every value of the cache's namespace, on every replica (as
+    /// [`Cache::invalidate_tags`]).
+    pub async fn purge_all(&self) -> PurgeReport {
+        self.inner
+            .store
+            .purge(PurgeScope::All, self.inner.ack_timeout)
+            .await
     }
 
     /// The metrics, to register into a registry ([`CacheMetrics::register`]).
@@ -1214,7 +1236,8 @@ mod tests {
         cache
             .set("profile", "ada".into(), &Options::default())
             .unwrap();
-        cache.invalidate_tags(&["kpi:eu"]);
+        let report = cache.invalidate_tags(&["kpi:eu"]).await;
+        assert!(report.confirmed(), "{report:?}");
         assert_eq!(cache.get("leads:eu").await, None);
         assert_eq!(cache.get("leads:us").await.as_deref(), Some("7"));
         // Stored after the purge (in a later millisecond: one stored in the same
@@ -1225,7 +1248,7 @@ mod tests {
         }
         cache.set("leads:eu", "13".into(), &kpi).unwrap();
         assert_eq!(cache.get("leads:eu").await.as_deref(), Some("13"));
-        cache.purge_all();
+        cache.purge_all().await;
         for key in ["leads:eu", "leads:us", "profile"] {
             assert_eq!(cache.get(key).await, None, "{key}");
         }

@@ -10,7 +10,8 @@
 //!   What is stored implements [`store::Storable`].
 //! - [`envelope`]: how an entry travels through Redis: versioned, authenticated with a key
 //!   derived from the secret, and sealed (XChaCha20-Poly1305) by default.
-//! - [`purge`]: purges by tag and of the whole namespace, as markers checked at lookup.
+//! - [`purge`]: purges by tag and of the whole namespace, as markers checked at lookup;
+//!   [`invalidation`]: carried to every replica over Redis pub/sub, acknowledged.
 //! - [`coalesce`]: one computation (or upstream request) per key, however many callers
 //!   miss at once.
 //! - [`metrics`]: the tiers' Prometheus metrics, registered into the caller's registry.
@@ -25,6 +26,7 @@ pub mod cache;
 pub mod coalesce;
 pub mod codec;
 pub mod envelope;
+pub mod invalidation;
 pub mod key;
 pub mod metrics;
 pub mod purge;
@@ -37,6 +39,7 @@ pub use cache::{
     Options, SharedError, Source,
 };
 pub use codec::{Codec, CodecError, Postcard};
+pub use invalidation::{PurgeReport, PurgeScope};
 pub use store::RedisOptions;
 
 /// Milliseconds since the Unix epoch, now.

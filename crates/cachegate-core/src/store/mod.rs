@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::envelope::EnvelopeKeys;
+use crate::invalidation::{self, PurgeMessage, PurgeReport, PurgeScope};
 use crate::key::CacheKey;
 use crate::metrics::StoreMetrics;
 use crate::now_ms;
@@ -193,15 +194,44 @@ impl<V: Storable> TieredStore<V> {
             .covers(entry.stored_at_ms(), |pred| entry.any_tag(pred))
     }
 
-    /// Purges every entry tagged with any of `tags`, on this replica: from now on they are
-    /// misses (the memory tier drops them when they are looked up).
-    pub fn purge_tags<S: AsRef<str>>(&self, tags: &[S]) {
-        self.purges.purge_tags(tags, now_ms());
+    /// Purges what `scope` covers on this replica at once, then on every replica through
+    /// Redis (see [`crate::invalidation`]), waiting up to `ack_timeout` for their
+    /// acknowledgements. From then on the purged entries are misses (the memory tier drops
+    /// them when they are looked up). Never fails: the report says what was reached.
+    pub async fn purge(&self, scope: PurgeScope, ack_timeout: Duration) -> PurgeReport {
+        let message = PurgeMessage {
+            id: purge_id(),
+            at_ms: now_ms(),
+            scope,
+        };
+        invalidation::apply(&self.purges, &message.scope, message.at_ms);
+        let mut report = PurgeReport {
+            redis_reached: false,
+            replicas_expected: 1,
+            replicas_acknowledged: 1,
+        };
+        let Some(redis) = &self.redis else {
+            report.redis_reached = true; // nothing else to reach
+            return report;
+        };
+        if !redis.record_purges(&message.markers()).await {
+            return report;
+        }
+        let Some(subscribers) = redis.publish_purge(&message.encode()).await else {
+            return report;
+        };
+        report.redis_reached = true;
+        report.replicas_expected = subscribers;
+        report.replicas_acknowledged = redis.wait_acks(message.id, subscribers, ack_timeout).await;
+        report
     }
 
-    /// Purges every entry of the namespace, on this replica.
-    pub fn purge_all(&self) {
-        self.purges.purge_all(now_ms());
+    /// Starts keeping this store's purge markers in step with the other replicas (a
+    /// background task; nothing without a Redis tier). Call once, within a Tokio runtime.
+    pub fn start_invalidation(&self) {
+        if let Some(redis) = &self.redis {
+            invalidation::subscribe(redis.clone(), &self.purges);
+        }
     }
 
     async fn lookup_tiers(&self, key: &CacheKey) -> Option<(V, Tier)> {
@@ -314,4 +344,10 @@ impl<V: Storable> TieredStore<V> {
     pub fn metrics(&self) -> &StoreMetrics {
         &self.metrics
     }
+}
+
+/// A random id for a purge, from the standard library's randomly seeded hasher.
+fn purge_id() -> u64 {
+    use std::hash::{BuildHasher, RandomState};
+    RandomState::new().hash_one(now_ms())
 }

@@ -65,8 +65,11 @@ impl std::error::Error for RedisSetupError {}
 /// The shared tier. Cloning shares the connection and the breaker.
 #[derive(Clone)]
 pub struct RedisTier {
+    client: redis::Client,
     conn: ConnectionManager,
     op_timeout: Duration,
+    connect_timeout: Duration,
+    namespace: String,
     breaker: Arc<Breaker>,
     prefix: String,
     metrics: StoreMetrics,
@@ -105,11 +108,14 @@ impl RedisTier {
             .set_number_of_retries(1)
             .set_min_delay(Duration::from_millis(10))
             .set_max_delay(Duration::from_millis(config.breaker_cooldown_ms.max(10)));
-        let conn = ConnectionManager::new_lazy_with_config(client, manager_config)
+        let conn = ConnectionManager::new_lazy_with_config(client.clone(), manager_config)
             .map_err(|e| RedisSetupError(e.to_string()))?;
         Ok(RedisTier {
+            client,
             conn,
             op_timeout,
+            connect_timeout: Duration::from_millis(config.connect_timeout_ms.max(1)),
+            namespace: namespace.to_string(),
             breaker: Arc::new(Breaker::new(
                 config.breaker_failures,
                 Duration::from_millis(config.breaker_cooldown_ms),
@@ -195,6 +201,121 @@ impl RedisTier {
         })
         .await
         .is_some()
+    }
+
+    /// The pub/sub channel purges travel on: `{namespace}:invalidate`.
+    pub fn invalidate_channel(&self) -> String {
+        format!("{}:invalidate", self.namespace)
+    }
+
+    /// The hash of purge markers (`field` -> ms since the epoch): `{namespace}:purges`.
+    fn purges_key(&self) -> String {
+        format!("{}:purges", self.namespace)
+    }
+
+    fn acks_key(&self, id: u64) -> String {
+        format!("{}:acks:{id:016x}", self.namespace)
+    }
+
+    /// Records purge markers in Redis (each field keeps the latest time), so that a
+    /// replica that missed a message finds them when it (re)subscribes. Returns whether
+    /// Redis confirmed.
+    pub async fn record_purges(&self, markers: &[(String, u64)]) -> bool {
+        let mut conn = self.conn.clone();
+        let key = self.purges_key();
+        let script = redis::Script::new(
+            "for i = 1, #ARGV, 2 do \
+               local cur = redis.call('HGET', KEYS[1], ARGV[i]) \
+               if not cur or tonumber(cur) < tonumber(ARGV[i + 1]) then \
+                 redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) \
+               end \
+             end \
+             return 1",
+        );
+        let mut invocation = script.key(key);
+        for (field, at_ms) in markers {
+            invocation.arg(field).arg(*at_ms);
+        }
+        self.guarded("set", async move {
+            invocation.invoke_async::<i64>(&mut conn).await
+        })
+        .await
+        .is_some()
+    }
+
+    /// Every purge marker recorded in Redis (`HGETALL`), or `None` when Redis fails.
+    pub async fn load_purges(&self) -> Option<Vec<(String, u64)>> {
+        let mut conn = self.conn.clone();
+        let key = self.purges_key();
+        self.guarded("get", async move {
+            conn.hgetall::<_, Vec<(String, u64)>>(key).await
+        })
+        .await
+    }
+
+    /// Publishes `message` on the invalidation channel; the number of subscribers that
+    /// received it, or `None` when Redis fails.
+    pub async fn publish_purge(&self, message: &str) -> Option<u64> {
+        let mut conn = self.conn.clone();
+        let channel = self.invalidate_channel();
+        let message = message.to_string();
+        self.guarded("set", async move {
+            conn.publish::<_, _, u64>(channel, message).await
+        })
+        .await
+    }
+
+    /// Acknowledges purge `id` (`RPUSH` on its acknowledgement list, kept 60 s).
+    pub async fn ack_purge(&self, id: u64) {
+        let mut conn = self.conn.clone();
+        let key = self.acks_key(id);
+        let _ = self
+            .guarded("set", async move {
+                redis::pipe()
+                    .rpush(&key, 1)
+                    .expire(&key, 60)
+                    .query_async::<()>(&mut conn)
+                    .await
+            })
+            .await;
+    }
+
+    /// Waits up to `limit` for `expected` acknowledgements of purge `id`; returns how many
+    /// came. Uses its own connection (`BLPOP` blocks it).
+    pub async fn wait_acks(&self, id: u64, expected: u64, limit: Duration) -> u64 {
+        let deadline = tokio::time::Instant::now() + limit;
+        let key = self.acks_key(id);
+        let Ok(Ok(mut conn)) = tokio::time::timeout(
+            self.connect_timeout,
+            self.client.get_multiplexed_async_connection(),
+        )
+        .await
+        else {
+            return 0;
+        };
+        let mut acknowledged = 0;
+        while acknowledged < expected {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            let mut blpop = redis::cmd("BLPOP");
+            blpop.arg(&key).arg(left.as_secs_f64().max(0.01));
+            let pop = blpop.query_async::<Option<(String, String)>>(&mut conn);
+            match tokio::time::timeout(left + self.op_timeout, pop).await {
+                Ok(Ok(Some(_))) => acknowledged += 1,
+                _ => break,
+            }
+        }
+        acknowledged
+    }
+
+    /// A pub/sub connection, within the connect timeout.
+    pub async fn pubsub(&self) -> Option<redis::aio::PubSub> {
+        tokio::time::timeout(self.connect_timeout, self.client.get_async_pubsub())
+            .await
+            .ok()?
+            .ok()
     }
 
     /// Deletes `key` (`DEL`). Returns whether Redis confirmed; failures are counted, never

@@ -1,0 +1,211 @@
+//! Purges that reach every replica: recorded in Redis, carried over pub/sub, and
+//! acknowledged.
+//!
+//! A purge ([`crate::store::TieredStore::purge`]) applies at once on this replica, records
+//! its markers in the Redis hash `{namespace}:purges`, and publishes a message on
+//! `{namespace}:invalidate`. Every replica's subscriber ([`subscribe`]) applies it and
+//! acknowledges on `{namespace}:acks:{id}`; the purge waits for as many acknowledgements
+//! as `PUBLISH` reported subscribers, up to a time limit, and reports what it got
+//! ([`PurgeReport`]). A replica that (re)subscribes loads every marker from the hash
+//! first, so a purge it missed while disconnected still applies.
+//!
+//! Message (UTF-8 lines): `v1`, the purge id (16 hex digits), the time in ms since the
+//! Unix epoch, then `all`, or `tags` followed by one tag per line.
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+
+use crate::purge::Purges;
+use crate::store::RedisTier;
+
+/// What a purge covers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PurgeScope {
+    /// Every entry tagged with any of these tags (a tag may not contain a line break).
+    Tags(Vec<String>),
+    /// Every entry of the namespace.
+    All,
+}
+
+/// What a purge reached.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PurgeReport {
+    /// Whether Redis recorded and published the purge. `false`: it applied on this replica
+    /// only (Redis down, or no Redis tier).
+    pub redis_reached: bool,
+    /// Replicas subscribed when the purge was published (this one included), per Redis.
+    pub replicas_expected: u64,
+    /// Replicas that acknowledged within the time limit.
+    pub replicas_acknowledged: u64,
+}
+
+impl PurgeReport {
+    /// Whether every replica subscribed at publication acknowledged: after a confirmed
+    /// purge, no replica serves a purged entry.
+    pub fn confirmed(&self) -> bool {
+        self.redis_reached && self.replicas_acknowledged >= self.replicas_expected
+    }
+}
+
+/// A purge as it travels.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct PurgeMessage {
+    pub id: u64,
+    pub at_ms: u64,
+    pub scope: PurgeScope,
+}
+
+impl PurgeMessage {
+    pub fn encode(&self) -> String {
+        let mut out = format!("v1\n{:016x}\n{}\n", self.id, self.at_ms);
+        match &self.scope {
+            PurgeScope::All => out.push_str("all"),
+            PurgeScope::Tags(tags) => {
+                out.push_str("tags");
+                for tag in tags {
+                    out.push('\n');
+                    out.push_str(tag);
+                }
+            }
+        }
+        out
+    }
+
+    pub fn decode(text: &str) -> Option<PurgeMessage> {
+        let mut lines = text.split('\n');
+        if lines.next()? != "v1" {
+            return None;
+        }
+        let id = u64::from_str_radix(lines.next()?, 16).ok()?;
+        let at_ms = lines.next()?.parse().ok()?;
+        let scope = match lines.next()? {
+            "all" => PurgeScope::All,
+            "tags" => PurgeScope::Tags(lines.map(str::to_string).collect()),
+            _ => return None,
+        };
+        Some(PurgeMessage { id, at_ms, scope })
+    }
+
+    /// The markers this purge records in the hash.
+    pub fn markers(&self) -> Vec<(String, u64)> {
+        match &self.scope {
+            PurgeScope::All => vec![("all".to_string(), self.at_ms)],
+            PurgeScope::Tags(tags) => tags
+                .iter()
+                .map(|t| (format!("tag:{t}"), self.at_ms))
+                .collect(),
+        }
+    }
+}
+
+/// Applies a purge to local markers.
+pub(crate) fn apply(purges: &Purges, scope: &PurgeScope, at_ms: u64) {
+    match scope {
+        PurgeScope::All => purges.purge_all(at_ms),
+        PurgeScope::Tags(tags) => purges.purge_tags(tags, at_ms),
+    }
+}
+
+/// Applies markers loaded from the hash.
+fn apply_markers(purges: &Purges, markers: &[(String, u64)]) {
+    for (field, at_ms) in markers {
+        if field == "all" {
+            purges.purge_all(*at_ms);
+        } else if let Some(tag) = field.strip_prefix("tag:") {
+            purges.purge_tags(&[tag], *at_ms);
+        }
+    }
+}
+
+/// Keeps `purges` in step with every replica: subscribes to the invalidation channel,
+/// loads the recorded markers on every (re)subscription, applies and acknowledges each
+/// purge. Reconnects after a failure (at most every second); ends when `purges` is
+/// dropped (checked at least every second).
+pub fn subscribe(redis: RedisTier, purges: &Arc<Purges>) -> tokio::task::JoinHandle<()> {
+    let purges = Arc::downgrade(purges);
+    tokio::spawn(async move {
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            if purges.strong_count() == 0 {
+                return;
+            }
+            if let Some(pubsub) = redis.pubsub().await
+                && run(&redis, pubsub, &purges).await
+            {
+                return;
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(1));
+        }
+    })
+}
+
+/// One subscription's life. Returns `true` when the purges are gone (stop), `false` when
+/// the connection ended (reconnect).
+async fn run(redis: &RedisTier, mut pubsub: redis::aio::PubSub, purges: &Weak<Purges>) -> bool {
+    if pubsub.subscribe(redis.invalidate_channel()).await.is_err() {
+        return false;
+    }
+    // Subscribed first, then loaded: a purge published in between is in the hash or
+    // arrives as a message (applying it twice is harmless).
+    let Some(markers) = redis.load_purges().await else {
+        return false;
+    };
+    match purges.upgrade() {
+        Some(p) => apply_markers(&p, &markers),
+        None => return true,
+    }
+    tracing::debug!("subscribed to purges");
+    let mut messages = pubsub.on_message();
+    loop {
+        let next = tokio::time::timeout(Duration::from_secs(1), messages.next()).await;
+        let Some(purges) = purges.upgrade() else {
+            return true;
+        };
+        match next {
+            Err(_) => continue,
+            Ok(None) => {
+                tracing::warn!("purge subscription lost: reconnecting");
+                return false;
+            }
+            Ok(Some(msg)) => {
+                let Some(purge) = msg
+                    .get_payload::<String>()
+                    .ok()
+                    .and_then(|text| PurgeMessage::decode(&text))
+                else {
+                    tracing::warn!("malformed purge message ignored");
+                    continue;
+                };
+                apply(&purges, &purge.scope, purge.at_ms);
+                redis.ack_purge(purge.id).await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_round_trip_and_reject_garbage() {
+        for scope in [
+            PurgeScope::All,
+            PurgeScope::Tags(vec!["kpi".into(), "kpi:region:eu".into()]),
+            PurgeScope::Tags(vec![]),
+        ] {
+            let m = PurgeMessage {
+                id: 0xabcdef,
+                at_ms: 1_790_000_000_000,
+                scope,
+            };
+            assert_eq!(PurgeMessage::decode(&m.encode()), Some(m));
+        }
+        for garbage in ["", "v2\n1\n2\nall", "v1\nzz\n2\nall", "v1\n1\n2\nsome"] {
+            assert_eq!(PurgeMessage::decode(garbage), None, "{garbage:?}");
+        }
+    }
+}
