@@ -1,31 +1,69 @@
-//! The admin listener: `/metrics` (Prometheus text format), `/healthz` and `/stats` (JSON).
+//! The admin listener: `/metrics` (Prometheus text format), `/healthz` and `/stats`
+//! (JSON), and the mutating `POST /admin/purge`, which needs the admin bearer token.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
-use http::{Method, Request, Response, StatusCode};
-
-use crate::proxy::body::ProxyBody;
-use crate::proxy::{Switches, generated, plain};
+use bytes::Bytes;
+use cachegate_core::invalidation::{PurgeReport, PurgeScope};
 use cachegate_core::store::TieredStore;
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use serde::Deserialize;
+use serde_json::json;
 
 use crate::entry::CachedResponse;
-
 use crate::metrics::Metrics;
+use crate::proxy::body::{BoxError, Limited, ProxyBody, read_limited};
+use crate::proxy::{Switches, generated, plain};
 
-/// What the admin endpoints read.
+/// The largest purge request body read, in bytes.
+const MAX_PURGE_BODY_BYTES: usize = 1 << 20;
+
+/// What the admin endpoints read and act on.
 #[derive(Clone)]
 pub struct Admin {
     /// The metrics registry.
     pub metrics: Arc<Metrics>,
-    /// The tiers, for the memory-tier gauges.
+    /// The tiers, for the memory-tier gauges and purges.
     pub store: TieredStore<CachedResponse>,
     /// The run-time switches, shown in `/stats`.
     pub switches: Arc<Switches>,
+    /// The bearer token of the mutating endpoints, hashed (compared in constant time);
+    /// `None`: they answer 403.
+    pub token: Option<blake3::Hash>,
+    /// How long a purge waits for the other replicas.
+    pub ack_timeout: Duration,
+}
+
+/// The body of `POST /admin/purge`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PurgeRequest {
+    /// Purge every entry tagged with any of these.
+    #[serde(default)]
+    tags: Vec<String>,
+    /// Purge every entry of the namespace.
+    #[serde(default)]
+    all: bool,
 }
 
 impl Admin {
-    /// Answers one admin request. Unknown paths get 404, methods other than GET/HEAD 405.
-    pub async fn handle<B>(&self, req: Request<B>) -> Response<ProxyBody> {
+    /// The hashed form of a configured token, for [`Admin::token`].
+    pub fn hash_token(token: &str) -> blake3::Hash {
+        blake3::hash(token.as_bytes())
+    }
+
+    /// Answers one admin request from `peer`. Unknown paths get 404; read endpoints accept
+    /// GET/HEAD, `/admin/purge` POST only.
+    pub async fn handle<B>(&self, req: Request<B>, peer: SocketAddr) -> Response<ProxyBody>
+    where
+        B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
+        B::Error: Into<BoxError>,
+    {
+        if req.uri().path() == "/admin/purge" {
+            return self.purge(req, peer).await;
+        }
         if req.method() != Method::GET && req.method() != Method::HEAD {
             return plain(StatusCode::METHOD_NOT_ALLOWED, "only GET is allowed");
         }
@@ -51,8 +89,132 @@ impl Admin {
             }
             _ => plain(
                 StatusCode::NOT_FOUND,
-                "not found: try /metrics, /stats or /healthz",
+                "not found: try /metrics, /stats, /healthz or POST /admin/purge",
             ),
         }
+    }
+
+    /// The refusal for a request without the admin token (403 when none is configured,
+    /// 401 when it is missing or wrong); `None` when it carries it.
+    fn refusal<B>(&self, req: &Request<B>) -> Option<Response<ProxyBody>> {
+        let Some(expected) = &self.token else {
+            return Some(plain(
+                StatusCode::FORBIDDEN,
+                "admin endpoints are off: set [admin] token or CACHEGATE_ADMIN_TOKEN",
+            ));
+        };
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim);
+        // blake3::Hash compares in constant time.
+        match given {
+            Some(token) if Admin::hash_token(token) == *expected => None,
+            _ => {
+                let mut resp = plain(
+                    StatusCode::UNAUTHORIZED,
+                    "a valid admin bearer token is required",
+                );
+                resp.headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                Some(resp)
+            }
+        }
+    }
+
+    /// `POST /admin/purge`: purges by tags and/or the whole namespace on every replica,
+    /// and answers what was reached (200; 503 when Redis is configured but was not
+    /// reached, the purge then applied on this replica only).
+    async fn purge<B>(&self, req: Request<B>, peer: SocketAddr) -> Response<ProxyBody>
+    where
+        B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
+        B::Error: Into<BoxError>,
+    {
+        if req.method() != Method::POST {
+            return plain(StatusCode::METHOD_NOT_ALLOWED, "POST a JSON purge request");
+        }
+        if let Some(refusal) = self.refusal(&req) {
+            tracing::warn!(target: "audit", client = %peer, op = "purge", "refused: no valid admin token");
+            return refusal;
+        }
+        let body = match read_limited(req.into_body(), MAX_PURGE_BODY_BYTES).await {
+            Ok(Limited::Complete(bytes)) => bytes,
+            Ok(Limited::TooLarge(_)) => {
+                return plain(StatusCode::PAYLOAD_TOO_LARGE, "purge request too large");
+            }
+            Err(_) => return plain(StatusCode::BAD_REQUEST, "unreadable request body"),
+        };
+        let request: PurgeRequest = match serde_json::from_slice(&body) {
+            Ok(r) => r,
+            Err(e) => {
+                let text = format!(
+                    "invalid purge request: {e}; expected {{\"tags\": [...], \"all\": false}}"
+                );
+                return generated(StatusCode::BAD_REQUEST, text, "text/plain; charset=utf-8");
+            }
+        };
+        if request.tags.iter().any(|t| t.contains('\n')) {
+            return plain(
+                StatusCode::BAD_REQUEST,
+                "a tag may not contain a line break",
+            );
+        }
+        let mut reports: Vec<PurgeReport> = Vec::new();
+        if request.all {
+            reports.push(self.store.purge(PurgeScope::All, self.ack_timeout).await);
+        }
+        if !request.tags.is_empty() {
+            let scope = PurgeScope::Tags(request.tags.clone());
+            reports.push(self.store.purge(scope, self.ack_timeout).await);
+        }
+        if reports.is_empty() {
+            return plain(
+                StatusCode::BAD_REQUEST,
+                "nothing to purge: give \"tags\" or \"all\": true",
+            );
+        }
+        let reached = reports.iter().all(|r| r.redis_reached);
+        let confirmed = reports.iter().all(PurgeReport::confirmed);
+        let expected = reports
+            .iter()
+            .map(|r| r.replicas_expected)
+            .min()
+            .unwrap_or(0);
+        let acknowledged = reports
+            .iter()
+            .map(|r| r.replicas_acknowledged)
+            .min()
+            .unwrap_or(0);
+        tracing::info!(
+            target: "audit",
+            client = %peer,
+            op = "purge",
+            tags = request.tags.len(),
+            all = request.all,
+            replicas_expected = expected,
+            replicas_acknowledged = acknowledged,
+            confirmed,
+            "purge"
+        );
+        let status = if reached {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        };
+        let reply = json!({
+            "purged": {"tags": request.tags, "all": request.all},
+            "redis_reached": reached,
+            "replicas_expected": expected,
+            "replicas_acknowledged": acknowledged,
+            "confirmed": confirmed,
+            "detail": if reached {
+                "applied on every replica that acknowledged"
+            } else {
+                "Redis not reached: applied on this replica only, other replicas not reached"
+            },
+        });
+        generated(status, reply.to_string(), "application/json")
     }
 }

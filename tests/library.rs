@@ -368,14 +368,7 @@ async fn a_tag_purge_reaches_every_replica_and_says_so() {
     // Both replicas subscribed (each acknowledges its own purges too).
     assert!(
         eventually(Duration::from_secs(5), || async {
-            let mut conn = redis.connection().await;
-            let counts: Vec<(String, u64)> = redis::cmd("PUBSUB")
-                .arg("NUMSUB")
-                .arg("lib-test:invalidate")
-                .query_async(&mut conn)
-                .await
-                .unwrap();
-            counts.first().is_some_and(|(_, n)| *n == 2)
+            redis.subscribers("lib-test:invalidate").await == 2
         })
         .await
     );

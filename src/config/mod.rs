@@ -38,6 +38,30 @@ pub struct Config {
     pub redis: Option<RedisConfig>,
     /// Routes with their caching policies, tried in order; the first match wins.
     pub routes: Vec<RouteConfig>,
+    /// The admin API's access and purge settings.
+    pub admin: AdminConfig,
+}
+
+/// `[admin]`: who may call the mutating admin endpoints (`POST /admin/purge`), and how
+/// long a purge waits for the other replicas.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// The bearer token the mutating endpoints require (`Authorization: Bearer <token>`),
+    /// also `CACHEGATE_ADMIN_TOKEN`. Absent: those endpoints answer 403.
+    pub token: Option<String>,
+    /// How long a purge waits for the other replicas' acknowledgements, in milliseconds.
+    /// Default 1000.
+    pub ack_timeout_ms: u64,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            token: None,
+            ack_timeout_ms: 1000,
+        }
+    }
 }
 
 /// `[upstream]`: where requests go and how long cachegate waits for them.
@@ -209,6 +233,7 @@ impl Default for Config {
             cache: CacheConfig::default(),
             redis: None,
             routes: Vec::new(),
+            admin: AdminConfig::default(),
         }
     }
 }
@@ -362,6 +387,9 @@ impl Config {
         if let Some(v) = env("CACHEGATE_KEY_SECRET") {
             self.cache.key_secret = Some(v);
         }
+        if let Some(v) = env("CACHEGATE_ADMIN_TOKEN") {
+            self.admin.token = Some(v);
+        }
         self.check_cache()?;
         if self.upstream.url.is_none() {
             return Err(ConfigError::plain(
@@ -397,6 +425,9 @@ impl Config {
         let mut shown = self.clone();
         if shown.cache.key_secret.is_some() {
             shown.cache.key_secret = Some("<redacted>".to_string());
+        }
+        if shown.admin.token.is_some() {
+            shown.admin.token = Some("<redacted>".to_string());
         }
         if let Some(redis) = &mut shown.redis {
             redis.url = RedisUrl(redis.url.redacted());

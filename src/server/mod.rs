@@ -105,6 +105,8 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         metrics: metrics.clone(),
         store,
         switches: switches.clone(),
+        token: config.admin.token.as_deref().map(Admin::hash_token),
+        ack_timeout: Duration::from_millis(config.admin.ack_timeout_ms.max(1)),
     };
 
     let listener = bind(config.listen).await?;
@@ -153,9 +155,9 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         send_timeouts: Counter::default(),
         ..limits
     };
-    let admin_loop = serve(admin_listener, rx, admin_limits, move |req, _peer| {
+    let admin_loop = serve(admin_listener, rx, admin_limits, move |req, peer| {
         let admin = admin.clone();
-        async move { admin.handle(req).await }
+        async move { admin.handle(req, peer).await }
     });
     tracing::info!(
         %listen_addr,

@@ -216,6 +216,18 @@ impl Redis {
         self.spawn().await;
     }
 
+    /// Clients subscribed to `channel` (`PUBSUB NUMSUB`).
+    pub async fn subscribers(&self, channel: &str) -> u64 {
+        let mut conn = self.connection().await;
+        let counts: Vec<(String, u64)> = redis::cmd("PUBSUB")
+            .arg("NUMSUB")
+            .arg(channel)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        counts.first().map_or(0, |(_, n)| *n)
+    }
+
     pub async fn connection(&self) -> redis::aio::MultiplexedConnection {
         self.client()
             .get_multiplexed_async_connection()
