@@ -84,6 +84,7 @@ impl Admin {
                 stats["enabled"] = self.switches.enabled().into();
                 stats["rollout_percent"] = self.switches.rollout_percent().into();
                 stats["redis"]["configured"] = self.store.has_redis().into();
+                stats["redis"]["in_sync"] = self.store.in_sync().into();
                 let json = serde_json::to_string_pretty(&stats).unwrap_or_default();
                 generated(StatusCode::OK, json, "application/json")
             }

@@ -26,6 +26,7 @@ fn chart(sun: &str) -> Chart {
     }
 }
 
+/// A replica on `redis`, not yet in sync (purge markers loading).
 fn replica<C: Codec>(redis: &Redis) -> Cache<Chart, C> {
     Cache::builder()
         .namespace("lib-test")
@@ -33,6 +34,14 @@ fn replica<C: Codec>(redis: &Redis) -> Cache<Chart, C> {
         .redis(RedisOptions::new(redis.url()))
         .build()
         .unwrap()
+}
+
+/// A replica on `redis` that reads Redis (purge markers loaded).
+async fn synced_replica<C: Codec>(redis: &Redis) -> Cache<Chart, C> {
+    let cache = replica::<C>(redis);
+    let synced = eventually(Duration::from_secs(5), || async { cache.in_sync() });
+    assert!(synced.await, "the replica never loaded the purge markers");
+    cache
 }
 
 /// A computation that counts its runs and returns `value`.
@@ -71,7 +80,10 @@ async fn written_to_redis<C: Codec>(cache: &Cache<Chart, C>, n: u64) {
 #[tokio::test]
 async fn a_second_replica_gets_the_first_ones_value_from_redis() {
     let redis = Redis::start().await;
-    let (a, b) = (replica::<Postcard>(&redis), replica::<Postcard>(&redis));
+    let (a, b) = (
+        synced_replica::<Postcard>(&redis).await,
+        synced_replica::<Postcard>(&redis).await,
+    );
     let runs = Arc::new(AtomicUsize::new(0));
     let first = fetch(&a, "natal:ada", &runs, "Sagittarius").await;
     assert_eq!(first.source, Source::Computed);
@@ -87,14 +99,14 @@ async fn a_second_replica_gets_the_first_ones_value_from_redis() {
     assert_eq!(runs.load(Ordering::SeqCst), 1);
     // Removal reaches Redis: the other replica's next miss computes.
     assert!(a.remove("natal:ada").await);
-    let c = replica::<Postcard>(&redis);
+    let c = synced_replica::<Postcard>(&redis).await;
     assert_eq!(c.get("natal:ada").await, None);
 }
 
 #[tokio::test]
 async fn redis_killed_mid_run_never_fails_a_call() {
     let mut redis = Redis::start().await;
-    let cache = replica::<Postcard>(&redis);
+    let cache = synced_replica::<Postcard>(&redis).await;
     let runs = Arc::new(AtomicUsize::new(0));
     for i in 0..20 {
         let key = format!("k{i}");
@@ -204,7 +216,10 @@ async fn stale_if_error_returns_the_last_value_marked_stale() {
 #[tokio::test]
 async fn force_refresh_computes_and_overwrites_a_fresh_value() {
     let redis = Redis::start().await;
-    let (a, b) = (replica::<Postcard>(&redis), replica::<Postcard>(&redis));
+    let (a, b) = (
+        synced_replica::<Postcard>(&redis).await,
+        synced_replica::<Postcard>(&redis).await,
+    );
     let runs = Arc::new(AtomicUsize::new(0));
     fetch(&a, "k", &runs, "old").await;
     let forced = a
@@ -244,14 +259,14 @@ impl Codec for PostcardV2 {
 #[tokio::test]
 async fn a_value_written_by_another_codec_version_is_a_miss() {
     let redis = Redis::start().await;
-    let old = replica::<Postcard>(&redis);
+    let old = synced_replica::<Postcard>(&redis).await;
     old.get_or_set("k", &Options::default(), || async {
         Ok::<_, std::io::Error>(chart("written by v1"))
     })
     .await
     .unwrap();
     written_to_redis(&old, 1).await;
-    let new = replica::<PostcardV2>(&redis);
+    let new = synced_replica::<PostcardV2>(&redis).await;
     let got = new
         .get_or_set("k", &Options::default(), || async {
             Ok::<_, std::io::Error>(chart("computed by v2"))
@@ -301,7 +316,7 @@ async fn a_stampede_of_one_thousand_callers_runs_one_computation() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_removed_value_never_comes_back_from_a_pending_write() {
     let redis = Redis::start().await;
-    let cache = replica::<Postcard>(&redis);
+    let cache = synced_replica::<Postcard>(&redis).await;
     for i in 0..30 {
         let key = format!("k{i}");
         cache
@@ -321,7 +336,7 @@ async fn a_removed_value_never_comes_back_from_a_pending_write() {
         assert_eq!(size, 0, "a removed key came back");
         tokio::task::yield_now().await;
     }
-    let fresh = replica::<Postcard>(&redis);
+    let fresh = synced_replica::<Postcard>(&redis).await;
     for i in 0..30 {
         assert_eq!(fresh.get(&format!("k{i}")).await, None);
     }
@@ -330,7 +345,10 @@ async fn a_removed_value_never_comes_back_from_a_pending_write() {
 #[tokio::test]
 async fn a_stale_memory_entry_does_not_hide_a_fresh_value_in_redis() {
     let redis = Redis::start().await;
-    let (a, b) = (replica::<Postcard>(&redis), replica::<Postcard>(&redis));
+    let (a, b) = (
+        synced_replica::<Postcard>(&redis).await,
+        synced_replica::<Postcard>(&redis).await,
+    );
     let short = Options::default()
         .ttl(Duration::from_secs(1))
         .stale_if_error(Duration::from_secs(60));
@@ -357,7 +375,10 @@ async fn a_stale_memory_entry_does_not_hide_a_fresh_value_in_redis() {
 #[tokio::test]
 async fn a_tag_purge_reaches_every_replica_and_says_so() {
     let redis = Redis::start().await;
-    let (a, b) = (replica::<Postcard>(&redis), replica::<Postcard>(&redis));
+    let (a, b) = (
+        synced_replica::<Postcard>(&redis).await,
+        synced_replica::<Postcard>(&redis).await,
+    );
     let kpi = Options::default().tags(["kpi"]);
     a.set("leads", chart("v1"), &kpi).unwrap();
     a.set("profile", chart("ada"), &Options::default()).unwrap();
@@ -382,13 +403,16 @@ async fn a_tag_purge_reaches_every_replica_and_says_so() {
     assert_eq!(b.get("leads").await, None);
     assert_eq!(a.get("leads").await, None);
     assert!(b.get("profile").await.is_some(), "untagged entries stay");
-    // A replica that starts later loads the purge from Redis.
+    // A replica that starts later never serves the purged entry: it loads the purge
+    // from Redis before it trusts Redis entries.
     let c = replica::<Postcard>(&redis);
+    assert_eq!(c.get("leads").await, None);
     assert!(
         eventually(Duration::from_secs(5), || async {
-            c.get("leads").await.is_none()
+            c.get("profile").await.is_some()
         })
-        .await
+        .await,
+        "Redis entries are served once the markers are loaded"
     );
     let report = b.purge_all().await;
     assert!(report.confirmed(), "{report:?}");
@@ -398,7 +422,7 @@ async fn a_tag_purge_reaches_every_replica_and_says_so() {
 #[tokio::test]
 async fn a_purge_with_redis_down_applies_here_and_says_the_others_were_not_reached() {
     let mut redis = Redis::start().await;
-    let cache = replica::<Postcard>(&redis);
+    let cache = synced_replica::<Postcard>(&redis).await;
     cache
         .set("leads", chart("v1"), &Options::default().tags(["kpi"]))
         .unwrap();

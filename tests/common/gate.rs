@@ -50,12 +50,19 @@ impl Gate {
             })
             .unwrap();
         let running = cachegate::server::start(config).await.unwrap();
-        Gate {
+        let gate = Gate {
             base: format!("http://{}", running.listen_addr),
             admin: format!("http://{}", running.admin_addr),
             running: Some(running),
             client: client(),
-        }
+        };
+        // With Redis, Redis entries are served once the purge markers are loaded: wait for
+        // that (bounded: a Redis that refuses us never gets there, and tests say so).
+        let _ = eventually(Duration::from_secs(3), || async {
+            gate.stats().await["redis"]["in_sync"] == true
+        })
+        .await;
+        gate
     }
 
     /// The proxy's `host:port`, for raw sockets.

@@ -933,6 +933,12 @@ where
             .await
     }
 
+    /// Whether the Redis tier is in use: purge markers loaded (see
+    /// [`TieredStore::in_sync`]); until then Redis entries are misses. A readiness check.
+    pub fn in_sync(&self) -> bool {
+        self.inner.store.in_sync()
+    }
+
     /// The metrics, to register into a registry ([`CacheMetrics::register`]).
     pub fn metrics(&self) -> &CacheMetrics {
         &self.inner.metrics

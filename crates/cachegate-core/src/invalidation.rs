@@ -154,7 +154,10 @@ async fn run(redis: &RedisTier, mut pubsub: redis::aio::PubSub, purges: &Weak<Pu
         return false;
     };
     match purges.upgrade() {
-        Some(p) => apply_markers(&p, &markers),
+        Some(p) => {
+            apply_markers(&p, &markers);
+            p.mark_synced();
+        }
         None => return true,
     }
     tracing::debug!("subscribed to purges");

@@ -15,6 +15,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 pub struct Purges {
     /// False until the first purge: lookups skip the markers entirely.
     active: AtomicBool,
+    /// Markers come from a shared store (Redis) that must be loaded before shared entries
+    /// may be trusted ([`Purges::expect_sync`]).
+    needs_sync: AtomicBool,
+    /// The shared markers have been loaded at least once.
+    synced: AtomicBool,
     state: RwLock<State>,
 }
 
@@ -64,6 +69,23 @@ impl Purges {
             return false;
         }
         has_tag(&mut |tag| state.tags.get(tag).is_some_and(|&at| stored_at_ms <= at))
+    }
+
+    /// Declares that markers also live in a shared store: until [`Purges::mark_synced`],
+    /// [`Purges::trusted`] is false.
+    pub fn expect_sync(&self) {
+        self.needs_sync.store(true, Ordering::Release);
+    }
+
+    /// The shared markers are loaded.
+    pub fn mark_synced(&self) {
+        self.synced.store(true, Ordering::Release);
+    }
+
+    /// Whether entries from the shared store may be served: the markers that could cover
+    /// them are known (always true when there is no shared store).
+    pub fn trusted(&self) -> bool {
+        !self.needs_sync.load(Ordering::Acquire) || self.synced.load(Ordering::Acquire)
     }
 
     /// Forgets markers older than `before_ms`: no entry stored before then can still be

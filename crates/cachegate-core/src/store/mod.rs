@@ -226,10 +226,18 @@ impl<V: Storable> TieredStore<V> {
         report
     }
 
+    /// Whether this store serves Redis entries: always without invalidation; with it, once
+    /// the purge markers have been loaded from Redis (until then Redis entries are misses,
+    /// since a purge this replica has not seen could cover them).
+    pub fn in_sync(&self) -> bool {
+        self.purges.trusted()
+    }
+
     /// Starts keeping this store's purge markers in step with the other replicas (a
     /// background task; nothing without a Redis tier). Call once, within a Tokio runtime.
     pub fn start_invalidation(&self) {
         if let Some(redis) = &self.redis {
+            self.purges.expect_sync();
             invalidation::subscribe(redis.clone(), &self.purges);
         }
     }
@@ -241,7 +249,13 @@ impl<V: Storable> TieredStore<V> {
         {
             return Some((entry.clone(), Tier::Memory));
         }
-        let from_redis = self.lookup_redis(key).await;
+        // Until this replica has loaded the purge markers, a Redis entry may be one that
+        // was purged: not served (a miss) until then.
+        let from_redis = if self.purges.trusted() {
+            self.lookup_redis(key).await
+        } else {
+            None
+        };
         match (from_redis, in_memory) {
             (Some(entry), stale) if entry.is_fresh(now_ms()) || stale.is_none() => {
                 self.memory.insert(*key, entry.clone());
