@@ -33,6 +33,7 @@ pub mod policy;
 pub mod proxy;
 pub mod server;
 pub mod status;
+pub mod tags;
 pub mod uri;
 
 #[cfg(test)]

@@ -120,3 +120,66 @@ async fn with_redis_down_a_purge_applies_locally_and_answers_503() {
     assert_eq!(reply["redis_reached"], false);
     assert_eq!(gate.get("/kpi/leads").await.cache(), "MISS");
 }
+
+#[tokio::test]
+async fn entries_carry_templated_route_tags_and_the_upstreams_tag_headers() {
+    let up = Upstream::start().await;
+    let config = r#"
+[admin]
+token = "purge-token"
+
+[[routes]]
+method = "GET"
+path = "/report/*"
+ttl_secs = 600
+tags = ["report", "region:{query.region}", "report:{path.2}"]
+"#;
+    let gate = Gate::start(&up, None, config).await;
+    let get = |path: &'static str, surrogate: &'static str, cache_tag: &'static str| {
+        let req = gate
+            .client
+            .get(gate.url(path))
+            .header("x-test-surrogate-key", surrogate)
+            .header("x-test-cache-tag", cache_tag);
+        async move { common::Reply::from(req.send().await.unwrap()).await }
+    };
+    let first = get("/report/leads?region=eu", "etl:leads overview", "team-a").await;
+    // The tag headers are read into the entry and not passed on.
+    assert!(first.headers.get("surrogate-key").is_none());
+    assert!(first.headers.get("cache-tag").is_none());
+    get("/report/leads?region=us", "", "").await;
+    get("/report/churn?region=eu", "", "").await;
+    for path in [
+        "/report/leads?region=eu",
+        "/report/leads?region=us",
+        "/report/churn?region=eu",
+    ] {
+        assert_eq!(get(path, "", "").await.cache(), "HIT", "{path}");
+    }
+    // Each kind of tag purges exactly what carries it.
+    let cases: [(&str, &[&str]); 4] = [
+        (r#"{"tags": ["etl:leads"]}"#, &["/report/leads?region=eu"]),
+        (r#"{"tags": ["region:us"]}"#, &["/report/leads?region=us"]),
+        (
+            r#"{"tags": ["report:churn"]}"#,
+            &["/report/churn?region=eu"],
+        ),
+        (r#"{"tags": ["team-a", "overview"]}"#, &[]),
+    ];
+    for (body, purged) in cases {
+        let (status, reply) = purge(&gate, Some("purge-token"), body).await;
+        assert_eq!(status, 200, "{reply}");
+        for path in purged {
+            assert_eq!(get(path, "", "").await.cache(), "MISS", "{body} {path}");
+        }
+    }
+    let exposed = Gate::start(&up, None, &format!("[cache]\nexpose_tags = true\n{config}")).await;
+    let resp = exposed
+        .client
+        .get(exposed.url("/report/x"))
+        .header("x-test-surrogate-key", "a b")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.headers()["surrogate-key"], "a b");
+}

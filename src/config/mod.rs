@@ -137,6 +137,13 @@ pub struct CacheConfig {
     /// How long a coalesced request waits for the request already in flight for its key
     /// before going to the upstream itself, in milliseconds. Default 10000.
     pub coalesce_wait_ms: u64,
+    /// Keep the upstream's tag headers (`Surrogate-Key`, `Cache-Tag`) on responses to
+    /// clients. Default `false`: they are read into the entry's tags and removed.
+    pub expose_tags: bool,
+    /// The response header holding space-separated tags. Default `surrogate-key`.
+    pub surrogate_key_header: String,
+    /// The response header holding comma-separated tags. Default `cache-tag`.
+    pub cache_tag_header: String,
 }
 
 /// `[redis]`: the shared tier.
@@ -274,6 +281,9 @@ impl Default for CacheConfig {
             max_request_body_bytes: 1 << 20,
             max_response_body_bytes: 8 << 20,
             memory_max_bytes: 256 << 20,
+            expose_tags: false,
+            surrogate_key_header: "surrogate-key".into(),
+            cache_tag_header: "cache-tag".into(),
             coalesce_wait_ms: 10_000,
         }
     }

@@ -51,6 +51,7 @@ use crate::key::{
 use crate::metrics::Metrics;
 use crate::policy::{self, Policy, RequestShape, Route};
 use crate::status::{BypassReason, CachePhase, NoStoreReason, Tier};
+use crate::tags;
 use crate::uri::{has_invalid_escape, normalize_path, parse_query};
 use cachegate_core::coalesce::{Coalescer, Leader, Role, WaitOutcome};
 use cachegate_core::store::{Storable, TieredStore};
@@ -75,6 +76,9 @@ pub struct Proxy<O = Upstream> {
     coalescer: Coalescer<CacheKey, CachedResponse>,
     origin: O,
     forwarding: Forwarding,
+    /// Where the upstream's tags are read from, and whether they reach clients.
+    tag_headers: tags::TagHeaders,
+    expose_tags: bool,
     /// `preserve_host`: the client's `Host` is forwarded and keyed.
     preserve_host: bool,
     metrics: Arc<Metrics>,
@@ -92,6 +96,8 @@ struct Ctx {
     credentialed: bool,
     /// The client's validators, taken out of the forwarded request.
     conditions: Conditions,
+    /// The route's tags for this request ([`tags::route_tags`]); the upstream's are added.
+    tags: Vec<String>,
 }
 
 /// How a response was produced, for the status headers.
@@ -172,6 +178,11 @@ impl<O: Origin> Proxy<O> {
             coalescer,
             origin,
             forwarding,
+            tag_headers: tags::TagHeaders {
+                surrogate_key: config.cache.surrogate_key_header.to_ascii_lowercase(),
+                cache_tag: config.cache.cache_tag_header.to_ascii_lowercase(),
+            },
+            expose_tags: config.cache.expose_tags,
             preserve_host,
             metrics,
             switches,
@@ -336,6 +347,9 @@ impl<O: Origin> Proxy<O> {
             method: parts.method.clone(),
             credentialed: policy::credentialed(&parts.headers),
             conditions: Conditions::take(&mut parts.headers),
+            tags: route.map_or_else(Vec::new, |r| {
+                tags::route_tags(&r.tags, &target.path, &params)
+            }),
         };
 
         // Lookup: memory, then Redis.
@@ -396,7 +410,7 @@ impl<O: Origin> Proxy<O> {
             }
             return self.serve_entry(&entry, ctx, hit(&entry, Tier::Memory));
         }
-        let (head, resp_body) = match self.send(parts, body, ctx.client).await {
+        let (head, resp_body, response_tags) = match self.send(parts, body, ctx.client).await {
             Ok(sent) => sent,
             Err(error_response) => {
                 let phase = CachePhase::Miss(Err(NoStoreReason::UpstreamError));
@@ -458,7 +472,7 @@ impl<O: Origin> Proxy<O> {
             &bytes,
             now_ms(),
             *decision.as_ref().unwrap_or(&0),
-            route.map_or(&[][..], |r| &r.tags[..]),
+            &[&ctx.tags[..], &response_tags[..]].concat(),
         );
         // An entry no tier holds (heavier than the memory tier's limit, no Redis) is
         // reported as too large, not as stored.
@@ -485,7 +499,7 @@ impl<O: Origin> Proxy<O> {
     ) -> Response<ProxyBody> {
         let phase = CachePhase::Bypass(reason);
         match self.send(parts, body, client).await {
-            Ok((head, resp_body)) => {
+            Ok((head, resp_body, _)) => {
                 let outcome = miss(phase, Some(head.status.as_u16()));
                 let resp = Response::from_parts(head, body::boxed(resp_body));
                 self.finish(resp, outcome, None)
@@ -573,7 +587,7 @@ impl<O: Origin> Proxy<O> {
         mut parts: Parts,
         body: ProxyBody,
         client: SocketAddr,
-    ) -> Result<(http::response::Parts, ProxyBody), Response<ProxyBody>> {
+    ) -> Result<(http::response::Parts, ProxyBody, Vec<String>), Response<ProxyBody>> {
         if O::REWRITES_FORWARDING {
             self.forwarding.apply(&mut parts.headers, client);
         } else {
@@ -587,7 +601,12 @@ impl<O: Origin> Proxy<O> {
                     .observe(elapsed.as_secs_f64());
                 let (mut head, body) = resp.into_parts();
                 headers::own_response_framing(&mut head.headers, head_request);
-                Ok((head, body))
+                let tags = tags::take_response_tags(
+                    &mut head.headers,
+                    &self.tag_headers,
+                    self.expose_tags,
+                );
+                Ok((head, body, tags))
             }
             Err(e) => Err(self.upstream_failure(e)),
         }

@@ -123,5 +123,11 @@ async fn answer(req: Request<Incoming>, counter: &AtomicUsize) -> Response<Full<
     if let Some(cookie) = header("x-test-set-cookie") {
         resp = resp.header("set-cookie", cookie);
     }
+    if let Some(keys) = header("x-test-surrogate-key") {
+        resp = resp.header("surrogate-key", keys);
+    }
+    if let Some(tags) = header("x-test-cache-tag") {
+        resp = resp.header("cache-tag", tags);
+    }
     resp.body(Full::new(Bytes::from(doc))).unwrap()
 }

@@ -1,0 +1,148 @@
+//! An entry's tags (surrogate keys): the route's `tags`, templated from the request, plus
+//! the tags the upstream sends in `Surrogate-Key` (space-separated, Fastly's convention) and
+//! `Cache-Tag` (comma-separated, Cloudflare's). Purges by tag (`POST /admin/purge`) match
+//! them. Tags are stored in clear text with the entry (inside its sealed envelope in
+//! Redis) and appear in purge requests and logs of purges: no personal data in tags.
+
+use http::HeaderMap;
+
+use crate::uri::QueryParam;
+
+/// Tags kept per entry at most; further ones are dropped.
+pub const MAX_TAGS: usize = 64;
+/// Bytes per tag at most; a longer tag is dropped.
+pub const MAX_TAG_BYTES: usize = 256;
+
+/// The route's tags for one request: `{query.NAME}` becomes the first value of query
+/// parameter `NAME` (as normalized for the key), `{path.N}` the `N`th segment of the
+/// normalized path (1-based). A tag whose placeholder has no value in this request is left
+/// out (so that `kpi:{query.region}` never becomes a catch-all `kpi:`).
+///
+/// ```
+/// use cachegate::tags::route_tags;
+/// use cachegate::uri::parse_query;
+/// let q = parse_query("region=eu&x=1");
+/// let tags = route_tags(&["kpi".into(), "kpi:{query.region}".into(), "{path.2}".into(), "{query.none}".into()], "/kpi/leads", &q);
+/// assert_eq!(tags, ["kpi", "kpi:eu", "leads"]);
+/// ```
+pub fn route_tags(templates: &[String], path: &str, query: &[QueryParam<'_>]) -> Vec<String> {
+    templates
+        .iter()
+        .filter_map(|t| expand(t, path, query))
+        .filter(|t| !t.is_empty() && t.len() <= MAX_TAG_BYTES)
+        .take(MAX_TAGS)
+        .collect()
+}
+
+fn expand(template: &str, path: &str, query: &[QueryParam<'_>]) -> Option<String> {
+    let mut out = String::with_capacity(template.len());
+    let mut rest = template;
+    while let Some(open) = rest.find('{') {
+        out.push_str(&rest[..open]);
+        let close = rest[open..].find('}')? + open;
+        let name = &rest[open + 1..close];
+        let value = if let Some(param) = name.strip_prefix("query.") {
+            query
+                .iter()
+                .find(|p| p.name == param)
+                .and_then(|p| p.value.as_deref())
+                .map(str::to_string)?
+        } else if let Some(n) = name.strip_prefix("path.") {
+            let n: usize = n.parse().ok()?;
+            path.split('/')
+                .filter(|s| !s.is_empty())
+                .nth(n.checked_sub(1)?)?
+                .to_string()
+        } else {
+            return None;
+        };
+        if value.is_empty() {
+            return None;
+        }
+        out.push_str(&value);
+        rest = &rest[close + 1..];
+    }
+    out.push_str(rest);
+    Some(out)
+}
+
+/// The tags an upstream response carries in `Surrogate-Key` (space-separated) and
+/// `Cache-Tag` (comma-separated), removed from `headers` unless `expose`. Invalid UTF-8,
+/// empty and over-long tags are dropped; at most [`MAX_TAGS`].
+pub fn take_response_tags(
+    headers: &mut HeaderMap,
+    names: &TagHeaders,
+    expose: bool,
+) -> Vec<String> {
+    let mut tags = Vec::new();
+    for (name, separator) in [(&names.surrogate_key, ' '), (&names.cache_tag, ',')] {
+        for value in headers.get_all(name.as_str()) {
+            let Ok(value) = value.to_str() else { continue };
+            tags.extend(
+                value
+                    .split(separator)
+                    .map(str::trim)
+                    .filter(|t| !t.is_empty() && t.len() <= MAX_TAG_BYTES)
+                    .map(str::to_string),
+            );
+        }
+        if !expose {
+            headers.remove(name.as_str());
+        }
+    }
+    tags.truncate(MAX_TAGS);
+    tags
+}
+
+/// The response headers tags are read from.
+#[derive(Debug, Clone)]
+pub struct TagHeaders {
+    /// Space-separated tags; default `surrogate-key`.
+    pub surrogate_key: String,
+    /// Comma-separated tags; default `cache-tag`.
+    pub cache_tag: String,
+}
+
+impl Default for TagHeaders {
+    fn default() -> Self {
+        TagHeaders {
+            surrogate_key: "surrogate-key".into(),
+            cache_tag: "cache-tag".into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_support::header_map;
+
+    #[test]
+    fn response_tags_are_read_and_removed_unless_exposed() {
+        let names = TagHeaders::default();
+        let mut h = header_map(&[
+            ("surrogate-key", "kpi  leads"),
+            ("cache-tag", "region:eu, overview,"),
+            ("content-type", "application/json"),
+        ]);
+        let tags = take_response_tags(&mut h, &names, false);
+        assert_eq!(tags, ["kpi", "leads", "region:eu", "overview"]);
+        assert_eq!(h.len(), 1);
+        let mut h = header_map(&[("cache-tag", "a")]);
+        assert_eq!(take_response_tags(&mut h, &names, true), ["a"]);
+        assert!(h.contains_key("cache-tag"));
+    }
+
+    #[test]
+    fn templates_without_a_value_are_left_out() {
+        let q = crate::uri::parse_query("region=&flag");
+        let t = |s: &str| route_tags(&[s.to_string()], "/a/b", &q);
+        assert!(t("kpi:{query.region}").is_empty(), "empty value");
+        assert!(t("kpi:{query.flag}").is_empty(), "no value");
+        assert!(t("{path.3}").is_empty());
+        assert!(t("{path.0}").is_empty());
+        assert!(t("{unknown}").is_empty());
+        assert!(t("{query.region").is_empty(), "unclosed");
+        assert_eq!(t("{path.1}-{path.2}"), ["a-b"]);
+    }
+}
