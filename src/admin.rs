@@ -12,6 +12,7 @@ use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use serde::Deserialize;
 use serde_json::json;
 
+use crate::config::EventConfig;
 use crate::entry::CachedResponse;
 use crate::metrics::Metrics;
 use crate::proxy::body::{BoxError, Limited, ProxyBody, read_limited};
@@ -34,6 +35,8 @@ pub struct Admin {
     pub token: Option<blake3::Hash>,
     /// How long a purge waits for the other replicas.
     pub ack_timeout: Duration,
+    /// The configured events (`POST /admin/events/{name}`).
+    pub events: Arc<Vec<EventConfig>>,
 }
 
 /// The body of `POST /admin/purge`.
@@ -63,6 +66,10 @@ impl Admin {
     {
         if req.uri().path() == "/admin/purge" {
             return self.purge(req, peer).await;
+        }
+        if let Some(name) = req.uri().path().strip_prefix("/admin/events/") {
+            let name = name.to_string();
+            return self.event(req, &name, peer).await;
         }
         if req.method() != Method::GET && req.method() != Method::HEAD {
             return plain(StatusCode::METHOD_NOT_ALLOWED, "only GET is allowed");
@@ -125,6 +132,28 @@ impl Admin {
         }
     }
 
+    /// `POST /admin/events/{name}`: purges what the configured event maps to, on every
+    /// replica (as `/admin/purge`). An unknown name is a 404 and a warning.
+    async fn event<B>(&self, req: Request<B>, name: &str, peer: SocketAddr) -> Response<ProxyBody> {
+        if req.method() != Method::POST {
+            return plain(StatusCode::METHOD_NOT_ALLOWED, "POST to raise an event");
+        }
+        if let Some(refusal) = self.refusal(&req) {
+            tracing::warn!(target: "audit", client = %peer, op = "event", "refused: no valid admin token");
+            return refusal;
+        }
+        let Some(scope) = crate::config::event_scope(&self.events, name) else {
+            tracing::warn!(client = %peer, "unknown event raised");
+            return plain(
+                StatusCode::NOT_FOUND,
+                "unknown event: see [[events]] in the config",
+            );
+        };
+        let report = self.store.purge(scope, self.ack_timeout).await;
+        tracing::info!(target: "audit", client = %peer, op = "event", event = %name, confirmed = report.confirmed(), "event");
+        purge_reply(&[report], json!({"event": name}))
+    }
+
     /// `POST /admin/purge`: purges by tags and/or the whole namespace on every replica,
     /// and answers what was reached (200; 503 when Redis is configured but was not
     /// reached, the purge then applied on this replica only).
@@ -176,46 +205,50 @@ impl Admin {
                 "nothing to purge: give \"tags\" or \"all\": true",
             );
         }
-        let reached = reports.iter().all(|r| r.redis_reached);
-        let confirmed = reports.iter().all(PurgeReport::confirmed);
-        let expected = reports
-            .iter()
-            .map(|r| r.replicas_expected)
-            .min()
-            .unwrap_or(0);
-        let acknowledged = reports
-            .iter()
-            .map(|r| r.replicas_acknowledged)
-            .min()
-            .unwrap_or(0);
         tracing::info!(
             target: "audit",
             client = %peer,
             op = "purge",
             tags = request.tags.len(),
             all = request.all,
-            replicas_expected = expected,
-            replicas_acknowledged = acknowledged,
-            confirmed,
+            confirmed = reports.iter().all(PurgeReport::confirmed),
             "purge"
         );
-        let status = if reached {
-            StatusCode::OK
-        } else {
-            StatusCode::SERVICE_UNAVAILABLE
-        };
-        let reply = json!({
-            "purged": {"tags": request.tags, "all": request.all},
-            "redis_reached": reached,
-            "replicas_expected": expected,
-            "replicas_acknowledged": acknowledged,
-            "confirmed": confirmed,
-            "detail": if reached {
-                "applied on every replica that acknowledged"
-            } else {
-                "Redis not reached: applied on this replica only, other replicas not reached"
-            },
-        });
-        generated(status, reply.to_string(), "application/json")
+        purge_reply(&reports, json!({"tags": request.tags, "all": request.all}))
     }
+}
+
+/// The JSON reply to a purge: what was `purged`, whether Redis was reached (else 503),
+/// replicas expected and acknowledged (the weakest of `reports`).
+fn purge_reply(reports: &[PurgeReport], purged: serde_json::Value) -> Response<ProxyBody> {
+    let reached = reports.iter().all(|r| r.redis_reached);
+    let confirmed = reports.iter().all(PurgeReport::confirmed);
+    let expected = reports
+        .iter()
+        .map(|r| r.replicas_expected)
+        .min()
+        .unwrap_or(0);
+    let acknowledged = reports
+        .iter()
+        .map(|r| r.replicas_acknowledged)
+        .min()
+        .unwrap_or(0);
+    let status = if reached {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let reply = json!({
+        "purged": purged,
+        "redis_reached": reached,
+        "replicas_expected": expected,
+        "replicas_acknowledged": acknowledged,
+        "confirmed": confirmed,
+        "detail": if reached {
+            "applied on every replica that acknowledged"
+        } else {
+            "Redis not reached: applied on this replica only, other replicas not reached"
+        },
+    });
+    generated(status, reply.to_string(), "application/json")
 }

@@ -11,6 +11,10 @@ const CONFIG: &str = r#"
 [admin]
 token = "purge-token"
 
+[[events]]
+name = "leads.imported"
+tags = ["kpi"]
+
 [[routes]]
 method = "GET"
 path = "/kpi/*"
@@ -41,6 +45,14 @@ async fn purge(gate: &Gate, token: Option<&str>, body: &str) -> (u16, serde_json
     )
 }
 
+/// Two replicas sharing `redis`, both subscribed to the invalidation channel.
+async fn two_replicas(up: &Upstream, redis: &Redis) -> (Gate, Gate) {
+    let a = Gate::start(up, Some(redis), CONFIG).await;
+    let b = Gate::start(up, Some(redis), CONFIG).await;
+    both_subscribed(redis).await;
+    (a, b)
+}
+
 /// Waits until both replicas are subscribed to the invalidation channel.
 async fn both_subscribed(redis: &Redis) {
     let subscribed = eventually(Duration::from_secs(5), || async {
@@ -51,13 +63,8 @@ async fn both_subscribed(redis: &Redis) {
 
 #[tokio::test]
 async fn a_tag_purge_on_one_replica_is_confirmed_by_both_and_neither_hits_afterwards() {
-    let up = Upstream::start().await;
-    let redis = Redis::start().await;
-    let (a, b) = (
-        Gate::start(&up, Some(&redis), CONFIG).await,
-        Gate::start(&up, Some(&redis), CONFIG).await,
-    );
-    both_subscribed(&redis).await;
+    let (up, redis) = (Upstream::start().await, Redis::start().await);
+    let (a, b) = two_replicas(&up, &redis).await;
     // Each replica holds both entries in its memory tier.
     for gate in [&a, &b] {
         for path in ["/kpi/leads", "/profile/ada"] {
@@ -182,4 +189,62 @@ tags = ["report", "region:{query.region}", "report:{path.2}"]
         .await
         .unwrap();
     assert_eq!(resp.headers()["surrogate-key"], "a b");
+}
+
+#[tokio::test]
+async fn an_event_published_on_redis_or_raised_by_the_admin_api_purges_on_every_replica() {
+    let (up, redis) = (Upstream::start().await, Redis::start().await);
+    let (a, b) = two_replicas(&up, &redis).await;
+    let warm = || async {
+        for gate in [&a, &b] {
+            for path in ["/kpi/leads", "/profile/ada"] {
+                gate.get(path).await;
+                assert_eq!(gate.get(path).await.cache(), "HIT", "{path}");
+            }
+        }
+    };
+    warm().await;
+    // What an ETL job does: `redis-cli PUBLISH cachegate:events leads.imported`.
+    let mut conn = redis.connection().await;
+    let receivers: u64 = redis::cmd("PUBLISH")
+        .arg("cachegate:events")
+        .arg("leads.imported")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(receivers, 2);
+    for gate in [&a, &b] {
+        let purged = eventually(Duration::from_secs(5), || async {
+            gate.get("/kpi/leads").await.cache() == "MISS"
+        });
+        assert!(purged.await, "the event did not purge");
+        assert_eq!(gate.get("/profile/ada").await.cache(), "HIT");
+    }
+    warm().await;
+    let raise = |gate: &Gate, name: &str| {
+        let req = gate
+            .client
+            .post(format!("{}/admin/events/{name}", gate.admin))
+            .bearer_auth("purge-token");
+        async move {
+            let resp = req.send().await.unwrap();
+            (resp.status().as_u16(), resp.text().await.unwrap())
+        }
+    };
+    let (status, reply) = raise(&b, "leads.imported").await;
+    assert_eq!(status, 200, "{reply}");
+    assert!(reply.contains(r#""confirmed":true"#), "{reply}");
+    for gate in [&a, &b] {
+        assert_eq!(gate.get("/kpi/leads").await.cache(), "MISS");
+    }
+    let (status, _) = raise(&a, "no.such.event").await;
+    assert_eq!(status, 404);
+    // An unknown event on the channel is ignored, never a crash.
+    let _: u64 = redis::cmd("PUBLISH")
+        .arg("cachegate:events")
+        .arg("no.such.event")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(a.get("/profile/ada").await.cache(), "HIT");
 }

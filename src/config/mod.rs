@@ -40,6 +40,44 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
     /// The admin API's access and purge settings.
     pub admin: AdminConfig,
+    /// Named events (e.g. an ETL import) and what each purges.
+    pub events: Vec<EventConfig>,
+}
+
+/// One `[[events]]` entry: an event name and what it purges on every replica. An event is
+/// raised by `POST /admin/events/{name}` or `PUBLISH {namespace}:events {name}`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventConfig {
+    /// The event's name, e.g. `leads.imported`.
+    pub name: String,
+    /// Tags to purge.
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// Purge the whole namespace.
+    #[serde(default)]
+    pub all: bool,
+}
+
+impl Config {
+    /// What the event `name` purges; `None` for an unknown name.
+    pub fn event_scope(&self, name: &str) -> Option<cachegate_core::invalidation::PurgeScope> {
+        event_scope(&self.events, name)
+    }
+}
+
+/// What the event `name` purges among `events`; `None` for an unknown name.
+pub fn event_scope(
+    events: &[EventConfig],
+    name: &str,
+) -> Option<cachegate_core::invalidation::PurgeScope> {
+    use cachegate_core::invalidation::PurgeScope;
+    let event = events.iter().find(|e| e.name == name)?;
+    Some(if event.all {
+        PurgeScope::All
+    } else {
+        PurgeScope::Tags(event.tags.clone())
+    })
 }
 
 /// `[admin]`: who may call the mutating admin endpoints (`POST /admin/purge`), and how
@@ -241,6 +279,7 @@ impl Default for Config {
             redis: None,
             routes: Vec::new(),
             admin: AdminConfig::default(),
+            events: Vec::new(),
         }
     }
 }

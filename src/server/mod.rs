@@ -106,6 +106,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         store,
         switches: switches.clone(),
         token: config.admin.token.as_deref().map(Admin::hash_token),
+        events: Arc::new(config.events.clone()),
         ack_timeout: Duration::from_millis(config.admin.ack_timeout_ms.max(1)),
     };
 
@@ -219,7 +220,10 @@ pub fn engine(
         EnvelopeKeys::new(&secret, seal),
         metrics.store.clone(),
     );
-    store.start_invalidation();
+    let events = config.events.clone();
+    store.start_invalidation(Some(Arc::new(move |name: &str| {
+        crate::config::event_scope(&events, name)
+    })));
     Ok((KeyBuilder::new(&secret, &config.cache.namespace), store))
 }
 

@@ -440,7 +440,7 @@ impl CacheBuilder {
             EnvelopeKeys::new(&secret, self.encrypt),
             metrics.store.clone(),
         );
-        store.start_invalidation();
+        store.start_invalidation(None);
         Ok(Cache {
             inner: Arc::new(Inner {
                 keys: KeyBuilder::new(&secret, &self.namespace),

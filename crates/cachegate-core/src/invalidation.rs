@@ -108,6 +108,10 @@ pub(crate) fn apply(purges: &Purges, scope: &PurgeScope, at_ms: u64) {
     }
 }
 
+/// Maps an event name (published on `{namespace}:events`) to what it purges; `None` for
+/// an unknown name (logged, ignored).
+pub type EventRules = Arc<dyn Fn(&str) -> Option<PurgeScope> + Send + Sync>;
+
 /// Applies markers loaded from the hash.
 fn apply_markers(purges: &Purges, markers: &[(String, u64)]) {
     for (field, at_ms) in markers {
@@ -123,7 +127,16 @@ fn apply_markers(purges: &Purges, markers: &[(String, u64)]) {
 /// loads the recorded markers on every (re)subscription, applies and acknowledges each
 /// purge. Reconnects after a failure (at most every second); ends when `purges` is
 /// dropped (checked at least every second).
-pub fn subscribe(redis: RedisTier, purges: &Arc<Purges>) -> tokio::task::JoinHandle<()> {
+///
+/// With `events`, it also listens on `{namespace}:events`: a message there is an event
+/// name (`PUBLISH {namespace}:events leads.imported` from any Redis client, such as an ETL
+/// job); every replica receives it, applies what the rules map it to, and records the
+/// markers in Redis for replicas that were away.
+pub fn subscribe(
+    redis: RedisTier,
+    purges: &Arc<Purges>,
+    events: Option<EventRules>,
+) -> tokio::task::JoinHandle<()> {
     let purges = Arc::downgrade(purges);
     tokio::spawn(async move {
         let mut backoff = Duration::from_millis(50);
@@ -132,7 +145,7 @@ pub fn subscribe(redis: RedisTier, purges: &Arc<Purges>) -> tokio::task::JoinHan
                 return;
             }
             if let Some(pubsub) = redis.pubsub().await
-                && run(&redis, pubsub, &purges).await
+                && run(&redis, pubsub, &purges, events.as_ref()).await
             {
                 return;
             }
@@ -144,8 +157,17 @@ pub fn subscribe(redis: RedisTier, purges: &Arc<Purges>) -> tokio::task::JoinHan
 
 /// One subscription's life. Returns `true` when the purges are gone (stop), `false` when
 /// the connection ended (reconnect).
-async fn run(redis: &RedisTier, mut pubsub: redis::aio::PubSub, purges: &Weak<Purges>) -> bool {
-    if pubsub.subscribe(redis.invalidate_channel()).await.is_err() {
+async fn run(
+    redis: &RedisTier,
+    mut pubsub: redis::aio::PubSub,
+    purges: &Weak<Purges>,
+    events: Option<&EventRules>,
+) -> bool {
+    let invalidate = redis.invalidate_channel();
+    if pubsub.subscribe(&invalidate).await.is_err() {
+        return false;
+    }
+    if events.is_some() && pubsub.subscribe(redis.events_channel()).await.is_err() {
         return false;
     }
     // Subscribed first, then loaded: a purge published in between is in the hash or
@@ -172,6 +194,26 @@ async fn run(redis: &RedisTier, mut pubsub: redis::aio::PubSub, purges: &Weak<Pu
             Ok(None) => {
                 tracing::warn!("purge subscription lost: reconnecting");
                 return false;
+            }
+            Ok(Some(msg)) if msg.get_channel_name() != invalidate => {
+                let (Some(rules), Ok(name)) = (events, msg.get_payload::<String>()) else {
+                    continue;
+                };
+                let name = name.trim();
+                match rules(name) {
+                    Some(scope) => {
+                        let at_ms = crate::now_ms();
+                        apply(&purges, &scope, at_ms);
+                        let message = PurgeMessage {
+                            id: 0,
+                            at_ms,
+                            scope,
+                        };
+                        redis.record_purges(&message.markers()).await;
+                        tracing::info!(target: "audit", op = "event", event = %name, "event applied");
+                    }
+                    None => tracing::warn!(event = %name, "unknown event ignored"),
+                }
             }
             Ok(Some(msg)) => {
                 let Some(purge) = msg

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::envelope::EnvelopeKeys;
-use crate::invalidation::{self, PurgeMessage, PurgeReport, PurgeScope};
+use crate::invalidation::{self, EventRules, PurgeMessage, PurgeReport, PurgeScope};
 use crate::key::CacheKey;
 use crate::metrics::StoreMetrics;
 use crate::now_ms;
@@ -234,11 +234,12 @@ impl<V: Storable> TieredStore<V> {
     }
 
     /// Starts keeping this store's purge markers in step with the other replicas (a
-    /// background task; nothing without a Redis tier). Call once, within a Tokio runtime.
-    pub fn start_invalidation(&self) {
+    /// background task; nothing without a Redis tier), and with `events`, applying the
+    /// events published on `{namespace}:events`. Call once, within a Tokio runtime.
+    pub fn start_invalidation(&self, events: Option<EventRules>) {
         if let Some(redis) = &self.redis {
             self.purges.expect_sync();
-            invalidation::subscribe(redis.clone(), &self.purges);
+            invalidation::subscribe(redis.clone(), &self.purges, events);
         }
     }
 

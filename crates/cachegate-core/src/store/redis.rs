@@ -208,6 +208,11 @@ impl RedisTier {
         format!("{}:invalidate", self.namespace)
     }
 
+    /// The pub/sub channel event names travel on: `{namespace}:events`.
+    pub fn events_channel(&self) -> String {
+        format!("{}:events", self.namespace)
+    }
+
     /// The hash of purge markers (`field` -> ms since the epoch): `{namespace}:purges`.
     fn purges_key(&self) -> String {
         format!("{}:purges", self.namespace)
