@@ -46,6 +46,13 @@ struct PurgeRequest {
     /// Purge every entry tagged with any of these.
     #[serde(default)]
     tags: Vec<String>,
+    /// Purge every entry whose normalized path matches any of these globs (`*`: any run of
+    /// characters; anchored to the whole path; never the query or body).
+    #[serde(default)]
+    paths: Vec<String>,
+    /// Purge every entry stored by any of these routes (by name).
+    #[serde(default)]
+    routes: Vec<String>,
     /// Purge every entry of the namespace.
     #[serde(default)]
     all: bool,
@@ -180,29 +187,45 @@ impl Admin {
             Ok(r) => r,
             Err(e) => {
                 let text = format!(
-                    "invalid purge request: {e}; expected {{\"tags\": [...], \"all\": false}}"
+                    "invalid purge request: {e}; expected {{\"tags\": [...], \"paths\": [...], \"routes\": [...], \"all\": false}}"
                 );
                 return generated(StatusCode::BAD_REQUEST, text, "text/plain; charset=utf-8");
             }
         };
-        if request.tags.iter().any(|t| t.contains('\n')) {
+        let items = || {
+            request
+                .tags
+                .iter()
+                .chain(&request.paths)
+                .chain(&request.routes)
+        };
+        if items().any(|t| t.contains('\n')) {
             return plain(
                 StatusCode::BAD_REQUEST,
-                "a tag may not contain a line break",
+                "a tag, path or route may not contain a line break",
             );
         }
         let mut reports: Vec<PurgeReport> = Vec::new();
         if request.all {
             reports.push(self.store.purge(PurgeScope::All, self.ack_timeout).await);
         }
-        if !request.tags.is_empty() {
-            let scope = PurgeScope::Tags(request.tags.clone());
+        let mut tags = request.tags.clone();
+        tags.extend(request.routes.iter().map(|r| crate::tags::route_tag(r)));
+        if !tags.is_empty() {
+            reports.push(
+                self.store
+                    .purge(PurgeScope::Tags(tags), self.ack_timeout)
+                    .await,
+            );
+        }
+        if !request.paths.is_empty() {
+            let scope = PurgeScope::Paths(request.paths.clone());
             reports.push(self.store.purge(scope, self.ack_timeout).await);
         }
         if reports.is_empty() {
             return plain(
                 StatusCode::BAD_REQUEST,
-                "nothing to purge: give \"tags\" or \"all\": true",
+                "nothing to purge: give \"tags\", \"paths\", \"routes\" or \"all\": true",
             );
         }
         tracing::info!(
@@ -210,11 +233,19 @@ impl Admin {
             client = %peer,
             op = "purge",
             tags = request.tags.len(),
+            paths = request.paths.len(),
+            routes = request.routes.len(),
             all = request.all,
             confirmed = reports.iter().all(PurgeReport::confirmed),
             "purge"
         );
-        purge_reply(&reports, json!({"tags": request.tags, "all": request.all}))
+        let purged = json!({
+            "tags": request.tags,
+            "paths": request.paths,
+            "routes": request.routes,
+            "all": request.all,
+        });
+        purge_reply(&reports, purged)
     }
 }
 

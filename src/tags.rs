@@ -6,12 +6,33 @@
 
 use http::HeaderMap;
 
+use cachegate_core::purge::PATH_TAG_PREFIX;
+
+use crate::policy::Route;
 use crate::uri::QueryParam;
 
 /// Tags kept per entry at most; further ones are dropped.
 pub const MAX_TAGS: usize = 64;
 /// Bytes per tag at most; a longer tag is dropped.
 pub const MAX_TAG_BYTES: usize = 256;
+
+/// The tags an entry stored for a request gets besides the upstream's: its route's (see
+/// [`route_tags`]), `route:{name}` for purges by route, and `path:{normalized path}` for
+/// purges by path pattern ([`cachegate_core::purge::PATH_TAG_PREFIX`]). The path is stored
+/// with the entry (sealed in Redis) and matched by patterns, never sent anywhere.
+pub fn entry_tags(route: Option<&Route>, path: &str, query: &[QueryParam<'_>]) -> Vec<String> {
+    let mut tags = route.map_or_else(Vec::new, |r| route_tags(&r.tags, path, query));
+    if let Some(route) = route {
+        tags.push(route_tag(&route.name));
+    }
+    tags.push(format!("{PATH_TAG_PREFIX}{path}"));
+    tags
+}
+
+/// The implicit tag of the entries a route stores: `route:{name}`.
+pub fn route_tag(name: &str) -> String {
+    format!("route:{name}")
+}
 
 /// The route's tags for one request: `{query.NAME}` becomes the first value of query
 /// parameter `NAME` (as normalized for the key), `{path.N}` the `N`th segment of the

@@ -16,10 +16,16 @@ name = "leads.imported"
 tags = ["kpi"]
 
 [[routes]]
+name = "kpi"
 method = "GET"
 path = "/kpi/*"
 ttl_secs = 600
 tags = ["kpi"]
+
+[[routes]]
+method = "GET"
+path = "/api/*"
+ttl_secs = 600
 
 [[routes]]
 method = "GET"
@@ -98,9 +104,14 @@ async fn unauthorized_or_malformed_purges_purge_nothing() {
         let (status, _) = purge(&gate, token, r#"{"tags": ["kpi"]}"#).await;
         assert_eq!(status, 401);
     }
-    let (status, reply) = purge(&gate, Some("purge-token"), r#"{"paths": ["/kpi/*"]}"#).await;
+    let (status, reply) = purge(
+        &gate,
+        Some("purge-token"),
+        r#"{"requests": [{"url": "/kpi/leads"}]}"#,
+    )
+    .await;
     assert_eq!(status, 400, "{reply}");
-    assert!(reply.as_str().unwrap_or("").contains("paths"), "{reply}");
+    assert!(reply.as_str().unwrap_or("").contains("requests"), "{reply}");
     assert_eq!(gate.get("/kpi/leads").await.cache(), "HIT");
     // Without a configured token the endpoint is off, and says how to turn it on.
     let open = Gate::start(&up, None, "").await;
@@ -247,4 +258,50 @@ async fn an_event_published_on_redis_or_raised_by_the_admin_api_purges_on_every_
         .await
         .unwrap();
     assert_eq!(a.get("/profile/ada").await.cache(), "HIT");
+}
+
+#[tokio::test]
+async fn path_patterns_are_anchored_and_routes_purge_by_name() {
+    let (up, redis) = (Upstream::start().await, Redis::start().await);
+    let (a, b) = two_replicas(&up, &redis).await;
+    let paths = [
+        "/kpi/leads/eu",
+        "/kpi/leads/us?x=1",
+        "/kpi/leads-archive/x",
+        "/api/kpi/leads/x",
+        "/profile/ada",
+    ];
+    let warm = || async {
+        for gate in [&a, &b] {
+            for path in paths {
+                gate.get(path).await;
+                assert_eq!(gate.get(path).await.cache(), "HIT", "{path}");
+            }
+        }
+    };
+    warm().await;
+    let (status, reply) = purge(&a, Some("purge-token"), r#"{"paths": ["/kpi/leads/*"]}"#).await;
+    assert_eq!(
+        (status, reply["confirmed"].as_bool()),
+        (200, Some(true)),
+        "{reply}"
+    );
+    purged_exactly(&[&a, &b], &paths, |path| path.starts_with("/kpi/leads/")).await;
+    warm().await;
+    let (status, reply) = purge(&b, Some("purge-token"), r#"{"routes": ["kpi"]}"#).await;
+    assert_eq!(
+        (status, reply["confirmed"].as_bool()),
+        (200, Some(true)),
+        "{reply}"
+    );
+    for gate in [&a, &b] {
+        for path in paths {
+            let expected = if path.starts_with("/kpi/") {
+                "MISS"
+            } else {
+                "HIT"
+            };
+            assert_eq!(gate.get(path).await.cache(), expected, "{path}");
+        }
+    }
 }

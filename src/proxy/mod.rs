@@ -96,7 +96,7 @@ struct Ctx {
     credentialed: bool,
     /// The client's validators, taken out of the forwarded request.
     conditions: Conditions,
-    /// The route's tags for this request ([`tags::route_tags`]); the upstream's are added.
+    /// The tags for this request ([`tags::entry_tags`]); the upstream's are added.
     tags: Vec<String>,
 }
 
@@ -347,9 +347,7 @@ impl<O: Origin> Proxy<O> {
             method: parts.method.clone(),
             credentialed: policy::credentialed(&parts.headers),
             conditions: Conditions::take(&mut parts.headers),
-            tags: route.map_or_else(Vec::new, |r| {
-                tags::route_tags(&r.tags, &target.path, &params)
-            }),
+            tags: tags::entry_tags(route, &target.path, &params),
         };
 
         // Lookup: memory, then Redis.

@@ -25,6 +25,9 @@ use crate::store::RedisTier;
 pub enum PurgeScope {
     /// Every entry tagged with any of these tags (a tag may not contain a line break).
     Tags(Vec<String>),
+    /// Every entry whose path matches any of these patterns
+    /// ([`crate::purge::glob_matches`]).
+    Paths(Vec<String>),
     /// Every entry of the namespace.
     All,
 }
@@ -62,11 +65,15 @@ impl PurgeMessage {
         let mut out = format!("v1\n{:016x}\n{}\n", self.id, self.at_ms);
         match &self.scope {
             PurgeScope::All => out.push_str("all"),
-            PurgeScope::Tags(tags) => {
-                out.push_str("tags");
-                for tag in tags {
+            PurgeScope::Tags(items) | PurgeScope::Paths(items) => {
+                out.push_str(if matches!(self.scope, PurgeScope::Tags(_)) {
+                    "tags"
+                } else {
+                    "paths"
+                });
+                for item in items {
                     out.push('\n');
-                    out.push_str(tag);
+                    out.push_str(item);
                 }
             }
         }
@@ -83,6 +90,7 @@ impl PurgeMessage {
         let scope = match lines.next()? {
             "all" => PurgeScope::All,
             "tags" => PurgeScope::Tags(lines.map(str::to_string).collect()),
+            "paths" => PurgeScope::Paths(lines.map(str::to_string).collect()),
             _ => return None,
         };
         Some(PurgeMessage { id, at_ms, scope })
@@ -96,6 +104,10 @@ impl PurgeMessage {
                 .iter()
                 .map(|t| (format!("tag:{t}"), self.at_ms))
                 .collect(),
+            PurgeScope::Paths(patterns) => patterns
+                .iter()
+                .map(|p| (format!("path:{p}"), self.at_ms))
+                .collect(),
         }
     }
 }
@@ -105,6 +117,7 @@ pub(crate) fn apply(purges: &Purges, scope: &PurgeScope, at_ms: u64) {
     match scope {
         PurgeScope::All => purges.purge_all(at_ms),
         PurgeScope::Tags(tags) => purges.purge_tags(tags, at_ms),
+        PurgeScope::Paths(patterns) => purges.purge_paths(patterns, at_ms),
     }
 }
 
@@ -119,6 +132,8 @@ fn apply_markers(purges: &Purges, markers: &[(String, u64)]) {
             purges.purge_all(*at_ms);
         } else if let Some(tag) = field.strip_prefix("tag:") {
             purges.purge_tags(&[tag], *at_ms);
+        } else if let Some(pattern) = field.strip_prefix("path:") {
+            purges.purge_paths(&[pattern], *at_ms);
         }
     }
 }
@@ -241,6 +256,7 @@ mod tests {
             PurgeScope::All,
             PurgeScope::Tags(vec!["kpi".into(), "kpi:region:eu".into()]),
             PurgeScope::Tags(vec![]),
+            PurgeScope::Paths(vec!["/kpi/*".into()]),
         ] {
             let m = PurgeMessage {
                 id: 0xabcdef,

@@ -29,6 +29,46 @@ struct State {
     all_at_ms: u64,
     /// Per tag: entries with the tag stored at or before this time are purged.
     tags: HashMap<String, u64>,
+    /// Per path pattern: entries whose path (their `path:` tag, see [`PATH_TAG_PREFIX`])
+    /// matches, stored at or before this time, are purged.
+    patterns: HashMap<String, u64>,
+}
+
+/// The prefix of the tag an entry's request path is stored in, for purges by path
+/// pattern: `path:/kpi/leads`.
+pub const PATH_TAG_PREFIX: &str = "path:";
+
+/// Whether `path` matches `pattern`, a glob anchored to the whole path where `*` matches
+/// any run of characters (`/` included) and every other character itself.
+///
+/// ```
+/// use cachegate_core::purge::glob_matches;
+/// assert!(glob_matches("/kpi/leads/*", "/kpi/leads/eu"));
+/// assert!(!glob_matches("/kpi/leads/*", "/kpi/leads-archive/x"));
+/// assert!(!glob_matches("/kpi/leads/*", "/api/kpi/leads/x"));
+/// assert!(glob_matches("/kpi/*/daily", "/kpi/eu/x/daily"));
+/// ```
+pub fn glob_matches(pattern: &str, path: &str) -> bool {
+    let (p, s) = (pattern.as_bytes(), path.as_bytes());
+    let (mut pi, mut si) = (0, 0);
+    // Where the last `*` was, and where in `path` it started matching.
+    let mut star: Option<(usize, usize)> = None;
+    while si < s.len() {
+        if pi < p.len() && p[pi] == b'*' {
+            star = Some((pi, si));
+            pi += 1;
+        } else if pi < p.len() && p[pi] == s[si] {
+            pi += 1;
+            si += 1;
+        } else if let Some((star_pi, star_si)) = star {
+            pi = star_pi + 1;
+            si = star_si + 1;
+            star = Some((star_pi, star_si + 1));
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|&c| c == b'*')
 }
 
 impl Purges {
@@ -38,6 +78,20 @@ impl Purges {
         let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
         for tag in tags {
             let at = state.tags.entry(tag.as_ref().to_string()).or_default();
+            *at = (*at).max(at_ms);
+        }
+        self.active.store(true, Ordering::Release);
+    }
+
+    /// Records a purge of every entry whose path matches any of `patterns`
+    /// ([`glob_matches`]), at `at_ms`.
+    pub fn purge_paths<S: AsRef<str>>(&self, patterns: &[S], at_ms: u64) {
+        let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
+        for pattern in patterns {
+            let at = state
+                .patterns
+                .entry(pattern.as_ref().to_string())
+                .or_default();
             *at = (*at).max(at_ms);
         }
         self.active.store(true, Ordering::Release);
@@ -65,10 +119,21 @@ impl Purges {
         if stored_at_ms <= state.all_at_ms {
             return true;
         }
-        if state.tags.is_empty() {
+        if state.tags.is_empty() && state.patterns.is_empty() {
             return false;
         }
-        has_tag(&mut |tag| state.tags.get(tag).is_some_and(|&at| stored_at_ms <= at))
+        has_tag(&mut |tag| {
+            if state.tags.get(tag).is_some_and(|&at| stored_at_ms <= at) {
+                return true;
+            }
+            let Some(path) = tag.strip_prefix(PATH_TAG_PREFIX) else {
+                return false;
+            };
+            state
+                .patterns
+                .iter()
+                .any(|(pattern, &at)| stored_at_ms <= at && glob_matches(pattern, path))
+        })
     }
 
     /// Declares that markers also live in a shared store: until [`Purges::mark_synced`],
@@ -93,6 +158,7 @@ impl Purges {
     pub fn prune(&self, before_ms: u64) {
         let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
         state.tags.retain(|_, at| *at >= before_ms);
+        state.patterns.retain(|_, at| *at >= before_ms);
     }
 
     /// Markers held (tags), for metrics and tests.
@@ -111,6 +177,30 @@ mod tests {
 
     fn tagged<'a>(tags: &'a [&'a str]) -> impl FnOnce(&mut dyn FnMut(&str) -> bool) -> bool + 'a {
         move |pred| tags.iter().any(|t| pred(t))
+    }
+
+    #[test]
+    fn path_patterns_match_the_path_tag_only() {
+        let p = Purges::default();
+        p.purge_paths(&["/kpi/leads/*"], 200);
+        assert!(p.covers(100, tagged(&["kpi", "path:/kpi/leads/eu"])));
+        assert!(!p.covers(100, tagged(&["path:/kpi/leads-archive/x"])));
+        assert!(!p.covers(100, tagged(&["path:/api/kpi/leads/x"])));
+        assert!(!p.covers(100, tagged(&["/kpi/leads/eu"])), "not a path tag");
+        assert!(
+            !p.covers(300, tagged(&["path:/kpi/leads/eu"])),
+            "stored later"
+        );
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn a_pattern_without_stars_matches_only_itself(a in "[a-z/]{0,12}", b in "[a-z/]{0,12}") {
+            proptest::prop_assert_eq!(glob_matches(&a, &b), a == b);
+            proptest::prop_assert!(glob_matches("*", &b));
+            let prefix = format!("{a}*");
+            proptest::prop_assert_eq!(glob_matches(&prefix, &b), b.starts_with(&a));
+        }
     }
 
     #[test]
