@@ -16,7 +16,7 @@ use crate::config::EventConfig;
 use crate::entry::CachedResponse;
 use crate::metrics::Metrics;
 use crate::proxy::body::{BoxError, Limited, ProxyBody, read_limited};
-use crate::proxy::{Switches, generated, plain};
+use crate::proxy::{Proxy, Switches, generated, plain};
 
 /// The largest purge request body read, in bytes.
 const MAX_PURGE_BODY_BYTES: usize = 1 << 20;
@@ -37,6 +37,51 @@ pub struct Admin {
     pub ack_timeout: Duration,
     /// The configured events (`POST /admin/events/{name}`).
     pub events: Arc<Vec<EventConfig>>,
+    /// The request path, to key purges by request exactly as requests are keyed.
+    pub proxy: Option<Arc<Proxy>>,
+}
+
+/// A request to purge what it would hit: `{"method": "POST", "url": "/api/natal/chart",
+/// "headers": {"content-type": "application/json"}, "body": {...}}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PurgeTarget {
+    /// Default `GET`.
+    #[serde(default = "get")]
+    method: String,
+    /// Path and query (an absolute URL's host becomes the `Host` header).
+    url: String,
+    /// Request headers that may enter the key (keyed headers, `Host`, `Content-Type`).
+    #[serde(default)]
+    headers: std::collections::BTreeMap<String, String>,
+    /// The JSON body, for `key_body` routes.
+    #[serde(default)]
+    body: Option<serde_json::Value>,
+}
+
+fn get() -> String {
+    "GET".to_string()
+}
+
+impl PurgeTarget {
+    /// The request this target describes.
+    fn to_request(&self) -> Result<Request<Bytes>, String> {
+        let uri: http::Uri = self.url.parse().map_err(|e| format!("url: {e}"))?;
+        let mut builder = Request::builder()
+            .method(self.method.as_str())
+            .uri(uri.path_and_query().map_or("/", |pq| pq.as_str()));
+        if let Some(authority) = uri.authority() {
+            builder = builder.header(header::HOST, authority.as_str());
+        }
+        for (name, value) in &self.headers {
+            builder = builder.header(name.as_str(), value.as_str());
+        }
+        let body = match &self.body {
+            Some(value) => Bytes::from(serde_json::to_vec(value).map_err(|e| e.to_string())?),
+            None => Bytes::new(),
+        };
+        builder.body(body).map_err(|e| e.to_string())
+    }
 }
 
 /// The body of `POST /admin/purge`.
@@ -53,6 +98,9 @@ struct PurgeRequest {
     /// Purge every entry stored by any of these routes (by name).
     #[serde(default)]
     routes: Vec<String>,
+    /// Purge what each of these requests would hit.
+    #[serde(default)]
+    requests: Vec<PurgeTarget>,
     /// Purge every entry of the namespace.
     #[serde(default)]
     all: bool,
@@ -222,10 +270,40 @@ impl Admin {
             let scope = PurgeScope::Paths(request.paths.clone());
             reports.push(self.store.purge(scope, self.ack_timeout).await);
         }
+        if !request.requests.is_empty() {
+            let Some(proxy) = &self.proxy else {
+                return plain(
+                    StatusCode::BAD_REQUEST,
+                    "no request path to key requests with",
+                );
+            };
+            let mut keys = Vec::with_capacity(request.requests.len());
+            for (i, target) in request.requests.iter().enumerate() {
+                let key = target
+                    .to_request()
+                    .and_then(|r| proxy.key_for_purge(r).map_err(str::to_string));
+                match key {
+                    Ok(key) => keys.push(key),
+                    Err(e) => {
+                        let text = format!("requests[{i}]: {e}");
+                        return generated(
+                            StatusCode::BAD_REQUEST,
+                            text,
+                            "text/plain; charset=utf-8",
+                        );
+                    }
+                }
+            }
+            reports.push(
+                self.store
+                    .purge(PurgeScope::Keys(keys), self.ack_timeout)
+                    .await,
+            );
+        }
         if reports.is_empty() {
             return plain(
                 StatusCode::BAD_REQUEST,
-                "nothing to purge: give \"tags\", \"paths\", \"routes\" or \"all\": true",
+                "nothing to purge: give \"tags\", \"paths\", \"routes\", \"requests\" or \"all\": true",
             );
         }
         tracing::info!(
@@ -235,6 +313,7 @@ impl Admin {
             tags = request.tags.len(),
             paths = request.paths.len(),
             routes = request.routes.len(),
+            requests = request.requests.len(),
             all = request.all,
             confirmed = reports.iter().all(PurgeReport::confirmed),
             "purge"
@@ -243,6 +322,7 @@ impl Admin {
             "tags": request.tags,
             "paths": request.paths,
             "routes": request.routes,
+            "requests": request.requests.len(),
             "all": request.all,
         });
         purge_reply(&reports, purged)

@@ -28,6 +28,12 @@ path = "/api/*"
 ttl_secs = 600
 
 [[routes]]
+method = "POST"
+path = "/api/natal/chart"
+ttl_secs = 600
+key_body = true
+
+[[routes]]
 method = "GET"
 path = "/profile/*"
 ttl_secs = 600
@@ -104,14 +110,9 @@ async fn unauthorized_or_malformed_purges_purge_nothing() {
         let (status, _) = purge(&gate, token, r#"{"tags": ["kpi"]}"#).await;
         assert_eq!(status, 401);
     }
-    let (status, reply) = purge(
-        &gate,
-        Some("purge-token"),
-        r#"{"requests": [{"url": "/kpi/leads"}]}"#,
-    )
-    .await;
+    let (status, reply) = purge(&gate, Some("purge-token"), r#"{"urls": ["/kpi/leads"]}"#).await;
     assert_eq!(status, 400, "{reply}");
-    assert!(reply.as_str().unwrap_or("").contains("requests"), "{reply}");
+    assert!(reply.as_str().unwrap_or("").contains("urls"), "{reply}");
     assert_eq!(gate.get("/kpi/leads").await.cache(), "HIT");
     // Without a configured token the endpoint is off, and says how to turn it on.
     let open = Gate::start(&up, None, "").await;
@@ -305,4 +306,49 @@ async fn purged_exactly(gates: &[&Gate], paths: &[&str], purged: impl Fn(&str) -
             assert_eq!(gate.get(path).await.cache(), expected, "{path}");
         }
     }
+}
+
+#[tokio::test]
+async fn a_purge_by_request_removes_what_that_body_keyed_post_would_hit() {
+    let (up, redis) = (Upstream::start().await, Redis::start().await);
+    let (a, b) = two_replicas(&up, &redis).await;
+    let ada = r#"{"date":"1815-12-10","time":"12:00"}"#;
+    let alan = r#"{"date":"1912-06-23","time":"02:15"}"#;
+    for gate in [&a, &b] {
+        for body in [ada, alan] {
+            gate.post_json("/api/natal/chart", body).await;
+            assert_eq!(
+                gate.post_json("/api/natal/chart", body).await.cache(),
+                "HIT"
+            );
+        }
+    }
+    // The same birth data spelled differently is the same key (RFC 8785).
+    let request = r#"{"requests": [{"method": "POST", "url": "/api/natal/chart",
+        "headers": {"content-type": "application/json"},
+        "body": {"time": "12:00", "date": "1815-12-10"}}]}"#;
+    let (status, reply) = purge(&a, Some("purge-token"), request).await;
+    assert_eq!(
+        (status, reply["confirmed"].as_bool()),
+        (200, Some(true)),
+        "{reply}"
+    );
+    for gate in [&a, &b] {
+        assert_eq!(
+            gate.post_json("/api/natal/chart", ada).await.cache(),
+            "MISS"
+        );
+        assert_eq!(
+            gate.post_json("/api/natal/chart", alan).await.cache(),
+            "HIT"
+        );
+    }
+    // A body the route cannot key is a clear 400, and nothing is purged.
+    let bad = r#"{"requests": [{"method": "POST", "url": "/api/natal/chart", "body": "not an object", "headers": {"content-type": "application/json"}}, {"url": "%%"}]}"#;
+    let (status, reply) = purge(&a, Some("purge-token"), bad).await;
+    assert_eq!(status, 400, "{reply}");
+    assert!(
+        reply.as_str().unwrap_or("").starts_with("requests[1]"),
+        "{reply}"
+    );
 }

@@ -414,9 +414,20 @@ async fn a_tag_purge_reaches_every_replica_and_says_so() {
         .await,
         "Redis entries are served once the markers are loaded"
     );
+    // By key: gone on both replicas, other keys stay.
+    a.set("other", chart("o"), &Options::default()).unwrap();
+    written_to_redis(&a, 3).await;
+    assert!(b.get("other").await.is_some());
+    let report = b.purge(&["profile"]).await;
+    assert!(report.confirmed(), "{report:?}");
+    assert_eq!(
+        (a.get("profile").await, b.get("profile").await),
+        (None, None)
+    );
+    assert!(a.get("other").await.is_some() && b.get("other").await.is_some());
     let report = b.purge_all().await;
     assert!(report.confirmed(), "{report:?}");
-    assert_eq!(a.get("profile").await, None);
+    assert_eq!(a.get("other").await, None);
 }
 
 #[tokio::test]

@@ -298,29 +298,14 @@ impl<O: Origin> Proxy<O> {
         // The key, and whether it is in the rollout. A trusted proxy's forwarded origin
         // reaches the upstream, so it is keyed.
         let params = parse_query(query.as_deref().unwrap_or(""));
-        let forwarded = (!O::REWRITES_FORWARDING || self.forwarding.trusts(client.ip()))
-            .then(|| headers::forwarded_origin(&parts.headers))
-            .flatten();
         let query_filter = route.and_then(|r| r.config.key_query.as_deref());
-        let key = request_key(
-            &self.keys,
-            &KeyParts {
-                method: &parts.method,
-                path: &target.path,
-                host: (self.preserve_host || !O::REWRITES_FORWARDING)
-                    .then(|| host_str(&parts))
-                    .flatten(),
-                forwarded: forwarded.as_deref(),
-                query: &params,
-                query_filter,
-                headers: &parts.headers,
-                header_names: route.map_or(&[], |r| &r.config.key_headers),
-                canonical_body: canonical_body.as_deref(),
-                content_type: canonical_body
-                    .as_ref()
-                    .and_then(|_| parts.headers.get(header::CONTENT_TYPE))
-                    .map(HeaderValue::as_bytes),
-            },
+        let key = self.key_of(
+            &parts,
+            &target.path,
+            &params,
+            route,
+            canonical_body.as_deref(),
+            client,
         );
         if !self.switches.rolled_out(&key) {
             return self
@@ -504,6 +489,69 @@ impl<O: Origin> Proxy<O> {
             }
             Err(error_response) => self.finish(error_response, miss(phase, None), None),
         }
+    }
+
+    /// The cache key of a request: the one place it is computed, for lookups and for
+    /// purges by request. `path` is the normalized path, `params` the parsed query,
+    /// `canonical_body` the RFC 8785 body on `key_body` routes. A trusted proxy's forwarded
+    /// origin reaches the upstream, so it is keyed.
+    fn key_of(
+        &self,
+        parts: &Parts,
+        path: &str,
+        params: &[crate::uri::QueryParam<'_>],
+        route: Option<&Route>,
+        canonical_body: Option<&[u8]>,
+        client: SocketAddr,
+    ) -> CacheKey {
+        let forwarded = (!O::REWRITES_FORWARDING || self.forwarding.trusts(client.ip()))
+            .then(|| headers::forwarded_origin(&parts.headers))
+            .flatten();
+        request_key(
+            &self.keys,
+            &KeyParts {
+                method: &parts.method,
+                path,
+                host: (self.preserve_host || !O::REWRITES_FORWARDING)
+                    .then(|| host_str(parts))
+                    .flatten(),
+                forwarded: forwarded.as_deref(),
+                query: params,
+                query_filter: route.and_then(|r| r.config.key_query.as_deref()),
+                headers: &parts.headers,
+                header_names: route.map_or(&[], |r| &r.config.key_headers),
+                canonical_body,
+                content_type: canonical_body
+                    .and(parts.headers.get(header::CONTENT_TYPE))
+                    .map(HeaderValue::as_bytes),
+            },
+        )
+    }
+
+    /// The key a request would be looked up under, for "purge what this request would
+    /// hit": `request` carries the method, URL (path and query; the `Host` header for
+    /// `preserve_host`), the headers and, on `key_body` routes, the JSON body, and is keyed
+    /// exactly as [`Proxy::handle`] keys it for a client that is not a trusted proxy.
+    ///
+    /// Errors: a body a `key_body` route cannot key (not JSON, not I-JSON).
+    pub fn key_for_purge(&self, request: Request<Bytes>) -> Result<CacheKey, &'static str> {
+        let (parts, body) = request.into_parts();
+        let target = normalize_path(parts.uri.path());
+        let params = parse_query(parts.uri.query().unwrap_or(""));
+        let route = self.policy.route_for(&parts.method, &target.path);
+        let canonical = match route.filter(|r| r.config.key_body) {
+            Some(_) => Some(canonical_json(&body).map_err(|_| "the body is not I-JSON")?),
+            None => None,
+        };
+        let client = SocketAddr::from(([0, 0, 0, 0], 0));
+        Ok(self.key_of(
+            &parts,
+            &target.path,
+            &params,
+            route,
+            canonical.as_deref(),
+            client,
+        ))
     }
 
     /// Sends a request that is none of the cache's business to the origin as it came and

@@ -107,6 +107,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         switches: switches.clone(),
         token: config.admin.token.as_deref().map(Admin::hash_token),
         events: Arc::new(config.events.clone()),
+        proxy: Some(proxy.clone()),
         ack_timeout: Duration::from_millis(config.admin.ack_timeout_ms.max(1)),
     };
 

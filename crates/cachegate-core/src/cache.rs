@@ -924,6 +924,20 @@ where
             .await
     }
 
+    /// Purges the values stored under `keys`, on every replica (as
+    /// [`Cache::invalidate_tags`]; [`Cache::remove`] deletes them here and in Redis, but
+    /// other replicas' memory tiers would keep them).
+    pub async fn purge<S: AsRef<str>>(&self, keys: &[S]) -> PurgeReport {
+        let keys = keys
+            .iter()
+            .map(|k| self.inner.keys.key_for(k.as_ref()))
+            .collect();
+        self.inner
+            .store
+            .purge(PurgeScope::Keys(keys), self.inner.ack_timeout)
+            .await
+    }
+
     /// Purges every value of the cache's namespace, on every replica (as
     /// [`Cache::invalidate_tags`]).
     pub async fn purge_all(&self) -> PurgeReport {

@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 
+use crate::key::CacheKey;
 use crate::purge::Purges;
 use crate::store::RedisTier;
 
@@ -28,6 +29,8 @@ pub enum PurgeScope {
     /// Every entry whose path matches any of these patterns
     /// ([`crate::purge::glob_matches`]).
     Paths(Vec<String>),
+    /// The entries stored under these keys (for "purge what this request would hit").
+    Keys(Vec<CacheKey>),
     /// Every entry of the namespace.
     All,
 }
@@ -65,6 +68,13 @@ impl PurgeMessage {
         let mut out = format!("v1\n{:016x}\n{}\n", self.id, self.at_ms);
         match &self.scope {
             PurgeScope::All => out.push_str("all"),
+            PurgeScope::Keys(keys) => {
+                out.push_str("keys");
+                for key in keys {
+                    out.push('\n');
+                    out.push_str(&key.to_hex());
+                }
+            }
             PurgeScope::Tags(items) | PurgeScope::Paths(items) => {
                 out.push_str(if matches!(self.scope, PurgeScope::Tags(_)) {
                     "tags"
@@ -91,6 +101,7 @@ impl PurgeMessage {
             "all" => PurgeScope::All,
             "tags" => PurgeScope::Tags(lines.map(str::to_string).collect()),
             "paths" => PurgeScope::Paths(lines.map(str::to_string).collect()),
+            "keys" => PurgeScope::Keys(lines.map(key_from_hex).collect::<Option<_>>()?),
             _ => return None,
         };
         Some(PurgeMessage { id, at_ms, scope })
@@ -108,6 +119,10 @@ impl PurgeMessage {
                 .iter()
                 .map(|p| (format!("path:{p}"), self.at_ms))
                 .collect(),
+            PurgeScope::Keys(keys) => keys
+                .iter()
+                .map(|k| (format!("key:{}", k.to_hex()), self.at_ms))
+                .collect(),
         }
     }
 }
@@ -118,6 +133,7 @@ pub(crate) fn apply(purges: &Purges, scope: &PurgeScope, at_ms: u64) {
         PurgeScope::All => purges.purge_all(at_ms),
         PurgeScope::Tags(tags) => purges.purge_tags(tags, at_ms),
         PurgeScope::Paths(patterns) => purges.purge_paths(patterns, at_ms),
+        PurgeScope::Keys(keys) => purges.purge_keys(keys, at_ms),
     }
 }
 
@@ -134,8 +150,22 @@ fn apply_markers(purges: &Purges, markers: &[(String, u64)]) {
             purges.purge_tags(&[tag], *at_ms);
         } else if let Some(pattern) = field.strip_prefix("path:") {
             purges.purge_paths(&[pattern], *at_ms);
+        } else if let Some(key) = field.strip_prefix("key:").and_then(key_from_hex) {
+            purges.purge_keys(&[key], *at_ms);
         }
     }
+}
+
+/// A cache key from its 64 hex digits.
+fn key_from_hex(hex: &str) -> Option<CacheKey> {
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut key = [0u8; 32];
+    for (i, byte) in key.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(CacheKey(key))
 }
 
 /// Keeps `purges` in step with every replica: subscribes to the invalidation channel,
@@ -257,6 +287,7 @@ mod tests {
             PurgeScope::Tags(vec!["kpi".into(), "kpi:region:eu".into()]),
             PurgeScope::Tags(vec![]),
             PurgeScope::Paths(vec!["/kpi/*".into()]),
+            PurgeScope::Keys(vec![CacheKey([7; 32]), CacheKey([0xa0; 32])]),
         ] {
             let m = PurgeMessage {
                 id: 0xabcdef,
@@ -265,7 +296,13 @@ mod tests {
             };
             assert_eq!(PurgeMessage::decode(&m.encode()), Some(m));
         }
-        for garbage in ["", "v2\n1\n2\nall", "v1\nzz\n2\nall", "v1\n1\n2\nsome"] {
+        for garbage in [
+            "",
+            "v2\n1\n2\nall",
+            "v1\nzz\n2\nall",
+            "v1\n1\n2\nsome",
+            "v1\n1\n2\nkeys\nabc",
+        ] {
             assert_eq!(PurgeMessage::decode(garbage), None, "{garbage:?}");
         }
     }

@@ -10,6 +10,8 @@ use std::collections::HashMap;
 use std::sync::RwLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use crate::key::CacheKey;
+
 /// The purge markers of one cache (one namespace).
 #[derive(Debug, Default)]
 pub struct Purges {
@@ -32,6 +34,8 @@ struct State {
     /// Per path pattern: entries whose path (their `path:` tag, see [`PATH_TAG_PREFIX`])
     /// matches, stored at or before this time, are purged.
     patterns: HashMap<String, u64>,
+    /// Per cache key: the entry stored under it at or before this time is purged.
+    keys: HashMap<[u8; 32], u64>,
 }
 
 /// The prefix of the tag an entry's request path is stored in, for purges by path
@@ -97,6 +101,25 @@ impl Purges {
         self.active.store(true, Ordering::Release);
     }
 
+    /// Records a purge of the entries stored under `keys`, at `at_ms`.
+    pub fn purge_keys(&self, keys: &[CacheKey], at_ms: u64) {
+        let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
+        for key in keys {
+            let at = state.keys.entry(key.0).or_default();
+            *at = (*at).max(at_ms);
+        }
+        self.active.store(true, Ordering::Release);
+    }
+
+    /// Whether a purge by key covers the entry stored under `key` at `stored_at_ms`.
+    pub fn covers_key(&self, key: &CacheKey, stored_at_ms: u64) -> bool {
+        if !self.active.load(Ordering::Acquire) {
+            return false;
+        }
+        let state = self.state.read().unwrap_or_else(|e| e.into_inner());
+        state.keys.get(&key.0).is_some_and(|&at| stored_at_ms <= at)
+    }
+
     /// Records a purge of every entry, at `at_ms`.
     pub fn purge_all(&self, at_ms: u64) {
         let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
@@ -159,6 +182,7 @@ impl Purges {
         let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
         state.tags.retain(|_, at| *at >= before_ms);
         state.patterns.retain(|_, at| *at >= before_ms);
+        state.keys.retain(|_, at| *at >= before_ms);
     }
 
     /// Markers held (tags), for metrics and tests.

@@ -181,7 +181,7 @@ impl<V: Storable> TieredStore<V> {
     /// value there; the stale one is returned only when Redis has nothing fresher.
     pub async fn lookup(&self, key: &CacheKey) -> Option<(V, Tier)> {
         let found = self.lookup_tiers(key).await?;
-        if self.is_purged(&found.0) {
+        if self.is_purged(key, &found.0) {
             self.memory.remove(key);
             return None;
         }
@@ -189,9 +189,10 @@ impl<V: Storable> TieredStore<V> {
     }
 
     /// Whether a purge covers `entry` ([`TieredStore::purge_tags`], [`TieredStore::purge_all`]).
-    fn is_purged(&self, entry: &V) -> bool {
+    fn is_purged(&self, key: &CacheKey, entry: &V) -> bool {
         self.purges
             .covers(entry.stored_at_ms(), |pred| entry.any_tag(pred))
+            || self.purges.covers_key(key, entry.stored_at_ms())
     }
 
     /// Purges what `scope` covers on this replica at once, then on every replica through
@@ -285,7 +286,9 @@ impl<V: Storable> TieredStore<V> {
 
     /// Looks `key` up in the memory tier only (purged entries are misses).
     pub fn lookup_memory(&self, key: &CacheKey) -> Option<V> {
-        self.memory.get(key).filter(|entry| !self.is_purged(entry))
+        self.memory
+            .get(key)
+            .filter(|entry| !self.is_purged(key, entry))
     }
 
     /// Stores `entry` in the memory tier now and in Redis in a background task (kept for
