@@ -101,6 +101,10 @@ struct PurgeRequest {
     /// Purge what each of these requests would hit.
     #[serde(default)]
     requests: Vec<PurgeTarget>,
+    /// Mark stale instead of deleting. Until stale serving exists, a soft purge is a hard
+    /// one (the reply says `"applied_as": "hard"`).
+    #[serde(default)]
+    soft: bool,
     /// Purge every entry of the namespace.
     #[serde(default)]
     all: bool,
@@ -197,7 +201,9 @@ impl Admin {
             tracing::warn!(target: "audit", client = %peer, op = "event", "refused: no valid admin token");
             return refusal;
         }
-        let Some(scope) = crate::config::event_scope(&self.events, name) else {
+        let scope = crate::config::event_scope(&self.events, name);
+        self.metrics.count_event(name, scope.is_some());
+        let Some(scope) = scope else {
             tracing::warn!(client = %peer, "unknown event raised");
             return plain(
                 StatusCode::NOT_FOUND,
@@ -324,6 +330,8 @@ impl Admin {
             "routes": request.routes,
             "requests": request.requests.len(),
             "all": request.all,
+            "soft": request.soft,
+            "applied_as": "hard",
         });
         purge_reply(&reports, purged)
     }

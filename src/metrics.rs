@@ -56,6 +56,16 @@ pub struct Metrics {
     pub open_connections: Gauge,
     /// Open tunnels (upgraded WebSocket connections).
     pub open_tunnels: Gauge,
+    /// `events_total{name}`: events raised, by configured name (`unknown` for others: the
+    /// label set stays bounded).
+    pub events: Family<EventLabels, Counter>,
+}
+
+/// Labels of `cachegate_events_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EventLabels {
+    /// A configured event name, or `unknown`.
+    pub name: String,
 }
 
 impl Default for Metrics {
@@ -95,6 +105,10 @@ impl Metrics {
         let panics = Counter::default();
         let open_connections = Gauge::default();
         let open_tunnels = Gauge::default();
+        let events = Family::<EventLabels, Counter>::default();
+        let _ = events.get_or_create(&EventLabels {
+            name: "unknown".into(),
+        });
         let store = StoreMetrics::default();
         let mut metrics = Metrics {
             registry: Registry::default(),
@@ -108,6 +122,7 @@ impl Metrics {
             panics,
             open_connections,
             open_tunnels,
+            events,
         };
         let mut registry = Registry::with_prefix("cachegate");
         metrics.register_into(&mut registry);
@@ -154,10 +169,32 @@ impl Metrics {
             self.open_connections.clone(),
         );
         r.register(
+            "events",
+            "Events raised, by configured name (unknown for others)",
+            self.events.clone(),
+        );
+        r.register(
             "open_tunnels",
             "Open tunnels (upgraded WebSocket connections)",
             self.open_tunnels.clone(),
         );
+    }
+
+    /// Exports an `events_total` series for each configured event name.
+    pub fn declare_events<'a>(&self, names: impl IntoIterator<Item = &'a str>) {
+        for name in names {
+            let _ = self
+                .events
+                .get_or_create(&EventLabels { name: name.into() });
+        }
+    }
+
+    /// Counts one raised event: its name if configured (declared), else `unknown`.
+    pub fn count_event(&self, name: &str, known: bool) {
+        let name = if known { name } else { "unknown" };
+        self.events
+            .get_or_create(&EventLabels { name: name.into() })
+            .inc();
     }
 
     /// Counts one finished request.
@@ -223,6 +260,11 @@ impl Metrics {
                 open: self.open_connections.get().max(0) as u64,
                 tunnels: self.open_tunnels.get().max(0) as u64,
             },
+            purges: PurgeStats {
+                by_kind: counts(&self.store.purges),
+                outcomes: counts(&self.store.purge_outcomes),
+                received: self.store.purges_received.get(),
+            },
         }
     }
 
@@ -256,6 +298,19 @@ pub struct Stats {
     pub memory: MemoryStats,
     /// Open client connections (proxy listener).
     pub connections: ConnectionStats,
+    /// Purges started here by kind, how they ended, and purges received from others.
+    pub purges: PurgeStats,
+}
+
+/// Purge figures.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct PurgeStats {
+    /// Started on this replica, by kind (`tags`, `paths`, `keys`, `all`).
+    pub by_kind: BTreeMap<&'static str, u64>,
+    /// How they ended (`confirmed`, `unconfirmed`, `local`).
+    pub outcomes: BTreeMap<&'static str, u64>,
+    /// Applied here from other replicas or events.
+    pub received: u64,
 }
 
 /// Requests, in all and by status.

@@ -89,6 +89,10 @@ async fn a_tag_purge_on_one_replica_is_confirmed_by_both_and_neither_hits_afterw
     assert_eq!(reply["confirmed"], true, "{reply}");
     assert_eq!(reply["replicas_expected"], 2, "{reply}");
     assert_eq!(reply["replicas_acknowledged"], 2, "{reply}");
+    let (stats_a, stats_b) = (a.stats().await, b.stats().await);
+    assert_eq!(stats_a["purges"]["by_kind"]["tags"], 1);
+    assert_eq!(stats_a["purges"]["outcomes"]["confirmed"], 1);
+    assert_eq!(stats_b["purges"]["received"], 1);
     // Confirmed: no replica answers HIT for the purged entry; others stay.
     for gate in [&a, &b] {
         assert_eq!(gate.get("/kpi/leads").await.cache(), "MISS");
@@ -251,6 +255,16 @@ async fn an_event_published_on_redis_or_raised_by_the_admin_api_purges_on_every_
     }
     let (status, _) = raise(&a, "no.such.event").await;
     assert_eq!(status, 404);
+    let metrics = b.metrics().await;
+    assert!(
+        metrics.contains(r#"cachegate_events_total{name="leads.imported"} 2"#),
+        "{metrics}"
+    );
+    assert!(
+        a.metrics()
+            .await
+            .contains(r#"cachegate_events_total{name="unknown"} 1"#)
+    );
     // An unknown event on the channel is ignored, never a crash.
     let _: u64 = redis::cmd("PUBLISH")
         .arg("cachegate:events")

@@ -57,6 +57,9 @@ pub struct EventConfig {
     /// Purge the whole namespace.
     #[serde(default)]
     pub all: bool,
+    /// Mark stale instead of deleting; until stale serving exists, applied as a hard purge.
+    #[serde(default)]
+    pub soft: bool,
 }
 
 impl Config {

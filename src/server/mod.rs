@@ -222,8 +222,15 @@ pub fn engine(
         metrics.store.clone(),
     );
     let events = config.events.clone();
+    metrics.declare_events(events.iter().map(|e| e.name.as_str()));
+    let events_total = metrics.events.clone();
     store.start_invalidation(Some(Arc::new(move |name: &str| {
-        crate::config::event_scope(&events, name)
+        let scope = crate::config::event_scope(&events, name);
+        let label = if scope.is_some() { name } else { "unknown" };
+        events_total
+            .get_or_create(&crate::metrics::EventLabels { name: label.into() })
+            .inc();
+        scope
     })));
     Ok((KeyBuilder::new(&secret, &config.cache.namespace), store))
 }

@@ -18,6 +18,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 
 use crate::key::CacheKey;
+use crate::metrics::StoreMetrics;
 use crate::purge::Purges;
 use crate::store::RedisTier;
 
@@ -181,6 +182,7 @@ pub fn subscribe(
     redis: RedisTier,
     purges: &Arc<Purges>,
     events: Option<EventRules>,
+    metrics: StoreMetrics,
 ) -> tokio::task::JoinHandle<()> {
     let purges = Arc::downgrade(purges);
     tokio::spawn(async move {
@@ -190,7 +192,7 @@ pub fn subscribe(
                 return;
             }
             if let Some(pubsub) = redis.pubsub().await
-                && run(&redis, pubsub, &purges, events.as_ref()).await
+                && run(&redis, pubsub, &purges, events.as_ref(), &metrics).await
             {
                 return;
             }
@@ -207,6 +209,7 @@ async fn run(
     mut pubsub: redis::aio::PubSub,
     purges: &Weak<Purges>,
     events: Option<&EventRules>,
+    metrics: &StoreMetrics,
 ) -> bool {
     let invalidate = redis.invalidate_channel();
     if pubsub.subscribe(&invalidate).await.is_err() {
@@ -270,6 +273,7 @@ async fn run(
                     continue;
                 };
                 apply(&purges, &purge.scope, purge.at_ms);
+                metrics.purges_received.inc();
                 redis.ack_purge(purge.id).await;
             }
         }

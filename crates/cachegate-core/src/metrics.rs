@@ -108,6 +108,15 @@ pub struct StoreMetrics {
     pub memory_entries: Gauge,
     /// `memory_bytes`: weighted bytes in the memory tier (refreshed on demand).
     pub memory_bytes: Gauge,
+    /// `purges_total{kind}`: purges started on this replica, by `kind` (`tags`, `paths`,
+    /// `keys`, `all`).
+    pub purges: LabeledCounter,
+    /// `purge_outcomes_total{outcome}`: how purges started here ended: `confirmed` (every
+    /// replica acknowledged), `unconfirmed` (the time limit passed first), `local` (Redis
+    /// not reached: this replica only).
+    pub purge_outcomes: LabeledCounter,
+    /// `purges_received_total`: purges from other replicas (or events) applied here.
+    pub purges_received: Counter,
 }
 
 /// Tier labels.
@@ -122,6 +131,9 @@ impl Default for StoreMetrics {
             redis_breaker_state: Gauge::default(),
             memory_entries: Gauge::default(),
             memory_bytes: Gauge::default(),
+            purges: LabeledCounter::new("kind", &["tags", "paths", "keys", "all"]),
+            purge_outcomes: LabeledCounter::new("outcome", &["confirmed", "unconfirmed", "local"]),
+            purges_received: Counter::default(),
         }
     }
 }
@@ -163,6 +175,21 @@ impl StoreMetrics {
             "memory_bytes",
             "Weighted bytes in the memory tier",
             m.memory_bytes.clone(),
+        );
+        m.purges.register(
+            registry,
+            "purges",
+            "Purges started on this replica, by kind",
+        );
+        m.purge_outcomes.register(
+            registry,
+            "purge_outcomes",
+            "How purges started here ended: confirmed, unconfirmed, local",
+        );
+        registry.register(
+            "purges_received",
+            "Purges from other replicas or events applied here",
+            m.purges_received.clone(),
         );
     }
 }

@@ -206,6 +206,25 @@ impl<V: Storable> TieredStore<V> {
             scope,
         };
         invalidation::apply(&self.purges, &message.scope, message.at_ms);
+        self.metrics.purges.inc(match message.scope {
+            PurgeScope::Tags(_) => "tags",
+            PurgeScope::Paths(_) => "paths",
+            PurgeScope::Keys(_) => "keys",
+            PurgeScope::All => "all",
+        });
+        let report = self.purge_everywhere(&message, ack_timeout).await;
+        self.metrics.purge_outcomes.inc(if !report.redis_reached {
+            "local"
+        } else if report.confirmed() {
+            "confirmed"
+        } else {
+            "unconfirmed"
+        });
+        report
+    }
+
+    /// Records and publishes an applied purge, and waits for the acknowledgements.
+    async fn purge_everywhere(&self, message: &PurgeMessage, ack_timeout: Duration) -> PurgeReport {
         let mut report = PurgeReport {
             redis_reached: false,
             replicas_expected: 1,
@@ -240,7 +259,7 @@ impl<V: Storable> TieredStore<V> {
     pub fn start_invalidation(&self, events: Option<EventRules>) {
         if let Some(redis) = &self.redis {
             self.purges.expect_sync();
-            invalidation::subscribe(redis.clone(), &self.purges, events);
+            invalidation::subscribe(redis.clone(), &self.purges, events, self.metrics.clone());
         }
     }
 
