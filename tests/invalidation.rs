@@ -57,6 +57,18 @@ async fn purge(gate: &Gate, token: Option<&str>, body: &str) -> (u16, serde_json
     )
 }
 
+/// What an ETL job does: `redis-cli PUBLISH cachegate:events NAME`. Returns the number of
+/// subscribers that received it.
+async fn publish_event(redis: &Redis, name: &str) -> u64 {
+    let mut conn = redis.connection().await;
+    redis::cmd("PUBLISH")
+        .arg("cachegate:events")
+        .arg(name)
+        .query_async(&mut conn)
+        .await
+        .unwrap()
+}
+
 /// Two replicas sharing `redis`, both subscribed to the invalidation channel.
 async fn two_replicas(up: &Upstream, redis: &Redis) -> (Gate, Gate) {
     let a = Gate::start(up, Some(redis), CONFIG).await;
@@ -221,13 +233,7 @@ async fn an_event_published_on_redis_or_raised_by_the_admin_api_purges_on_every_
     };
     warm().await;
     // What an ETL job does: `redis-cli PUBLISH cachegate:events leads.imported`.
-    let mut conn = redis.connection().await;
-    let receivers: u64 = redis::cmd("PUBLISH")
-        .arg("cachegate:events")
-        .arg("leads.imported")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    let receivers = publish_event(&redis, "leads.imported").await;
     assert_eq!(receivers, 2);
     for gate in [&a, &b] {
         let purged = eventually(Duration::from_secs(5), || async {
@@ -266,12 +272,7 @@ async fn an_event_published_on_redis_or_raised_by_the_admin_api_purges_on_every_
             .contains(r#"cachegate_events_total{name="unknown"} 1"#)
     );
     // An unknown event on the channel is ignored, never a crash.
-    let _: u64 = redis::cmd("PUBLISH")
-        .arg("cachegate:events")
-        .arg("no.such.event")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    publish_event(&redis, "no.such.event").await;
     assert_eq!(a.get("/profile/ada").await.cache(), "HIT");
 }
 
@@ -365,4 +366,73 @@ async fn a_purge_by_request_removes_what_that_body_keyed_post_would_hit() {
         reply.as_str().unwrap_or("").starts_with("requests[1]"),
         "{reply}"
     );
+}
+
+#[tokio::test]
+async fn three_cachegate_processes_confirm_a_purge_and_apply_a_published_event() {
+    let up = Upstream::start().await;
+    let redis = Redis::start().await;
+    let config = format!(
+        "{CONFIG}\n[upstream]\nurl = \"{}\"\n[redis]\n{}",
+        up.url(),
+        redis.config_table()
+    );
+    let mut replicas = Vec::new();
+    for _ in 0..3 {
+        replicas.push(common::GateProcess::start(&config).await);
+    }
+    let client = reqwest::Client::new();
+    let cache_status = |base: &str, path: &str| {
+        let req = client.get(format!("{base}{path}"));
+        async move {
+            let resp = req.send().await.unwrap();
+            resp.headers()["x-cache-status"]
+                .to_str()
+                .unwrap()
+                .to_string()
+        }
+    };
+    let subscribed = eventually(Duration::from_secs(10), || async {
+        redis.subscribers("cachegate:invalidate").await == 3
+    });
+    assert!(subscribed.await, "three subscribers expected");
+    let warm = || async {
+        for replica in &replicas {
+            for path in ["/kpi/leads", "/profile/ada"] {
+                cache_status(&replica.base, path).await;
+                assert_eq!(cache_status(&replica.base, path).await, "HIT", "{path}");
+            }
+        }
+    };
+    warm().await;
+    let resp = client
+        .post(format!("{}/admin/purge", replicas[1].admin))
+        .bearer_auth("purge-token")
+        .body(r#"{"tags": ["kpi"]}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let reply: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(
+        (
+            reply["confirmed"].as_bool(),
+            reply["replicas_acknowledged"].as_u64()
+        ),
+        (Some(true), Some(3)),
+        "{reply}"
+    );
+    for replica in &replicas {
+        assert_eq!(cache_status(&replica.base, "/kpi/leads").await, "MISS");
+        assert_eq!(cache_status(&replica.base, "/profile/ada").await, "HIT");
+    }
+    warm().await;
+    let receivers = publish_event(&redis, "leads.imported").await;
+    assert_eq!(receivers, 3);
+    for replica in &replicas {
+        let purged = eventually(Duration::from_secs(5), || async {
+            cache_status(&replica.base, "/kpi/leads").await == "MISS"
+        });
+        assert!(purged.await, "the event did not reach {}", replica.base);
+    }
 }
