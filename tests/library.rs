@@ -442,3 +442,35 @@ async fn a_purge_with_redis_down_applies_here_and_says_the_others_were_not_reach
     assert!(!report.redis_reached && !report.confirmed(), "{report:?}");
     assert_eq!(cache.get("leads").await, None);
 }
+
+#[tokio::test]
+async fn a_replica_that_lost_its_subscription_applies_the_purges_it_missed_on_reconnect() {
+    let redis = Redis::start().await;
+    let (a, b) = (
+        synced_replica::<Postcard>(&redis).await,
+        synced_replica::<Postcard>(&redis).await,
+    );
+    b.set("leads", chart("v1"), &Options::default().tags(["kpi"]))
+        .unwrap();
+    assert!(b.get("leads").await.is_some());
+    // Cut every subscription (what a Redis restart or a network cut does), then purge
+    // before the replicas are back: b cannot receive the message.
+    let mut conn = redis.connection().await;
+    let _: u64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let report = a.invalidate_tags(&["kpi"]).await;
+    assert!(report.redis_reached, "{report:?}");
+    // On resubscribing, b loads the markers it missed and stops serving the entry.
+    let dropped = eventually(Duration::from_secs(5), || async {
+        b.get("leads").await.is_none()
+    });
+    assert!(
+        dropped.await,
+        "b still serves a purged entry after reconnecting"
+    );
+}
