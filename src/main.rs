@@ -41,6 +41,36 @@ enum Command {
         #[arg(long, value_enum, default_value_t = LogFormat::Text)]
         log_format: LogFormat,
     },
+    /// Purge on every replica through a running cachegate's admin API
+    /// (`POST /admin/purge`), and print its JSON reply.
+    ///
+    /// Example: cachegate purge --tag kpi --path '/kpi/leads/*'
+    ///
+    /// Exit status: 0 when every replica acknowledged, 1 when not (or Redis was not
+    /// reached: applied on that replica only), 2 on errors.
+    Purge {
+        /// The admin listener's base URL.
+        #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:9090")]
+        admin: String,
+        /// The admin bearer token.
+        #[arg(long, env = "CACHEGATE_ADMIN_TOKEN", hide_env_values = true)]
+        token: String,
+        /// Purge entries with this tag (repeatable).
+        #[arg(long = "tag", value_name = "TAG")]
+        tags: Vec<String>,
+        /// Purge entries whose path matches this glob (repeatable; `*` any run).
+        #[arg(long = "path", value_name = "GLOB")]
+        paths: Vec<String>,
+        /// Purge entries stored by this route (repeatable).
+        #[arg(long = "route", value_name = "NAME")]
+        routes: Vec<String>,
+        /// Purge every entry of the namespace.
+        #[arg(long)]
+        all: bool,
+        /// Raise this configured event instead (`POST /admin/events/{name}`).
+        #[arg(long, value_name = "NAME", conflicts_with_all = ["tags", "paths", "routes", "all"])]
+        event: Option<String>,
+    },
     /// Validate a config file and print the effective config (secrets redacted).
     CheckConfig {
         /// The TOML config file.
@@ -65,6 +95,28 @@ fn main() -> ExitCode {
             }
             Err(e) => fail(&e),
         },
+        Command::Purge {
+            admin,
+            token,
+            tags,
+            paths,
+            routes,
+            all,
+            event,
+        } => {
+            let (path, body) = match event {
+                Some(name) => (format!("/admin/events/{name}"), String::new()),
+                None => {
+                    let body = serde_json::json!({"tags": tags, "paths": paths, "routes": routes, "all": all});
+                    ("/admin/purge".to_string(), body.to_string())
+                }
+            };
+            purge(
+                &format!("{}{path}", admin.trim_end_matches('/')),
+                &token,
+                body,
+            )
+        }
         Command::Serve {
             config,
             listen,
@@ -185,4 +237,54 @@ async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
+}
+
+/// Posts `body` to the admin API at `url` with the bearer `token` and prints the reply.
+fn purge(url: &str, token: &str, body: String) -> ExitCode {
+    use http_body_util::{BodyExt, Full};
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::TokioExecutor;
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(&e),
+    };
+    runtime.block_on(async {
+        let request = http::Request::post(url)
+            .header(http::header::AUTHORIZATION, format!("Bearer {token}"))
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(bytes::Bytes::from(body)));
+        let request = match request {
+            Ok(r) => r,
+            Err(e) => return fail(&format!("{url}: {e}")),
+        };
+        let client: Client<_, Full<bytes::Bytes>> =
+            Client::builder(TokioExecutor::new()).build_http();
+        let sent =
+            tokio::time::timeout(std::time::Duration::from_secs(30), client.request(request));
+        let response = match sent.await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => return fail(&format!("{url}: {e}")),
+            Err(_) => return fail(&format!("{url}: no answer within 30 s")),
+        };
+        let status = response.status();
+        let text = match response.into_body().collect().await {
+            Ok(b) => String::from_utf8_lossy(&b.to_bytes()).into_owned(),
+            Err(e) => return fail(&format!("{url}: {e}")),
+        };
+        println!("{}", text.trim_end());
+        if !status.is_success() && status != http::StatusCode::SERVICE_UNAVAILABLE {
+            return fail(&format!("{url}: {status}"));
+        }
+        let confirmed =
+            serde_json::from_str::<serde_json::Value>(&text).is_ok_and(|v| v["confirmed"] == true);
+        if confirmed {
+            ExitCode::SUCCESS
+        } else {
+            eprintln!("cachegate: not every replica acknowledged (see the reply)");
+            ExitCode::from(1)
+        }
+    })
 }

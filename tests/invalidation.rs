@@ -436,3 +436,39 @@ async fn three_cachegate_processes_confirm_a_purge_and_apply_a_published_event()
         assert!(purged.await, "the event did not reach {}", replica.base);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_purge_command_is_a_client_of_the_admin_api() {
+    let up = Upstream::start().await;
+    let gate = Gate::start(&up, None, CONFIG).await;
+    gate.get("/kpi/leads").await;
+    assert_eq!(gate.get("/kpi/leads").await.cache(), "HIT");
+    let run = |args: Vec<String>| {
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_cachegate"))
+                .arg("purge")
+                .args(args)
+                .env_remove("CACHEGATE_ADMIN_TOKEN")
+                .output()
+                .unwrap()
+        })
+    };
+    let args = |token: &str| {
+        vec![
+            "--admin".into(),
+            gate.admin.clone(),
+            "--token".into(),
+            token.into(),
+            "--tag".into(),
+            "kpi".into(),
+        ]
+    };
+    let out = run(args("purge-token")).await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(stdout.contains(r#""confirmed":true"#), "{stdout}");
+    assert_eq!(gate.get("/kpi/leads").await.cache(), "MISS");
+    let out = run(args("wrong")).await.unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("401"));
+}
