@@ -13,6 +13,10 @@ use tokio::net::TcpStream;
 
 const LIMIT: Duration = Duration::from_secs(5);
 
+/// A body-keyed `POST /chart` route.
+const CHART_ROUTE: &str =
+    "[[routes]]\nmethod = \"POST\"\npath = \"/chart\"\nttl_secs = 60\nkey_body = true\n";
+
 async fn get_with(gate: &Gate, path: &str, headers: &[(&str, &str)]) -> Reply {
     let mut req = gate.client.get(gate.url(path));
     for (n, v) in headers {
@@ -348,12 +352,7 @@ async fn repeated_and_bare_query_parameters_are_told_apart() {
 #[tokio::test]
 async fn bodies_outside_i_json_or_not_json_bypass() {
     let up = Upstream::start().await;
-    let gate = Gate::start(
-        &up,
-        None,
-        "[[routes]]\nmethod = \"POST\"\npath = \"/chart\"\nttl_secs = 60\nkey_body = true\n",
-    )
-    .await;
+    let gate = Gate::start(&up, None, CHART_ROUTE).await;
     let detail = |r: &Reply| {
         r.header("cache-status")
             .rsplit("detail=")
@@ -598,7 +597,7 @@ async fn stalling_clients_are_cut_and_connections_are_capped() {
     let gate = Gate::start(
         &up,
         None,
-        "[server]\nclient_body_timeout_ms = 300\nheader_read_timeout_ms = 400\nmax_connections = 2\n[[routes]]\nmethod = \"POST\"\npath = \"/chart\"\nttl_secs = 60\nkey_body = true\n",
+        &format!("[server]\nclient_body_timeout_ms = 300\nheader_read_timeout_ms = 400\nmax_connections = 2\n{CHART_ROUTE}"),
     )
     .await;
     // A request body that stalls: 408, on a keyed route and on a passed-through one.
@@ -959,12 +958,7 @@ async fn open_websocket(gate: &Gate) -> (TcpStream, String) {
 #[tokio::test]
 async fn malformed_request_bodies_are_400_not_502() {
     let up = Upstream::start().await;
-    let gate = Gate::start(
-        &up,
-        None,
-        "[[routes]]\nmethod = \"POST\"\npath = \"/chart\"\nttl_secs = 60\nkey_body = true\n",
-    )
-    .await;
+    let gate = Gate::start(&up, None, CHART_ROUTE).await;
     for path in ["/chart", "/other"] {
         let req = format!(
             "POST {path} HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{{}}\r\nzz\r\n"

@@ -209,12 +209,9 @@ impl<O: Origin> Proxy<O> {
         B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
         B::Error: Into<BoxError>,
     {
-        if !O::CACHES_UNROUTED
-            && self
-                .policy
-                .route_for(req.method(), &normalize_path(req.uri().path()).path)
-                .is_none()
-        {
+        // One spelling of the path, for routing, the key and the upstream.
+        let target = normalize_path(req.uri().path());
+        if !O::CACHES_UNROUTED && self.policy.route_for(req.method(), &target.path).is_none() {
             return self.untouched(req).await;
         }
         let (mut parts, body) = req.into_parts();
@@ -224,7 +221,6 @@ impl<O: Origin> Proxy<O> {
         if let Err(fault) = check_host(&parts).and_then(|()| check_target_form(&parts)) {
             return self.refuse(fault);
         }
-        let target = normalize_path(parts.uri.path());
         let query = parts.uri.query().map(str::to_owned);
         if target.path != parts.uri.path() && !is_asterisk_form(&parts) {
             set_path_and_query(&mut parts, &target.path, query.as_deref());

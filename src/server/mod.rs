@@ -188,7 +188,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
 /// Errors: [`StartError::Redis`] when the Redis settings cannot be used.
 pub fn engine(
     config: &Config,
-    metrics: &Metrics,
+    metrics: &Arc<Metrics>,
 ) -> Result<(KeyBuilder, TieredStore<CachedResponse>), StartError> {
     let redis = match &config.redis {
         Some(rc) => Some(
@@ -205,7 +205,7 @@ pub fn engine(
         Some(s) => s.as_bytes().to_vec(),
         None => {
             tracing::info!("no key_secret set: cache keys use a random per-process secret");
-            random_secret().to_vec()
+            cachegate_core::random_secret().to_vec()
         }
     };
     let seal = config.redis.as_ref().is_none_or(|r| r.encrypt);
@@ -223,13 +223,10 @@ pub fn engine(
     );
     let events = config.events.clone();
     metrics.declare_events(events.iter().map(|e| e.name.as_str()));
-    let events_total = metrics.events.clone();
+    let counted = metrics.clone();
     store.start_invalidation(Some(Arc::new(move |name: &str| {
         let scope = crate::config::event_scope(&events, name);
-        let label = if scope.is_some() { name } else { "unknown" };
-        events_total
-            .get_or_create(&crate::metrics::EventLabels { name: label.into() })
-            .inc();
+        counted.count_event(name, scope.is_some());
         scope
     })));
     Ok((KeyBuilder::new(&secret, &config.cache.namespace), store))
@@ -239,17 +236,6 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
     TcpListener::bind(addr)
         .await
         .map_err(|e| StartError::Bind(addr, e))
-}
-
-/// A per-process random secret for a memory-only cache, from the standard library's
-/// randomly seeded hasher.
-fn random_secret() -> [u8; 32] {
-    use std::hash::{BuildHasher, RandomState};
-    let mut out = [0u8; 32];
-    for (i, chunk) in out.chunks_mut(8).enumerate() {
-        chunk.copy_from_slice(&RandomState::new().hash_one(i).to_le_bytes());
-    }
-    out
 }
 
 /// Installs a panic hook that logs where a panic happened and never its message: a

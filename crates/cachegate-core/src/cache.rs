@@ -425,7 +425,7 @@ impl CacheBuilder {
         let secret = match (&self.key_secret, &self.redis) {
             (Some(secret), _) => secret.clone(),
             (None, Some(_)) => return Err(BuildError::MissingSecret),
-            (None, None) => random_secret().to_vec(),
+            (None, None) => crate::random_secret().to_vec(),
         };
         let redis = match &self.redis {
             Some(options) => Some(
@@ -454,16 +454,6 @@ impl CacheBuilder {
             }),
         })
     }
-}
-
-/// A per-process random secret, from the standard library's randomly seeded hasher.
-fn random_secret() -> [u8; 32] {
-    use std::hash::{BuildHasher, RandomState};
-    let mut out = [0u8; 32];
-    for (i, chunk) in out.chunks_mut(8).enumerate() {
-        chunk.copy_from_slice(&RandomState::new().hash_one(i).to_le_bytes());
-    }
-    out
 }
 
 /// The library's metrics. Register them into your registry with
@@ -702,10 +692,7 @@ where
                     Tier::Memory => Source::Memory,
                     Tier::Redis => Source::Redis,
                 };
-                return Ok(Fetched {
-                    value: entry.value().clone(),
-                    source,
-                });
+                return Ok(entry.fetched(source));
             }
             stale = Some(entry);
         }
@@ -713,10 +700,7 @@ where
         let stale_fallback = |error: SharedError| match &stale {
             Some(entry) if within(entry, options.stale_if_error) => {
                 inner.metrics.stale_served.inc();
-                Ok(Fetched {
-                    value: entry.value().clone(),
-                    source: Source::Stale,
-                })
+                Ok(entry.fetched(Source::Stale))
             }
             _ => Err(Error::Compute(error)),
         };
@@ -733,10 +717,7 @@ where
                         .filter(|entry| entry.is_fresh(now_ms()));
                     if let Some(entry) = landed {
                         leader.share(Ok(entry.clone()));
-                        return Ok(Fetched {
-                            value: entry.value().clone(),
-                            source: Source::Coalesced,
-                        });
+                        return Ok(entry.fetched(Source::Coalesced));
                     }
                     let result = match self.compute_and_store(key, options, compute).await {
                         Ok(result) => result,
@@ -747,10 +728,7 @@ where
                     };
                     leader.share(result.clone());
                     return match result {
-                        Ok(stored) => Ok(Fetched {
-                            value: stored.value().clone(),
-                            source: Source::Computed,
-                        }),
+                        Ok(stored) => Ok(stored.fetched(Source::Computed)),
                         Err(e) => stale_fallback(e),
                     };
                 }
@@ -760,10 +738,7 @@ where
             match follower.wait(left).await {
                 WaitOutcome::Shared(Ok(stored)) => {
                     waits.inc("served");
-                    return Ok(Fetched {
-                        value: stored.value().clone(),
-                        source: Source::Coalesced,
-                    });
+                    return Ok(stored.fetched(Source::Coalesced));
                 }
                 WaitOutcome::Shared(Err(e)) => {
                     waits.inc("error");
@@ -777,10 +752,7 @@ where
                         .await
                         .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
                     return match result {
-                        Ok(stored) => Ok(Fetched {
-                            value: stored.value().clone(),
-                            source: Source::Computed,
-                        }),
+                        Ok(stored) => Ok(stored.fetched(Source::Computed)),
                         Err(e) => stale_fallback(e),
                     };
                 }
@@ -1083,6 +1055,17 @@ where
 impl<V, C> Stored<V, C> {
     fn value(&self) -> &V {
         &self.inner.value
+    }
+
+    /// The value, cloned for a caller, with where it came from.
+    fn fetched(&self, source: Source) -> Fetched<V>
+    where
+        V: Clone,
+    {
+        Fetched {
+            value: self.inner.value.clone(),
+            source,
+        }
     }
 }
 

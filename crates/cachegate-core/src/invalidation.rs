@@ -66,27 +66,22 @@ pub(crate) struct PurgeMessage {
 
 impl PurgeMessage {
     pub fn encode(&self) -> String {
-        let mut out = format!("v1\n{:016x}\n{}\n", self.id, self.at_ms);
-        match &self.scope {
-            PurgeScope::All => out.push_str("all"),
-            PurgeScope::Keys(keys) => {
-                out.push_str("keys");
-                for key in keys {
-                    out.push('\n');
-                    out.push_str(&key.to_hex());
-                }
-            }
-            PurgeScope::Tags(items) | PurgeScope::Paths(items) => {
-                out.push_str(if matches!(self.scope, PurgeScope::Tags(_)) {
-                    "tags"
-                } else {
-                    "paths"
-                });
-                for item in items {
-                    out.push('\n');
-                    out.push_str(item);
-                }
-            }
+        let items: Vec<String> = match &self.scope {
+            PurgeScope::All => Vec::new(),
+            PurgeScope::Tags(tags) => tags.clone(),
+            PurgeScope::Paths(patterns) => patterns.clone(),
+            PurgeScope::Keys(keys) => keys.iter().map(CacheKey::to_hex).collect(),
+        };
+        let kind = match self.scope {
+            PurgeScope::All => "all",
+            PurgeScope::Tags(_) => "tags",
+            PurgeScope::Paths(_) => "paths",
+            PurgeScope::Keys(_) => "keys",
+        };
+        let mut out = format!("v1\n{:016x}\n{}\n{kind}", self.id, self.at_ms);
+        for item in items {
+            out.push('\n');
+            out.push_str(&item);
         }
         out
     }

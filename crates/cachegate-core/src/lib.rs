@@ -48,3 +48,14 @@ pub fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
 }
+
+/// 32 random bytes from the standard library's randomly seeded hasher: a per-process
+/// secret (keys that no other process can derive) or a random id.
+pub fn random_secret() -> [u8; 32] {
+    use std::hash::{BuildHasher, RandomState};
+    let mut out = [0u8; 32];
+    for (i, chunk) in out.chunks_mut(8).enumerate() {
+        chunk.copy_from_slice(&RandomState::new().hash_one(i).to_le_bytes());
+    }
+    out
+}

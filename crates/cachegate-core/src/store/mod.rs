@@ -383,8 +383,8 @@ impl<V: Storable> TieredStore<V> {
     }
 }
 
-/// A random id for a purge, from the standard library's randomly seeded hasher.
+/// A random id for a purge.
 fn purge_id() -> u64 {
-    use std::hash::{BuildHasher, RandomState};
-    RandomState::new().hash_one(now_ms())
+    let bytes = crate::random_secret();
+    u64::from_le_bytes(bytes[..8].try_into().unwrap_or_default())
 }
