@@ -1,5 +1,6 @@
 //! The admin listener: `/metrics` (Prometheus text format), `/healthz` and `/stats`
-//! (JSON), and the mutating `POST /admin/purge`, which needs the admin bearer token.
+//! (JSON), and the mutating `POST /admin/purge`, `POST /admin/events/{name}` and
+//! `POST /admin/warm`, which need the admin bearer token.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,9 +18,16 @@ use crate::entry::CachedResponse;
 use crate::metrics::Metrics;
 use crate::proxy::body::{BoxError, Limited, ProxyBody, read_limited};
 use crate::proxy::{Proxy, Switches, generated, plain};
+use crate::warm::{self, RequestSpec};
 
 /// The largest purge request body read, in bytes.
 const MAX_PURGE_BODY_BYTES: usize = 1 << 20;
+
+/// The largest warm list read by `POST /admin/warm`, in bytes.
+const MAX_WARM_BODY_BYTES: usize = 8 << 20;
+
+/// The concurrency of `POST /admin/warm` without `?concurrency=N`.
+const DEFAULT_WARM_CONCURRENCY: usize = 8;
 
 /// What the admin endpoints read and act on.
 #[derive(Clone)]
@@ -41,49 +49,6 @@ pub struct Admin {
     pub proxy: Option<Arc<Proxy>>,
 }
 
-/// A request to purge what it would hit: `{"method": "POST", "url": "/api/natal/chart",
-/// "headers": {"content-type": "application/json"}, "body": {...}}`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PurgeTarget {
-    /// Default `GET`.
-    #[serde(default = "get")]
-    method: String,
-    /// Path and query (an absolute URL's host becomes the `Host` header).
-    url: String,
-    /// Request headers that may enter the key (keyed headers, `Host`, `Content-Type`).
-    #[serde(default)]
-    headers: std::collections::BTreeMap<String, String>,
-    /// The JSON body, for `key_body` routes.
-    #[serde(default)]
-    body: Option<serde_json::Value>,
-}
-
-fn get() -> String {
-    "GET".to_string()
-}
-
-impl PurgeTarget {
-    /// The request this target describes.
-    fn to_request(&self) -> Result<Request<Bytes>, String> {
-        let uri: http::Uri = self.url.parse().map_err(|e| format!("url: {e}"))?;
-        let mut builder = Request::builder()
-            .method(self.method.as_str())
-            .uri(uri.path_and_query().map_or("/", |pq| pq.as_str()));
-        if let Some(authority) = uri.authority() {
-            builder = builder.header(header::HOST, authority.as_str());
-        }
-        for (name, value) in &self.headers {
-            builder = builder.header(name.as_str(), value.as_str());
-        }
-        let body = match &self.body {
-            Some(value) => Bytes::from(serde_json::to_vec(value).map_err(|e| e.to_string())?),
-            None => Bytes::new(),
-        };
-        builder.body(body).map_err(|e| e.to_string())
-    }
-}
-
 /// The body of `POST /admin/purge`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -100,7 +65,7 @@ struct PurgeRequest {
     routes: Vec<String>,
     /// Purge what each of these requests would hit.
     #[serde(default)]
-    requests: Vec<PurgeTarget>,
+    requests: Vec<RequestSpec>,
     /// Mark stale instead of deleting. Until stale serving exists, a soft purge is a hard
     /// one (the reply says `"applied_as": "hard"`).
     #[serde(default)]
@@ -125,6 +90,9 @@ impl Admin {
     {
         if req.uri().path() == "/admin/purge" {
             return self.purge(req, peer).await;
+        }
+        if req.uri().path() == "/admin/warm" {
+            return self.warm(req, peer).await;
         }
         if let Some(name) = req.uri().path().strip_prefix("/admin/events/") {
             let name = name.to_string();
@@ -156,9 +124,26 @@ impl Admin {
             }
             _ => plain(
                 StatusCode::NOT_FOUND,
-                "not found: try /metrics, /stats, /healthz or POST /admin/purge",
+                "not found: try /metrics, /stats, /healthz, POST /admin/purge, POST /admin/events/{name} or POST /admin/warm",
             ),
         }
+    }
+
+    /// The refusal of a mutating call `op` that is not a POST (405, saying `how`) or lacks
+    /// the admin token (see [`Admin::refusal`]; logged to the audit log); `None`: go on.
+    fn admit<B>(
+        &self,
+        req: &Request<B>,
+        peer: SocketAddr,
+        op: &'static str,
+        how: &'static str,
+    ) -> Option<Response<ProxyBody>> {
+        if req.method() != Method::POST {
+            return Some(plain(StatusCode::METHOD_NOT_ALLOWED, how));
+        }
+        let refusal = self.refusal(req)?;
+        tracing::warn!(target: "audit", client = %peer, op, "refused: no valid admin token");
+        Some(refusal)
     }
 
     /// The refusal for a request without the admin token (403 when none is configured,
@@ -194,11 +179,7 @@ impl Admin {
     /// `POST /admin/events/{name}`: purges what the configured event maps to, on every
     /// replica (as `/admin/purge`). An unknown name is a 404 and a warning.
     async fn event<B>(&self, req: Request<B>, name: &str, peer: SocketAddr) -> Response<ProxyBody> {
-        if req.method() != Method::POST {
-            return plain(StatusCode::METHOD_NOT_ALLOWED, "POST to raise an event");
-        }
-        if let Some(refusal) = self.refusal(&req) {
-            tracing::warn!(target: "audit", client = %peer, op = "event", "refused: no valid admin token");
+        if let Some(refusal) = self.admit(&req, peer, "event", "POST to raise an event") {
             return refusal;
         }
         let scope = crate::config::event_scope(&self.events, name);
@@ -215,6 +196,68 @@ impl Admin {
         purge_reply(&[report], json!({"event": name}))
     }
 
+    /// `POST /admin/warm[?concurrency=N]`: replays the warm list in the body (see
+    /// [`warm::parse_list`]) through the request path, at most N requests at once (default
+    /// 8, at most 64), and answers the counts as JSON ([`warm::WarmReport`]): 200 when
+    /// every request stored or found a fresh entry, else 207 (some failed); 400 for a list
+    /// with an unreadable line (nothing is replayed).
+    async fn warm<B>(&self, req: Request<B>, peer: SocketAddr) -> Response<ProxyBody>
+    where
+        B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
+        B::Error: Into<BoxError>,
+    {
+        if let Some(refusal) = self.admit(&req, peer, "warm", "POST a warm list") {
+            return refusal;
+        }
+        let concurrency = match concurrency_param(req.uri().query()) {
+            Ok(n) => n,
+            Err(text) => return plain(StatusCode::BAD_REQUEST, text),
+        };
+        let Some(proxy) = &self.proxy else {
+            return plain(StatusCode::BAD_REQUEST, "no request path to warm through");
+        };
+        let body = match read_limited(req.into_body(), MAX_WARM_BODY_BYTES).await {
+            Ok(Limited::Complete(bytes)) => bytes,
+            Ok(Limited::TooLarge(_)) => {
+                return plain(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "warm list too large (8 MiB): split it",
+                );
+            }
+            Err(_) => return plain(StatusCode::BAD_REQUEST, "unreadable request body"),
+        };
+        let Ok(text) = std::str::from_utf8(&body) else {
+            return plain(StatusCode::BAD_REQUEST, "a warm list is UTF-8 text");
+        };
+        let list = match warm::parse_list(text) {
+            Ok(list) => list,
+            Err(e) => {
+                let text = format!(
+                    "invalid warm list: {e}; expected one request per line: METHOD URL [JSON body], or a JSON object {{\"method\", \"url\", \"headers\", \"body\"}}"
+                );
+                return generated(StatusCode::BAD_REQUEST, text, "text/plain; charset=utf-8");
+            }
+        };
+        let report = warm::warm_list(proxy, &self.metrics, list, concurrency, peer).await;
+        tracing::info!(
+            target: "audit",
+            client = %peer,
+            op = "warm",
+            requests = report.requests,
+            stored = report.stored,
+            fresh = report.fresh,
+            failed = report.failed,
+            "warm"
+        );
+        let status = if report.failed == 0 {
+            StatusCode::OK
+        } else {
+            StatusCode::MULTI_STATUS
+        };
+        let json = serde_json::to_string(&report).unwrap_or_default();
+        generated(status, json, "application/json")
+    }
+
     /// `POST /admin/purge`: purges by tags and/or the whole namespace on every replica,
     /// and answers what was reached (200; 503 when Redis is configured but was not
     /// reached, the purge then applied on this replica only).
@@ -223,11 +266,7 @@ impl Admin {
         B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
         B::Error: Into<BoxError>,
     {
-        if req.method() != Method::POST {
-            return plain(StatusCode::METHOD_NOT_ALLOWED, "POST a JSON purge request");
-        }
-        if let Some(refusal) = self.refusal(&req) {
-            tracing::warn!(target: "audit", client = %peer, op = "purge", "refused: no valid admin token");
+        if let Some(refusal) = self.admit(&req, peer, "purge", "POST a JSON purge request") {
             return refusal;
         }
         let body = match read_limited(req.into_body(), MAX_PURGE_BODY_BYTES).await {
@@ -335,6 +374,25 @@ impl Admin {
         });
         purge_reply(&reports, purged)
     }
+}
+
+/// The `concurrency` query parameter of `POST /admin/warm`, default
+/// [`DEFAULT_WARM_CONCURRENCY`].
+fn concurrency_param(query: Option<&str>) -> Result<usize, &'static str> {
+    let mut concurrency = DEFAULT_WARM_CONCURRENCY;
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("concurrency", n)) => {
+                concurrency = n
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=warm::MAX_CONCURRENCY).contains(n))
+                    .ok_or("concurrency: a whole number from 1 to 64")?;
+            }
+            _ => return Err("unknown query parameter: only concurrency=N is accepted"),
+        }
+    }
+    Ok(concurrency)
 }
 
 /// The JSON reply to a purge: what was `purged`, whether Redis was reached (else 503),

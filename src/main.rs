@@ -1,4 +1,4 @@
-//! The `cachegate` command: `serve` and `check-config`.
+//! The `cachegate` command: `serve`, `purge`, `warm` and `check-config`.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -71,6 +71,31 @@ enum Command {
         #[arg(long, value_name = "NAME", conflicts_with_all = ["tags", "paths", "routes", "all"])]
         event: Option<String>,
     },
+    /// Warm the cache from a list of requests through a running cachegate's admin API
+    /// (`POST /admin/warm`), with a progress bar, then print the stored / already fresh /
+    /// failed counts.
+    ///
+    /// FILE holds one request per line: `METHOD URL [JSON body]`, e.g.
+    /// `POST /api/natal/chart {"date": "1990-01-01"}`, or a JSON object
+    /// `{"method", "url", "headers", "body"}`; blank lines and `#` comments are skipped.
+    ///
+    /// Example: cachegate warm hot-requests.txt --concurrency 8
+    ///
+    /// Exit status: 0 when every request stored or found a fresh entry, 1 when some
+    /// failed, 2 on errors (nothing is sent for a file with an unreadable line).
+    Warm {
+        /// The warm list.
+        file: PathBuf,
+        /// The admin listener's base URL.
+        #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:9090")]
+        admin: String,
+        /// The admin bearer token.
+        #[arg(long, env = "CACHEGATE_ADMIN_TOKEN", hide_env_values = true)]
+        token: String,
+        /// Requests replayed at once (1 to 64).
+        #[arg(long, value_name = "N", default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=64))]
+        concurrency: u16,
+    },
     /// Validate a config file and print the effective config (secrets redacted).
     CheckConfig {
         /// The TOML config file.
@@ -117,6 +142,17 @@ fn main() -> ExitCode {
                 body,
             )
         }
+        Command::Warm {
+            file,
+            admin,
+            token,
+            concurrency,
+        } => warm(
+            &file,
+            admin.trim_end_matches('/'),
+            &token,
+            concurrency.into(),
+        ),
         Command::Serve {
             config,
             listen,
@@ -239,52 +275,159 @@ async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
-/// Posts `body` to the admin API at `url` with the bearer `token` and prints the reply.
-fn purge(url: &str, token: &str, body: String) -> ExitCode {
+/// A runtime for the admin API clients.
+fn client_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+}
+
+/// Posts `body` (of `content_type`) to the admin API at `url` with the bearer `token`;
+/// returns the reply's status and text.
+///
+/// Errors: the request cannot be made, sent or read, or no answer came within 5 minutes.
+async fn post(
+    url: &str,
+    token: &str,
+    content_type: &str,
+    body: String,
+) -> Result<(http::StatusCode, String), String> {
     use http_body_util::{BodyExt, Full};
     use hyper_util::client::legacy::Client;
     use hyper_util::rt::TokioExecutor;
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let request = http::Request::post(url)
+        .header(http::header::AUTHORIZATION, format!("Bearer {token}"))
+        .header(http::header::CONTENT_TYPE, content_type)
+        .body(Full::new(bytes::Bytes::from(body)))
+        .map_err(|e| format!("{url}: {e}"))?;
+    let client: Client<_, Full<bytes::Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let sent = tokio::time::timeout(std::time::Duration::from_secs(300), client.request(request));
+    let response = match sent.await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => return Err(format!("{url}: {e}")),
+        Err(_) => return Err(format!("{url}: no answer within 300 s")),
+    };
+    let status = response.status();
+    let bytes = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| format!("{url}: {e}"))?
+        .to_bytes();
+    Ok((status, String::from_utf8_lossy(&bytes).into_owned()))
+}
+
+/// Posts a purge `body` to the admin API at `url` and prints the reply; exit 0 when every
+/// replica acknowledged.
+fn purge(url: &str, token: &str, body: String) -> ExitCode {
+    let runtime = match client_runtime() {
         Ok(rt) => rt,
         Err(e) => return fail(&e),
     };
-    runtime.block_on(async {
-        let request = http::Request::post(url)
-            .header(http::header::AUTHORIZATION, format!("Bearer {token}"))
-            .header(http::header::CONTENT_TYPE, "application/json")
-            .body(Full::new(bytes::Bytes::from(body)));
-        let request = match request {
+    let (status, text) = match runtime.block_on(post(url, token, "application/json", body)) {
+        Ok(reply) => reply,
+        Err(e) => return fail(&e),
+    };
+    println!("{}", text.trim_end());
+    if !status.is_success() && status != http::StatusCode::SERVICE_UNAVAILABLE {
+        return fail(&format!("{url}: {status}"));
+    }
+    let confirmed =
+        serde_json::from_str::<serde_json::Value>(&text).is_ok_and(|v| v["confirmed"] == true);
+    if confirmed {
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("cachegate: not every replica acknowledged (see the reply)");
+        ExitCode::from(1)
+    }
+}
+
+/// Reads and checks the warm list `file`, then posts it to `{admin}/admin/warm` in batches
+/// of `4 * concurrency` requests, advancing a progress bar per batch; prints the summed
+/// counts and the first failures with their lines in `file`.
+fn warm(file: &Path, admin: &str, token: &str, concurrency: usize) -> ExitCode {
+    use cachegate::warm::{WarmFailure, WarmReport, parse_list};
+    let text = match std::fs::read_to_string(file) {
+        Ok(t) => t,
+        Err(e) => return fail(&format!("{}: {e}", file.display())),
+    };
+    let list = match parse_list(&text) {
+        Ok(list) => list,
+        Err(e) => return fail(&format!("{}: {e}", file.display())),
+    };
+    let runtime = match client_runtime() {
+        Ok(rt) => rt,
+        Err(e) => return fail(&e),
+    };
+    let url = format!("{admin}/admin/warm?concurrency={concurrency}");
+    let bar = indicatif::ProgressBar::new(list.len() as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:40} {pos}/{len} requests ({per_sec}, {eta} left)",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let mut total = WarmReport::default();
+    for batch in list.chunks(concurrency * 4) {
+        let body: String = batch
+            .iter()
+            .filter_map(|(_, spec)| serde_json::to_string(spec).ok())
+            .map(|line| line + "\n")
+            .collect();
+        let (status, reply) = match runtime.block_on(post(&url, token, "text/plain", body)) {
             Ok(r) => r,
-            Err(e) => return fail(&format!("{url}: {e}")),
+            Err(e) => {
+                bar.abandon();
+                return fail(&e);
+            }
         };
-        let client: Client<_, Full<bytes::Bytes>> =
-            Client::builder(TokioExecutor::new()).build_http();
-        let sent =
-            tokio::time::timeout(std::time::Duration::from_secs(30), client.request(request));
-        let response = match sent.await {
-            Ok(Ok(r)) => r,
-            Ok(Err(e)) => return fail(&format!("{url}: {e}")),
-            Err(_) => return fail(&format!("{url}: no answer within 30 s")),
-        };
-        let status = response.status();
-        let text = match response.into_body().collect().await {
-            Ok(b) => String::from_utf8_lossy(&b.to_bytes()).into_owned(),
-            Err(e) => return fail(&format!("{url}: {e}")),
-        };
-        println!("{}", text.trim_end());
-        if !status.is_success() && status != http::StatusCode::SERVICE_UNAVAILABLE {
-            return fail(&format!("{url}: {status}"));
+        if status != http::StatusCode::OK && status != http::StatusCode::MULTI_STATUS {
+            bar.abandon();
+            return fail(&format!("{url}: {status}: {}", reply.trim_end()));
         }
-        let confirmed =
-            serde_json::from_str::<serde_json::Value>(&text).is_ok_and(|v| v["confirmed"] == true);
-        if confirmed {
-            ExitCode::SUCCESS
-        } else {
-            eprintln!("cachegate: not every replica acknowledged (see the reply)");
-            ExitCode::from(1)
+        let Ok(report) = serde_json::from_str::<serde_json::Value>(&reply) else {
+            bar.abandon();
+            return fail(&format!("{url}: not a warm report: {}", reply.trim_end()));
+        };
+        let count = |name: &str| report[name].as_u64().unwrap_or(0) as usize;
+        total.requests += count("requests");
+        total.stored += count("stored");
+        total.fresh += count("fresh");
+        total.failed += count("failed");
+        for failure in report["failures"].as_array().into_iter().flatten() {
+            // The batch was sent one request per line: its line n is the batch's item n.
+            let in_batch = failure["line"].as_u64().unwrap_or(0) as usize;
+            let Some((line, _)) = in_batch.checked_sub(1).and_then(|i| batch.get(i)) else {
+                continue;
+            };
+            if total.failures.len() < WarmReport::MAX_FAILURES {
+                total.failures.push(WarmFailure {
+                    line: *line,
+                    status: failure["status"].as_u64().unwrap_or(0) as u16,
+                    detail: failure["detail"].as_str().unwrap_or("").to_string(),
+                });
+            }
         }
-    })
+        bar.inc(batch.len() as u64);
+    }
+    bar.finish_and_clear();
+    println!(
+        "{}: {} requests: {} stored, {} already fresh, {} failed",
+        file.display(),
+        total.requests,
+        total.stored,
+        total.fresh,
+        total.failed
+    );
+    for failure in &total.failures {
+        println!(
+            "  line {}: status {}, {}",
+            failure.line, failure.status, failure.detail
+        );
+    }
+    if total.failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
 }

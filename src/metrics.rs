@@ -19,6 +19,9 @@ pub use cachegate_core::metrics::LabeledCounter;
 
 use crate::status::CachePhase;
 
+/// The outcomes of warm requests ([`crate::warm::WarmOutcome::label`]).
+const WARM_OUTCOMES: &[&str] = &["stored", "fresh", "failed"];
+
 /// Labels of `cachegate_requests_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
@@ -59,6 +62,12 @@ pub struct Metrics {
     /// `events_total{name}`: events raised, by configured name (`unknown` for others: the
     /// label set stays bounded).
     pub events: Family<EventLabels, Counter>,
+    /// `warm_requests_total{outcome}`: warm-list requests by outcome (`stored`, `fresh`,
+    /// `failed`).
+    pub warm_requests: LabeledCounter,
+    /// `hot_key_refreshes_total{outcome}`: hot-key refreshes by outcome (`stored`,
+    /// `fresh`: a concurrent request fetched it, `failed`).
+    pub hot_key_refreshes: LabeledCounter,
 }
 
 /// Labels of `cachegate_events_total`.
@@ -110,6 +119,8 @@ impl Metrics {
             name: "unknown".into(),
         });
         let store = StoreMetrics::default();
+        let warm_requests = LabeledCounter::new("outcome", WARM_OUTCOMES);
+        let hot_key_refreshes = LabeledCounter::new("outcome", WARM_OUTCOMES);
         let mut metrics = Metrics {
             registry: Registry::default(),
             requests,
@@ -123,6 +134,8 @@ impl Metrics {
             open_connections,
             open_tunnels,
             events,
+            warm_requests,
+            hot_key_refreshes,
         };
         let mut registry = Registry::with_prefix("cachegate");
         metrics.register_into(&mut registry);
@@ -172,6 +185,16 @@ impl Metrics {
             "events",
             "Events raised, by configured name (unknown for others)",
             self.events.clone(),
+        );
+        self.warm_requests.register(
+            r,
+            "warm_requests",
+            "Warm-list requests by outcome (stored, fresh, failed)",
+        );
+        self.hot_key_refreshes.register(
+            r,
+            "hot_key_refreshes",
+            "Hot-key refreshes by outcome (stored, fresh, failed)",
         );
         r.register(
             "open_tunnels",
@@ -265,6 +288,10 @@ impl Metrics {
                 outcomes: counts(&self.store.purge_outcomes),
                 received: self.store.purges_received.get(),
             },
+            warm: WarmStats {
+                requests: counts(&self.warm_requests),
+                hot_key_refreshes: counts(&self.hot_key_refreshes),
+            },
         }
     }
 
@@ -300,6 +327,17 @@ pub struct Stats {
     pub connections: ConnectionStats,
     /// Purges started here by kind, how they ended, and purges received from others.
     pub purges: PurgeStats,
+    /// Warm-list requests and hot-key refreshes by outcome.
+    pub warm: WarmStats,
+}
+
+/// Warming figures, by outcome (`stored`, `fresh`, `failed`).
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct WarmStats {
+    /// Warm-list requests (`cachegate warm`, `POST /admin/warm`).
+    pub requests: BTreeMap<&'static str, u64>,
+    /// Hot-key refreshes (`warm_hot_keys`).
+    pub hot_key_refreshes: BTreeMap<&'static str, u64>,
 }
 
 /// Purge figures.

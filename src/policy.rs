@@ -8,13 +8,14 @@
 //! force recomputation of an expensive endpoint.
 
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use http::{HeaderMap, Method, StatusCode, header};
 
 use crate::config::RouteConfig;
 use crate::key::is_json_media_type;
 use crate::status::{BypassReason, NoStoreReason};
+use crate::warm::HotKeys;
 
 /// A configured route, ready for matching.
 #[derive(Debug, Clone)]
@@ -25,6 +26,8 @@ pub struct Route {
     pub config: RouteConfig,
     /// The route's tags, shared by every entry it stores.
     pub tags: Arc<[String]>,
+    /// Its request counts per key, with `warm_hot_keys`.
+    pub hot_keys: Option<Arc<HotKeys>>,
 }
 
 /// All routes, tried in order.
@@ -45,6 +48,12 @@ impl Policy {
                 }
                 Route {
                     tags: r.tags.clone().into(),
+                    hot_keys: (r.warm_hot_keys > 0).then(|| {
+                        Arc::new(HotKeys::new(
+                            r.warm_hot_keys,
+                            Duration::from_secs(r.warm_interval_secs),
+                        ))
+                    }),
                     name: r
                         .name
                         .clone()
@@ -54,6 +63,14 @@ impl Policy {
             })
             .collect();
         Policy { routes }
+    }
+
+    /// The hot-key trackers of the routes with `warm_hot_keys`.
+    pub fn hot_keys(&self) -> Vec<Arc<HotKeys>> {
+        self.routes
+            .iter()
+            .filter_map(|r| r.hot_keys.clone())
+            .collect()
     }
 
     /// The first route matching `method` and `path`, if any. A `HEAD` request follows the

@@ -40,21 +40,7 @@ ttl_secs = 600
 "#;
 
 async fn purge(gate: &Gate, token: Option<&str>, body: &str) -> (u16, serde_json::Value) {
-    let mut req = gate
-        .client
-        .post(format!("{}/admin/purge", gate.admin))
-        .header("content-type", "application/json")
-        .body(body.to_string());
-    if let Some(token) = token {
-        req = req.bearer_auth(token);
-    }
-    let resp = req.send().await.unwrap();
-    let status = resp.status().as_u16();
-    let text = resp.text().await.unwrap();
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)),
-    )
+    gate.admin_post("/admin/purge", token, body).await
 }
 
 /// What an ETL job does: `redis-cli PUBLISH cachegate:events NAME`. Returns the number of

@@ -265,6 +265,19 @@ pub struct RouteConfig {
     /// Response statuses that may be stored; absent means any 2xx.
     #[serde(default)]
     pub cache_statuses: Option<Vec<u16>>,
+    /// Hot-key warming: keep the this many most-requested keys of each interval fresh by
+    /// refreshing them from the upstream shortly before they expire (see [`crate::warm`]).
+    /// Default 0 (off); at most 1000.
+    #[serde(default)]
+    pub warm_hot_keys: usize,
+    /// The interval over which requests are counted for `warm_hot_keys`, in seconds.
+    /// Default 60; at least 1.
+    #[serde(default = "sixty")]
+    pub warm_interval_secs: u64,
+}
+
+fn sixty() -> u64 {
+    60
 }
 
 fn yes() -> bool {
@@ -452,10 +465,25 @@ impl Config {
     }
 
     /// Checks what the cache itself needs, upstream aside (the tower layer has none): a
-    /// TLS CA only with `rediss://`, and a key secret whenever Redis is configured.
+    /// TLS CA only with `rediss://`, a key secret whenever Redis is configured, and route
+    /// warming settings in range.
     ///
     /// Errors: the first of those that does not hold.
     pub fn check_cache(&self) -> Result<(), ConfigError> {
+        for (i, route) in self.routes.iter().enumerate() {
+            if route.warm_hot_keys > crate::warm::MAX_HOT_KEYS {
+                return Err(ConfigError::plain(format!(
+                    "routes[{i}].warm_hot_keys: at most {}, found {}",
+                    crate::warm::MAX_HOT_KEYS,
+                    route.warm_hot_keys
+                )));
+            }
+            if route.warm_interval_secs == 0 {
+                return Err(ConfigError::plain(format!(
+                    "routes[{i}].warm_interval_secs: at least 1 second"
+                )));
+            }
+        }
         if let Some(redis) = &self.redis
             && redis.tls_ca_file.is_some()
             && !redis.url.0.starts_with("rediss://")

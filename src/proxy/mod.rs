@@ -53,6 +53,7 @@ use crate::policy::{self, Policy, RequestShape, Route};
 use crate::status::{BypassReason, CachePhase, NoStoreReason, Tier};
 use crate::tags;
 use crate::uri::{has_invalid_escape, normalize_path, parse_query};
+use crate::warm::{HotKeys, Refresh, Replay};
 use cachegate_core::coalesce::{Coalescer, Leader, Role, WaitOutcome};
 use cachegate_core::store::{Storable, TieredStore};
 
@@ -98,6 +99,8 @@ struct Ctx {
     conditions: Conditions,
     /// The tags for this request ([`tags::entry_tags`]); the upstream's are added.
     tags: Vec<String>,
+    /// A refresh ([`Refresh`]): fetched from the upstream even when an entry is stored.
+    refresh: bool,
 }
 
 /// How a response was produced, for the status headers.
@@ -264,11 +267,11 @@ impl<O: Origin> Proxy<O> {
         }
 
         // The body, for routes that key on it.
-        let (body, canonical_body) = match route.filter(|r| r.config.key_body) {
-            None => (body, None),
+        let (body, canonical_body, keyed_body) = match route.filter(|r| r.config.key_body) {
+            None => (body, None, None),
             Some(_) => match read_limited(body, self.limits.max_request_body_bytes).await {
                 Ok(Limited::Complete(bytes)) => match canonical_json(&bytes) {
-                    Ok(canonical) => (body::full(bytes), Some(canonical)),
+                    Ok(canonical) => (body::full(bytes.clone()), Some(canonical), Some(bytes)),
                     Err(e) => {
                         let reason = match e {
                             BodyKeyError::MalformedJson => BypassReason::MalformedBody,
@@ -329,10 +332,25 @@ impl<O: Origin> Proxy<O> {
             credentialed: policy::credentialed(&parts.headers),
             conditions: Conditions::take(&mut parts.headers),
             tags: tags::entry_tags(route, &target.path, &params),
+            refresh: parts.extensions.get::<Refresh>().is_some(),
         };
+        // Hot-key warming counts the route's requests per key, keeping a copy of the
+        // first request of each key to refresh it with. Never a credentialed one.
+        if let Some(hot_keys) = route.and_then(|r| r.hot_keys.as_deref())
+            && !ctx.refresh
+            && !ctx.credentialed
+            && (!has_body || keyed_body.is_some())
+            && parts.method != Method::HEAD
+        {
+            hot_keys.record(&key, || {
+                Replay::new(&parts, keyed_body.clone().unwrap_or_default(), client)
+            });
+        }
 
-        // Lookup: memory, then Redis.
-        if let Some((entry, tier)) = self.store.lookup(&key).await {
+        // Lookup: memory, then Redis (a refresh goes to the upstream).
+        if !ctx.refresh
+            && let Some((entry, tier)) = self.store.lookup(&key).await
+        {
             return self.serve_entry(&entry, &ctx, hit(&entry, tier));
         }
 
@@ -383,7 +401,9 @@ impl<O: Origin> Proxy<O> {
     ) -> Response<ProxyBody> {
         let key = &ctx.key;
         // A flight that ended between our lookup and our join has just stored its entry.
-        if let Some(entry) = self.store.lookup_memory(key) {
+        if !ctx.refresh
+            && let Some(entry) = self.store.lookup_memory(key)
+        {
             if let Some(leader) = leader {
                 leader.share(entry.clone());
             }
@@ -548,6 +568,19 @@ impl<O: Origin> Proxy<O> {
             canonical.as_deref(),
             client,
         ))
+    }
+
+    /// The hot-key trackers of the routes with `warm_hot_keys`, for [`crate::warm::run_hot_keys`].
+    pub fn hot_key_trackers(&self) -> Vec<Arc<HotKeys>> {
+        self.policy.hot_keys()
+    }
+
+    /// How much freshness the memory tier's entry for `key` has left, and its TTL; `None`
+    /// when the memory tier holds no usable entry.
+    pub fn freshness_left(&self, key: &CacheKey) -> Option<(Duration, Duration)> {
+        let entry = self.store.lookup_memory(key)?;
+        let ttl = Duration::from_secs(entry.ttl_secs().into());
+        Some((entry.remaining_ttl(now_ms()), ttl))
     }
 
     /// Sends a request that is none of the cache's business to the origin as it came and

@@ -131,6 +131,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         connections: Arc::new(Semaphore::new(max_connections)),
         max_connections,
     };
+    let hot_keys = crate::warm::run_hot_keys(proxy.clone(), metrics.clone(), rx.clone());
     let panics = metrics.clone();
     let proxy_loop = serve(listener, rx.clone(), limits.clone(), move |req, peer| {
         let proxy = proxy.clone();
@@ -178,7 +179,11 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         switches,
         metrics,
         shutdown,
-        tasks: vec![tokio::spawn(proxy_loop), tokio::spawn(admin_loop)],
+        tasks: vec![
+            tokio::spawn(proxy_loop),
+            tokio::spawn(admin_loop),
+            tokio::spawn(hot_keys),
+        ],
     })
 }
 

@@ -87,6 +87,31 @@ impl Gate {
         Reply::from(req.send().await.unwrap()).await
     }
 
+    /// POSTs `body` to the admin listener's `path` (with the bearer `token`, if any);
+    /// returns the status and the reply as JSON (a JSON string when it is not JSON).
+    pub async fn admin_post(
+        &self,
+        path: &str,
+        token: Option<&str>,
+        body: &str,
+    ) -> (u16, serde_json::Value) {
+        let mut req = self
+            .client
+            .post(format!("{}{path}", self.admin))
+            .header("content-type", "application/json")
+            .body(body.to_string());
+        if let Some(token) = token {
+            req = req.bearer_auth(token);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)),
+        )
+    }
+
     pub async fn metrics(&self) -> String {
         admin_text(&self.client, &self.admin, "/metrics").await
     }

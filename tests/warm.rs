@@ -1,0 +1,255 @@
+//! Warming: warm lists through `POST /admin/warm` and `cachegate warm FILE`, and hot keys
+//! refreshed before they expire, against a real upstream.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Gate, Upstream, eventually};
+
+const CONFIG: &str = r#"
+[admin]
+token = "warm-token"
+
+[[routes]]
+method = "GET"
+path = "/kpi/*"
+ttl_secs = 600
+
+[[routes]]
+method = "POST"
+path = "/api/natal/chart"
+ttl_secs = 600
+key_body = true
+"#;
+
+/// A list with two GETs, one body-keyed POST and (line 6) a request whose answer is
+/// `no-store`: it can never be stored.
+const LIST: &str = "# the dashboard's views\nGET /kpi/leads?region=eu\nGET /kpi/overview\n\nPOST /api/natal/chart {\"date\": \"1990-01-01\", \"lat\": 51.5}\n{\"url\": \"/kpi/private\", \"headers\": {\"x-test-cache-control\": \"no-store\"}}\n";
+
+async fn warm(gate: &Gate, token: Option<&str>, list: &str) -> (u16, serde_json::Value) {
+    gate.admin_post("/admin/warm?concurrency=2", token, list)
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warm_list_stores_what_clients_then_hit() {
+    let up = Upstream::start().await;
+    let gate = Gate::start(&up, None, CONFIG).await;
+
+    let (status, report) = warm(&gate, Some("warm-token"), LIST).await;
+    assert_eq!(status, 207, "{report}");
+    assert_eq!(report["requests"], 4, "{report}");
+    assert_eq!(report["stored"], 3, "{report}");
+    assert_eq!(report["fresh"], 0, "{report}");
+    assert_eq!(report["failed"], 1, "{report}");
+    assert_eq!(report["failures"][0]["line"], 6, "{report}");
+    assert_eq!(report["failures"][0]["detail"], "no-store", "{report}");
+    assert_eq!(up.hits(), 4);
+
+    // Clients hit what was warmed, the POST under its canonical body.
+    assert_eq!(gate.get("/kpi/leads?region=eu").await.cache(), "HIT");
+    assert_eq!(gate.get("/kpi/overview").await.cache(), "HIT");
+    let chart = gate
+        .post_json(
+            "/api/natal/chart",
+            r#"{ "lat": 51.50, "date": "1990-01-01" }"#,
+        )
+        .await;
+    assert_eq!(chart.cache(), "HIT");
+    assert_eq!(up.hits(), 4);
+
+    // Again: already fresh, nothing fetched.
+    let list = LIST.replace(
+        "{\"url\": \"/kpi/private\", \"headers\": {\"x-test-cache-control\": \"no-store\"}}\n",
+        "",
+    );
+    let (status, report) = warm(&gate, Some("warm-token"), &list).await;
+    assert_eq!(status, 200, "{report}");
+    assert_eq!(report["fresh"], 3, "{report}");
+    assert_eq!(report["stored"], 0, "{report}");
+    assert_eq!(up.hits(), 4);
+
+    let metrics = gate.metrics().await;
+    assert!(
+        metrics.contains(r#"cachegate_warm_requests_total{outcome="stored"} 3"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"cachegate_warm_requests_total{outcome="fresh"} 3"#),
+        "{metrics}"
+    );
+    assert_eq!(gate.stats().await["warm"]["requests"]["failed"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_list_or_no_token_warms_nothing() {
+    let up = Upstream::start().await;
+    let gate = Gate::start(&up, None, CONFIG).await;
+
+    let (status, _) = warm(&gate, None, "GET /kpi/a\n").await;
+    assert_eq!(status, 401);
+    let (status, _) = warm(&gate, Some("wrong"), "GET /kpi/a\n").await;
+    assert_eq!(status, 401);
+    // Line 2 is not a request: nothing is replayed, not even line 1.
+    let (status, reply) = warm(&gate, Some("warm-token"), "GET /kpi/a\nGET\n").await;
+    assert_eq!(status, 400);
+    assert!(reply.as_str().unwrap().contains("line 2"), "{reply}");
+    let (status, _) = warm(&gate, Some("warm-token"), "POST /api/natal/chart {oops\n").await;
+    assert_eq!(status, 400);
+    assert_eq!(up.hits(), 0);
+    assert_eq!(gate.get("/kpi/a").await.cache(), "MISS");
+
+    let resp = gate
+        .client
+        .post(format!("{}/admin/warm?concurrency=0", gate.admin))
+        .bearer_auth("warm-token")
+        .body("GET /kpi/b\n")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+
+    // Without a configured token, the endpoint is off.
+    let open = Gate::start(&up, None, "").await;
+    let (status, reply) = warm(&open, Some("anything"), "GET /kpi/a\n").await;
+    assert_eq!(status, 403);
+    assert!(reply.as_str().unwrap().contains("CACHEGATE_ADMIN_TOKEN"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_warm_command_replays_a_file_with_counts() {
+    let up = Upstream::start().await;
+    let gate = Gate::start(&up, None, CONFIG).await;
+    let dir = tempfile::tempdir().unwrap();
+    let run = |file: std::path::PathBuf, token: &'static str| {
+        let admin = gate.admin.clone();
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_cachegate"))
+                .arg("warm")
+                .arg(file)
+                .args(["--admin", &admin, "--concurrency", "4"])
+                .env("CACHEGATE_ADMIN_TOKEN", token)
+                .output()
+                .unwrap()
+        })
+    };
+
+    let file = dir.path().join("warm.txt");
+    std::fs::write(&file, LIST).unwrap();
+    let out = run(file.clone(), "warm-token").await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains("4 requests: 3 stored, 0 already fresh, 1 failed"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("line 6: status 200, no-store"), "{stdout}");
+    assert_eq!(gate.get("/kpi/overview").await.cache(), "HIT");
+
+    // More requests than one batch (4 x 4): every one counted, every line right.
+    let many: String = (0..40).map(|i| format!("GET /kpi/n{i}\n")).collect();
+    let file = dir.path().join("many.txt");
+    std::fs::write(&file, format!("{many}GET /kpi/overview\n")).unwrap();
+    let out = run(file, "warm-token").await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(
+        stdout.contains("41 requests: 40 stored, 1 already fresh, 0 failed"),
+        "{stdout}"
+    );
+
+    // A bad line: exit 2 naming it, nothing sent.
+    let hits = up.hits();
+    let file = dir.path().join("bad.txt");
+    std::fs::write(&file, "GET /kpi/x\nGET /kpi/y {\n").unwrap();
+    let out = run(file.clone(), "warm-token").await.unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("bad.txt: line 2"), "{stderr}");
+    assert_eq!(up.hits(), hits);
+
+    // A wrong token: exit 2, nothing sent.
+    let file = dir.path().join("one.txt");
+    std::fs::write(&file, "GET /kpi/z\n").unwrap();
+    let out = run(file, "wrong").await.unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("401"));
+    assert_eq!(up.hits(), hits);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hot_keys_are_refreshed_before_they_expire() {
+    let up = Upstream::start().await;
+    let config = r#"
+[[routes]]
+method = "GET"
+path = "/kpi/*"
+ttl_secs = 3
+warm_hot_keys = 1
+warm_interval_secs = 1
+"#;
+    let gate = Gate::start(&up, None, config).await;
+    assert_eq!(gate.get("/kpi/cold").await.cache(), "MISS");
+    assert_eq!(gate.get("/kpi/hot").await.cache(), "MISS");
+    let started = Instant::now();
+    // Steady load on the hot key for longer than its TTL, until the upstream has seen
+    // two refreshes: every answer is a hit.
+    let mut answers = 0;
+    let deadline = started + Duration::from_secs(20);
+    while (started.elapsed() < Duration::from_millis(4500) || up.hits() < 4)
+        && Instant::now() < deadline
+    {
+        let reply = gate.get("/kpi/hot").await;
+        assert_eq!(
+            reply.cache(),
+            "HIT",
+            "a hot key expired into a miss after {:?}",
+            started.elapsed()
+        );
+        answers += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        up.hits() >= 4,
+        "no refreshes: {} upstream requests",
+        up.hits()
+    );
+    assert!(answers > 20);
+    // The cold key (requested once) was not among the hot keys: it expired.
+    assert_eq!(gate.get("/kpi/cold").await.cache(), "MISS");
+    let refreshed = gate.stats().await["warm"]["hot_key_refreshes"]["stored"]
+        .as_u64()
+        .unwrap();
+    assert!(refreshed >= 2, "{refreshed}");
+
+    // Without requests, the hot set empties: refreshes stop.
+    let quiet = eventually(Duration::from_secs(10), || async {
+        let before = up.hits();
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        up.hits() == before
+    });
+    assert!(
+        quiet.await,
+        "hot keys kept being refreshed without requests"
+    );
+}
+
+#[test]
+fn warm_settings_are_checked() {
+    let check = |route: &str| {
+        let toml = format!(
+            "[upstream]\nurl = \"http://127.0.0.1:1\"\n[[routes]]\nmethod = \"GET\"\npath = \"/a\"\nttl_secs = 5\n{route}"
+        );
+        cachegate::config::Config::from_toml(&toml, None)
+            .unwrap()
+            .finish(&Default::default(), |_| None)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    };
+    assert!(check("warm_hot_keys = 100\n").is_ok());
+    let err = check("warm_hot_keys = 5000\n").unwrap_err();
+    assert!(err.contains("routes[0].warm_hot_keys"), "{err}");
+    let err = check("warm_interval_secs = 0\n").unwrap_err();
+    assert!(err.contains("routes[0].warm_interval_secs"), "{err}");
+}
