@@ -89,9 +89,10 @@ fn main() {
         assert_eq!(a.get(&format!("k{}", entries - 1)).await, None);
         assert_eq!(b.get("k0").await, None);
         println!(
-            "entries={entries} in_redis={in_redis} purge_ms={:.2} replicas_acknowledged={} confirmed={}",
+            "entries={entries} in_redis={in_redis} purge_ms={:.2} replicas_acknowledged={} memory_entries_purged={} confirmed={}",
             elapsed.as_secs_f64() * 1000.0,
             report.replicas_acknowledged,
+            report.memory_entries_purged,
             report.confirmed()
         );
     });

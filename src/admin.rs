@@ -396,7 +396,8 @@ fn concurrency_param(query: Option<&str>) -> Result<usize, &'static str> {
 }
 
 /// The JSON reply to a purge: what was `purged`, whether Redis was reached (else 503),
-/// replicas expected and acknowledged (the weakest of `reports`).
+/// replicas expected and acknowledged (the weakest of `reports`), memory-tier entries
+/// removed on this replica and the acknowledging ones.
 fn purge_reply(reports: &[PurgeReport], purged: serde_json::Value) -> Response<ProxyBody> {
     let reached = reports.iter().all(|r| r.redis_reached);
     let confirmed = reports.iter().all(PurgeReport::confirmed);
@@ -410,6 +411,7 @@ fn purge_reply(reports: &[PurgeReport], purged: serde_json::Value) -> Response<P
         .map(|r| r.replicas_acknowledged)
         .min()
         .unwrap_or(0);
+    let memory_entries: u64 = reports.iter().map(|r| r.memory_entries_purged).sum();
     let status = if reached {
         StatusCode::OK
     } else {
@@ -421,6 +423,9 @@ fn purge_reply(reports: &[PurgeReport], purged: serde_json::Value) -> Response<P
         "replicas_expected": expected,
         "replicas_acknowledged": acknowledged,
         "confirmed": confirmed,
+        // Redis entries are covered by purge markers checked at lookup, never scanned for:
+        // their number is not known.
+        "entries_purged": {"memory": memory_entries, "redis": null},
         "detail": if reached {
             "applied on every replica that acknowledged"
         } else {

@@ -44,6 +44,9 @@ pub const MAX_CONCURRENCY: usize = 64;
 /// How often [`run_hot_keys`] looks at the hot keys' entries.
 const HOT_KEY_TICK: Duration = Duration::from_secs(1);
 
+/// How many hot keys of one route [`run_hot_keys`] refreshes at once.
+const HOT_KEY_REFRESHES_AT_ONCE: usize = 4;
+
 /// A request described as data: an item of a warm list, or of a purge by request
 /// (`POST /admin/purge {"requests": [...]}`). As JSON:
 /// `{"method": "POST", "url": "/api/natal/chart", "headers": {"content-type":
@@ -486,9 +489,10 @@ fn refresh_lead(ttl: Duration) -> Duration {
 }
 
 /// Refreshes the hot keys of every route with `warm_hot_keys` until `shutdown` turns
-/// true: every second, each hot key whose memory-tier entry expires within
-/// `max(ttl / 10, 2 s)` (or is gone) is fetched again from the upstream through the
-/// request path, one at a time. A refresh that stores nothing (the upstream failed or
+/// true: every second, each hot key whose stored entry (memory, then Redis: a key another
+/// replica refreshed is taken from there) expires within a tenth of its TTL (2 s to 30 s)
+/// or is gone (expired, purged) is fetched again from the upstream through the request
+/// path, four at a time per route. A refresh that stores nothing (the upstream failed or
 /// said `no-store`) is not tried again before the next interval. Counted in
 /// `hot_key_refreshes_total{outcome}`.
 pub async fn run_hot_keys<O: Origin>(
@@ -512,24 +516,26 @@ pub async fn run_hot_keys<O: Origin>(
         }
         let now = Instant::now();
         for tracker in &trackers {
-            for hot in tracker.hot_set(now) {
-                if hot.failed {
-                    continue;
-                }
-                let due = match proxy.freshness_left(&hot.key) {
-                    Some((left, ttl)) => left <= refresh_lead(ttl),
-                    None => true,
-                };
-                if !due {
-                    continue;
-                }
-                let resp = proxy.handle(hot.replay.to_request(), hot.replay.client);
-                let outcome = WarmOutcome::of(&resp.await);
-                metrics.hot_key_refreshes.inc(outcome.label());
-                if let WarmOutcome::Failed { .. } = outcome {
-                    tracker.mark_failed(&hot.key);
-                }
-            }
+            let proxy = &proxy;
+            let metrics = &metrics;
+            futures_util::stream::iter(tracker.hot_set(now))
+                .filter(|hot| std::future::ready(!hot.failed))
+                .for_each_concurrent(HOT_KEY_REFRESHES_AT_ONCE, |hot| async move {
+                    let due = match proxy.freshness_left(&hot.key).await {
+                        Some((left, ttl)) => left <= refresh_lead(ttl),
+                        None => true,
+                    };
+                    if !due {
+                        return;
+                    }
+                    let resp = proxy.handle(hot.replay.to_request(), hot.replay.client);
+                    let outcome = WarmOutcome::of(&resp.await);
+                    metrics.hot_key_refreshes.inc(outcome.label());
+                    if let WarmOutcome::Failed { .. } = outcome {
+                        tracker.mark_failed(&hot.key);
+                    }
+                })
+                .await;
         }
     }
 }

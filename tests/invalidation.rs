@@ -82,24 +82,30 @@ async fn a_tag_purge_on_one_replica_is_confirmed_by_both_and_neither_hits_afterw
             assert_eq!(gate.get(path).await.cache(), "HIT", "{path}");
         }
     }
+    let before = up.hits();
     let (status, reply) = purge(&a, Some("purge-token"), r#"{"tags": ["kpi"]}"#).await;
     assert_eq!(status, 200, "{reply}");
     assert_eq!(reply["confirmed"], true, "{reply}");
     assert_eq!(reply["replicas_expected"], 2, "{reply}");
     assert_eq!(reply["replicas_acknowledged"], 2, "{reply}");
+    // Both replicas removed their copy of /kpi/leads from their memory tier at once.
+    assert_eq!(reply["entries_purged"]["memory"], 2, "{reply}");
+    assert!(reply["entries_purged"]["redis"].is_null(), "{reply}");
     let (stats_a, stats_b) = (a.stats().await, b.stats().await);
     assert_eq!(stats_a["purges"]["by_kind"]["tags"], 1);
     assert_eq!(stats_a["purges"]["outcomes"]["confirmed"], 1);
     assert_eq!(stats_b["purges"]["received"], 1);
-    // Confirmed: no replica answers HIT for the purged entry; others stay.
+    // Confirmed: no replica serves the purged entry (the first to be asked fetches it
+    // again and shares the new one through Redis); others stay.
     for gate in [&a, &b] {
-        assert_eq!(gate.get("/kpi/leads").await.cache(), "MISS");
+        assert!(computed_after(&gate.get("/kpi/leads").await, before));
         assert_eq!(gate.get("/profile/ada").await.cache(), "HIT");
     }
+    let before = up.hits();
     let (status, reply) = purge(&b, Some("purge-token"), r#"{"all": true}"#).await;
     assert_eq!((status, reply["confirmed"].as_bool()), (200, Some(true)));
     for gate in [&a, &b] {
-        assert_eq!(gate.get("/profile/ada").await.cache(), "MISS");
+        assert!(computed_after(&gate.get("/profile/ada").await, before));
     }
 }
 
@@ -219,11 +225,12 @@ async fn an_event_published_on_redis_or_raised_by_the_admin_api_purges_on_every_
     };
     warm().await;
     // What an ETL job does: `redis-cli PUBLISH cachegate:events leads.imported`.
+    let before = up.hits();
     let receivers = publish_event(&redis, "leads.imported").await;
     assert_eq!(receivers, 2);
     for gate in [&a, &b] {
         let purged = eventually(Duration::from_secs(5), || async {
-            gate.get("/kpi/leads").await.cache() == "MISS"
+            computed_after(&gate.get("/kpi/leads").await, before)
         });
         assert!(purged.await, "the event did not purge");
         assert_eq!(gate.get("/profile/ada").await.cache(), "HIT");
@@ -239,11 +246,12 @@ async fn an_event_published_on_redis_or_raised_by_the_admin_api_purges_on_every_
             (resp.status().as_u16(), resp.text().await.unwrap())
         }
     };
+    let before = up.hits();
     let (status, reply) = raise(&b, "leads.imported").await;
     assert_eq!(status, 200, "{reply}");
     assert!(reply.contains(r#""confirmed":true"#), "{reply}");
     for gate in [&a, &b] {
-        assert_eq!(gate.get("/kpi/leads").await.cache(), "MISS");
+        assert!(computed_after(&gate.get("/kpi/leads").await, before));
     }
     let (status, _) = raise(&a, "no.such.event").await;
     assert_eq!(status, 404);
@@ -282,29 +290,55 @@ async fn path_patterns_are_anchored_and_routes_purge_by_name() {
         }
     };
     warm().await;
+    let before = up.hits();
     let (status, reply) = purge(&a, Some("purge-token"), r#"{"paths": ["/kpi/leads/*"]}"#).await;
     assert_eq!(
         (status, reply["confirmed"].as_bool()),
         (200, Some(true)),
         "{reply}"
     );
-    purged_exactly(&[&a, &b], &paths, |path| path.starts_with("/kpi/leads/")).await;
+    purged_exactly(&[&a, &b], &paths, before, |path| {
+        path.starts_with("/kpi/leads/")
+    })
+    .await;
     warm().await;
+    let before = up.hits();
     let (status, reply) = purge(&b, Some("purge-token"), r#"{"routes": ["kpi"]}"#).await;
     assert_eq!(
         (status, reply["confirmed"].as_bool()),
         (200, Some(true)),
         "{reply}"
     );
-    purged_exactly(&[&a, &b], &paths, |path| path.starts_with("/kpi/")).await;
+    purged_exactly(&[&a, &b], &paths, before, |path| path.starts_with("/kpi/")).await;
 }
 
-/// Asserts that on every gate, exactly the paths `purged` says are misses.
-async fn purged_exactly(gates: &[&Gate], paths: &[&str], purged: impl Fn(&str) -> bool) {
+/// Whether `reply` was computed by the upstream after it had answered `before` requests:
+/// not an entry stored before a purge.
+fn computed_after(reply: &common::Reply, before: usize) -> bool {
+    reply.n() as usize > before
+}
+
+/// Asserts that on every gate, exactly the paths `purged` says are answered with a
+/// response computed after the upstream's `before`th request; the others are hits on
+/// entries from before.
+async fn purged_exactly(
+    gates: &[&Gate],
+    paths: &[&str],
+    before: usize,
+    purged: impl Fn(&str) -> bool,
+) {
     for gate in gates {
         for path in paths {
-            let expected = if purged(path) { "MISS" } else { "HIT" };
-            assert_eq!(gate.get(path).await.cache(), expected, "{path}");
+            let reply = gate.get(path).await;
+            if purged(path) {
+                assert!(
+                    computed_after(&reply, before),
+                    "{path}: purged entry served"
+                );
+            } else {
+                assert_eq!(reply.cache(), "HIT", "{path}");
+                assert!(!computed_after(&reply, before), "{path}");
+            }
         }
     }
 }
@@ -328,6 +362,7 @@ async fn a_purge_by_request_removes_what_that_body_keyed_post_would_hit() {
     let request = r#"{"requests": [{"method": "POST", "url": "/api/natal/chart",
         "headers": {"content-type": "application/json"},
         "body": {"time": "12:00", "date": "1815-12-10"}}]}"#;
+    let before = up.hits();
     let (status, reply) = purge(&a, Some("purge-token"), request).await;
     assert_eq!(
         (status, reply["confirmed"].as_bool()),
@@ -335,10 +370,8 @@ async fn a_purge_by_request_removes_what_that_body_keyed_post_would_hit() {
         "{reply}"
     );
     for gate in [&a, &b] {
-        assert_eq!(
-            gate.post_json("/api/natal/chart", ada).await.cache(),
-            "MISS"
-        );
+        let reply = gate.post_json("/api/natal/chart", ada).await;
+        assert!(computed_after(&reply, before), "purged chart served");
         assert_eq!(
             gate.post_json("/api/natal/chart", alan).await.cache(),
             "HIT"
@@ -368,15 +401,14 @@ async fn three_cachegate_processes_confirm_a_purge_and_apply_a_published_event()
         replicas.push(common::GateProcess::start(&config).await);
     }
     let client = reqwest::Client::new();
-    let cache_status = |base: &str, path: &str| {
+    // The cache status and the upstream's request count `n` of an answer.
+    let answer = |base: &str, path: &str| {
         let req = client.get(format!("{base}{path}"));
-        async move {
-            let resp = req.send().await.unwrap();
-            resp.headers()["x-cache-status"]
-                .to_str()
-                .unwrap()
-                .to_string()
-        }
+        async move { common::Reply::from(req.send().await.unwrap()).await }
+    };
+    let cache_status = |base: &str, path: &str| {
+        let reply = answer(base, path);
+        async move { reply.await.cache().to_string() }
     };
     let subscribed = eventually(Duration::from_secs(10), || async {
         redis.subscribers("cachegate:invalidate").await == 3
@@ -391,6 +423,7 @@ async fn three_cachegate_processes_confirm_a_purge_and_apply_a_published_event()
         }
     };
     warm().await;
+    let before = up.hits();
     let resp = client
         .post(format!("{}/admin/purge", replicas[1].admin))
         .bearer_auth("purge-token")
@@ -409,15 +442,17 @@ async fn three_cachegate_processes_confirm_a_purge_and_apply_a_published_event()
         "{reply}"
     );
     for replica in &replicas {
-        assert_eq!(cache_status(&replica.base, "/kpi/leads").await, "MISS");
+        let reply = answer(&replica.base, "/kpi/leads").await;
+        assert!(computed_after(&reply, before), "{}", replica.base);
         assert_eq!(cache_status(&replica.base, "/profile/ada").await, "HIT");
     }
     warm().await;
+    let before = up.hits();
     let receivers = publish_event(&redis, "leads.imported").await;
     assert_eq!(receivers, 3);
     for replica in &replicas {
         let purged = eventually(Duration::from_secs(5), || async {
-            cache_status(&replica.base, "/kpi/leads").await == "MISS"
+            computed_after(&answer(&replica.base, "/kpi/leads").await, before)
         });
         assert!(purged.await, "the event did not reach {}", replica.base);
     }
@@ -457,4 +492,31 @@ async fn the_purge_command_is_a_client_of_the_admin_api() {
     let out = run(args("wrong")).await.unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("401"));
+}
+
+#[tokio::test]
+async fn a_soft_purge_is_applied_as_a_hard_one_and_says_so() {
+    let up = Upstream::start().await;
+    let gate = Gate::start(&up, None, CONFIG).await;
+    gate.get("/kpi/leads").await;
+    assert_eq!(gate.get("/kpi/leads").await.cache(), "HIT");
+    let before = up.hits();
+    let (status, reply) = purge(
+        &gate,
+        Some("purge-token"),
+        r#"{"tags": ["kpi"], "soft": true}"#,
+    )
+    .await;
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["purged"]["soft"], true, "{reply}");
+    assert_eq!(reply["purged"]["applied_as"], "hard", "{reply}");
+    assert_eq!(reply["entries_purged"]["memory"], 1, "{reply}");
+    let after = gate.get("/kpi/leads").await;
+    assert_eq!(after.cache(), "MISS");
+    assert!(computed_after(&after, before));
+    let metrics = gate.metrics().await;
+    assert!(
+        metrics.contains(r#"cachegate_purged_entries_total{tier="memory"} 1"#),
+        "{metrics}"
+    );
 }

@@ -575,10 +575,11 @@ impl<O: Origin> Proxy<O> {
         self.policy.hot_keys()
     }
 
-    /// How much freshness the memory tier's entry for `key` has left, and its TTL; `None`
-    /// when the memory tier holds no usable entry.
-    pub fn freshness_left(&self, key: &CacheKey) -> Option<(Duration, Duration)> {
-        let entry = self.store.lookup_memory(key)?;
+    /// How much freshness the stored entry for `key` has left, and its TTL; `None` when no
+    /// tier holds a usable entry. Looks in memory, then Redis (an entry another replica
+    /// stored is copied into memory), as a request would.
+    pub async fn freshness_left(&self, key: &CacheKey) -> Option<(Duration, Duration)> {
+        let (entry, _) = self.store.lookup(key).await?;
         let ttl = Duration::from_secs(entry.ttl_secs().into());
         Some((entry.remaining_ttl(now_ms()), ttl))
     }

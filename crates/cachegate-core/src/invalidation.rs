@@ -20,7 +20,7 @@ use futures_util::StreamExt;
 use crate::key::CacheKey;
 use crate::metrics::StoreMetrics;
 use crate::purge::Purges;
-use crate::store::RedisTier;
+use crate::store::{RedisTier, Sweeper};
 
 /// What a purge covers.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,6 +46,10 @@ pub struct PurgeReport {
     pub replicas_expected: u64,
     /// Replicas that acknowledged within the time limit.
     pub replicas_acknowledged: u64,
+    /// Memory-tier entries removed, summed over this replica and the replicas that
+    /// acknowledged. Redis entries are covered by a purge marker checked at lookup and are
+    /// not counted (counting them would need a keyspace scan).
+    pub memory_entries_purged: u64,
 }
 
 impl PurgeReport {
@@ -173,10 +177,11 @@ fn key_from_hex(hex: &str) -> Option<CacheKey> {
 /// name (`PUBLISH {namespace}:events leads.imported` from any Redis client, such as an ETL
 /// job); every replica receives it, applies what the rules map it to, and records the
 /// markers in Redis for replicas that were away.
-pub fn subscribe(
+pub(crate) fn subscribe(
     redis: RedisTier,
     purges: &Arc<Purges>,
     events: Option<EventRules>,
+    sweep: Sweeper,
     metrics: StoreMetrics,
 ) -> tokio::task::JoinHandle<()> {
     let purges = Arc::downgrade(purges);
@@ -187,7 +192,7 @@ pub fn subscribe(
                 return;
             }
             if let Some(pubsub) = redis.pubsub().await
-                && run(&redis, pubsub, &purges, events.as_ref(), &metrics).await
+                && run(&redis, pubsub, &purges, events.as_ref(), &sweep, &metrics).await
             {
                 return;
             }
@@ -204,6 +209,7 @@ async fn run(
     mut pubsub: redis::aio::PubSub,
     purges: &Weak<Purges>,
     events: Option<&EventRules>,
+    sweep: &Sweeper,
     metrics: &StoreMetrics,
 ) -> bool {
     let invalidate = redis.invalidate_channel();
@@ -225,6 +231,8 @@ async fn run(
         }
         None => return true,
     }
+    // What this replica missed while it was away leaves its memory tier now.
+    sweep(PurgeScope::All).await;
     tracing::debug!("subscribed to purges");
     let mut messages = pubsub.on_message();
     loop {
@@ -247,6 +255,7 @@ async fn run(
                     Some(scope) => {
                         let at_ms = crate::now_ms();
                         apply(&purges, &scope, at_ms);
+                        sweep(scope.clone()).await;
                         let message = PurgeMessage {
                             id: 0,
                             at_ms,
@@ -269,7 +278,8 @@ async fn run(
                 };
                 apply(&purges, &purge.scope, purge.at_ms);
                 metrics.purges_received.inc();
-                redis.ack_purge(purge.id).await;
+                let removed = sweep(purge.scope).await;
+                redis.ack_purge(purge.id, removed).await;
             }
         }
     }

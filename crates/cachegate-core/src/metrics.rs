@@ -39,6 +39,11 @@ impl LabeledCounter {
         self.family.get_or_create(&[(self.key, value)]).inc();
     }
 
+    /// Adds `n` to the counter labelled `value`.
+    pub fn inc_by(&self, value: &'static str, n: u64) {
+        self.family.get_or_create(&[(self.key, value)]).inc_by(n);
+    }
+
     /// A handle on the counter labelled `value` (it shares the count).
     pub fn handle(&self, value: &'static str) -> Counter {
         self.family.get_or_create(&[(self.key, value)]).clone()
@@ -117,6 +122,10 @@ pub struct StoreMetrics {
     pub purge_outcomes: LabeledCounter,
     /// `purges_received_total`: purges from other replicas (or events) applied here.
     pub purges_received: Counter,
+    /// `purged_entries_total{tier}`: entries removed because a purge covers them: from the
+    /// memory tier when the purge is applied, and (`redis`) Redis entries found purged at
+    /// lookup (a purge never scans Redis, so those are counted as they are met).
+    pub purged_entries: LabeledCounter,
 }
 
 /// Tier labels.
@@ -134,6 +143,7 @@ impl Default for StoreMetrics {
             purges: LabeledCounter::new("kind", &["tags", "paths", "keys", "all"]),
             purge_outcomes: LabeledCounter::new("outcome", &["confirmed", "unconfirmed", "local"]),
             purges_received: Counter::default(),
+            purged_entries: LabeledCounter::new("tier", TIERS),
         }
     }
 }
@@ -190,6 +200,11 @@ impl StoreMetrics {
             "purges_received",
             "Purges from other replicas or events applied here",
             m.purges_received.clone(),
+        );
+        m.purged_entries.register(
+            registry,
+            "purged_entries",
+            "Entries removed because a purge covers them, by tier (redis: as met at lookup)",
         );
     }
 }

@@ -118,6 +118,23 @@ impl<V: Storable> MemoryTier<V> {
         self.cache.remove(key);
     }
 
+    /// Removes `key`'s entry if `purged` says so; returns whether it did.
+    pub fn remove_if(&self, key: &CacheKey, purged: impl FnOnce(&V) -> bool) -> bool {
+        self.cache.remove_if(key, purged).is_some()
+    }
+
+    /// Removes every entry `purged` says so of, shard by shard (each shard is locked while
+    /// it is visited); returns how many it removed. Costs one visit per entry held.
+    pub fn remove_where(&self, purged: impl Fn(&CacheKey, &V) -> bool) -> u64 {
+        let removed = std::cell::Cell::new(0u64);
+        self.cache.retain(|key, entry| {
+            let gone = purged(key, entry);
+            removed.set(removed.get() + u64::from(gone));
+            !gone
+        });
+        removed.get()
+    }
+
     /// `(entries, weighted bytes)`.
     pub fn usage(&self) -> (u64, u64) {
         (self.cache.len() as u64, self.cache.weight())

@@ -183,22 +183,25 @@ impl<V: Storable> TieredStore<V> {
         let found = self.lookup_tiers(key).await?;
         if self.is_purged(key, &found.0) {
             self.memory.remove(key);
+            self.metrics.purged_entries.inc(found.1.as_str());
             return None;
         }
         Some(found)
     }
 
-    /// Whether a purge covers `entry` ([`TieredStore::purge_tags`], [`TieredStore::purge_all`]).
+    /// Whether a purge covers `entry` ([`TieredStore::purge`]).
     fn is_purged(&self, key: &CacheKey, entry: &V) -> bool {
-        self.purges
-            .covers(entry.stored_at_ms(), |pred| entry.any_tag(pred))
-            || self.purges.covers_key(key, entry.stored_at_ms())
+        covered(&self.purges, key, entry)
     }
 
     /// Purges what `scope` covers on this replica at once, then on every replica through
     /// Redis (see [`crate::invalidation`]), waiting up to `ack_timeout` for their
-    /// acknowledgements. From then on the purged entries are misses (the memory tier drops
-    /// them when they are looked up). Never fails: the report says what was reached.
+    /// acknowledgements. From then on the purged entries are misses: each replica removes
+    /// them from its memory tier (a visit of every entry it holds, on a blocking thread;
+    /// a purge by key removes just those keys), and Redis entries are covered by a purge
+    /// marker checked at lookup (never a keyspace scan). Never fails: the report says what
+    /// was reached, and how many memory-tier entries this replica and the acknowledging
+    /// ones removed.
     pub async fn purge(&self, scope: PurgeScope, ack_timeout: Duration) -> PurgeReport {
         let message = PurgeMessage {
             id: purge_id(),
@@ -206,13 +209,15 @@ impl<V: Storable> TieredStore<V> {
             scope,
         };
         invalidation::apply(&self.purges, &message.scope, message.at_ms);
+        let swept = self.sweeper()(message.scope.clone()).await;
         self.metrics.purges.inc(match message.scope {
             PurgeScope::Tags(_) => "tags",
             PurgeScope::Paths(_) => "paths",
             PurgeScope::Keys(_) => "keys",
             PurgeScope::All => "all",
         });
-        let report = self.purge_everywhere(&message, ack_timeout).await;
+        let mut report = self.purge_everywhere(&message, ack_timeout).await;
+        report.memory_entries_purged += swept;
         self.metrics.purge_outcomes.inc(if !report.redis_reached {
             "local"
         } else if report.confirmed() {
@@ -229,6 +234,7 @@ impl<V: Storable> TieredStore<V> {
             redis_reached: false,
             replicas_expected: 1,
             replicas_acknowledged: 1,
+            memory_entries_purged: 0,
         };
         let Some(redis) = &self.redis else {
             report.redis_reached = true; // nothing else to reach
@@ -242,7 +248,9 @@ impl<V: Storable> TieredStore<V> {
         };
         report.redis_reached = true;
         report.replicas_expected = subscribers;
-        report.replicas_acknowledged = redis.wait_acks(message.id, subscribers, ack_timeout).await;
+        // This replica's own subscription acknowledges too (having nothing left to remove).
+        (report.replicas_acknowledged, report.memory_entries_purged) =
+            redis.wait_acks(message.id, subscribers, ack_timeout).await;
         report
     }
 
@@ -259,8 +267,43 @@ impl<V: Storable> TieredStore<V> {
     pub fn start_invalidation(&self, events: Option<EventRules>) {
         if let Some(redis) = &self.redis {
             self.purges.expect_sync();
-            invalidation::subscribe(redis.clone(), &self.purges, events, self.metrics.clone());
+            invalidation::subscribe(
+                redis.clone(),
+                &self.purges,
+                events,
+                self.sweeper(),
+                self.metrics.clone(),
+            );
         }
+    }
+
+    /// Removes what a purge covers from the memory tier ([`sweep`]) on a blocking thread,
+    /// and counts it in `purged_entries_total{tier="memory"}`. Holds the purge markers
+    /// weakly (the invalidation task must not keep them alive).
+    fn sweeper(&self) -> Sweeper {
+        let memory = self.memory.clone();
+        let purges = Arc::downgrade(&self.purges);
+        let metrics = self.metrics.clone();
+        Arc::new(move |scope: PurgeScope| {
+            let memory = memory.clone();
+            let purges = purges.clone();
+            let metrics = metrics.clone();
+            Box::pin(async move {
+                let Some(purges) = purges.upgrade() else {
+                    return 0;
+                };
+                let removed = match &scope {
+                    PurgeScope::Keys(keys) => sweep_keys(&memory, &purges, keys),
+                    _ => tokio::task::spawn_blocking(move || sweep(&memory, &purges))
+                        .await
+                        .unwrap_or(0),
+                };
+                metrics
+                    .purged_entries
+                    .inc_by(Tier::Memory.as_str(), removed);
+                removed
+            })
+        })
     }
 
     async fn lookup_tiers(&self, key: &CacheKey) -> Option<(V, Tier)> {
@@ -387,4 +430,30 @@ impl<V: Storable> TieredStore<V> {
 fn purge_id() -> u64 {
     let bytes = crate::random_secret();
     u64::from_le_bytes(bytes[..8].try_into().unwrap_or_default())
+}
+
+/// Removes what a purge covers from a memory tier and returns how many entries it removed
+/// (see [`TieredStore::sweeper`]).
+pub(crate) type Sweeper = Arc<
+    dyn Fn(PurgeScope) -> std::pin::Pin<Box<dyn std::future::Future<Output = u64> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// Removes from `memory` every entry a purge marker in `purges` covers; returns how many.
+fn sweep<V: Storable>(memory: &MemoryTier<V>, purges: &Purges) -> u64 {
+    memory.remove_where(|key, entry| covered(purges, key, entry))
+}
+
+/// Removes the entries of `keys` that a purge by key covers; returns how many.
+fn sweep_keys<V: Storable>(memory: &MemoryTier<V>, purges: &Purges, keys: &[CacheKey]) -> u64 {
+    keys.iter()
+        .filter(|key| memory.remove_if(key, |entry| covered(purges, key, entry)))
+        .count() as u64
+}
+
+/// Whether a purge marker in `purges` covers `entry`, stored under `key`.
+fn covered<V: Storable>(purges: &Purges, key: &CacheKey, entry: &V) -> bool {
+    purges.covers(entry.stored_at_ms(), |pred| entry.any_tag(pred))
+        || purges.covers_key(key, entry.stored_at_ms())
 }

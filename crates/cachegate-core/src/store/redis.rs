@@ -270,14 +270,15 @@ impl RedisTier {
         .await
     }
 
-    /// Acknowledges purge `id` (`RPUSH` on its acknowledgement list, kept 60 s).
-    pub async fn ack_purge(&self, id: u64) {
+    /// Acknowledges purge `id` with the number of memory-tier entries it removed here
+    /// (`RPUSH` on its acknowledgement list, kept 60 s).
+    pub async fn ack_purge(&self, id: u64, memory_entries_purged: u64) {
         let mut conn = self.conn.clone();
         let key = self.acks_key(id);
         let _ = self
             .guarded("set", async move {
                 redis::pipe()
-                    .rpush(&key, 1)
+                    .rpush(&key, memory_entries_purged)
                     .expire(&key, 60)
                     .query_async::<()>(&mut conn)
                     .await
@@ -286,8 +287,9 @@ impl RedisTier {
     }
 
     /// Waits up to `limit` for `expected` acknowledgements of purge `id`; returns how many
-    /// came. Uses its own connection (`BLPOP` blocks it).
-    pub async fn wait_acks(&self, id: u64, expected: u64, limit: Duration) -> u64 {
+    /// came and the sum of the memory-tier entries they removed. Uses its own connection
+    /// (`BLPOP` blocks it).
+    pub async fn wait_acks(&self, id: u64, expected: u64, limit: Duration) -> (u64, u64) {
         let deadline = tokio::time::Instant::now() + limit;
         let key = self.acks_key(id);
         let Ok(Ok(mut conn)) = tokio::time::timeout(
@@ -296,9 +298,10 @@ impl RedisTier {
         )
         .await
         else {
-            return 0;
+            return (0, 0);
         };
         let mut acknowledged = 0;
+        let mut removed = 0u64;
         while acknowledged < expected {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             if left.is_zero() {
@@ -308,11 +311,14 @@ impl RedisTier {
             blpop.arg(&key).arg(left.as_secs_f64().max(0.01));
             let pop = blpop.query_async::<Option<(String, String)>>(&mut conn);
             match tokio::time::timeout(left + self.op_timeout, pop).await {
-                Ok(Ok(Some(_))) => acknowledged += 1,
+                Ok(Ok(Some((_, count)))) => {
+                    acknowledged += 1;
+                    removed = removed.saturating_add(count.parse().unwrap_or(0));
+                }
                 _ => break,
             }
         }
-        acknowledged
+        (acknowledged, removed)
     }
 
     /// A pub/sub connection, within the connect timeout.
