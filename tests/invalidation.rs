@@ -46,13 +46,26 @@ async fn purge(gate: &Gate, token: Option<&str>, body: &str) -> (u16, serde_json
 /// What an ETL job does: `redis-cli PUBLISH cachegate:events NAME`. Returns the number of
 /// subscribers that received it.
 async fn publish_event(redis: &Redis, name: &str) -> u64 {
-    let mut conn = redis.connection().await;
-    redis::cmd("PUBLISH")
-        .arg("cachegate:events")
-        .arg(name)
-        .query_async(&mut conn)
-        .await
-        .unwrap()
+    let port = redis.port.to_string();
+    let name = name.to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("redis-cli")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "PUBLISH",
+                "cachegate:events",
+                &name,
+            ])
+            .output()
+            .expect("redis-cli (installed with redis-server)")
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
 }
 
 /// Two replicas sharing `redis`, both subscribed to the invalidation channel.
@@ -455,6 +468,40 @@ async fn three_cachegate_processes_confirm_a_purge_and_apply_a_published_event()
             computed_after(&answer(&replica.base, "/kpi/leads").await, before)
         });
         assert!(purged.await, "the event did not reach {}", replica.base);
+    }
+
+    // Connections cut during a purge: every subscription is killed (what a Redis restart
+    // or a network cut does) and the purge is made before the replicas are back. Each
+    // loads the markers it missed when it resubscribes, and then serves no purged entry.
+    warm().await;
+    let before = up.hits();
+    let mut conn = redis.connection().await;
+    let killed: u64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(killed >= 3, "{killed}");
+    let resp = client
+        .post(format!("{}/admin/purge", replicas[0].admin))
+        .bearer_auth("purge-token")
+        .body(r#"{"tags": ["kpi"]}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let resubscribed = eventually(Duration::from_secs(10), || async {
+        redis.subscribers("cachegate:invalidate").await == 3
+    });
+    assert!(resubscribed.await, "the replicas did not resubscribe");
+    for replica in &replicas {
+        let purged = eventually(Duration::from_secs(5), || async {
+            computed_after(&answer(&replica.base, "/kpi/leads").await, before)
+        });
+        assert!(purged.await, "{} serves a purged entry", replica.base);
+        assert_eq!(cache_status(&replica.base, "/profile/ada").await, "HIT");
     }
 }
 
