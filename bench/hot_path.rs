@@ -78,7 +78,7 @@ fn envelope(c: &mut Criterion) {
         &headers,
         &[b'x'; 2048],
         1_790_000_000_000,
-        60,
+        cachegate::entry::Freshness::ttl(60),
         &tags,
     );
     c.bench_function("entry/parts_for_a_hit", |b| {

@@ -5,6 +5,8 @@
 //!
 //! ```text
 //! stored_at_ms u64 | ttl_secs u32 | status u16
+//! | initial_age_secs u32 | stale_while_revalidate_secs u32 | stale_if_error_secs u32
+//! | flags u16 (bit 0: must-revalidate)
 //! | n_headers u16 | { name_len u16 | name | value_len u32 | value }*
 //! | n_tags u16 | { tag_len u16 | tag }* | body_len u32 | body
 //! ```
@@ -39,7 +41,59 @@ pub struct CachedResponse {
 const STORED_AT: usize = 0;
 const TTL: usize = 8;
 const STATUS: usize = 12;
-const BLOCK: usize = 14;
+const INITIAL_AGE: usize = 14;
+const SWR: usize = 18;
+const SIE: usize = 22;
+const FLAGS: usize = 26;
+const BLOCK: usize = 28;
+
+/// `flags` bit: the response said `must-revalidate`, `proxy-revalidate` or `s-maxage`.
+const MUST_REVALIDATE: u16 = 1;
+
+/// How a stored response ages: its freshness lifetime, the age it already had, and how
+/// long it may be served stale (RFC 9111 §4.2, RFC 5861).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Freshness {
+    /// Seconds the response stays fresh from the moment it is stored.
+    pub ttl_secs: u32,
+    /// Its age when it was received (RFC 9111 §4.2.3 `corrected_initial_age`), in
+    /// seconds: the `Age` sent with it is this plus the time it has been stored.
+    pub initial_age_secs: u32,
+    /// Seconds past its freshness during which it is served stale while one background
+    /// request refreshes it (RFC 5861 §3).
+    pub stale_while_revalidate_secs: u32,
+    /// Seconds past its freshness during which it is served instead of an upstream error
+    /// (RFC 5861 §4).
+    pub stale_if_error_secs: u32,
+    /// Never served stale: `must-revalidate`, `proxy-revalidate` or `s-maxage`
+    /// (RFC 9111 §4.2.4, §5.2.2.2, §5.2.2.8, §5.2.2.10).
+    pub must_revalidate: bool,
+}
+
+impl Freshness {
+    /// Fresh for `ttl_secs`, never served stale, no initial age.
+    pub fn ttl(ttl_secs: u32) -> Self {
+        Freshness {
+            ttl_secs,
+            ..Freshness::default()
+        }
+    }
+}
+
+/// Where a stored response stands at a given moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Staleness {
+    /// Fresh: `left` of its freshness remains.
+    Fresh {
+        /// Freshness left.
+        left: std::time::Duration,
+    },
+    /// Stale for `secs` seconds (at least 1).
+    Stale {
+        /// Whole seconds past its freshness, rounded up.
+        secs: u64,
+    },
+}
 
 /// Bytes the memory tier really spends on one entry besides its buffer: the cache's slot
 /// (the 32-byte key, the buffer's pointer and length, the eviction policy's state), its
@@ -87,15 +141,16 @@ fn check_header_block(r: &mut &[u8]) -> Option<usize> {
 
 impl CachedResponse {
     /// An entry for a response with `status`, `headers` and `body`, received at
-    /// `stored_at_ms` (milliseconds since the Unix epoch) and fresh for `ttl_secs`, tagged
-    /// with `tags` for later purges. At most `u16::MAX` headers and tags are kept; a body
-    /// or header value over 4 GiB is cut (the proxy never stores one: routes cap bodies).
+    /// `stored_at_ms` (milliseconds since the Unix epoch), aging as `freshness` says,
+    /// tagged with `tags` for later purges. At most `u16::MAX` headers and tags are kept; a
+    /// body or header value over 4 GiB is cut (the proxy never stores one: routes cap
+    /// bodies).
     pub fn new<T: AsRef<str>>(
         status: StatusCode,
         headers: &HeaderMap,
         body: &[u8],
         stored_at_ms: u64,
-        ttl_secs: u32,
+        freshness: Freshness,
         tags: &[T],
     ) -> Self {
         let block: usize = 2 + headers
@@ -105,8 +160,16 @@ impl CachedResponse {
         let tag_bytes: usize = 2 + tags.iter().map(|t| 2 + t.as_ref().len()).sum::<usize>();
         let mut b = BytesMut::with_capacity(BLOCK + block + tag_bytes + 4 + body.len());
         b.put_u64(stored_at_ms);
-        b.put_u32(ttl_secs);
+        b.put_u32(freshness.ttl_secs);
         b.put_u16(status.as_u16());
+        b.put_u32(freshness.initial_age_secs);
+        b.put_u32(freshness.stale_while_revalidate_secs);
+        b.put_u32(freshness.stale_if_error_secs);
+        b.put_u16(if freshness.must_revalidate {
+            MUST_REVALIDATE
+        } else {
+            0
+        });
         put_header_block(&mut b, headers);
         let tags_at = b.len();
         let n = tags.len().min(u16::MAX as usize);
@@ -150,6 +213,44 @@ impl CachedResponse {
     fn u16_at(&self, at: usize) -> u16 {
         let mut r = &self.data[at..at + 2];
         r.get_u16()
+    }
+
+    fn u32_at(&self, at: usize) -> u32 {
+        let mut r = &self.data[at..at + 4];
+        r.get_u32()
+    }
+
+    /// How the entry ages: TTL, initial age, stale windows.
+    pub fn freshness(&self) -> Freshness {
+        Freshness {
+            ttl_secs: self.ttl_secs(),
+            initial_age_secs: self.u32_at(INITIAL_AGE),
+            stale_while_revalidate_secs: self.u32_at(SWR),
+            stale_if_error_secs: self.u32_at(SIE),
+            must_revalidate: self.u16_at(FLAGS) & MUST_REVALIDATE != 0,
+        }
+    }
+
+    /// Whether the entry is fresh at `now_ms`, or for how long it has been stale.
+    pub fn staleness(&self, now_ms: u64) -> Staleness {
+        let expires = self
+            .stored_at_ms()
+            .saturating_add(u64::from(self.ttl_secs()) * 1000);
+        if now_ms < expires {
+            Staleness::Fresh {
+                left: std::time::Duration::from_millis(expires - now_ms),
+            }
+        } else {
+            Staleness::Stale {
+                secs: (now_ms - expires).div_ceil(1000).max(1),
+            }
+        }
+    }
+
+    /// The entry's current age at `now_ms` (RFC 9111 §4.2.3 `current_age`), in whole
+    /// seconds: its age when received plus the time it has been stored. What `Age` says.
+    pub fn current_age_secs(&self, now_ms: u64) -> u64 {
+        u64::from(self.u32_at(INITIAL_AGE)) + now_ms.saturating_sub(self.stored_at_ms()) / 1000
     }
 
     /// The entry's tags (surrogate keys), in the order they were given.
@@ -225,6 +326,12 @@ impl CachedResponse {
         let _stored_at_ms = get_u64(r)?;
         let _ttl_secs = get_u32(r)?;
         StatusCode::from_u16(get_u16(r)?).ok()?;
+        let _initial_age_secs = get_u32(r)?;
+        let _swr = get_u32(r)?;
+        let _sie = get_u32(r)?;
+        if get_u16(r)? & !MUST_REVALIDATE != 0 {
+            return None;
+        }
         check_header_block(r)?;
         let tags_at = payload.len() - r.len();
         let n_tags = get_u16(r)?;
@@ -253,6 +360,17 @@ impl Storable for CachedResponse {
 
     fn ttl_secs(&self) -> u32 {
         CachedResponse::ttl_secs(self)
+    }
+
+    /// Kept past its freshness as long as it may be served stale (the longer of the two
+    /// stale windows); never when it must be revalidated.
+    fn grace_secs(&self) -> u32 {
+        let f = self.freshness();
+        if f.must_revalidate {
+            0
+        } else {
+            f.stale_while_revalidate_secs.max(f.stale_if_error_secs)
+        }
     }
 
     /// The buffer and the fixed per-entry overhead ([`ENTRY_OVERHEAD_BYTES`]).
@@ -309,7 +427,13 @@ mod tests {
             &headers,
             b"{\"ok\":true}",
             1_700_000_000_000,
-            30,
+            Freshness {
+                ttl_secs: 30,
+                initial_age_secs: 7,
+                stale_while_revalidate_secs: 60,
+                stale_if_error_secs: 600,
+                must_revalidate: false,
+            },
             &tags,
         )
     }
@@ -330,6 +454,8 @@ mod tests {
             assert!(d.tags().eq(e.tags()));
             assert_eq!(d.tags().collect::<Vec<_>>(), ["natal"]);
             assert_eq!((d.stored_at_ms(), d.ttl_secs()), (1_700_000_000_000, 30));
+            assert_eq!(d.freshness(), e.freshness());
+            assert_eq!(d.freshness().stale_if_error_secs, 600);
             let (headers, body) = d.parts();
             assert_eq!((headers, body), (e.headers(), e.body()));
         }
@@ -342,6 +468,34 @@ mod tests {
         let entry = CachedResponse::from_payload(payload).unwrap();
         assert!(entry.is_fresh(0) && entry.is_kept(u64::MAX - 1));
         assert_eq!(entry.age_secs(0), 0);
+        assert_eq!(entry.current_age_secs(0), 7);
+        assert!(matches!(entry.staleness(0), Staleness::Fresh { .. }));
+    }
+
+    #[test]
+    fn ages_from_its_initial_age_and_goes_stale_after_its_ttl() {
+        let e = sample();
+        let at = e.stored_at_ms();
+        assert_eq!(e.current_age_secs(at), 7);
+        assert_eq!(e.current_age_secs(at + 12_500), 19);
+        assert!(matches!(e.staleness(at + 29_999), Staleness::Fresh { .. }));
+        assert_eq!(e.staleness(at + 30_000), Staleness::Stale { secs: 1 });
+        assert_eq!(e.staleness(at + 31_001), Staleness::Stale { secs: 2 });
+        // Kept for the longer stale window, then dropped.
+        assert_eq!(e.grace_secs(), 600);
+        assert!(e.is_kept(at + 629_999) && !e.is_kept(at + 630_000));
+        let strict = CachedResponse::new(
+            StatusCode::OK,
+            &HeaderMap::new(),
+            b"",
+            at,
+            Freshness {
+                must_revalidate: true,
+                ..e.freshness()
+            },
+            &[] as &[&str],
+        );
+        assert_eq!(strict.grace_secs(), 0);
     }
 
     #[test]
@@ -366,6 +520,7 @@ mod tests {
                 let _ = (entry.status(), entry.parts(), entry.tags().count());
                 // Freshness arithmetic on any stored time (u64::MAX included).
                 let _ = (entry.is_fresh(u64::MAX), entry.is_kept(0), entry.age_secs(0));
+                let _ = (entry.staleness(u64::MAX), entry.staleness(0), entry.current_age_secs(u64::MAX));
             }
         }
     }

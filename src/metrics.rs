@@ -68,6 +68,9 @@ pub struct Metrics {
     /// `hot_key_refreshes_total{outcome}`: hot-key refreshes by outcome (`stored`,
     /// `fresh`: a concurrent request fetched it, `failed`).
     pub hot_key_refreshes: LabeledCounter,
+    /// `background_refreshes_total{outcome}`: stale-while-revalidate and refresh-ahead
+    /// refreshes by outcome (`stored`, `fresh`, `failed`, `timeout`: abandoned).
+    pub background_refreshes: LabeledCounter,
 }
 
 /// Labels of `cachegate_events_total`.
@@ -121,6 +124,8 @@ impl Metrics {
         let store = StoreMetrics::default();
         let warm_requests = LabeledCounter::new("outcome", WARM_OUTCOMES);
         let hot_key_refreshes = LabeledCounter::new("outcome", WARM_OUTCOMES);
+        let background_refreshes =
+            LabeledCounter::new("outcome", &["stored", "fresh", "failed", "timeout"]);
         let mut metrics = Metrics {
             registry: Registry::default(),
             requests,
@@ -136,6 +141,7 @@ impl Metrics {
             events,
             warm_requests,
             hot_key_refreshes,
+            background_refreshes,
         };
         let mut registry = Registry::with_prefix("cachegate");
         metrics.register_into(&mut registry);
@@ -195,6 +201,11 @@ impl Metrics {
             r,
             "hot_key_refreshes",
             "Hot-key refreshes by outcome (stored, fresh, failed)",
+        );
+        self.background_refreshes.register(
+            r,
+            "background_refreshes",
+            "Stale-while-revalidate and refresh-ahead refreshes by outcome",
         );
         r.register(
             "open_tunnels",
@@ -292,6 +303,7 @@ impl Metrics {
                 requests: counts(&self.warm_requests),
                 hot_key_refreshes: counts(&self.hot_key_refreshes),
             },
+            background_refreshes: counts(&self.background_refreshes),
         }
     }
 
@@ -329,6 +341,8 @@ pub struct Stats {
     pub purges: PurgeStats,
     /// Warm-list requests and hot-key refreshes by outcome.
     pub warm: WarmStats,
+    /// Background refreshes (stale-while-revalidate, refresh-ahead) by outcome.
+    pub background_refreshes: BTreeMap<&'static str, u64>,
 }
 
 /// Warming figures, by outcome (`stored`, `fresh`, `failed`).

@@ -10,9 +10,10 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use http::{HeaderMap, Method, StatusCode, header};
+use http::{HeaderMap, HeaderName, Method, StatusCode, header};
 
 use crate::config::RouteConfig;
+use crate::entry::Freshness;
 use crate::key::is_json_media_type;
 use crate::status::{BypassReason, NoStoreReason};
 use crate::warm::HotKeys;
@@ -165,6 +166,12 @@ pub struct CacheControl {
     pub max_age: Option<u64>,
     /// `s-maxage`, in seconds (shared caches only).
     pub s_maxage: Option<u64>,
+    /// `must-revalidate` or `proxy-revalidate`: never served stale.
+    pub must_revalidate: bool,
+    /// `stale-while-revalidate`, in seconds (RFC 5861 §3).
+    pub stale_while_revalidate: Option<u64>,
+    /// `stale-if-error`, in seconds (RFC 5861 §4).
+    pub stale_if_error: Option<u64>,
 }
 
 impl CacheControl {
@@ -176,8 +183,16 @@ impl CacheControl {
     /// character, an unterminated quoted string) and for a `max-age` / `s-maxage` that is
     /// not delta-seconds. The caller fails closed: such a response is not stored.
     pub fn parse(headers: &HeaderMap) -> Result<Self, Unparsable> {
+        CacheControl::parse_field(headers, &header::CACHE_CONTROL)
+    }
+
+    /// Like [`CacheControl::parse`], for the field `name` (a targeted field such as
+    /// `CDN-Cache-Control`, RFC 9213, has the same syntax).
+    ///
+    /// Errors: as [`CacheControl::parse`].
+    pub fn parse_field(headers: &HeaderMap, name: &HeaderName) -> Result<Self, Unparsable> {
         let mut cc = CacheControl::default();
-        for value in headers.get_all(header::CACHE_CONTROL) {
+        for value in headers.get_all(name) {
             for (name, arg) in directives(value.as_bytes())? {
                 let secs = || arg.as_deref().and_then(delta_seconds).ok_or(Unparsable);
                 match name.to_ascii_lowercase().as_str() {
@@ -186,6 +201,9 @@ impl CacheControl {
                     "private" => cc.private = true,
                     "max-age" => cc.max_age = Some(secs()?),
                     "s-maxage" => cc.s_maxage = Some(secs()?),
+                    "must-revalidate" | "proxy-revalidate" => cc.must_revalidate = true,
+                    "stale-while-revalidate" => cc.stale_while_revalidate = Some(secs()?),
+                    "stale-if-error" => cc.stale_if_error = Some(secs()?),
                     _ => {}
                 }
             }
@@ -290,41 +308,92 @@ fn vary_names(headers: &HeaderMap) -> Result<Vec<String>, Unparsable> {
     Ok(names)
 }
 
-/// Checks the freshness fields cachegate reads besides `Cache-Control`: every `Expires`
-/// must be an HTTP-date (RFC 9111 §5.3) and every `Age` delta-seconds (§5.1).
-fn check_freshness_fields(headers: &HeaderMap) -> Result<(), Unparsable> {
-    for v in headers.get_all(header::EXPIRES) {
-        let v = v.to_str().map_err(|_| Unparsable)?;
-        httpdate::parse_http_date(v).map_err(|_| Unparsable)?;
-    }
+/// Checks that every `Age` is delta-seconds (RFC 9111 §5.1). (An invalid `Expires` is not
+/// an error: it means the response is already stale, §5.3.)
+fn check_age(headers: &HeaderMap) -> Result<(), Unparsable> {
     for v in headers.get_all(header::AGE) {
         delta_seconds(v.to_str().map_err(|_| Unparsable)?.trim()).ok_or(Unparsable)?;
     }
     Ok(())
 }
 
-/// Decides whether a response may be stored and for how long.
+/// The response-side settings of the storage decision, from `[cache]`.
+#[derive(Debug, Clone, Default)]
+pub struct StoreRules {
+    /// Targeted cache-control fields (RFC 9213) in precedence order, lower-cased, e.g.
+    /// `cachegate-cache-control`, `cdn-cache-control`: the first one present with a valid
+    /// value is used instead of `Cache-Control` and `Expires`.
+    pub targeted: Vec<HeaderName>,
+    /// Heuristic freshness (RFC 9111 §4.2.2) for responses without explicit freshness
+    /// that match no route: a tenth of the time since `Last-Modified`, at most a day.
+    pub heuristic_freshness: bool,
+}
+
+/// When a response arrived, for its age (RFC 9111 §4.2.3).
+#[derive(Debug, Clone, Copy)]
+pub struct Received {
+    /// The local time its head arrived (`response_time`).
+    pub at: SystemTime,
+    /// From sending the request to the head's arrival (`response_time - request_time`).
+    pub response_delay: Duration,
+}
+
+impl Received {
+    /// A response that arrived now, `response_delay` after its request was sent.
+    pub fn now(response_delay: Duration) -> Self {
+        Received {
+            at: SystemTime::now(),
+            response_delay,
+        }
+    }
+}
+
+/// The longest heuristic freshness lifetime, in seconds (a day).
+const MAX_HEURISTIC_SECS: u64 = 86_400;
+
+/// Status codes that are heuristically cacheable (RFC 9110 §15.1), 206 aside: a partial
+/// response is never stored.
+fn heuristically_cacheable(status: StatusCode) -> bool {
+    matches!(
+        status.as_u16(),
+        200 | 203 | 204 | 300 | 301 | 308 | 404 | 405 | 410 | 414 | 501
+    )
+}
+
+/// Decides whether a response may be stored and how it ages ([`Freshness`]).
 ///
 /// The reasons that make a response private to its requester are checked first, whatever
 /// the status, so that an `Err` with a [`NoStoreReason::shareable`] reason always means
-/// "may be handed to another request": an unparsable `Cache-Control`, `Vary`, `Expires`
-/// or `Age` (fail closed), `private`, `no-store` / `no-cache`, `Set-Cookie`, then `Vary`
-/// on a header outside the key. Only then come the status and the lifetime.
+/// "may be handed to another request": an unparsable `Cache-Control`, `Vary` or `Age`
+/// (fail closed), `private`, `no-store` / `no-cache`, `Set-Cookie`, then `Vary` on a
+/// header outside the key. Only then come the status and the lifetime.
 ///
-/// With a route, its `ttl_secs` is the lifetime; without one, the response's explicit
-/// freshness (`s-maxage`, `max-age`, then `Expires` minus `Date`, RFC 9111 §4.2.1) is,
-/// and a response without explicit freshness is not stored.
+/// The directives are those of the first targeted field in `rules` with a valid value
+/// (RFC 9213: `Cache-Control` and `Expires` are then ignored), else `Cache-Control`.
+///
+/// With a route, its `ttl_secs` is the lifetime from storage, statuses are the route's
+/// (default any 2xx), and its `stale_*_secs` (else the response's `stale-while-revalidate`
+/// / `stale-if-error`, RFC 5861) the stale windows. Without one, RFC 9111 as a shared
+/// cache: the explicit freshness (`s-maxage`, `max-age`, then `Expires` minus `Date`,
+/// §4.2.1; an invalid `Expires` is in the past, §5.3) minus the age the response already
+/// had (§4.2.3), for the heuristically cacheable statuses (RFC 9110 §15.1: 200, 203, 204,
+/// 300, 301, 308, 404, 405, 410, 414, 501), or their heuristic freshness when `rules`
+/// allow it and none is given (§4.2.2). `must-revalidate`,
+/// `proxy-revalidate`, and `s-maxage` without an explicit stale directive, forbid serving
+/// it stale (§4.2.4).
 ///
 /// Errors: the [`NoStoreReason`] when the response must not be stored.
-pub fn storable_ttl(
+pub fn storable(
     route: Option<&Route>,
     status: StatusCode,
     headers: &HeaderMap,
-) -> Result<u32, NoStoreReason> {
+    received: Received,
+    rules: &StoreRules,
+) -> Result<Freshness, NoStoreReason> {
     let unparsable = |_| NoStoreReason::Unparsable;
-    let cc = CacheControl::parse(headers).map_err(unparsable)?;
+    let (cc, targeted) = directives_for_us(headers, &rules.targeted).map_err(unparsable)?;
     let vary = vary_names(headers).map_err(unparsable)?;
-    check_freshness_fields(headers).map_err(unparsable)?;
+    check_age(headers).map_err(unparsable)?;
     if cc.private {
         return Err(NoStoreReason::Private);
     }
@@ -342,25 +411,117 @@ pub fn storable_ttl(
         return Err(NoStoreReason::Vary);
     }
     // A partial response (206) is never stored: it is not the whole representation.
-    let status_ok = status != StatusCode::PARTIAL_CONTENT
-        && match route.and_then(|r| r.config.cache_statuses.as_ref()) {
-            Some(allowed) => allowed.contains(&status.as_u16()),
-            None => status.is_success(),
-        };
-    if !status_ok {
+    if status == StatusCode::PARTIAL_CONTENT || status.is_informational() {
         return Err(NoStoreReason::Status);
     }
-    let ttl = match route {
-        Some(r) => r.config.ttl_secs,
-        // Freshness already spent upstream (`Age`, RFC 9111 §4.2.3) is not given again.
-        None => explicit_freshness(&cc, headers)
-            .ok_or(NoStoreReason::NoFreshness)?
-            .saturating_sub(upstream_age(headers)),
+    let initial_age = corrected_initial_age(headers, received);
+    let stale_windows = |route_swr: Option<u64>, route_sie: Option<u64>| {
+        let swr = route_swr.or(cc.stale_while_revalidate).unwrap_or(0);
+        let sie = route_sie.or(cc.stale_if_error).unwrap_or(0);
+        let explicit_stale = route_swr.is_some()
+            || route_sie.is_some()
+            || cc.stale_while_revalidate.is_some()
+            || cc.stale_if_error.is_some();
+        let must_revalidate = cc.must_revalidate || (cc.s_maxage.is_some() && !explicit_stale);
+        (swr, sie, must_revalidate)
     };
-    if ttl == 0 {
+    let (lifetime, age_spent, (swr, sie, must_revalidate)) = match route {
+        Some(r) => {
+            let ok = match r.config.cache_statuses.as_ref() {
+                Some(allowed) => allowed.contains(&status.as_u16()),
+                None => status.is_success(),
+            };
+            if !ok {
+                return Err(NoStoreReason::Status);
+            }
+            let cfg = &r.config;
+            let windows =
+                if cfg.stale_while_revalidate_secs.is_some() || cfg.stale_if_error_secs.is_some() {
+                    // The route's own stale policy stands whatever the response says.
+                    (
+                        cfg.stale_while_revalidate_secs.unwrap_or(0),
+                        cfg.stale_if_error_secs.unwrap_or(0),
+                        false,
+                    )
+                } else {
+                    stale_windows(None, None)
+                };
+            (cfg.ttl_secs, 0, windows)
+        }
+        None => {
+            let explicit = explicit_freshness(&cc, headers, targeted, received.at);
+            if !heuristically_cacheable(status) {
+                return Err(NoStoreReason::Status);
+            }
+            let lifetime = match explicit {
+                Some(l) => l,
+                None if rules.heuristic_freshness => {
+                    heuristic_freshness(headers, received.at).ok_or(NoStoreReason::NoFreshness)?
+                }
+                None => return Err(NoStoreReason::NoFreshness),
+            };
+            (lifetime, initial_age, stale_windows(None, None))
+        }
+    };
+    // Freshness already spent upstream is not given again; an answer that arrives stale
+    // is stored only to be served stale, its windows shortened by how stale it is.
+    let ttl = lifetime.saturating_sub(age_spent);
+    let overshoot = age_spent.saturating_sub(lifetime);
+    let (swr, sie) = if must_revalidate {
+        (0, 0)
+    } else {
+        (swr.saturating_sub(overshoot), sie.saturating_sub(overshoot))
+    };
+    if ttl == 0 && swr == 0 && sie == 0 {
         return Err(NoStoreReason::NoFreshness);
     }
-    Ok(ttl.min(u64::from(u32::MAX)) as u32)
+    let secs = |v: u64| v.min(u64::from(u32::MAX)) as u32;
+    Ok(Freshness {
+        ttl_secs: secs(ttl),
+        initial_age_secs: secs(initial_age),
+        stale_while_revalidate_secs: secs(swr),
+        stale_if_error_secs: secs(sie),
+        must_revalidate,
+    })
+}
+
+/// The directives that apply to cachegate: the first of the `targeted` fields present with
+/// a valid value (RFC 9213 §2.1), else `Cache-Control`; and whether a targeted one was used.
+///
+/// Errors: [`Unparsable`] when `Cache-Control` applies and is off the grammar.
+fn directives_for_us(
+    headers: &HeaderMap,
+    targeted: &[HeaderName],
+) -> Result<(CacheControl, bool), Unparsable> {
+    for name in targeted {
+        if headers.contains_key(name)
+            && let Ok(cc) = CacheControl::parse_field(headers, name)
+        {
+            return Ok((cc, true));
+        }
+    }
+    Ok((CacheControl::parse(headers)?, false))
+}
+
+/// The response's age when it arrived, in seconds (RFC 9111 §4.2.3
+/// `corrected_initial_age`): the larger of `response_time - Date` and `Age` plus the
+/// response delay.
+fn corrected_initial_age(headers: &HeaderMap, received: Received) -> u64 {
+    let apparent_age = http_date(headers, header::DATE)
+        .and_then(|date| received.at.duration_since(date).ok())
+        .map_or(0, |d| d.as_secs());
+    let corrected_age_value = upstream_age(headers) + received.response_delay.as_secs();
+    apparent_age.max(corrected_age_value)
+}
+
+/// Heuristic freshness (RFC 9111 §4.2.2): a tenth of the time since `Last-Modified`
+/// (measured from `Date`, else `now`), at most [`MAX_HEURISTIC_SECS`]; `None` without a
+/// valid `Last-Modified`.
+fn heuristic_freshness(headers: &HeaderMap, now: SystemTime) -> Option<u64> {
+    let modified = http_date(headers, header::LAST_MODIFIED)?;
+    let base = http_date(headers, header::DATE).unwrap_or(now);
+    let since = base.duration_since(modified).ok()?.as_secs();
+    Some((since / 10).min(MAX_HEURISTIC_SECS)).filter(|&s| s > 0)
 }
 
 /// The largest `Age` the upstream sent, in seconds (0 when none); checked well-formed
@@ -379,13 +540,26 @@ pub fn http_date(headers: &HeaderMap, name: header::HeaderName) -> Option<System
     httpdate::parse_http_date(headers.get(name)?.to_str().ok()?).ok()
 }
 
-/// The explicit freshness lifetime of a response in seconds, RFC 9111 §4.2.1.
-fn explicit_freshness(cc: &CacheControl, headers: &HeaderMap) -> Option<u64> {
+/// The explicit freshness lifetime of a response in seconds, RFC 9111 §4.2.1: `s-maxage`,
+/// `max-age`, then `Expires` minus `Date` (else `now`), unless the directives came from a
+/// `targeted` field (RFC 9213: `Expires` is then ignored). An `Expires` that is not an
+/// HTTP-date means "already expired" (§5.3): 0.
+fn explicit_freshness(
+    cc: &CacheControl,
+    headers: &HeaderMap,
+    targeted: bool,
+    now: SystemTime,
+) -> Option<u64> {
     if let Some(s) = cc.s_maxage.or(cc.max_age) {
         return Some(s);
     }
-    let expires = http_date(headers, header::EXPIRES)?;
-    let base = http_date(headers, header::DATE).unwrap_or_else(SystemTime::now);
+    if targeted || !headers.contains_key(header::EXPIRES) {
+        return None;
+    }
+    let Some(expires) = http_date(headers, header::EXPIRES) else {
+        return Some(0);
+    };
+    let base = http_date(headers, header::DATE).unwrap_or(now);
     Some(expires.duration_since(base).map_or(0, |d| d.as_secs()))
 }
 
@@ -394,9 +568,24 @@ mod tests {
     use super::*;
     use crate::test_support::header_map as headers;
 
+    /// The TTL [`storable`] gives a response that arrived just now, at once.
+    fn storable_ttl(
+        route: Option<&Route>,
+        status: StatusCode,
+        headers: &HeaderMap,
+    ) -> Result<u32, NoStoreReason> {
+        let received = Received::now(Duration::ZERO);
+        storable(route, status, headers, received, &StoreRules::default()).map(|f| f.ttl_secs)
+    }
+
     #[test]
     fn unmatched_follows_upstream_freshness() {
         let ok = StatusCode::OK;
+        let mut current = HeaderMap::new();
+        let now = SystemTime::now();
+        let date = |t| http::HeaderValue::from_str(&httpdate::fmt_http_date(t)).unwrap();
+        current.insert(header::DATE, date(now));
+        current.insert(header::EXPIRES, date(now + Duration::from_secs(60)));
         assert_eq!(
             storable_ttl(
                 None,
@@ -439,8 +628,15 @@ mod tests {
                 StatusCode::NOT_FOUND,
                 &headers(&[("cache-control", "max-age=60")])
             ),
-            Err(NoStoreReason::Status)
+            Ok(60)
         );
+        for code in [302, 500, 503] {
+            let status = StatusCode::from_u16(code).unwrap();
+            let h = headers(&[("cache-control", "max-age=60")]);
+            assert_eq!(storable_ttl(None, status, &h), Err(NoStoreReason::Status));
+        }
+        assert_eq!(storable_ttl(None, ok, &current), Ok(60));
+        // A Date long past is the age the response arrived with (RFC 9111 §4.2.3).
         assert_eq!(
             storable_ttl(
                 None,
@@ -449,6 +645,19 @@ mod tests {
                     ("date", "Sun, 06 Nov 1994 08:49:37 GMT"),
                     ("expires", "Sun, 06 Nov 1994 08:50:37 GMT")
                 ])
+            ),
+            Err(NoStoreReason::NoFreshness)
+        );
+        // An invalid Expires is in the past (§5.3); max-age wins over it.
+        assert_eq!(
+            storable_ttl(None, ok, &headers(&[("expires", "0")])),
+            Err(NoStoreReason::NoFreshness)
+        );
+        assert_eq!(
+            storable_ttl(
+                None,
+                ok,
+                &headers(&[("expires", "tomorrow"), ("cache-control", "max-age=60")])
             ),
             Ok(60)
         );
@@ -512,7 +721,6 @@ mod tests {
             ("cache-control", "max-age=60; private"),
             ("cache-control", "max-age=\"60"),
             ("vary", "accept language"),
-            ("expires", "tomorrow"),
             ("age", "-1"),
         ] {
             let h = headers(&[bad, ("cache-control", "max-age=60")]);

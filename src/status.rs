@@ -142,11 +142,33 @@ impl NoStoreReason {
 
     /// Whether a response not stored for this reason may still be handed to other requests
     /// coalesced on the same key. Only `status` and `no-freshness` may:
-    /// [`crate::policy::storable_ttl`] reports every private marker before these two, so
+    /// [`crate::policy::storable`] reports every private marker before these two, so
     /// such a response carries none. (The request's own credentials are checked
     /// separately, [`crate::policy::credentialed`].)
     pub fn shareable(self) -> bool {
         matches!(self, NoStoreReason::Status | NoStoreReason::NoFreshness)
+    }
+}
+
+/// Why a stale entry was served (RFC 5861).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StaleReason {
+    /// Within its stale-while-revalidate window: one background request refreshes it.
+    Revalidating,
+    /// Within its stale-if-error window, in place of an upstream error.
+    IfError,
+}
+
+impl StaleReason {
+    /// Every reason, for metric and stats listings.
+    pub const ALL: [StaleReason; 2] = [StaleReason::Revalidating, StaleReason::IfError];
+
+    /// The label and `detail=` value: `stale-while-revalidate` or `stale-if-error`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StaleReason::Revalidating => "stale-while-revalidate",
+            StaleReason::IfError => "stale-if-error",
+        }
     }
 }
 
@@ -155,6 +177,8 @@ impl NoStoreReason {
 pub enum CachePhase {
     /// Served from a tier without contacting the upstream.
     Hit(Tier),
+    /// A stale entry served from a tier, and why.
+    Stale(StaleReason, Tier),
     /// Forwarded to the upstream as the one request for its key; `Ok` if the response was
     /// stored, else why not.
     Miss(Result<(), NoStoreReason>),
@@ -170,6 +194,11 @@ impl CachePhase {
         Tier::ALL
             .into_iter()
             .map(CachePhase::Hit)
+            .chain(
+                StaleReason::ALL
+                    .into_iter()
+                    .flat_map(|r| Tier::ALL.into_iter().map(move |t| CachePhase::Stale(r, t))),
+            )
             .chain([CachePhase::Miss(Ok(())), CachePhase::Collapsed])
             .chain(
                 NoStoreReason::ALL
@@ -179,30 +208,33 @@ impl CachePhase {
             .chain(BypassReason::ALL.into_iter().map(CachePhase::Bypass))
     }
 
-    /// The `X-Cache-Status` value: `HIT`, `MISS` or `BYPASS`.
+    /// The `X-Cache-Status` value: `HIT`, `STALE`, `MISS` or `BYPASS`.
     pub fn x_cache_status(self) -> &'static str {
         match self {
             CachePhase::Hit(_) => "HIT",
+            CachePhase::Stale(..) => "STALE",
             CachePhase::Miss(_) | CachePhase::Collapsed => "MISS",
             CachePhase::Bypass(_) => "BYPASS",
         }
     }
 
-    /// The `status` metric label: `hit`, `miss`, `collapsed` or `bypass`.
+    /// The `status` metric label: `hit`, `stale`, `miss`, `collapsed` or `bypass`.
     pub fn status_label(self) -> &'static str {
         match self {
             CachePhase::Hit(_) => "hit",
+            CachePhase::Stale(..) => "stale",
             CachePhase::Miss(_) => "miss",
             CachePhase::Collapsed => "collapsed",
             CachePhase::Bypass(_) => "bypass",
         }
     }
 
-    /// The `reason` metric label: the tier for hits, `stored` or the no-store reason for
-    /// misses, the bypass reason for bypasses.
+    /// The `reason` metric label: the tier for hits, the stale reason for stale answers,
+    /// `stored` or the no-store reason for misses, the bypass reason for bypasses.
     pub fn reason_label(self) -> &'static str {
         match self {
             CachePhase::Hit(tier) => tier.as_str(),
+            CachePhase::Stale(reason, _) => reason.as_str(),
             CachePhase::Miss(Ok(())) => "stored",
             CachePhase::Miss(Err(r)) => r.as_str(),
             CachePhase::Collapsed => "coalesced",
@@ -211,11 +243,25 @@ impl CachePhase {
     }
 
     /// The RFC 9211 `Cache-Status` value for this phase, e.g. `cachegate; hit; ttl=29;
-    /// detail=memory` or `cachegate; fwd=miss; fwd-status=200; stored`.
-    /// `ttl_secs` is the freshness left (hits); `fwd_status` the upstream's status (misses).
-    pub fn cache_status_header(self, ttl_secs: Option<u64>, fwd_status: Option<u16>) -> String {
+    /// detail=memory`, `cachegate; fwd=miss; fwd-status=200; stored`, or for a stale
+    /// answer `cachegate; hit; stale=5; ttl=-5; fwd=stale; detail=stale-while-revalidate`.
+    /// `ttl_secs` is the freshness left (hits; negative when stale); `fwd_status` the
+    /// upstream's status (misses, and the error a stale answer replaced).
+    pub fn cache_status_header(self, ttl_secs: Option<i64>, fwd_status: Option<u16>) -> String {
         let mut s = String::from("cachegate");
         match self {
+            CachePhase::Stale(reason, tier) => {
+                let ttl = ttl_secs.unwrap_or(0);
+                let _ = write!(
+                    s,
+                    "; hit; stale={}; ttl={ttl}; fwd=stale",
+                    ttl.unsigned_abs()
+                );
+                if let Some(code) = fwd_status {
+                    let _ = write!(s, "; fwd-status={code}");
+                }
+                let _ = write!(s, "; detail={}; tier={}", reason.as_str(), tier.as_str());
+            }
             CachePhase::Hit(tier) => {
                 s.push_str("; hit");
                 if let Some(ttl) = ttl_secs {

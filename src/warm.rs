@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
-use http::{HeaderMap, Method, Request, Response, Uri, Version, header};
+use http::{Method, Request, Response, Uri, Version, header};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -30,6 +30,7 @@ use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::proxy::body;
 use crate::proxy::origin::Origin;
+use crate::proxy::refresh::Replay;
 use cachegate_core::key::CacheKey;
 
 /// The most requests one warm list may hold.
@@ -331,50 +332,6 @@ pub async fn warm_list<O: Origin>(
     report
 }
 
-/// A request as the request path forwarded it, kept to be sent again: a hot key's refresh.
-/// Held in memory only, never logged.
-#[derive(Debug)]
-pub struct Replay {
-    method: Method,
-    uri: Uri,
-    version: Version,
-    headers: HeaderMap,
-    body: Bytes,
-    client: SocketAddr,
-}
-
-impl Replay {
-    /// Keeps a copy of a request: its head as the client sent it (before forwarding rules),
-    /// its body (empty, or the keyed JSON body), and the client's address (forwarding
-    /// rules depend on it).
-    pub fn new(parts: &http::request::Parts, body: Bytes, client: SocketAddr) -> Self {
-        Replay {
-            method: parts.method.clone(),
-            uri: parts.uri.clone(),
-            version: parts.version,
-            headers: parts.headers.clone(),
-            body,
-            client,
-        }
-    }
-
-    fn to_request(&self) -> Request<crate::proxy::body::ProxyBody> {
-        let mut req = Request::new(body::full(self.body.clone()));
-        *req.method_mut() = self.method.clone();
-        *req.uri_mut() = self.uri.clone();
-        *req.version_mut() = self.version;
-        *req.headers_mut() = self.headers.clone();
-        req.extensions_mut().insert(Refresh);
-        req
-    }
-}
-
-/// Marks a request as a refresh: the request path skips the lookup and fetches from the
-/// upstream (still one request per key), and does not count it as a hot-key request.
-/// Only cachegate sets it; a client cannot.
-#[derive(Debug, Clone, Copy)]
-pub struct Refresh;
-
 /// A route's request counts per key (the Misra-Gries summary: at most
 /// [`HotKeys::capacity`] counters; any key requested more than `requests / capacity` times
 /// in an interval is among them) and its current hot set.
@@ -528,7 +485,7 @@ pub async fn run_hot_keys<O: Origin>(
                     if !due {
                         return;
                     }
-                    let resp = proxy.handle(hot.replay.to_request(), hot.replay.client);
+                    let resp = proxy.handle(hot.replay.to_request(), hot.replay.client());
                     let outcome = WarmOutcome::of(&resp.await);
                     metrics.hot_key_refreshes.inc(outcome.label());
                     if let WarmOutcome::Failed { .. } = outcome {

@@ -110,7 +110,7 @@ async fn forged_copied_tampered_or_corrupt_entries_are_misses_and_counted() {
             &http::HeaderMap::new(),
             b"{\"n\":999}",
             cachegate::entry::now_ms(),
-            60,
+            cachegate::entry::Freshness::ttl(60),
             &["kpi"],
         );
         let hex = keys[0].rsplit(':').next().unwrap();

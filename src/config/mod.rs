@@ -185,6 +185,22 @@ pub struct CacheConfig {
     pub surrogate_key_header: String,
     /// The response header holding comma-separated tags. Default `cache-tag`.
     pub cache_tag_header: String,
+    /// Targeted cache-control fields (RFC 9213) cachegate obeys, in precedence order: the
+    /// first one a response carries with a valid value replaces its `Cache-Control` and
+    /// `Expires` for cachegate. Default `["cachegate-cache-control",
+    /// "cdn-cache-control"]`.
+    pub targeted_cache_control: Vec<String>,
+    /// Keep the targeted fields on responses to clients. Default `false`: removed, since
+    /// they were meant for cachegate.
+    pub forward_targeted_cache_control: bool,
+    /// Heuristic freshness (RFC 9111 §4.2.2) for responses that match no route and give
+    /// no explicit freshness: a tenth of the time since `Last-Modified`, at most a day.
+    /// Default `false`: such responses are not stored.
+    pub heuristic_freshness: bool,
+    /// Background refreshes (stale-while-revalidate, refresh-ahead) that may run at once;
+    /// more wait in a queue of 1024, beyond which a refresh is skipped (the entry is then
+    /// refreshed by a later request). Default 16.
+    pub max_background_refreshes: usize,
 }
 
 /// `[redis]`: the shared tier.
@@ -274,6 +290,20 @@ pub struct RouteConfig {
     /// Default 60; at least 1.
     #[serde(default = "sixty")]
     pub warm_interval_secs: u64,
+    /// Seconds past its TTL during which an entry is served stale (`STALE`) while one
+    /// background request refreshes it (RFC 5861 §3). Absent: the response's
+    /// `stale-while-revalidate`, if any.
+    #[serde(default)]
+    pub stale_while_revalidate_secs: Option<u64>,
+    /// Seconds past its TTL during which an entry is served instead of an upstream error
+    /// (a 500, 502, 503 or 504, or no answer in time; RFC 5861 §4). Absent: the
+    /// response's `stale-if-error`, if any.
+    #[serde(default)]
+    pub stale_if_error_secs: Option<u64>,
+    /// Refresh-ahead: a hit on an entry with less than this share of its TTL left (0 to 1,
+    /// e.g. 0.5) is served as a HIT and starts one background refresh. Absent: off.
+    #[serde(default)]
+    pub refresh_ahead: Option<f64>,
 }
 
 fn sixty() -> u64 {
@@ -340,6 +370,13 @@ impl Default for CacheConfig {
             surrogate_key_header: "surrogate-key".into(),
             cache_tag_header: "cache-tag".into(),
             coalesce_wait_ms: 10_000,
+            targeted_cache_control: vec![
+                "cachegate-cache-control".into(),
+                "cdn-cache-control".into(),
+            ],
+            forward_targeted_cache_control: false,
+            heuristic_freshness: false,
+            max_background_refreshes: 16,
         }
     }
 }
@@ -470,12 +507,27 @@ impl Config {
     ///
     /// Errors: the first of those that does not hold.
     pub fn check_cache(&self) -> Result<(), ConfigError> {
+        for name in &self.cache.targeted_cache_control {
+            if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                return Err(ConfigError::plain(format!(
+                    "cache.targeted_cache_control: {name:?} is not a header name"
+                )));
+            }
+        }
         for (i, route) in self.routes.iter().enumerate() {
             if route.warm_hot_keys > crate::warm::MAX_HOT_KEYS {
                 return Err(ConfigError::plain(format!(
                     "routes[{i}].warm_hot_keys: at most {}, found {}",
                     crate::warm::MAX_HOT_KEYS,
                     route.warm_hot_keys
+                )));
+            }
+            if route
+                .refresh_ahead
+                .is_some_and(|share| !(share > 0.0 && share < 1.0))
+            {
+                return Err(ConfigError::plain(format!(
+                    "routes[{i}].refresh_ahead: a share of the TTL between 0 and 1 (exclusive), e.g. 0.5"
                 )));
             }
             if route.warm_interval_secs == 0 {

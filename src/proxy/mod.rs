@@ -20,6 +20,7 @@
 pub mod body;
 pub mod headers;
 pub mod origin;
+pub mod refresh;
 mod switches;
 pub mod upgrade;
 pub mod upstream;
@@ -44,16 +45,18 @@ use self::upgrade::{NotTunnelled, TunnelLimits, UpgradeRequest};
 use self::upstream::{Upstream, UpstreamError};
 use crate::conditional::{self, Conditions};
 use crate::config::Config;
-use crate::entry::{CachedResponse, now_ms};
+use crate::entry::{CachedResponse, Staleness, now_ms};
 use crate::key::{
     BodyKeyError, CacheKey, KeyBuilder, KeyParts, canonical_json, in_filter, request_key,
 };
 use crate::metrics::Metrics;
-use crate::policy::{self, Policy, RequestShape, Route};
-use crate::status::{BypassReason, CachePhase, NoStoreReason, Tier};
+use crate::policy::{self, Policy, Received, RequestShape, Route, StoreRules};
+use crate::status::{BypassReason, CachePhase, NoStoreReason, StaleReason, Tier};
 use crate::tags;
 use crate::uri::{has_invalid_escape, normalize_path, parse_query};
-use crate::warm::{HotKeys, Refresh, Replay};
+use crate::warm::HotKeys;
+
+use self::refresh::{Refresh, Refresher, Replay};
 use cachegate_core::coalesce::{Coalescer, Leader, Role, WaitOutcome};
 use cachegate_core::store::{Storable, TieredStore};
 
@@ -82,6 +85,12 @@ pub struct Proxy<O = Upstream> {
     expose_tags: bool,
     /// `preserve_host`: the client's `Host` is forwarded and keyed.
     preserve_host: bool,
+    /// Targeted cache-control fields and heuristic freshness.
+    store_rules: StoreRules,
+    /// Keep the targeted cache-control fields on responses to clients.
+    forward_targeted: bool,
+    /// Background refreshes (stale-while-revalidate, refresh-ahead, hot keys).
+    refresher: Refresher,
     metrics: Arc<Metrics>,
     switches: Arc<Switches>,
     limits: Limits,
@@ -101,12 +110,16 @@ struct Ctx {
     tags: Vec<String>,
     /// A refresh ([`Refresh`]): fetched from the upstream even when an entry is stored.
     refresh: bool,
+    /// A stale entry to serve instead of an upstream error (stale-if-error), how stale it
+    /// is in seconds, and where it was found.
+    stale: Option<(CachedResponse, u64, Tier)>,
 }
 
 /// How a response was produced, for the status headers.
 struct Outcome {
     phase: CachePhase,
-    ttl_secs: Option<u64>,
+    /// Freshness left (negative: stale for that long), for hits.
+    ttl_secs: Option<i64>,
     fwd_status: Option<u16>,
 }
 
@@ -187,6 +200,20 @@ impl<O: Origin> Proxy<O> {
             },
             expose_tags: config.cache.expose_tags,
             preserve_host,
+            store_rules: StoreRules {
+                targeted: config
+                    .cache
+                    .targeted_cache_control
+                    .iter()
+                    .filter_map(|n| http::HeaderName::from_bytes(n.as_bytes()).ok())
+                    .collect(),
+                heuristic_freshness: config.cache.heuristic_freshness,
+            },
+            forward_targeted: config.cache.forward_targeted_cache_control,
+            refresher: Refresher::new(
+                config.cache.max_background_refreshes,
+                Duration::from_millis(config.upstream.total_timeout_ms.max(1)),
+            ),
             metrics,
             switches,
             limits: Limits {
@@ -333,6 +360,7 @@ impl<O: Origin> Proxy<O> {
             conditions: Conditions::take(&mut parts.headers),
             tags: tags::entry_tags(route, &target.path, &params),
             refresh: parts.extensions.get::<Refresh>().is_some(),
+            stale: None,
         };
         // Hot-key warming counts the route's requests per key, keeping a copy of the
         // first request of each key to refresh it with. Never a credentialed one.
@@ -347,11 +375,35 @@ impl<O: Origin> Proxy<O> {
             });
         }
 
-        // Lookup: memory, then Redis (a refresh goes to the upstream).
+        // Lookup: memory, then Redis (a refresh goes to the upstream). A fresh entry is a
+        // hit (and may start a refresh-ahead); a stale one is served at once while one
+        // background request refreshes it (stale-while-revalidate), or kept to answer an
+        // upstream error (stale-if-error), or ignored.
+        let mut ctx = ctx;
         if !ctx.refresh
             && let Some((entry, tier)) = self.store.lookup(&key).await
         {
-            return self.serve_entry(&entry, &ctx, hit(&entry, tier));
+            let replay = || Replay::new(&parts, keyed_body.clone().unwrap_or_default(), client);
+            match entry.staleness(now_ms()) {
+                Staleness::Fresh { left } => {
+                    if refresh_ahead_due(route, &entry, left) {
+                        self.refresher.request(&key, replay);
+                    }
+                    return self.serve_entry(&entry, &ctx, hit(&entry, tier));
+                }
+                Staleness::Stale { secs } => {
+                    let f = entry.freshness();
+                    if secs <= u64::from(f.stale_while_revalidate_secs)
+                        && self.refresher.request(&key, replay)
+                    {
+                        let outcome = stale(StaleReason::Revalidating, tier, secs, None);
+                        return self.serve_entry(&entry, &ctx, outcome);
+                    }
+                    if secs <= u64::from(f.stale_if_error_secs) {
+                        ctx.stale = Some((entry, secs, tier));
+                    }
+                }
+            }
         }
 
         // Miss: one request per key goes to the upstream. A follower whose leader failed
@@ -382,7 +434,13 @@ impl<O: Origin> Proxy<O> {
                     waits.inc("timeout");
                     return self.fetch(parts, body, route, &ctx, None).await;
                 }
-                WaitOutcome::Failed => waits.inc("retried"),
+                WaitOutcome::Failed => {
+                    waits.inc("retried");
+                    // The leader failed: with a stale entry at hand, that is the answer.
+                    if let Some(resp) = self.serve_stale_if_error(&ctx, None) {
+                        return resp;
+                    }
+                }
             }
         }
     }
@@ -409,15 +467,32 @@ impl<O: Origin> Proxy<O> {
             }
             return self.serve_entry(&entry, ctx, hit(&entry, Tier::Memory));
         }
-        let (head, resp_body, response_tags) = match self.send(parts, body, ctx.client).await {
-            Ok(sent) => sent,
-            Err(error_response) => {
-                let phase = CachePhase::Miss(Err(NoStoreReason::UpstreamError));
-                return self.finish(error_response, miss(phase, None), Some(key));
-            }
-        };
+        let (mut head, resp_body, response_tags, received) =
+            match self.send(parts, body, ctx.client).await {
+                Ok(sent) => sent,
+                Err(error_response) => {
+                    if let Some(resp) = self.serve_stale_if_error(ctx, None) {
+                        return resp;
+                    }
+                    let phase = CachePhase::Miss(Err(NoStoreReason::UpstreamError));
+                    return self.finish(error_response, miss(phase, None), Some(key));
+                }
+            };
         let fwd_status = Some(head.status.as_u16());
-        let decision = policy::storable_ttl(route, head.status, &head.headers);
+        // RFC 5861 §4: an error is a 500, 502, 503 or 504.
+        if matches!(head.status.as_u16(), 500 | 502 | 503 | 504)
+            && let Some(resp) = self.serve_stale_if_error(ctx, fwd_status)
+        {
+            return resp;
+        }
+        let decision = policy::storable(
+            route,
+            head.status,
+            &head.headers,
+            received,
+            &self.store_rules,
+        );
+        self.strip_targeted(&mut head.headers);
         // May another request have this answer? Never when it is private to its requester
         // (whatever its status) or the request was credentialed, even on a per-credential key.
         let shareable = !ctx.credentialed && decision.as_ref().err().is_none_or(|r| r.shareable());
@@ -470,7 +545,7 @@ impl<O: Origin> Proxy<O> {
             &head.headers,
             &bytes,
             now_ms(),
-            *decision.as_ref().unwrap_or(&0),
+            decision.unwrap_or_default(),
             &[&ctx.tags[..], &response_tags[..]].concat(),
         );
         // An entry no tier holds (heavier than the memory tier's limit, no Redis) is
@@ -498,7 +573,8 @@ impl<O: Origin> Proxy<O> {
     ) -> Response<ProxyBody> {
         let phase = CachePhase::Bypass(reason);
         match self.send(parts, body, client).await {
-            Ok((head, resp_body, _)) => {
+            Ok((mut head, resp_body, _, _)) => {
+                self.strip_targeted(&mut head.headers);
                 let outcome = miss(phase, Some(head.status.as_u16()));
                 let resp = Response::from_parts(head, body::boxed(resp_body));
                 self.finish(resp, outcome, None)
@@ -568,6 +644,33 @@ impl<O: Origin> Proxy<O> {
             canonical.as_deref(),
             client,
         ))
+    }
+
+    /// The background refreshes, for [`refresh::run_refreshes`].
+    pub fn refresher(&self) -> &Refresher {
+        &self.refresher
+    }
+
+    /// Serves the stale entry `ctx` holds for stale-if-error (RFC 5861 §4) in place of an
+    /// upstream error (`fwd_status`: its status; `None`: no answer); `None` without one.
+    fn serve_stale_if_error(
+        &self,
+        ctx: &Ctx,
+        fwd_status: Option<u16>,
+    ) -> Option<Response<ProxyBody>> {
+        let (entry, secs, tier) = ctx.stale.as_ref()?;
+        let outcome = stale(StaleReason::IfError, *tier, *secs, fwd_status);
+        Some(self.serve_entry(entry, ctx, outcome))
+    }
+
+    /// Removes the targeted cache-control fields (RFC 9213) meant for cachegate from a
+    /// response to a client, unless configured to keep them.
+    fn strip_targeted(&self, headers: &mut http::HeaderMap) {
+        if !self.forward_targeted {
+            for name in &self.store_rules.targeted {
+                headers.remove(name);
+            }
+        }
     }
 
     /// The hot-key trackers of the routes with `warm_hot_keys`, for [`crate::warm::run_hot_keys`].
@@ -663,7 +766,8 @@ impl<O: Origin> Proxy<O> {
         mut parts: Parts,
         body: ProxyBody,
         client: SocketAddr,
-    ) -> Result<(http::response::Parts, ProxyBody, Vec<String>), Response<ProxyBody>> {
+    ) -> Result<(http::response::Parts, ProxyBody, Vec<String>, Received), Response<ProxyBody>>
+    {
         if O::REWRITES_FORWARDING {
             self.forwarding.apply(&mut parts.headers, client);
         } else {
@@ -682,7 +786,7 @@ impl<O: Origin> Proxy<O> {
                     &self.tag_headers,
                     self.expose_tags,
                 );
-                Ok((head, body, tags))
+                Ok((head, body, tags, Received::now(elapsed)))
             }
             Err(e) => Err(self.upstream_failure(e)),
         }
@@ -756,9 +860,12 @@ impl<O: Origin> Proxy<O> {
             *resp.headers_mut() = headers;
             resp
         };
-        if let CachePhase::Hit(_) = outcome.phase {
-            resp.headers_mut()
-                .insert(header::AGE, HeaderValue::from(entry.age_secs(now_ms())));
+        if let CachePhase::Hit(_) | CachePhase::Stale(..) = outcome.phase {
+            // RFC 9111 §5.1: the current age, the age it arrived with included.
+            resp.headers_mut().insert(
+                header::AGE,
+                HeaderValue::from(entry.current_age_secs(now_ms())),
+            );
         }
         self.finish(resp, outcome, Some(&ctx.key))
     }
@@ -888,9 +995,27 @@ fn request_body_fault(e: &BoxError) -> ClientFault {
 fn hit(entry: &CachedResponse, tier: Tier) -> Outcome {
     Outcome {
         phase: CachePhase::Hit(tier),
-        ttl_secs: Some(entry.remaining_ttl(now_ms()).as_secs()),
+        ttl_secs: Some(entry.remaining_ttl(now_ms()).as_secs() as i64),
         fwd_status: None,
     }
+}
+
+/// A stale entry served, `stale_secs` past its freshness, for `reason`; `fwd_status`: the
+/// upstream's error status (stale-if-error).
+fn stale(reason: StaleReason, tier: Tier, stale_secs: u64, fwd_status: Option<u16>) -> Outcome {
+    Outcome {
+        phase: CachePhase::Stale(reason, tier),
+        ttl_secs: Some(-(stale_secs.min(i64::MAX as u64) as i64)),
+        fwd_status,
+    }
+}
+
+/// Whether a hit on `entry` with `left` of its freshness should start a refresh-ahead:
+/// its route says `refresh_ahead = share` and less than that share of its TTL is left.
+fn refresh_ahead_due(route: Option<&Route>, entry: &CachedResponse, left: Duration) -> bool {
+    route
+        .and_then(|r| r.config.refresh_ahead)
+        .is_some_and(|share| left.as_secs_f64() < share * f64::from(entry.ttl_secs()))
 }
 
 fn miss(phase: CachePhase, fwd_status: Option<u16>) -> Outcome {

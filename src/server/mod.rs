@@ -132,6 +132,8 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         max_connections,
     };
     let hot_keys = crate::warm::run_hot_keys(proxy.clone(), metrics.clone(), rx.clone());
+    let refreshes =
+        crate::proxy::refresh::run_refreshes(proxy.clone(), metrics.clone(), rx.clone());
     let panics = metrics.clone();
     let proxy_loop = serve(listener, rx.clone(), limits.clone(), move |req, peer| {
         let proxy = proxy.clone();
@@ -183,6 +185,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             tokio::spawn(proxy_loop),
             tokio::spawn(admin_loop),
             tokio::spawn(hot_keys),
+            tokio::spawn(refreshes),
         ],
     })
 }
