@@ -47,6 +47,9 @@ pub struct Admin {
     pub events: Arc<Vec<EventConfig>>,
     /// The request path, to key purges by request exactly as requests are keyed.
     pub proxy: Option<Arc<Proxy>>,
+    /// One warm list at a time (`POST /admin/warm` answers 429 while one runs), so that
+    /// warming never sends more than its concurrency to the upstream.
+    pub warm_slot: Arc<tokio::sync::Semaphore>,
 }
 
 /// The body of `POST /admin/purge`.
@@ -216,6 +219,13 @@ impl Admin {
         let Some(proxy) = &self.proxy else {
             return plain(StatusCode::BAD_REQUEST, "no request path to warm through");
         };
+        let Ok(_slot) = self.warm_slot.clone().try_acquire_owned() else {
+            tracing::warn!(target: "audit", client = %peer, op = "warm", "refused: a warm list is running");
+            return plain(
+                StatusCode::TOO_MANY_REQUESTS,
+                "a warm list is running: try again when it has finished",
+            );
+        };
         let body = match read_limited(req.into_body(), MAX_WARM_BODY_BYTES).await {
             Ok(Limited::Complete(bytes)) => bytes,
             Ok(Limited::TooLarge(_)) => {
@@ -232,6 +242,7 @@ impl Admin {
         let list = match warm::parse_list(text) {
             Ok(list) => list,
             Err(e) => {
+                tracing::info!(target: "audit", client = %peer, op = "warm", line = e.line, "refused: unreadable warm list");
                 let text = format!(
                     "invalid warm list: {e}; expected one request per line: METHOD URL [JSON body], or a JSON object {{\"method\", \"url\", \"headers\", \"body\"}}"
                 );

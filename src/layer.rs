@@ -179,6 +179,10 @@ where
 {
     type Service = CacheService;
 
+    /// Wraps `inner`. Called within a Tokio runtime, it also starts the background
+    /// refreshes (stale-while-revalidate, refresh-ahead, `warm_hot_keys`), which stop when
+    /// the last clone of the service is dropped; elsewhere a stale entry is a miss and hot
+    /// keys are not refreshed.
     fn layer(&self, inner: S) -> CacheService {
         let shared = &self.shared;
         let proxy = Proxy::with_origin(
@@ -195,8 +199,20 @@ where
                 shutdown: shared.shutdown.clone(),
             },
         );
+        let proxy = Arc::new(proxy);
+        let (stop, stopped) = watch::channel(false);
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let metrics = shared.metrics.clone();
+            runtime.spawn(crate::proxy::refresh::run_refreshes(
+                proxy.clone(),
+                metrics,
+                stopped.clone(),
+            ));
+            runtime.spawn(crate::warm::run_hot_keys(proxy.clone(), stopped));
+        }
         CacheService {
-            proxy: Arc::new(proxy),
+            proxy,
+            _stop: Arc::new(stop),
         }
     }
 }
@@ -206,6 +222,8 @@ where
 #[derive(Clone)]
 pub struct CacheService {
     proxy: Arc<Proxy<ServiceOrigin>>,
+    /// Dropped with the last clone: the background refreshes stop.
+    _stop: Arc<watch::Sender<bool>>,
 }
 
 /// The client address the request path sees when the server did not provide one.

@@ -285,12 +285,13 @@ fn client_runtime() -> std::io::Result<tokio::runtime::Runtime> {
 /// Posts `body` (of `content_type`) to the admin API at `url` with the bearer `token`;
 /// returns the reply's status and text.
 ///
-/// Errors: the request cannot be made, sent or read, or no answer came within 5 minutes.
+/// Errors: the request cannot be made, sent or read, or no answer came within `limit`.
 async fn post(
     url: &str,
     token: &str,
     content_type: &str,
     body: String,
+    limit: std::time::Duration,
 ) -> Result<(http::StatusCode, String), String> {
     use http_body_util::{BodyExt, Full};
     use hyper_util::client::legacy::Client;
@@ -301,11 +302,11 @@ async fn post(
         .body(Full::new(bytes::Bytes::from(body)))
         .map_err(|e| format!("{url}: {e}"))?;
     let client: Client<_, Full<bytes::Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-    let sent = tokio::time::timeout(std::time::Duration::from_secs(300), client.request(request));
+    let sent = tokio::time::timeout(limit, client.request(request));
     let response = match sent.await {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => return Err(format!("{url}: {e}")),
-        Err(_) => return Err(format!("{url}: no answer within 300 s")),
+        Err(_) => return Err(format!("{url}: no answer within {} s", limit.as_secs())),
     };
     let status = response.status();
     let bytes = response
@@ -324,7 +325,13 @@ fn purge(url: &str, token: &str, body: String) -> ExitCode {
         Ok(rt) => rt,
         Err(e) => return fail(&e),
     };
-    let (status, text) = match runtime.block_on(post(url, token, "application/json", body)) {
+    let (status, text) = match runtime.block_on(post(
+        url,
+        token,
+        "application/json",
+        body,
+        std::time::Duration::from_secs(30),
+    )) {
         Ok(reply) => reply,
         Err(e) => return fail(&e),
     };
@@ -374,7 +381,14 @@ fn warm(file: &Path, admin: &str, token: &str, concurrency: usize) -> ExitCode {
             .filter_map(|(_, spec)| serde_json::to_string(spec).ok())
             .map(|line| line + "\n")
             .collect();
-        let (status, reply) = match runtime.block_on(post(&url, token, "text/plain", body)) {
+        let (status, reply) = match runtime.block_on(post(
+            &url,
+            token,
+            "text/plain",
+            body,
+            // A batch of 4 x concurrency requests, each bounded by the upstream timeouts.
+            std::time::Duration::from_secs(600),
+        )) {
             Ok(r) => r,
             Err(e) => {
                 bar.abandon();

@@ -66,7 +66,7 @@ pub struct Metrics {
     /// `failed`).
     pub warm_requests: LabeledCounter,
     /// `hot_key_refreshes_total{outcome}`: hot-key refreshes by outcome (`stored`,
-    /// `fresh`: a concurrent request fetched it, `failed`).
+    /// `fresh`: a concurrent request fetched it, `failed`, `timeout`: abandoned).
     pub hot_key_refreshes: LabeledCounter,
     /// `background_refreshes_total{outcome}`: stale-while-revalidate and refresh-ahead
     /// refreshes by outcome (`stored`, `fresh`, `failed`, `timeout`: abandoned).
@@ -123,7 +123,8 @@ impl Metrics {
         });
         let store = StoreMetrics::default();
         let warm_requests = LabeledCounter::new("outcome", WARM_OUTCOMES);
-        let hot_key_refreshes = LabeledCounter::new("outcome", WARM_OUTCOMES);
+        let hot_key_refreshes =
+            LabeledCounter::new("outcome", &["stored", "fresh", "failed", "timeout"]);
         let background_refreshes =
             LabeledCounter::new("outcome", &["stored", "fresh", "failed", "timeout"]);
         let mut metrics = Metrics {

@@ -45,8 +45,8 @@ pub const MAX_CONCURRENCY: usize = 64;
 /// How often [`run_hot_keys`] looks at the hot keys' entries.
 const HOT_KEY_TICK: Duration = Duration::from_secs(1);
 
-/// How many hot keys of one route [`run_hot_keys`] refreshes at once.
-const HOT_KEY_REFRESHES_AT_ONCE: usize = 4;
+/// How many hot keys [`run_hot_keys`] looks up at once.
+const HOT_KEY_CHECKS_AT_ONCE: usize = 16;
 
 /// A request described as data: an item of a warm list, or of a purge by request
 /// (`POST /admin/purge {"requests": [...]}`). As JSON:
@@ -197,9 +197,10 @@ pub enum WarmOutcome {
     /// Already stored and fresh (a hit), or fetched by a concurrent request.
     Fresh,
     /// Not stored: `detail` says why (the `Cache-Status` detail, e.g. `no-store`,
-    /// `upstream-error`, a bypass reason), `status` is the answer's HTTP status.
+    /// `upstream-error`, a bypass reason; `not cacheable: ...` for a request refused
+    /// before it was sent), `status` is the answer's HTTP status (0: not sent).
     Failed {
-        /// The HTTP status of the answer.
+        /// The HTTP status of the answer; 0 when it was not sent.
         status: u16,
         /// Why nothing was stored.
         detail: String,
@@ -270,7 +271,7 @@ pub struct WarmReport {
 pub struct WarmFailure {
     /// Its line in the list.
     pub line: usize,
-    /// The HTTP status of the answer.
+    /// The HTTP status of the answer; 0 when it was not sent (not cacheable).
     pub status: u16,
     /// Why nothing was stored.
     pub detail: String,
@@ -283,7 +284,9 @@ impl WarmReport {
 
 /// Replays `list` (from [`parse_list`]) through `proxy`, at most `concurrency` requests
 /// at once (clamped to 1..=[`MAX_CONCURRENCY`]), as requests from `client`; counts each
-/// outcome in `warm_requests_total{outcome}`. Every request is bounded by the request
+/// outcome in `warm_requests_total{outcome}`. A request that would not use the cache
+/// ([`Proxy::check_cacheable`]: no route, an unsafe method, credentials the route does not
+/// key on, ...) is not sent and counts as failed. Every request is bounded by the request
 /// path's own timeouts.
 pub async fn warm_list<O: Origin>(
     proxy: &Proxy<O>,
@@ -299,19 +302,23 @@ pub async fn warm_list<O: Origin>(
     };
     let mut outcomes = futures_util::stream::iter(list)
         .map(|(line, spec)| async move {
-            let outcome = match spec.to_request() {
+            let request = spec
+                .to_request()
+                .and_then(|req| match proxy.check_cacheable(&req) {
+                    Ok(()) => Ok(req),
+                    Err(reason) => Err(format!("not cacheable: {reason}")),
+                });
+            let outcome = match request {
                 Ok(req) => {
                     let resp = proxy.handle(req.map(body::full), client).await;
                     WarmOutcome::of(&resp)
                 }
-                Err(detail) => WarmOutcome::Failed {
-                    status: 400,
-                    detail,
-                },
+                // Refused here: nothing was sent.
+                Err(detail) => WarmOutcome::Failed { status: 0, detail },
             };
             (line, outcome)
         })
-        .buffered(concurrency);
+        .buffer_unordered(concurrency);
     while let Some((line, outcome)) = outcomes.next().await {
         metrics.warm_requests.inc(outcome.label());
         match outcome {
@@ -319,22 +326,27 @@ pub async fn warm_list<O: Origin>(
             WarmOutcome::Fresh => report.fresh += 1,
             WarmOutcome::Failed { status, detail } => {
                 report.failed += 1;
-                if report.failures.len() < WarmReport::MAX_FAILURES {
-                    report.failures.push(WarmFailure {
-                        line,
-                        status,
-                        detail,
-                    });
-                }
+                report.failures.push(WarmFailure {
+                    line,
+                    status,
+                    detail,
+                });
             }
         }
     }
+    // The first failures in list order (they finish in any order).
+    report.failures.sort_by_key(|f| f.line);
+    report.failures.truncate(WarmReport::MAX_FAILURES);
     report
 }
 
 /// A route's request counts per key (the Misra-Gries summary: at most
 /// [`HotKeys::capacity`] counters; any key requested more than `requests / capacity` times
 /// in an interval is among them) and its current hot set.
+///
+/// Memory stays bounded whatever the traffic: the counters are bounded, and a key's
+/// request is copied ([`Replay::keyed`]: keyed parts only, bodies up to 64 KiB) only from
+/// its second request of an interval, within [`REPLAY_BUDGET_BYTES`] per route.
 #[derive(Debug)]
 pub struct HotKeys {
     hot_keys: usize,
@@ -342,9 +354,14 @@ pub struct HotKeys {
     state: Mutex<HotState>,
 }
 
+/// The bytes of request copies one route's counters may hold.
+pub const REPLAY_BUDGET_BYTES: usize = 8 << 20;
+
 #[derive(Debug)]
 struct HotState {
     counts: HashMap<CacheKey, Counted>,
+    /// Bytes of the copies `counts` holds.
+    replay_bytes: usize,
     hot: Vec<HotKey>,
     rotated_at: Instant,
 }
@@ -352,7 +369,7 @@ struct HotState {
 #[derive(Debug)]
 struct Counted {
     count: u64,
-    replay: Arc<Replay>,
+    replay: Option<Arc<Replay>>,
 }
 
 /// One key of the hot set.
@@ -373,6 +390,7 @@ impl HotKeys {
             interval: interval.max(Duration::from_secs(1)),
             state: Mutex::new(HotState {
                 counts: HashMap::new(),
+                replay_bytes: 0,
                 hot: Vec::new(),
                 rotated_at: Instant::now(),
             }),
@@ -384,54 +402,88 @@ impl HotKeys {
         self.hot_keys * 8
     }
 
-    /// Counts one request for `key`; `replay` makes the copy of the request the first
-    /// time the key is counted in an interval.
-    pub fn record(&self, key: &CacheKey, replay: impl FnOnce() -> Replay) {
+    /// Counts one request for `key`. On the key's second request of an interval, `replay`
+    /// makes the copy to refresh it with (outside the lock; `None`: it cannot be copied),
+    /// if the route's copies fit in [`REPLAY_BUDGET_BYTES`].
+    pub fn record(&self, key: &CacheKey, replay: impl FnOnce() -> Option<Replay>) {
+        let wants_copy = {
+            let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+            let within_budget = state.replay_bytes < REPLAY_BUDGET_BYTES;
+            if let Some(counted) = state.counts.get_mut(key) {
+                counted.count += 1;
+                counted.replay.is_none() && within_budget
+            } else {
+                if state.counts.len() >= self.capacity() {
+                    // Misra-Gries: a new key when every counter is taken lowers all of
+                    // them by one, and frees those at zero; the new key is not counted.
+                    let mut freed = 0;
+                    state.counts.retain(|_, c| {
+                        c.count -= 1;
+                        if c.count == 0 {
+                            freed += c.replay.as_ref().map_or(0, |r| r.size_bytes());
+                        }
+                        c.count > 0
+                    });
+                    state.replay_bytes -= freed;
+                    return;
+                }
+                state.counts.insert(
+                    *key,
+                    Counted {
+                        count: 1,
+                        replay: None,
+                    },
+                );
+                false
+            }
+        };
+        if !wants_copy {
+            return;
+        }
+        let Some(copy) = replay() else {
+            return;
+        };
+        let size = copy.size_bytes();
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(counted) = state.counts.get_mut(key) {
-            counted.count += 1;
+        if state.replay_bytes + size > REPLAY_BUDGET_BYTES {
             return;
         }
-        if state.counts.len() >= self.capacity() {
-            // Misra-Gries: a new key when every counter is taken lowers all of them by
-            // one, and frees those at zero; the new key is not counted.
-            state.counts.retain(|_, c| {
-                c.count -= 1;
-                c.count > 0
-            });
-            return;
+        if let Some(counted) = state.counts.get_mut(key)
+            && counted.replay.is_none()
+        {
+            counted.replay = Some(Arc::new(copy));
+            state.replay_bytes += size;
         }
-        state.counts.insert(
-            *key,
-            Counted {
-                count: 1,
-                replay: Arc::new(replay()),
-            },
-        );
     }
 
-    /// At the end of an interval, the counted keys' top `hot_keys` become the hot set and
-    /// the counts start again. Returns the hot set to look at now.
+    /// At the end of an interval, the counted keys' top `hot_keys` (those with a copy to
+    /// refresh them with) become the hot set and the counts start again. Returns the hot
+    /// set to look at now.
     fn hot_set(&self, now: Instant) -> Vec<HotKey> {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         if now.duration_since(state.rotated_at) >= self.interval {
             state.rotated_at = now;
+            state.replay_bytes = 0;
             let mut counted: Vec<(CacheKey, Counted)> = state.counts.drain().collect();
             counted.sort_by_key(|(_, c)| std::cmp::Reverse(c.count));
             state.hot = counted
                 .into_iter()
                 .take(self.hot_keys)
-                .map(|(key, c)| HotKey {
-                    key,
-                    replay: c.replay,
-                    failed: false,
+                .filter_map(|(key, c)| {
+                    Some(HotKey {
+                        key,
+                        replay: c.replay?,
+                        failed: false,
+                    })
                 })
                 .collect();
         }
         state.hot.clone()
     }
 
-    fn mark_failed(&self, key: &CacheKey) {
+    /// Leaves `key` out of the hot set's refreshes until the next interval: its refresh
+    /// stored nothing.
+    pub(crate) fn mark_failed(&self, key: &CacheKey) {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(hot) = state.hot.iter_mut().find(|h| h.key == *key) {
             hot.failed = true;
@@ -445,18 +497,15 @@ fn refresh_lead(ttl: Duration) -> Duration {
     (ttl / 10).clamp(2 * HOT_KEY_TICK, Duration::from_secs(30))
 }
 
-/// Refreshes the hot keys of every route with `warm_hot_keys` until `shutdown` turns
+/// Keeps the hot keys of every route with `warm_hot_keys` fresh until `shutdown` turns
 /// true: every second, each hot key whose stored entry (memory, then Redis: a key another
 /// replica refreshed is taken from there) expires within a tenth of its TTL (2 s to 30 s)
-/// or is gone (expired, purged) is fetched again from the upstream through the request
-/// path, four at a time per route. A refresh that stores nothing (the upstream failed or
-/// said `no-store`) is not tried again before the next interval. Counted in
-/// `hot_key_refreshes_total{outcome}`.
-pub async fn run_hot_keys<O: Origin>(
-    proxy: Arc<Proxy<O>>,
-    metrics: Arc<Metrics>,
-    mut shutdown: watch::Receiver<bool>,
-) {
+/// or is gone (expired, purged) is queued for a background refresh
+/// ([`crate::proxy::refresh`]: one per key at a time, bounded concurrency and timeout,
+/// one replica per key through a Redis lease). A refresh that stores nothing (the
+/// upstream failed or said `no-store`) is not tried again before the next interval.
+/// Counted in `hot_key_refreshes_total{outcome}`.
+pub async fn run_hot_keys<O: Origin>(proxy: Arc<Proxy<O>>, mut shutdown: watch::Receiver<bool>) {
     let trackers = proxy.hot_key_trackers();
     if trackers.is_empty() {
         return;
@@ -472,27 +521,31 @@ pub async fn run_hot_keys<O: Origin>(
             return;
         }
         let now = Instant::now();
-        for tracker in &trackers {
-            let proxy = &proxy;
-            let metrics = &metrics;
-            futures_util::stream::iter(tracker.hot_set(now))
-                .filter(|hot| std::future::ready(!hot.failed))
-                .for_each_concurrent(HOT_KEY_REFRESHES_AT_ONCE, |hot| async move {
-                    let due = match proxy.freshness_left(&hot.key).await {
-                        Some((left, ttl)) => left <= refresh_lead(ttl),
-                        None => true,
-                    };
-                    if !due {
-                        return;
-                    }
-                    let resp = proxy.handle(hot.replay.to_request(), hot.replay.client());
-                    let outcome = WarmOutcome::of(&resp.await);
-                    metrics.hot_key_refreshes.inc(outcome.label());
-                    if let WarmOutcome::Failed { .. } = outcome {
-                        tracker.mark_failed(&hot.key);
-                    }
-                })
-                .await;
+        let proxy = &proxy;
+        let hot: Vec<(Arc<HotKeys>, HotKey)> = trackers
+            .iter()
+            .flat_map(|tracker| {
+                tracker
+                    .hot_set(now)
+                    .into_iter()
+                    .filter(|hot| !hot.failed)
+                    .map(|hot| (tracker.clone(), hot))
+            })
+            .collect();
+        let checks = futures_util::stream::iter(hot).for_each_concurrent(
+            HOT_KEY_CHECKS_AT_ONCE,
+            |(tracker, hot)| async move {
+                if proxy.refresh_due(&hot.key, refresh_lead).await {
+                    let replay = || Some(hot.replay.clone());
+                    proxy.refresher().request(&hot.key, replay, Some(tracker));
+                }
+            },
+        );
+        // The checks are lookups (bounded by Redis's operation timeout); shutdown does not
+        // wait for them.
+        tokio::select! {
+            () = checks => {}
+            _ = shutdown.wait_for(|stop| *stop) => return,
         }
     }
 }
@@ -580,7 +633,12 @@ mod tests {
         let hot = HotKeys::new(2, Duration::from_secs(1));
         let replay = || {
             let (parts, ()) = Request::new(()).into_parts();
-            Replay::new(&parts, Bytes::new(), SocketAddr::from(([127, 0, 0, 1], 1)))
+            Replay::keyed(
+                &parts,
+                &[],
+                Bytes::new(),
+                SocketAddr::from(([127, 0, 0, 1], 1)),
+            )
         };
         // Keys 1 and 2 are requested often, among many keys requested once.
         for round in 0..200u32 {
@@ -590,6 +648,9 @@ mod tests {
         }
         let state = hot.state.lock().unwrap();
         assert!(state.counts.len() <= hot.capacity());
+        // Keys requested once were never copied.
+        let copies = state.counts.values().filter(|c| c.replay.is_some()).count();
+        assert_eq!(copies, 2);
         drop(state);
         let later = Instant::now() + Duration::from_secs(2);
         let set: Vec<CacheKey> = hot.hot_set(later).into_iter().map(|h| h.key).collect();

@@ -470,20 +470,23 @@ async fn three_cachegate_processes_confirm_a_purge_and_apply_a_published_event()
         assert!(purged.await, "the event did not reach {}", replica.base);
     }
 
-    // Connections cut during a purge: every subscription is killed (what a Redis restart
-    // or a network cut does) and the purge is made before the replicas are back. Each
-    // loads the markers it missed when it resubscribes, and then serves no purged entry.
+    // Connections cut during a purge: channels are forbidden (which disconnects every
+    // subscriber and stops them resubscribing), so no replica can receive the purge; it
+    // is recorded in Redis all the same. Allowed again, each replica resubscribes, loads
+    // the markers it missed, and serves no purged entry.
     warm().await;
     let before = up.hits();
     let mut conn = redis.connection().await;
-    let killed: u64 = redis::cmd("CLIENT")
-        .arg("KILL")
-        .arg("TYPE")
-        .arg("pubsub")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    assert!(killed >= 3, "{killed}");
+    let acl = |rule: &'static str| {
+        let mut cmd = redis::cmd("ACL");
+        cmd.arg("SETUSER").arg("default").arg(rule);
+        cmd
+    };
+    let () = acl("resetchannels").query_async(&mut conn).await.unwrap();
+    let cut = eventually(Duration::from_secs(5), || async {
+        redis.subscribers("cachegate:invalidate").await == 0
+    });
+    assert!(cut.await, "the subscriptions were not cut");
     let resp = client
         .post(format!("{}/admin/purge", replicas[0].admin))
         .bearer_auth("purge-token")
@@ -491,7 +494,12 @@ async fn three_cachegate_processes_confirm_a_purge_and_apply_a_published_event()
         .send()
         .await
         .unwrap();
-    assert_eq!(resp.status(), 200);
+    // Recorded, but not published: this replica says the others were not reached.
+    assert_eq!(resp.status(), 503);
+    for replica in &replicas[1..] {
+        assert_eq!(cache_status(&replica.base, "/kpi/leads").await, "HIT");
+    }
+    let () = acl("allchannels").query_async(&mut conn).await.unwrap();
     let resubscribed = eventually(Duration::from_secs(10), || async {
         redis.subscribers("cachegate:invalidate").await == 3
     });

@@ -147,17 +147,28 @@ async fn the_warm_command_replays_a_file_with_counts() {
     assert!(stdout.contains("line 6: status 200, no-store"), "{stdout}");
     assert_eq!(gate.get("/kpi/overview").await.cache(), "HIT");
 
-    // More requests than one batch (4 x 4): every one counted, every line right.
+    // More requests than one batch (4 x 4): every one counted, and a failure in a later
+    // batch named by its line in the file (a DELETE is never sent: not cacheable).
     let many: String = (0..40).map(|i| format!("GET /kpi/n{i}\n")).collect();
     let file = dir.path().join("many.txt");
-    std::fs::write(&file, format!("{many}GET /kpi/overview\n")).unwrap();
+    std::fs::write(
+        &file,
+        format!("{many}GET /kpi/overview\n# a comment\nDELETE /kpi/n1\n"),
+    )
+    .unwrap();
+    let hits = up.hits();
     let out = run(file, "warm-token").await.unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
     assert!(
-        stdout.contains("41 requests: 40 stored, 1 already fresh, 0 failed"),
+        stdout.contains("42 requests: 40 stored, 1 already fresh, 1 failed"),
         "{stdout}"
     );
+    assert!(
+        stdout.contains("line 43: status 0, not cacheable: method"),
+        "{stdout}"
+    );
+    assert_eq!(up.hits(), hits + 40);
 
     // A bad line: exit 2 naming it, nothing sent.
     let hits = up.hits();
@@ -195,12 +206,19 @@ warm_interval_secs = 1
     let started = Instant::now();
     // Steady load on the hot key for longer than its TTL, until the upstream has seen
     // two refreshes: every answer is a hit.
+    // A header outside the key, sent with every request, never reaches a refresh: it
+    // must not shape what everyone gets.
     let mut answers = 0;
+    let mut last = None;
     let deadline = started + Duration::from_secs(20);
     while (started.elapsed() < Duration::from_millis(4500) || up.hits() < 4)
         && Instant::now() < deadline
     {
-        let reply = gate.get("/kpi/hot").await;
+        let req = gate
+            .client
+            .get(gate.url("/kpi/hot"))
+            .header("x-shape", "evil");
+        let reply = common::Reply::from(req.send().await.unwrap()).await;
         assert_eq!(
             reply.cache(),
             "HIT",
@@ -208,8 +226,16 @@ warm_interval_secs = 1
             started.elapsed()
         );
         answers += 1;
+        last = Some(reply);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let last = last.unwrap();
+    assert!(last.n() > 2, "not a refreshed answer: {}", last.n());
+    assert!(
+        last.json()["headers"].get("x-shape").is_none(),
+        "{}",
+        last.json()
+    );
     assert!(
         up.hits() >= 4,
         "no refreshes: {} upstream requests",
@@ -252,4 +278,52 @@ fn warm_settings_are_checked() {
     assert!(err.contains("routes[0].warm_hot_keys"), "{err}");
     let err = check("warm_interval_secs = 0\n").unwrap_err();
     assert!(err.contains("routes[0].warm_interval_secs"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_sharing_redis_take_turns_refreshing_a_hot_key() {
+    let (up, redis) = (Upstream::start().await, common::Redis::start().await);
+    // The upstream takes 1.2 s per answer (the delay header is keyed, so refreshes send
+    // it too): long enough that both replicas find the key due while one refreshes it.
+    let config = r#"
+[[routes]]
+method = "GET"
+path = "/kpi/*"
+ttl_secs = 3
+warm_hot_keys = 1
+warm_interval_secs = 1
+key_headers = ["x-test-delay-ms"]
+"#;
+    let a = Gate::start(&up, Some(&redis), config).await;
+    let b = Gate::start(&up, Some(&redis), config).await;
+    let get = |gate: &Gate| {
+        let req = gate
+            .client
+            .get(gate.url("/kpi/hot"))
+            .header("x-test-delay-ms", "1200");
+        async move { common::Reply::from(req.send().await.unwrap()).await }
+    };
+    get(&a).await;
+    let shared = eventually(Duration::from_secs(5), || async {
+        get(&b).await.cache() == "HIT"
+    });
+    assert!(shared.await, "b never found a's entry in Redis");
+    assert_eq!(up.max_in_flight(), 1);
+    // Steady load on both replicas for twice the TTL: every answer is a hit, the key is
+    // refreshed, and never by both replicas at once.
+    let hits_before = up.hits();
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(6) {
+        for gate in [&a, &b] {
+            let reply = get(gate).await;
+            assert_eq!(reply.cache(), "HIT", "after {:?}", started.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(up.hits() - hits_before >= 2, "no refreshes");
+    assert_eq!(
+        up.max_in_flight(),
+        1,
+        "both replicas refreshed the key at once"
+    );
 }

@@ -281,7 +281,7 @@ pub struct RouteConfig {
     /// Response statuses that may be stored; absent means any 2xx.
     #[serde(default)]
     pub cache_statuses: Option<Vec<u16>>,
-    /// Hot-key warming: keep the this many most-requested keys of each interval fresh by
+    /// Hot-key warming: keep this many most-requested keys of each interval fresh by
     /// refreshing them from the upstream shortly before they expire (see [`crate::warm`]).
     /// Default 0 (off); at most 1000.
     #[serde(default)]

@@ -362,17 +362,21 @@ impl<O: Origin> Proxy<O> {
             refresh: parts.extensions.get::<Refresh>().is_some(),
             stale: None,
         };
-        // Hot-key warming counts the route's requests per key, keeping a copy of the
-        // first request of each key to refresh it with. Never a credentialed one.
+        // What a refresh of this key would send: its keyed parts only.
+        let key_headers = route.map_or(&[][..], |r| &r.config.key_headers[..]);
+        let replay = || {
+            let body = keyed_body.clone().unwrap_or_default();
+            Replay::keyed(&parts, key_headers, body, client)
+        };
+        // Hot-key warming counts the route's requests per key, keeping a copy of a key's
+        // request to refresh it with. Never a credentialed one.
         if let Some(hot_keys) = route.and_then(|r| r.hot_keys.as_deref())
             && !ctx.refresh
             && !ctx.credentialed
             && (!has_body || keyed_body.is_some())
             && parts.method != Method::HEAD
         {
-            hot_keys.record(&key, || {
-                Replay::new(&parts, keyed_body.clone().unwrap_or_default(), client)
-            });
+            hot_keys.record(&key, replay);
         }
 
         // Lookup: memory, then Redis (a refresh goes to the upstream). A fresh entry is a
@@ -383,18 +387,18 @@ impl<O: Origin> Proxy<O> {
         if !ctx.refresh
             && let Some((entry, tier)) = self.store.lookup(&key).await
         {
-            let replay = || Replay::new(&parts, keyed_body.clone().unwrap_or_default(), client);
+            let replay = || replay().map(Arc::new);
             match entry.staleness(now_ms()) {
                 Staleness::Fresh { left } => {
                     if refresh_ahead_due(route, &entry, left) {
-                        self.refresher.request(&key, replay);
+                        self.refresher.request(&key, replay, None);
                     }
                     return self.serve_entry(&entry, &ctx, hit(&entry, tier));
                 }
                 Staleness::Stale { secs } => {
                     let f = entry.freshness();
                     if secs <= u64::from(f.stale_while_revalidate_secs)
-                        && self.refresher.request(&key, replay)
+                        && self.refresher.request(&key, replay, None)
                     {
                         let outcome = stale(StaleReason::Revalidating, tier, secs, None);
                         return self.serve_entry(&entry, &ctx, outcome);
@@ -651,6 +655,17 @@ impl<O: Origin> Proxy<O> {
         &self.refresher
     }
 
+    /// Whether this replica should refresh `key` now (see
+    /// [`TieredStore::try_refresh_lease`]).
+    pub async fn try_refresh_lease(&self, key: &CacheKey, ttl: Duration) -> bool {
+        self.store.try_refresh_lease(key, ttl).await
+    }
+
+    /// Gives back `key`'s refresh lease (see [`TieredStore::release_refresh_lease`]).
+    pub async fn release_refresh_lease(&self, key: &CacheKey) {
+        self.store.release_refresh_lease(key).await;
+    }
+
     /// Serves the stale entry `ctx` holds for stale-if-error (RFC 5861 §4) in place of an
     /// upstream error (`fwd_status`: its status; `None`: no answer); `None` without one.
     fn serve_stale_if_error(
@@ -678,13 +693,44 @@ impl<O: Origin> Proxy<O> {
         self.policy.hot_keys()
     }
 
-    /// How much freshness the stored entry for `key` has left, and its TTL; `None` when no
-    /// tier holds a usable entry. Looks in memory, then Redis (an entry another replica
-    /// stored is copied into memory), as a request would.
-    pub async fn freshness_left(&self, key: &CacheKey) -> Option<(Duration, Duration)> {
-        let (entry, _) = self.store.lookup(key).await?;
-        let ttl = Duration::from_secs(entry.ttl_secs().into());
-        Some((entry.remaining_ttl(now_ms()), ttl))
+    /// Whether the entry for `key` is due for a refresh: gone, or with no more than
+    /// `lead(ttl)` of its freshness left. A due memory entry is compared with Redis first:
+    /// an entry another replica stored since is copied into memory, and the key is due only
+    /// if that one is too.
+    pub async fn refresh_due(&self, key: &CacheKey, lead: impl Fn(Duration) -> Duration) -> bool {
+        let now = now_ms();
+        let due = |entry: &CachedResponse| {
+            let ttl = Duration::from_secs(entry.ttl_secs().into());
+            entry.remaining_ttl(now) <= lead(ttl)
+        };
+        let local = self.store.lookup_memory(key);
+        if local.as_ref().is_some_and(|e| !due(e)) {
+            return false;
+        }
+        let newer_than = local.as_ref().map_or(0, CachedResponse::stored_at_ms);
+        match self.store.newer_from_redis(key, newer_than).await {
+            Some(entry) => due(&entry),
+            None => true,
+        }
+    }
+
+    /// Whether a request would use the cache at all (a route, or `GET`/`HEAD` without
+    /// one, and admission, [`policy::check_request`]): warm lists replay only such
+    /// requests, so that a list cannot make the upstream do what a cacheable request would
+    /// not. Errors: why not, as a bypass reason label (`method`, `authorization`, ...).
+    pub fn check_cacheable(&self, request: &Request<Bytes>) -> Result<(), &'static str> {
+        let target = normalize_path(request.uri().path());
+        let route = self.policy.route_for(request.method(), &target.path);
+        if route.is_none() && !O::CACHES_UNROUTED {
+            return Err("no-route");
+        }
+        let shape = RequestShape {
+            has_body: !request.body().is_empty(),
+            ambiguous_path: target.ambiguous,
+            ambiguous_query: request.uri().query().is_some_and(has_invalid_escape),
+        };
+        policy::check_request(route, request.method(), request.headers(), shape)
+            .map_err(BypassReason::as_str)
     }
 
     /// Sends a request that is none of the cache's business to the origin as it came and

@@ -16,20 +16,29 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
-use http::{HeaderMap, Method, Request, Uri, Version};
+use http::{HeaderMap, Method, Request, Uri, Version, header};
 use tokio::sync::{mpsc, watch};
 
 use super::Proxy;
 use super::body::{self, ProxyBody};
 use super::origin::Origin;
 use crate::metrics::Metrics;
-use crate::warm::WarmOutcome;
+use crate::warm::{HotKeys, WarmOutcome};
 use cachegate_core::key::CacheKey;
 
 /// Refreshes waiting for a slot, at most; beyond, a refresh is skipped.
 const QUEUE_LEN: usize = 1024;
 
-/// A request as the request path forwarded it, kept to be sent again. Held in memory only,
+/// The largest body a [`Replay`] keeps, in bytes: requests with larger bodies are not
+/// refreshed in the background (their next request after expiry is a miss).
+pub const MAX_REPLAY_BODY_BYTES: usize = 64 << 10;
+
+/// How long a replica holds a key's refresh lease in Redis (see
+/// [`cachegate_core::store::TieredStore::try_refresh_lease`]).
+const LEASE: Duration = Duration::from_secs(10);
+
+/// What a refresh sends: the parts of a request its cache key covers, and nothing else, so
+/// that no header outside the key shapes what is stored for everyone. Held in memory only,
 /// never logged.
 #[derive(Debug)]
 pub struct Replay {
@@ -42,18 +51,50 @@ pub struct Replay {
 }
 
 impl Replay {
-    /// Keeps a copy of a request: its head as the client sent it (before forwarding rules),
-    /// its body (empty, or the keyed JSON body), and the client's address (forwarding
-    /// rules depend on it).
-    pub fn new(parts: &http::request::Parts, body: Bytes, client: SocketAddr) -> Self {
-        Replay {
+    /// Keeps what a refresh of this request needs, as the request path holds it once keyed
+    /// (normalized path, query reduced to the keyed parameters): method, target, `Host`,
+    /// `Content-Type` with the keyed `body`, the route's `key_headers`, the forwarded-origin
+    /// headers (keyed for trusted peers) and the client's address (forwarding rules depend
+    /// on it). `None` for a body over [`MAX_REPLAY_BODY_BYTES`].
+    pub fn keyed(
+        parts: &http::request::Parts,
+        key_headers: &[String],
+        body: Bytes,
+        client: SocketAddr,
+    ) -> Option<Self> {
+        if body.len() > MAX_REPLAY_BODY_BYTES {
+            return None;
+        }
+        let mut headers = HeaderMap::new();
+        for (name, value) in &parts.headers {
+            let n = name.as_str();
+            let kept = name == header::HOST
+                || (name == header::CONTENT_TYPE && !body.is_empty())
+                || key_headers.iter().any(|h| h == n)
+                || (n.starts_with("x-forwarded") && n != "x-forwarded-for")
+                || name == header::FORWARDED;
+            if kept {
+                headers.append(name.clone(), value.clone());
+            }
+        }
+        Some(Replay {
             method: parts.method.clone(),
             uri: parts.uri.clone(),
             version: parts.version,
-            headers: parts.headers.clone(),
+            headers,
             body,
             client,
-        }
+        })
+    }
+
+    /// Bytes the copy holds (headers, target and body), for memory budgets.
+    pub fn size_bytes(&self) -> usize {
+        let headers: usize = self
+            .headers
+            .iter()
+            .map(|(n, v)| n.as_str().len() + v.len() + 32)
+            .sum();
+        headers + self.uri.to_string().len() + self.body.len() + 128
     }
 
     /// The client the request came from.
@@ -68,21 +109,29 @@ impl Replay {
         *req.uri_mut() = self.uri.clone();
         *req.version_mut() = self.version;
         *req.headers_mut() = self.headers.clone();
-        req.extensions_mut().insert(Refresh);
+        req.extensions_mut().insert(Refresh(()));
         req
     }
 }
 
 /// Marks a request as a refresh: the request path skips the lookup and fetches from the
 /// upstream (still one request per key), and does not count it as a hot-key request.
-/// Only cachegate sets it; a client cannot.
+/// Only cachegate makes one (its field is private); a client cannot.
 #[derive(Debug, Clone, Copy)]
-pub struct Refresh;
+pub struct Refresh(());
+
+/// One queued refresh.
+struct Job {
+    key: CacheKey,
+    replay: Arc<Replay>,
+    /// The route's hot keys when it is a hot key's refresh (told when it stores nothing).
+    hot: Option<Arc<HotKeys>>,
+}
 
 /// The queue of background refreshes, one per key at a time.
 pub struct Refresher {
-    tx: mpsc::Sender<(CacheKey, Replay)>,
-    rx: Mutex<Option<mpsc::Receiver<(CacheKey, Replay)>>>,
+    tx: mpsc::Sender<Job>,
+    rx: Mutex<Option<mpsc::Receiver<Job>>>,
     /// Keys queued or being refreshed.
     pending: Mutex<HashSet<CacheKey>>,
     /// [`run_refreshes`] is running: without it nothing is refreshed in the background.
@@ -109,11 +158,17 @@ impl Refresher {
     }
 
     /// Asks for a background refresh of `key`; `replay` copies the request to refresh it
-    /// with, only when a refresh is queued. Returns whether `key` will be refreshed: queued
-    /// now or already pending. `false` when nothing refreshes in the background (no
-    /// worker) or the queue is full: the caller then treats the entry as it would without
-    /// background refreshes.
-    pub fn request(&self, key: &CacheKey, replay: impl FnOnce() -> Replay) -> bool {
+    /// with, only when a refresh is queued (`None`: it cannot be). Returns whether `key`
+    /// will be refreshed: queued now or already pending. `false` when nothing refreshes in
+    /// the background (no worker), the queue is full or the request cannot be copied: the
+    /// caller then treats the entry as it would without background refreshes. `hot`: the
+    /// route's hot keys, for a hot key's refresh.
+    pub fn request(
+        &self,
+        key: &CacheKey,
+        replay: impl FnOnce() -> Option<Arc<Replay>>,
+        hot: Option<Arc<HotKeys>>,
+    ) -> bool {
         if !self.running.load(Ordering::Acquire) {
             return false;
         }
@@ -121,7 +176,15 @@ impl Refresher {
         if pending.contains(key) {
             return true;
         }
-        match self.tx.try_send((*key, replay())) {
+        let Some(replay) = replay() else {
+            return false;
+        };
+        let job = Job {
+            key: *key,
+            replay,
+            hot,
+        };
+        match self.tx.try_send(job) {
             Ok(()) => {
                 pending.insert(*key);
                 true
@@ -139,9 +202,11 @@ impl Refresher {
 }
 
 /// Runs `proxy`'s background refreshes until `shutdown` turns true: at most the
-/// refresher's limit at once, each replayed through [`Proxy::handle`] and abandoned after
-/// its timeout; counted in `background_refreshes_total{outcome}`. Call once per proxy
-/// (a second call returns at once).
+/// refresher's limit at once, each replayed through [`Proxy::handle`] once this replica
+/// holds the key's refresh lease (replicas sharing Redis take turns; a key another
+/// replica is refreshing is skipped), and abandoned after its timeout. Counted in
+/// `background_refreshes_total{outcome}` (`hot_key_refreshes_total` for hot keys; a
+/// skipped one is not counted). Call once per proxy (a second call returns at once).
 pub async fn run_refreshes<O: Origin>(
     proxy: Arc<Proxy<O>>,
     metrics: Arc<Metrics>,
@@ -157,18 +222,29 @@ pub async fn run_refreshes<O: Origin>(
         return;
     };
     refresher.running.store(true, Ordering::Release);
-    let work = tokio_stream_of(rx).for_each_concurrent(refresher.limit, |(key, replay)| {
+    let work = tokio_stream_of(rx).for_each_concurrent(refresher.limit, |job| {
         let proxy = &proxy;
         let metrics = &metrics;
         async move {
             let refresher = proxy.refresher();
-            let resp = proxy.handle(replay.to_request(), replay.client);
-            let label = match tokio::time::timeout(refresher.timeout, resp).await {
-                Ok(resp) => WarmOutcome::of(&resp).label(),
-                Err(_) => "timeout",
-            };
-            metrics.background_refreshes.inc(label);
-            refresher.done(&key);
+            if proxy.try_refresh_lease(&job.key, LEASE).await {
+                let resp = proxy.handle(job.replay.to_request(), job.replay.client);
+                let outcome = tokio::time::timeout(refresher.timeout, resp)
+                    .await
+                    .map(|resp| WarmOutcome::of(&resp));
+                let label = outcome.as_ref().map_or("timeout", WarmOutcome::label);
+                match &job.hot {
+                    Some(hot) => {
+                        metrics.hot_key_refreshes.inc(label);
+                        if !matches!(outcome, Ok(WarmOutcome::Stored | WarmOutcome::Fresh)) {
+                            hot.mark_failed(&job.key);
+                        }
+                    }
+                    None => metrics.background_refreshes.inc(label),
+                }
+                proxy.release_refresh_lease(&job.key).await;
+            }
+            refresher.done(&job.key);
         }
     });
     tokio::select! {

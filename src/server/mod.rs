@@ -109,6 +109,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         events: Arc::new(config.events.clone()),
         proxy: Some(proxy.clone()),
         ack_timeout: Duration::from_millis(config.admin.ack_timeout_ms.max(1)),
+        warm_slot: Arc::new(Semaphore::new(1)),
     };
 
     let listener = bind(config.listen).await?;
@@ -131,7 +132,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         connections: Arc::new(Semaphore::new(max_connections)),
         max_connections,
     };
-    let hot_keys = crate::warm::run_hot_keys(proxy.clone(), metrics.clone(), rx.clone());
+    let hot_keys = crate::warm::run_hot_keys(proxy.clone(), rx.clone());
     let refreshes =
         crate::proxy::refresh::run_refreshes(proxy.clone(), metrics.clone(), rx.clone());
     let panics = metrics.clone();

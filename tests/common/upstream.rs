@@ -25,6 +25,8 @@ use tokio::net::TcpListener;
 pub struct Upstream {
     pub addr: SocketAddr,
     hits: Arc<AtomicUsize>,
+    /// Requests being answered now, and the most ever at once.
+    in_flight: Arc<(AtomicUsize, AtomicUsize)>,
 }
 
 impl Upstream {
@@ -33,16 +35,26 @@ impl Upstream {
         let addr = listener.local_addr().unwrap();
         let hits = Arc::new(AtomicUsize::new(0));
         let counter = hits.clone();
+        let in_flight = Arc::new((AtomicUsize::new(0), AtomicUsize::new(0)));
+        let flights = in_flight.clone();
         tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
                 let counter = counter.clone();
+                let flights = flights.clone();
                 tokio::spawn(async move {
                     let service = service_fn(move |req| {
                         let counter = counter.clone();
-                        async move { Ok::<_, Infallible>(answer(req, &counter).await) }
+                        let flights = flights.clone();
+                        async move {
+                            let now = flights.0.fetch_add(1, Ordering::SeqCst) + 1;
+                            flights.1.fetch_max(now, Ordering::SeqCst);
+                            let resp = answer(req, &counter).await;
+                            flights.0.fetch_sub(1, Ordering::SeqCst);
+                            Ok::<_, Infallible>(resp)
+                        }
                     });
                     let _ = http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), service)
@@ -50,7 +62,16 @@ impl Upstream {
                 });
             }
         });
-        Upstream { addr, hits }
+        Upstream {
+            addr,
+            hits,
+            in_flight,
+        }
+    }
+
+    /// The most requests the upstream was answering at once.
+    pub fn max_in_flight(&self) -> usize {
+        self.in_flight.1.load(Ordering::SeqCst)
     }
 
     /// Requests answered so far.

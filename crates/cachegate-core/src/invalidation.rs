@@ -276,6 +276,11 @@ async fn run(
                     tracing::warn!("malformed purge message ignored");
                     continue;
                 };
+                if purges.is_own(purge.id) {
+                    // Applied and swept by the purge call itself.
+                    redis.ack_purge(purge.id, 0).await;
+                    continue;
+                }
                 apply(&purges, &purge.scope, purge.at_ms);
                 metrics.purges_received.inc();
                 let removed = sweep(purge.scope).await;

@@ -23,7 +23,12 @@ pub struct Purges {
     /// The shared markers have been loaded at least once.
     synced: AtomicBool,
     state: RwLock<State>,
+    /// The ids of the last purges this replica published ([`Purges::note_own`]).
+    own: std::sync::Mutex<std::collections::VecDeque<u64>>,
 }
+
+/// How many of its own purge ids a replica remembers.
+const OWN_IDS: usize = 64;
 
 #[derive(Debug, Default)]
 struct State {
@@ -157,6 +162,23 @@ impl Purges {
                 .iter()
                 .any(|(pattern, &at)| stored_at_ms <= at && glob_matches(pattern, path))
         })
+    }
+
+    /// Remembers that this replica published purge `id` (and has applied it already).
+    pub fn note_own(&self, id: u64) {
+        let mut own = self.own.lock().unwrap_or_else(|e| e.into_inner());
+        if own.len() == OWN_IDS {
+            own.pop_front();
+        }
+        own.push_back(id);
+    }
+
+    /// Whether purge `id` was published by this replica ([`Purges::note_own`]).
+    pub fn is_own(&self, id: u64) -> bool {
+        self.own
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&id)
     }
 
     /// Declares that markers also live in a shared store: until [`Purges::mark_synced`],

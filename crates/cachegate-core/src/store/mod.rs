@@ -184,6 +184,10 @@ impl<V: Storable> TieredStore<V> {
         if self.is_purged(key, &found.0) {
             self.memory.remove(key);
             self.metrics.purged_entries.inc(found.1.as_str());
+            if found.1 == Tier::Redis {
+                // Met once: deleted, so that it is neither counted nor fetched again.
+                self.remove_in_background(key);
+            }
             return None;
         }
         Some(found)
@@ -209,14 +213,19 @@ impl<V: Storable> TieredStore<V> {
             scope,
         };
         invalidation::apply(&self.purges, &message.scope, message.at_ms);
-        let swept = self.sweeper()(message.scope.clone()).await;
+        // This replica's own subscription acknowledges without sweeping again.
+        self.purges.note_own(message.id);
         self.metrics.purges.inc(match message.scope {
             PurgeScope::Tags(_) => "tags",
             PurgeScope::Paths(_) => "paths",
             PurgeScope::Keys(_) => "keys",
             PurgeScope::All => "all",
         });
-        let mut report = self.purge_everywhere(&message, ack_timeout).await;
+        // The other replicas are reached while this one sweeps its memory tier.
+        let (swept, mut report) = tokio::join!(
+            self.sweeper()(message.scope.clone()),
+            self.purge_everywhere(&message, ack_timeout)
+        );
         report.memory_entries_purged += swept;
         self.metrics.purge_outcomes.inc(if !report.redis_reached {
             "local"
@@ -248,10 +257,29 @@ impl<V: Storable> TieredStore<V> {
         };
         report.redis_reached = true;
         report.replicas_expected = subscribers;
-        // This replica's own subscription acknowledges too (having nothing left to remove).
+        // This replica's own subscription acknowledges too (with 0: it swept above).
         (report.replicas_acknowledged, report.memory_entries_purged) =
             redis.wait_acks(message.id, subscribers, ack_timeout).await;
         report
+    }
+
+    /// Whether this replica should refresh `key` now: without Redis always; with it, when
+    /// it takes the key's refresh lease for `ttl` (or Redis does not answer), so that
+    /// replicas sharing Redis do not all refresh the same key at once.
+    pub async fn try_refresh_lease(&self, key: &CacheKey, ttl: Duration) -> bool {
+        match &self.redis {
+            Some(redis) => redis.try_lease(key, ttl).await.unwrap_or(true),
+            None => true,
+        }
+    }
+
+    /// Gives back the refresh lease of `key` ([`TieredStore::try_refresh_lease`]) once
+    /// its refresh is done, so that the next one, by any replica, need not wait for it to
+    /// expire.
+    pub async fn release_refresh_lease(&self, key: &CacheKey) {
+        if let Some(redis) = &self.redis {
+            redis.release_lease(key).await;
+        }
     }
 
     /// Whether this store serves Redis entries: always without invalidation; with it, once
@@ -346,6 +374,21 @@ impl<V: Storable> TieredStore<V> {
         entry.is_kept(now_ms()).then_some(entry)
     }
 
+    /// The entry Redis holds for `key` if it was stored after `newer_than_ms` (and is kept
+    /// and not purged): copied into the memory tier and returned. `None` without one, or
+    /// until the purge markers are loaded.
+    pub async fn newer_from_redis(&self, key: &CacheKey, newer_than_ms: u64) -> Option<V> {
+        if !self.purges.trusted() {
+            return None;
+        }
+        let entry = self.lookup_redis(key).await?;
+        if entry.stored_at_ms() <= newer_than_ms || self.is_purged(key, &entry) {
+            return None;
+        }
+        self.memory.insert(*key, entry.clone());
+        Some(entry)
+    }
+
     /// Looks `key` up in the memory tier only (purged entries are misses).
     pub fn lookup_memory(&self, key: &CacheKey) -> Option<V> {
         self.memory
@@ -397,6 +440,20 @@ impl<V: Storable> TieredStore<V> {
             }
         });
         true
+    }
+
+    /// Deletes `key` from Redis on a background task, in write order (see [`WriteOrder`]).
+    fn remove_in_background(&self, key: &CacheKey) {
+        let Some(redis) = self.redis.clone() else {
+            return;
+        };
+        let (order, key) = (self.order.clone(), *key);
+        let seq = order.next();
+        tokio::spawn(async move {
+            let mut stripe = order.stripe(&key).lock().await;
+            *stripe = (*stripe).max(seq);
+            redis.del(&key).await;
+        });
     }
 
     /// Removes `key` from the memory tier and from Redis. Returns whether Redis confirmed

@@ -329,6 +329,35 @@ impl RedisTier {
             .ok()
     }
 
+    /// Takes the refresh lease of `key` for `ttl` (`SET {prefix}lease:{key} 1 NX PX`), so
+    /// that one replica refreshes a key at a time. `Some(true)`: taken; `Some(false)`:
+    /// another replica holds it; `None`: Redis did not answer (the caller goes on alone).
+    pub async fn try_lease(&self, key: &CacheKey, ttl: Duration) -> Option<bool> {
+        let mut conn = self.conn.clone();
+        let lease = format!("{}lease:{}", self.prefix, key.to_hex());
+        let ms = ttl.as_millis().clamp(1, u128::from(u32::MAX)) as u64;
+        self.guarded("set", async move {
+            redis::cmd("SET")
+                .arg(lease)
+                .arg(1)
+                .arg("NX")
+                .arg("PX")
+                .arg(ms)
+                .query_async::<Option<String>>(&mut conn)
+                .await
+        })
+        .await
+        .map(|reply| reply.is_some())
+    }
+
+    /// Gives back the refresh lease of `key` (`DEL`); failures are counted, never raised.
+    pub async fn release_lease(&self, key: &CacheKey) {
+        let mut conn = self.conn.clone();
+        let lease = format!("{}lease:{}", self.prefix, key.to_hex());
+        self.guarded("del", async move { conn.del::<_, ()>(lease).await })
+            .await;
+    }
+
     /// Deletes `key` (`DEL`). Returns whether Redis confirmed; failures are counted, never
     /// raised.
     pub async fn del(&self, key: &CacheKey) -> bool {
