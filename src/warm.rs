@@ -537,7 +537,9 @@ pub async fn run_hot_keys<O: Origin>(proxy: Arc<Proxy<O>>, mut shutdown: watch::
             |(tracker, hot)| async move {
                 if proxy.refresh_due(&hot.key, refresh_lead).await {
                     let replay = || Some(hot.replay.clone());
-                    proxy.refresher().request(&hot.key, replay, Some(tracker));
+                    proxy
+                        .refresher()
+                        .request(&hot.key, 0, replay, Some(tracker));
                 }
             },
         );

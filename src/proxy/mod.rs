@@ -58,6 +58,7 @@ use crate::warm::HotKeys;
 
 use self::refresh::{Refresh, Refresher, Replay};
 use cachegate_core::coalesce::{Coalescer, Leader, Role, WaitOutcome};
+use cachegate_core::invalidation::PurgeScope;
 use cachegate_core::store::{Storable, TieredStore};
 
 /// Size and wait limits applied on the request path.
@@ -91,6 +92,8 @@ pub struct Proxy<O = Upstream> {
     forward_targeted: bool,
     /// Background refreshes (stale-while-revalidate, refresh-ahead, hot keys).
     refresher: Refresher,
+    /// How long an invalidation by an unsafe method waits for the other replicas.
+    ack_timeout: Duration,
     metrics: Arc<Metrics>,
     switches: Arc<Switches>,
     limits: Limits,
@@ -210,6 +213,7 @@ impl<O: Origin> Proxy<O> {
                 heuristic_freshness: config.cache.heuristic_freshness,
             },
             forward_targeted: config.cache.forward_targeted_cache_control,
+            ack_timeout: Duration::from_millis(config.admin.ack_timeout_ms.max(1)),
             refresher: Refresher::new(
                 config.cache.max_background_refreshes,
                 Duration::from_millis(config.upstream.total_timeout_ms.max(1)),
@@ -391,14 +395,17 @@ impl<O: Origin> Proxy<O> {
             match entry.staleness(now_ms()) {
                 Staleness::Fresh { left } => {
                     if refresh_ahead_due(route, &entry, left) {
-                        self.refresher.request(&key, replay, None);
+                        self.refresher
+                            .request(&key, entry.stored_at_ms(), replay, None);
                     }
                     return self.serve_entry(&entry, &ctx, hit(&entry, tier));
                 }
                 Staleness::Stale { secs } => {
                     let f = entry.freshness();
                     if secs <= u64::from(f.stale_while_revalidate_secs)
-                        && self.refresher.request(&key, replay, None)
+                        && self
+                            .refresher
+                            .request(&key, entry.stored_at_ms(), replay, None)
                     {
                         let outcome = stale(StaleReason::Revalidating, tier, secs, None);
                         return self.serve_entry(&entry, &ctx, outcome);
@@ -465,6 +472,7 @@ impl<O: Origin> Proxy<O> {
         // A flight that ended between our lookup and our join has just stored its entry.
         if !ctx.refresh
             && let Some(entry) = self.store.lookup_memory(key)
+            && entry.is_fresh(now_ms())
         {
             if let Some(leader) = leader {
                 leader.share(entry.clone());
@@ -576,8 +584,19 @@ impl<O: Origin> Proxy<O> {
         reason: BypassReason,
     ) -> Response<ProxyBody> {
         let phase = CachePhase::Bypass(reason);
+        // RFC 9111 §4.4: what an unsafe request changes is invalidated once it succeeds.
+        let target = is_unsafe(&parts.method).then(|| {
+            let pq = parts.uri.path_and_query().map_or("/", PathAndQuery::as_str);
+            (pq.to_string(), parts.headers.clone())
+        });
         match self.send(parts, body, client).await {
             Ok((mut head, resp_body, _, _)) => {
+                if let Some((pq, headers)) = target
+                    && !head.status.is_client_error()
+                    && !head.status.is_server_error()
+                {
+                    self.invalidate_after_unsafe(&pq, &headers, &head.headers, client);
+                }
                 self.strip_targeted(&mut head.headers);
                 let outcome = miss(phase, Some(head.status.as_u16()));
                 let resp = Response::from_parts(head, body::boxed(resp_body));
@@ -585,6 +604,58 @@ impl<O: Origin> Proxy<O> {
             }
             Err(error_response) => self.finish(error_response, miss(phase, None), None),
         }
+    }
+
+    /// Invalidates, on every replica, what a successful unsafe request to `target` (path
+    /// and query) changed (RFC 9111 §4.4): the `GET` and `HEAD` entries of its target URI,
+    /// and of the `Location` and `Content-Location` of the response when they are on the
+    /// same origin (a path, or an absolute URL whose authority is the request's `Host`).
+    /// Keyed with the request's own headers, so a route's other keyed variants stay.
+    /// Applies here at once; the other replicas are reached in the background.
+    fn invalidate_after_unsafe(
+        &self,
+        target: &str,
+        headers: &http::HeaderMap,
+        response: &http::HeaderMap,
+        client: SocketAddr,
+    ) {
+        let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
+        let mut targets = vec![target.to_string()];
+        for name in [header::LOCATION, header::CONTENT_LOCATION] {
+            let Some(uri) = response
+                .get(&name)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<http::Uri>().ok())
+            else {
+                continue;
+            };
+            let same_origin = match uri.authority() {
+                None => uri.path().starts_with('/'),
+                Some(authority) => host.is_some_and(|h| h.eq_ignore_ascii_case(authority.as_str())),
+            };
+            if same_origin && let Some(pq) = uri.path_and_query() {
+                targets.push(pq.as_str().to_string());
+            }
+        }
+        let mut keys = Vec::with_capacity(targets.len() * 2);
+        for pq in &targets {
+            for method in [Method::GET, Method::HEAD] {
+                let Ok(uri) = pq.parse::<http::Uri>() else {
+                    continue;
+                };
+                let mut req = Request::new(());
+                *req.method_mut() = method;
+                *req.uri_mut() = uri;
+                *req.headers_mut() = headers.clone();
+                let (parts, ()) = req.into_parts();
+                let path = normalize_path(parts.uri.path()).path;
+                let params = parse_query(parts.uri.query().unwrap_or(""));
+                let route = self.policy.route_for(&parts.method, &path);
+                keys.push(self.key_of(&parts, &path, &params, route, None, client));
+            }
+        }
+        self.store
+            .purge_in_background(PurgeScope::Keys(keys), self.ack_timeout);
     }
 
     /// The cache key of a request: the one place it is computed, for lookups and for
@@ -653,6 +724,14 @@ impl<O: Origin> Proxy<O> {
     /// The background refreshes, for [`refresh::run_refreshes`].
     pub fn refresher(&self) -> &Refresher {
         &self.refresher
+    }
+
+    /// Whether the memory tier holds an entry for `key` stored after `since_ms`: a
+    /// refresh asked for an entry stored then is not needed any more.
+    pub fn stored_since(&self, key: &CacheKey, since_ms: u64) -> bool {
+        self.store
+            .lookup_memory(key)
+            .is_some_and(|entry| entry.stored_at_ms() > since_ms)
     }
 
     /// Whether this replica should refresh `key` now (see
@@ -1002,6 +1081,15 @@ fn check_target_form(parts: &Parts) -> Result<(), ClientFault> {
         });
     }
     Ok(())
+}
+
+/// RFC 9110 §9.2.1: every method but `GET`, `HEAD`, `OPTIONS` and `TRACE` is unsafe (or
+/// unknown, which a cache treats as unsafe, RFC 9111 §4.4).
+fn is_unsafe(method: &Method) -> bool {
+    !matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
+    )
 }
 
 /// `OPTIONS *` (RFC 9112 §3.2.4).

@@ -123,6 +123,8 @@ pub struct Refresh(());
 /// One queued refresh.
 struct Job {
     key: CacheKey,
+    /// When the entry to refresh was stored: a newer one makes the job moot.
+    stored_at_ms: u64,
     replay: Arc<Replay>,
     /// The route's hot keys when it is a hot key's refresh (told when it stores nothing).
     hot: Option<Arc<HotKeys>>,
@@ -161,11 +163,14 @@ impl Refresher {
     /// with, only when a refresh is queued (`None`: it cannot be). Returns whether `key`
     /// will be refreshed: queued now or already pending. `false` when nothing refreshes in
     /// the background (no worker), the queue is full or the request cannot be copied: the
-    /// caller then treats the entry as it would without background refreshes. `hot`: the
-    /// route's hot keys, for a hot key's refresh.
+    /// caller then treats the entry as it would without background refreshes.
+    /// `stored_at_ms`: when the entry to refresh was stored (0: none); the refresh is
+    /// skipped if a newer one is stored by the time it runs. `hot`: the route's hot keys,
+    /// for a hot key's refresh.
     pub fn request(
         &self,
         key: &CacheKey,
+        stored_at_ms: u64,
         replay: impl FnOnce() -> Option<Arc<Replay>>,
         hot: Option<Arc<HotKeys>>,
     ) -> bool {
@@ -181,6 +186,7 @@ impl Refresher {
         };
         let job = Job {
             key: *key,
+            stored_at_ms,
             replay,
             hot,
         };
@@ -227,7 +233,10 @@ pub async fn run_refreshes<O: Origin>(
         let metrics = &metrics;
         async move {
             let refresher = proxy.refresher();
-            if proxy.try_refresh_lease(&job.key, LEASE).await {
+            // Refreshed since it was asked for (a request that found the old entry just
+            // before the refresh landed asks again): nothing to do.
+            let moot = job.stored_at_ms > 0 && proxy.stored_since(&job.key, job.stored_at_ms);
+            if !moot && proxy.try_refresh_lease(&job.key, LEASE).await {
                 let resp = proxy.handle(job.replay.to_request(), job.replay.client);
                 let outcome = tokio::time::timeout(refresher.timeout, resp)
                     .await

@@ -43,6 +43,16 @@ struct State {
     keys: HashMap<[u8; 32], u64>,
 }
 
+/// How long a purge by key is remembered: a day. Purges by key are many (every unsafe
+/// request invalidates its target, RFC 9111 §4.4), so their markers are not kept forever;
+/// each replica also removes the purged keys from its memory tier when it receives the
+/// purge, so a marker only matters for a replica that was away. An entry purged by key
+/// and still held by a replica disconnected for longer than this may be served again.
+pub const KEY_MARKER_RETENTION_MS: u64 = 24 * 3600 * 1000;
+
+/// Key markers held before the older ones are dropped ([`KEY_MARKER_RETENTION_MS`]).
+pub const MAX_KEY_MARKERS: usize = 100_000;
+
 /// The prefix of the tag an entry's request path is stored in, for purges by path
 /// pattern: `path:/kpi/leads`.
 pub const PATH_TAG_PREFIX: &str = "path:";
@@ -106,12 +116,18 @@ impl Purges {
         self.active.store(true, Ordering::Release);
     }
 
-    /// Records a purge of the entries stored under `keys`, at `at_ms`.
+    /// Records a purge of the entries stored under `keys`, at `at_ms`. Key markers older
+    /// than [`KEY_MARKER_RETENTION_MS`] are dropped once more than [`MAX_KEY_MARKERS`] are
+    /// held.
     pub fn purge_keys(&self, keys: &[CacheKey], at_ms: u64) {
         let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
         for key in keys {
             let at = state.keys.entry(key.0).or_default();
             *at = (*at).max(at_ms);
+        }
+        if state.keys.len() > MAX_KEY_MARKERS {
+            let cutoff = crate::now_ms().saturating_sub(KEY_MARKER_RETENTION_MS);
+            state.keys.retain(|_, at| *at >= cutoff);
         }
         self.active.store(true, Ordering::Release);
     }

@@ -207,6 +207,24 @@ impl<V: Storable> TieredStore<V> {
     /// was reached, and how many memory-tier entries this replica and the acknowledging
     /// ones removed.
     pub async fn purge(&self, scope: PurgeScope, ack_timeout: Duration) -> PurgeReport {
+        let message = self.apply_purge(scope);
+        self.spread_purge(message, ack_timeout).await
+    }
+
+    /// Like [`TieredStore::purge`], without waiting: the purge applies on this replica
+    /// before the call returns (its lookups miss the purged entries from then on), and
+    /// reaches the others from a background task. For purges a response must not wait
+    /// for, such as the invalidation by an unsafe method (RFC 9111 §4.4).
+    pub fn purge_in_background(&self, scope: PurgeScope, ack_timeout: Duration) {
+        let message = self.apply_purge(scope);
+        let store = self.clone();
+        tokio::spawn(async move {
+            store.spread_purge(message, ack_timeout).await;
+        });
+    }
+
+    /// Applies a purge's markers on this replica and counts it.
+    fn apply_purge(&self, scope: PurgeScope) -> PurgeMessage {
         let message = PurgeMessage {
             id: purge_id(),
             at_ms: now_ms(),
@@ -221,6 +239,12 @@ impl<V: Storable> TieredStore<V> {
             PurgeScope::Keys(_) => "keys",
             PurgeScope::All => "all",
         });
+        message
+    }
+
+    /// Sweeps this replica's memory tier and reaches the others (see
+    /// [`TieredStore::purge`]).
+    async fn spread_purge(&self, message: PurgeMessage, ack_timeout: Duration) -> PurgeReport {
         // The other replicas are reached while this one sweeps its memory tier.
         let (swept, mut report) = tokio::join!(
             self.sweeper()(message.scope.clone()),

@@ -218,26 +218,41 @@ impl RedisTier {
         format!("{}:purges", self.namespace)
     }
 
+    fn purged_keys_key(&self) -> String {
+        format!("{}:purged-keys", self.namespace)
+    }
+
     fn acks_key(&self, id: u64) -> String {
         format!("{}:acks:{id:016x}", self.namespace)
     }
 
-    /// Records purge markers in Redis (each field keeps the latest time), so that a
-    /// replica that missed a message finds them when it (re)subscribes. Returns whether
+    /// Records purge markers in Redis (each keeps the latest time), so that a replica
+    /// that missed a message finds them when it (re)subscribes: tag, path and namespace
+    /// markers in the hash `{namespace}:purges`, key markers (one per purged key, many
+    /// with invalidations by unsafe methods) in the sorted set `{namespace}:purged-keys`,
+    /// scored by time and kept [`crate::purge::KEY_MARKER_RETENTION_MS`]. Returns whether
     /// Redis confirmed.
     pub async fn record_purges(&self, markers: &[(String, u64)]) -> bool {
         let mut conn = self.conn.clone();
         let key = self.purges_key();
         let script = redis::Script::new(
-            "for i = 1, #ARGV, 2 do \
-               local cur = redis.call('HGET', KEYS[1], ARGV[i]) \
-               if not cur or tonumber(cur) < tonumber(ARGV[i + 1]) then \
-                 redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) \
+            "for i = 2, #ARGV, 2 do \
+               local at = tonumber(ARGV[i + 1]) \
+               if string.sub(ARGV[i], 1, 4) == 'key:' then \
+                 redis.call('ZADD', KEYS[2], 'GT', at, string.sub(ARGV[i], 5)) \
+               else \
+                 local cur = redis.call('HGET', KEYS[1], ARGV[i]) \
+                 if not cur or tonumber(cur) < at then \
+                   redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) \
+                 end \
                end \
              end \
+             redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[1]) \
              return 1",
         );
+        let cutoff = crate::now_ms().saturating_sub(crate::purge::KEY_MARKER_RETENTION_MS);
         let mut invocation = script.key(key);
+        invocation.key(self.purged_keys_key()).arg(cutoff);
         for (field, at_ms) in markers {
             invocation.arg(field).arg(*at_ms);
         }
@@ -248,14 +263,26 @@ impl RedisTier {
         .is_some()
     }
 
-    /// Every purge marker recorded in Redis (`HGETALL`), or `None` when Redis fails.
+    /// Every purge marker recorded in Redis (the hash and the key markers), or `None`
+    /// when Redis fails.
     pub async fn load_purges(&self) -> Option<Vec<(String, u64)>> {
         let mut conn = self.conn.clone();
-        let key = self.purges_key();
-        self.guarded("get", async move {
-            conn.hgetall::<_, Vec<(String, u64)>>(key).await
-        })
-        .await
+        let (hash, keys) = (self.purges_key(), self.purged_keys_key());
+        let (mut markers, by_key) = self
+            .guarded("get", async move {
+                redis::pipe()
+                    .hgetall(hash)
+                    .zrange_withscores(keys, 0, -1)
+                    .query_async::<(Vec<(String, u64)>, Vec<(String, u64)>)>(&mut conn)
+                    .await
+            })
+            .await?;
+        markers.extend(
+            by_key
+                .into_iter()
+                .map(|(hex, at)| (format!("key:{hex}"), at)),
+        );
+        Some(markers)
     }
 
     /// Publishes `message` on the invalidation channel; the number of subscribers that

@@ -1,0 +1,408 @@
+//! HTTP caching semantics (RFC 9111, RFC 5861, RFC 9213) against a scripted upstream: each
+//! scenario says what the upstream answers to its n-th request and checks what clients get
+//! and what the upstream received.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::raw::{RawUpstream, Script};
+use common::{Gate, Redis, Reply, eventually};
+
+/// A response with `status`, `headers` and `body`, framed by Content-Length.
+fn reply(status: u16, headers: &[(&str, &str)], body: &str) -> Script {
+    let mut s = format!(
+        "HTTP/1.1 {status} Scripted\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (name, value) in headers {
+        s.push_str(&format!("{name}: {value}\r\n"));
+    }
+    s.push_str("\r\n");
+    s.push_str(body);
+    Script::Reply(s.into_bytes())
+}
+
+/// A scripted upstream that also records the request line of every request it receives.
+async fn scripted<F>(script: F) -> (RawUpstream, Arc<Mutex<Vec<String>>>)
+where
+    F: Fn(usize) -> Script + Send + Sync + 'static,
+{
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let record = seen.clone();
+    let up = RawUpstream::start(move |head, n| {
+        let line = head.lines().next().unwrap_or("").to_string();
+        record.lock().unwrap().push(line);
+        script(n)
+    })
+    .await;
+    (up, seen)
+}
+
+fn header_num(reply: &Reply, name: &str) -> u64 {
+    reply
+        .header(name)
+        .parse()
+        .unwrap_or_else(|_| panic!("{name}: {:?}", reply.header(name)))
+}
+
+// 1. Freshness (RFC 9111 §4.2): the age the response arrived with counts.
+#[tokio::test]
+async fn age_counts_the_age_the_response_arrived_with() {
+    let (up, _) = scripted(|_| {
+        reply(
+            200,
+            &[("cache-control", "max-age=100"), ("age", "30")],
+            "aged",
+        )
+    })
+    .await;
+    let gate = Gate::start_at(&up.url(), None, "", "").await;
+    let first = gate.get("/aged").await;
+    assert_eq!(first.cache(), "MISS");
+    let hit = gate.get("/aged").await;
+    assert_eq!(hit.cache(), "HIT");
+    // Age is the current age: 30 on arrival plus the time stored (§4.2.3, §5.1).
+    let age = header_num(&hit, "age");
+    assert!((30..=32).contains(&age), "age {age}");
+    // 70 s of freshness were left, not 100.
+    let status = hit.header("cache-status");
+    let ttl: u64 = status
+        .split(';')
+        .find_map(|p| p.trim().strip_prefix("ttl="))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((68..=70).contains(&ttl), "{status}");
+    assert_eq!(up.requests(), 1);
+
+    // A Date in the past without Age: the apparent age counts too.
+    let date = httpdate::fmt_http_date(std::time::SystemTime::now() - Duration::from_secs(40));
+    let (old, _) = scripted(move |_| {
+        reply(
+            200,
+            &[("cache-control", "max-age=100"), ("date", &date)],
+            "old",
+        )
+    })
+    .await;
+    let gate = Gate::start_at(&old.url(), None, "", "").await;
+    gate.get("/old").await;
+    let age = header_num(&gate.get("/old").await, "age");
+    assert!((40..=42).contains(&age), "age {age}");
+}
+
+// 1. Heuristically cacheable statuses with explicit freshness are stored; heuristic
+// freshness is an option, off by default.
+#[tokio::test]
+async fn statuses_and_heuristic_freshness() {
+    let modified =
+        httpdate::fmt_http_date(std::time::SystemTime::now() - Duration::from_secs(20 * 86_400));
+    let script = move |status: u16, cc: &'static str| {
+        let modified = modified.clone();
+        move |_| {
+            let mut headers = vec![("last-modified", modified.as_str())];
+            if !cc.is_empty() {
+                headers.push(("cache-control", cc));
+            }
+            reply(status, &headers, "x")
+        }
+    };
+    for (status, cc, heuristic, stored) in [
+        (404, "max-age=60", false, true),
+        (410, "max-age=60", false, true),
+        (302, "max-age=60", false, false),
+        (503, "max-age=60", false, false),
+        (200, "", false, false),
+        (200, "", true, true),
+        (404, "", true, true),
+    ] {
+        let (up, _) = scripted(script(status, cc)).await;
+        let config = format!("[cache]\nheuristic_freshness = {heuristic}\n");
+        let gate = Gate::start_at(&up.url(), None, &config, "").await;
+        gate.get("/s").await;
+        let again = gate.get("/s").await;
+        let expected = if stored { "HIT" } else { "MISS" };
+        assert_eq!(
+            again.cache(),
+            expected,
+            "{status} {cc:?} heuristic={heuristic}"
+        );
+        if stored && cc.is_empty() {
+            // A tenth of 20 days, capped at a day.
+            assert!(
+                again.header("cache-status").contains("ttl=86"),
+                "{}",
+                again.header("cache-status")
+            );
+        }
+    }
+}
+
+// 5. Targeted cache control (RFC 9213) takes precedence and is not forwarded.
+#[tokio::test]
+async fn targeted_cache_control_wins_and_stays_with_cachegate() {
+    let (up, _) = scripted(|_| {
+        reply(
+            200,
+            &[
+                ("cache-control", "no-store"),
+                ("cdn-cache-control", "max-age=60"),
+            ],
+            "cdn",
+        )
+    })
+    .await;
+    let gate = Gate::start_at(&up.url(), None, "", "").await;
+    let first = gate.get("/cdn").await;
+    assert_eq!(first.cache(), "MISS");
+    assert_eq!(first.header("cache-control"), "no-store");
+    assert_eq!(first.header("cdn-cache-control"), "");
+    let hit = gate.get("/cdn").await;
+    assert_eq!(hit.cache(), "HIT");
+    assert_eq!(hit.header("cdn-cache-control"), "");
+    assert_eq!(up.requests(), 1);
+
+    // Cachegate-Cache-Control is the more specific: it wins over CDN-Cache-Control.
+    let (up, _) = scripted(|_| {
+        reply(
+            200,
+            &[
+                ("cache-control", "max-age=60"),
+                ("cdn-cache-control", "max-age=60"),
+                ("cachegate-cache-control", "no-store"),
+            ],
+            "ours",
+        )
+    })
+    .await;
+    let gate = Gate::start_at(&up.url(), None, "", "").await;
+    gate.get("/ours").await;
+    assert_eq!(gate.get("/ours").await.cache(), "MISS");
+    assert_eq!(up.requests(), 2);
+
+    // Configured to forward them, clients see them.
+    let (up, _) = scripted(|_| reply(200, &[("cdn-cache-control", "max-age=60")], "fwd")).await;
+    let config = "[cache]\nforward_targeted_cache_control = true\n";
+    let gate = Gate::start_at(&up.url(), None, config, "").await;
+    assert_eq!(
+        gate.get("/fwd").await.header("cdn-cache-control"),
+        "max-age=60"
+    );
+}
+
+// 6. stale-while-revalidate: 100 concurrent stale hits, one background request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_while_revalidate_serves_stale_and_refreshes_once() {
+    // The first answer arrives already stale (Age past max-age) within its
+    // stale-while-revalidate window; the refresh brings a fresh one.
+    let (up, seen) = scripted(|n| {
+        if n == 0 {
+            reply(
+                200,
+                &[
+                    ("cache-control", "max-age=10, stale-while-revalidate=600"),
+                    ("age", "20"),
+                ],
+                "v1",
+            )
+        } else {
+            reply(200, &[("cache-control", "max-age=600")], "v2")
+        }
+    })
+    .await;
+    let gate = Gate::start_at(&up.url(), None, "", "").await;
+    assert_eq!(gate.get("/kpi").await.cache(), "MISS");
+    let requests = (0..100).map(|_| gate.get("/kpi"));
+    let replies = futures_util::future::join_all(requests).await;
+    let stale = replies.iter().filter(|r| r.cache() == "STALE").count();
+    assert!(stale >= 1, "no stale answer");
+    for r in &replies {
+        match r.cache() {
+            "STALE" => {
+                assert_eq!(r.body, "v1");
+                let status = r.header("cache-status");
+                assert!(status.contains("fwd=stale"), "{status}");
+                assert!(status.contains("detail=stale-while-revalidate"), "{status}");
+                assert!(header_num(r, "age") >= 20);
+            }
+            "HIT" => assert_eq!(r.body, "v2"),
+            other => panic!("{other}"),
+        }
+    }
+    let refreshed = eventually(Duration::from_secs(5), || async {
+        gate.get("/kpi").await.cache() == "HIT"
+    });
+    assert!(refreshed.await);
+    assert_eq!(gate.get("/kpi").await.body, "v2");
+    // Exactly one background request, whatever the number of stale hits.
+    assert_eq!(up.requests(), 2, "{:?}", seen.lock().unwrap());
+    let stats = gate.stats().await;
+    assert_eq!(stats["background_refreshes"]["stored"], 1, "{stats}");
+    // Counted by reason (the wait for the refresh may have met more stale answers).
+    let counted = stats["requests"]["by_status"]["stale"]["by_reason"]["stale-while-revalidate"]
+        .as_u64()
+        .unwrap();
+    assert!(counted >= stale as u64, "{stats}");
+}
+
+// 6. stale-if-error: an upstream error or an upstream that is gone gets the stale entry.
+#[tokio::test]
+async fn stale_if_error_answers_upstream_errors_with_the_stale_entry() {
+    let (up, _) = scripted(|n| match n {
+        0 => reply(
+            200,
+            &[
+                ("cache-control", "max-age=10, stale-if-error=600"),
+                ("age", "20"),
+            ],
+            "last good",
+        ),
+        1 => reply(503, &[], "down for maintenance"),
+        _ => Script::ReplyAndClose(Vec::new()),
+    })
+    .await;
+    let gate = Gate::start_at(&up.url(), None, "", "").await;
+    assert_eq!(gate.get("/report").await.body, "last good");
+    // 503 from the upstream: the stale entry instead.
+    let r = gate.get("/report").await;
+    assert_eq!(
+        (r.status, r.cache(), r.body.as_str()),
+        (200, "STALE", "last good")
+    );
+    let status = r.header("cache-status");
+    assert!(status.contains("fwd-status=503"), "{status}");
+    assert!(status.contains("detail=stale-if-error"), "{status}");
+    // No answer at all: the stale entry again.
+    let r = gate.get("/report").await;
+    assert_eq!(
+        (r.status, r.cache(), r.body.as_str()),
+        (200, "STALE", "last good")
+    );
+    assert_eq!(up.requests(), 3);
+
+    // must-revalidate forbids serving it stale: the error goes through.
+    let (up, _) = scripted(|n| match n {
+        0 => reply(
+            200,
+            &[
+                (
+                    "cache-control",
+                    "max-age=10, stale-if-error=600, must-revalidate",
+                ),
+                ("age", "20"),
+            ],
+            "strict",
+        ),
+        _ => reply(503, &[], "down"),
+    })
+    .await;
+    let gate = Gate::start_at(&up.url(), None, "", "").await;
+    gate.get("/strict").await;
+    let r = gate.get("/strict").await;
+    assert_eq!((r.status, r.cache()), (503, "MISS"));
+}
+
+// 6. Route options: stale windows set by the route, whatever the response says.
+#[tokio::test]
+async fn route_stale_options_apply_without_response_directives() {
+    let (up, _) = scripted(|n| match n {
+        0 => reply(200, &[("age", "0")], "route v1"),
+        _ => reply(502, &[], "bad gateway"),
+    })
+    .await;
+    let config =
+        "[[routes]]\nmethod = \"GET\"\npath = \"/r/*\"\nttl_secs = 1\nstale_if_error_secs = 600\n";
+    let gate = Gate::start_at(&up.url(), None, config, "").await;
+    gate.get("/r/x").await;
+    let stale = eventually(Duration::from_secs(5), || async {
+        gate.get("/r/x").await.cache() == "STALE"
+    });
+    assert!(stale.await, "the route's stale-if-error did not apply");
+}
+
+// 7. Refresh-ahead keeps a key always HIT under steady load.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refresh_ahead_keeps_a_hot_key_a_hit() {
+    let (up, _) = scripted(|n| reply(200, &[], &format!("v{n}"))).await;
+    let config =
+        "[[routes]]\nmethod = \"GET\"\npath = \"/kpi/*\"\nttl_secs = 2\nrefresh_ahead = 0.5\n";
+    let gate = Gate::start_at(&up.url(), None, config, "").await;
+    assert_eq!(gate.get("/kpi/leads").await.cache(), "MISS");
+    let started = Instant::now();
+    let mut bodies = std::collections::BTreeSet::new();
+    // Twice the TTL of steady load: every answer a hit, the entry refreshed meanwhile.
+    while started.elapsed() < Duration::from_secs(4) {
+        let r = gate.get("/kpi/leads").await;
+        assert_eq!(r.cache(), "HIT", "after {:?}", started.elapsed());
+        bodies.insert(r.body);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(bodies.len() >= 2, "never refreshed: {bodies:?}");
+    assert!(up.requests() >= 2);
+}
+
+// 4. Unsafe methods invalidate their target (and Location) on every replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsafe_methods_invalidate_their_target_on_every_replica() {
+    // GETs are cacheable; a POST answers 201 with a Location, a PUT to /fail answers 500.
+    let counter = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let c = counter.clone();
+    let up = RawUpstream::start(move |head, _| {
+        let n = c.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if head.starts_with("GET") {
+            reply(200, &[("cache-control", "max-age=600")], &format!("v{n}"))
+        } else if head.starts_with("PUT /items/1") {
+            reply(500, &[], "failed")
+        } else {
+            reply(201, &[("location", "/items/2")], "")
+        }
+    })
+    .await;
+    let redis = Redis::start().await;
+    let a = Gate::start_at(&up.url(), Some(redis.config_table()), "", "").await;
+    let b = Gate::start_at(&up.url(), Some(redis.config_table()), "", "").await;
+    let subscribed = eventually(Duration::from_secs(5), || async {
+        redis.subscribers("cachegate:invalidate").await >= 2
+    });
+    assert!(subscribed.await);
+    for gate in [&a, &b] {
+        for path in ["/items/1", "/items/2", "/items/3"] {
+            gate.get(path).await;
+            assert_eq!(gate.get(path).await.cache(), "HIT", "{path}");
+        }
+    }
+    // A failed unsafe request invalidates nothing.
+    let put = a.client.put(a.url("/items/1")).send().await.unwrap();
+    assert_eq!(put.status(), 500);
+    assert_eq!(a.get("/items/1").await.cache(), "HIT");
+    // A successful one invalidates its target and its Location, here and on b.
+    let post = a.client.post(a.url("/items/1")).send().await.unwrap();
+    assert_eq!(post.status(), 201);
+    assert_eq!(a.get("/items/1").await.cache(), "MISS");
+    assert_eq!(a.get("/items/2").await.cache(), "MISS");
+    assert_eq!(a.get("/items/3").await.cache(), "HIT");
+    let reached_b = eventually(Duration::from_secs(5), || async {
+        // a stored new answers: b must not serve the ones from before the POST.
+        b.get("/items/2").await.body != "v1"
+    });
+    assert!(reached_b.await);
+    assert_eq!(b.get("/items/3").await.cache(), "HIT");
+}
+
+// Route POST caching by body is a lookup, not an invalidation.
+#[tokio::test]
+async fn a_body_keyed_post_route_is_a_lookup_not_an_invalidation() {
+    let up = common::Upstream::start().await;
+    let config = "[[routes]]\nmethod = \"GET\"\npath = \"/api/*\"\nttl_secs = 600\n\n[[routes]]\nmethod = \"POST\"\npath = \"/api/chart\"\nttl_secs = 600\nkey_body = true\n";
+    let gate = Gate::start(&up, None, config).await;
+    gate.get("/api/chart").await;
+    assert_eq!(gate.get("/api/chart").await.cache(), "HIT");
+    gate.post_json("/api/chart", r#"{"a":1}"#).await;
+    assert_eq!(
+        gate.post_json("/api/chart", r#"{"a":1}"#).await.cache(),
+        "HIT"
+    );
+    assert_eq!(gate.get("/api/chart").await.cache(), "HIT");
+}
