@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use cachegate_core::invalidation::{PurgeReport, PurgeScope};
+use cachegate_core::invalidation::{PurgeMode, PurgeReport, PurgeScope};
 use cachegate_core::store::TieredStore;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use serde::Deserialize;
@@ -69,8 +69,8 @@ struct PurgeRequest {
     /// Purge what each of these requests would hit.
     #[serde(default)]
     requests: Vec<RequestSpec>,
-    /// Mark stale instead of deleting. Until stale serving exists, a soft purge is a hard
-    /// one (the reply says `"applied_as": "hard"`).
+    /// Mark stale instead of deleting: covered entries are served stale (`STALE`) while
+    /// one background request refreshes each, on every replica.
     #[serde(default)]
     soft: bool,
     /// Purge every entry of the namespace.
@@ -185,18 +185,24 @@ impl Admin {
         if let Some(refusal) = self.admit(&req, peer, "event", "POST to raise an event") {
             return refusal;
         }
-        let scope = crate::config::event_scope(&self.events, name);
-        self.metrics.count_event(name, scope.is_some());
-        let Some(scope) = scope else {
+        let event = crate::config::event_scope(&self.events, name);
+        self.metrics.count_event(name, event.is_some());
+        let Some(event) = event else {
             tracing::warn!(client = %peer, "unknown event raised");
             return plain(
                 StatusCode::NOT_FOUND,
                 "unknown event: see [[events]] in the config",
             );
         };
-        let report = self.store.purge(scope, self.ack_timeout).await;
-        tracing::info!(target: "audit", client = %peer, op = "event", event = %name, confirmed = report.confirmed(), "event");
-        purge_reply(&[report], json!({"event": name}))
+        let mut reports = Vec::with_capacity(event.scopes.len());
+        for scope in event.scopes {
+            let report = self.store.purge_as(scope, event.mode, self.ack_timeout);
+            reports.push(report.await);
+        }
+        let confirmed = reports.iter().all(PurgeReport::confirmed);
+        tracing::info!(target: "audit", client = %peer, op = "event", event = %name, confirmed, "event");
+        let soft = event.mode == PurgeMode::Soft;
+        purge_reply(&reports, json!({"event": name, "soft": soft}))
     }
 
     /// `POST /admin/warm[?concurrency=N]`: replays the warm list in the body (see
@@ -309,22 +315,18 @@ impl Admin {
                 "a tag, path or route may not contain a line break",
             );
         }
-        let mut reports: Vec<PurgeReport> = Vec::new();
+        // Every part is checked before anything is purged: a bad one purges nothing.
+        let mut scopes = Vec::new();
         if request.all {
-            reports.push(self.store.purge(PurgeScope::All, self.ack_timeout).await);
+            scopes.push(PurgeScope::All);
         }
         let mut tags = request.tags.clone();
         tags.extend(request.routes.iter().map(|r| crate::tags::route_tag(r)));
         if !tags.is_empty() {
-            reports.push(
-                self.store
-                    .purge(PurgeScope::Tags(tags), self.ack_timeout)
-                    .await,
-            );
+            scopes.push(PurgeScope::Tags(tags));
         }
         if !request.paths.is_empty() {
-            let scope = PurgeScope::Paths(request.paths.clone());
-            reports.push(self.store.purge(scope, self.ack_timeout).await);
+            scopes.push(PurgeScope::Paths(request.paths.clone()));
         }
         if !request.requests.is_empty() {
             let Some(proxy) = &self.proxy else {
@@ -350,11 +352,16 @@ impl Admin {
                     }
                 }
             }
-            reports.push(
-                self.store
-                    .purge(PurgeScope::Keys(keys), self.ack_timeout)
-                    .await,
-            );
+            scopes.push(PurgeScope::Keys(keys));
+        }
+        let mode = if request.soft {
+            PurgeMode::Soft
+        } else {
+            PurgeMode::Hard
+        };
+        let mut reports: Vec<PurgeReport> = Vec::with_capacity(scopes.len());
+        for scope in scopes {
+            reports.push(self.store.purge_as(scope, mode, self.ack_timeout).await);
         }
         if reports.is_empty() {
             return plain(
@@ -381,7 +388,6 @@ impl Admin {
             "requests": request.requests.len(),
             "all": request.all,
             "soft": request.soft,
-            "applied_as": "hard",
         });
         purge_reply(&reports, purged)
     }

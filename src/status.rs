@@ -157,17 +157,25 @@ pub enum StaleReason {
     Revalidating,
     /// Within its stale-if-error window, in place of an upstream error.
     IfError,
+    /// Marked stale by a soft purge: one background request refreshes it.
+    SoftPurge,
 }
 
 impl StaleReason {
     /// Every reason, for metric and stats listings.
-    pub const ALL: [StaleReason; 2] = [StaleReason::Revalidating, StaleReason::IfError];
+    pub const ALL: [StaleReason; 3] = [
+        StaleReason::Revalidating,
+        StaleReason::IfError,
+        StaleReason::SoftPurge,
+    ];
 
-    /// The label and `detail=` value: `stale-while-revalidate` or `stale-if-error`.
+    /// The label and `detail=` value: `stale-while-revalidate`, `stale-if-error` or
+    /// `soft-purge`.
     pub fn as_str(self) -> &'static str {
         match self {
             StaleReason::Revalidating => "stale-while-revalidate",
             StaleReason::IfError => "stale-if-error",
+            StaleReason::SoftPurge => "soft-purge",
         }
     }
 }

@@ -135,6 +135,11 @@ async fn unauthorized_or_malformed_purges_purge_nothing() {
     assert_eq!(status, 400, "{reply}");
     assert!(reply.as_str().unwrap_or("").contains("urls"), "{reply}");
     assert_eq!(gate.get("/kpi/leads").await.cache(), "HIT");
+    // One bad part (a request that cannot be keyed) and nothing is purged, tags included.
+    let mixed = r#"{"tags": ["kpi"], "requests": [{"url": "/api/natal/chart", "method": "POST", "body": [1]}, {"url": "%%"}]}"#;
+    let (status, reply) = purge(&gate, Some("purge-token"), mixed).await;
+    assert_eq!(status, 400, "{reply}");
+    assert_eq!(gate.get("/kpi/leads").await.cache(), "HIT");
     // Without a configured token the endpoint is off, and says how to turn it on.
     let open = Gate::start(&up, None, "").await;
     let (status, reply) = purge(&open, Some("anything"), r#"{"all": true}"#).await;
@@ -549,29 +554,71 @@ async fn the_purge_command_is_a_client_of_the_admin_api() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("401"));
 }
 
-#[tokio::test]
-async fn a_soft_purge_is_applied_as_a_hard_one_and_says_so() {
-    let up = Upstream::start().await;
-    let gate = Gate::start(&up, None, CONFIG).await;
-    gate.get("/kpi/leads").await;
-    assert_eq!(gate.get("/kpi/leads").await.cache(), "HIT");
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_soft_purge_serves_stale_while_one_request_refreshes_on_every_replica() {
+    let (up, redis) = (Upstream::start().await, Redis::start().await);
+    let (a, b) = two_replicas(&up, &redis).await;
+    for gate in [&a, &b] {
+        gate.get("/kpi/leads").await;
+        assert_eq!(gate.get("/kpi/leads").await.cache(), "HIT");
+        gate.get("/profile/ada").await;
+    }
     let before = up.hits();
     let (status, reply) = purge(
-        &gate,
+        &a,
         Some("purge-token"),
         r#"{"tags": ["kpi"], "soft": true}"#,
     )
     .await;
     assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["confirmed"], true, "{reply}");
     assert_eq!(reply["purged"]["soft"], true, "{reply}");
-    assert_eq!(reply["purged"]["applied_as"], "hard", "{reply}");
-    assert_eq!(reply["entries_purged"]["memory"], 1, "{reply}");
-    let after = gate.get("/kpi/leads").await;
-    assert_eq!(after.cache(), "MISS");
-    assert!(computed_after(&after, before));
-    let metrics = gate.metrics().await;
-    assert!(
-        metrics.contains(r#"cachegate_purged_entries_total{tier="memory"} 1"#),
-        "{metrics}"
+    // Nothing removed: marked stale.
+    assert_eq!(reply["entries_purged"]["memory"], 0, "{reply}");
+    for gate in [&a, &b] {
+        // The entry from before is served at once, marked stale, while it is refreshed.
+        let first = gate.get("/kpi/leads").await;
+        if first.cache() == "STALE" {
+            assert!(!computed_after(&first, before));
+            let status = first.header("cache-status");
+            assert!(status.contains("detail=soft-purge"), "{status}");
+        } else {
+            // The other replica refreshed it already and shared it through Redis.
+            assert!(computed_after(&first, before), "{}", first.cache());
+        }
+        let refreshed = eventually(Duration::from_secs(5), || async {
+            let r = gate.get("/kpi/leads").await;
+            r.cache() == "HIT" && computed_after(&r, before)
+        });
+        assert!(refreshed.await, "never refreshed");
+        assert_eq!(gate.get("/profile/ada").await.cache(), "HIT");
+    }
+    // One background request per replica at most (the second may find the first's).
+    let refreshes = up.hits() - before;
+    assert!((1..=2).contains(&refreshes), "{refreshes}");
+}
+
+#[tokio::test]
+async fn events_can_purge_paths_and_routes_softly() {
+    let config = format!(
+        "{CONFIG}\n[[events]]\nname = \"profiles.changed\"\npaths = [\"/profile/*\"]\nsoft = true\n\n[[events]]\nname = \"api.changed\"\nroutes = [\"kpi\"]\n"
     );
+    let up = Upstream::start().await;
+    let gate = Gate::start(&up, None, &config).await;
+    for path in ["/profile/ada", "/kpi/leads"] {
+        gate.get(path).await;
+        assert_eq!(gate.get(path).await.cache(), "HIT");
+    }
+    let raise = |name: &'static str| {
+        let req = gate
+            .client
+            .post(format!("{}/admin/events/{name}", gate.admin))
+            .bearer_auth("purge-token");
+        async move { req.send().await.unwrap().status().as_u16() }
+    };
+    assert_eq!(raise("profiles.changed").await, 200);
+    assert_eq!(gate.get("/profile/ada").await.cache(), "STALE");
+    assert_eq!(gate.get("/kpi/leads").await.cache(), "HIT");
+    assert_eq!(raise("api.changed").await, 200);
+    assert_eq!(gate.get("/kpi/leads").await.cache(), "MISS");
 }

@@ -54,17 +54,24 @@ pub struct EventConfig {
     /// Tags to purge.
     #[serde(default)]
     pub tags: Vec<String>,
+    /// Path patterns to purge (globs anchored to the whole path, `*` any run).
+    #[serde(default)]
+    pub paths: Vec<String>,
+    /// Routes (by name) whose entries to purge.
+    #[serde(default)]
+    pub routes: Vec<String>,
     /// Purge the whole namespace.
     #[serde(default)]
     pub all: bool,
-    /// Mark stale instead of deleting; until stale serving exists, applied as a hard purge.
+    /// Mark stale instead of deleting: entries are served stale while one background
+    /// request refreshes each (see `POST /admin/purge`'s `soft`).
     #[serde(default)]
     pub soft: bool,
 }
 
 impl Config {
     /// What the event `name` purges; `None` for an unknown name.
-    pub fn event_scope(&self, name: &str) -> Option<cachegate_core::invalidation::PurgeScope> {
+    pub fn event_scope(&self, name: &str) -> Option<cachegate_core::invalidation::EventPurge> {
         event_scope(&self.events, name)
     }
 }
@@ -73,14 +80,28 @@ impl Config {
 pub fn event_scope(
     events: &[EventConfig],
     name: &str,
-) -> Option<cachegate_core::invalidation::PurgeScope> {
-    use cachegate_core::invalidation::PurgeScope;
+) -> Option<cachegate_core::invalidation::EventPurge> {
+    use cachegate_core::invalidation::{EventPurge, PurgeMode, PurgeScope};
     let event = events.iter().find(|e| e.name == name)?;
-    Some(if event.all {
-        PurgeScope::All
+    let mut scopes = Vec::new();
+    if event.all {
+        scopes.push(PurgeScope::All);
     } else {
-        PurgeScope::Tags(event.tags.clone())
-    })
+        let mut tags = event.tags.clone();
+        tags.extend(event.routes.iter().map(|r| crate::tags::route_tag(r)));
+        if !tags.is_empty() {
+            scopes.push(PurgeScope::Tags(tags));
+        }
+        if !event.paths.is_empty() {
+            scopes.push(PurgeScope::Paths(event.paths.clone()));
+        }
+    }
+    let mode = if event.soft {
+        PurgeMode::Soft
+    } else {
+        PurgeMode::Hard
+    };
+    Some(EventPurge { scopes, mode })
 }
 
 /// `[admin]`: who may call the mutating admin endpoints (`POST /admin/purge`), and how

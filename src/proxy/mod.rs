@@ -389,29 +389,46 @@ impl<O: Origin> Proxy<O> {
         // upstream error (stale-if-error), or ignored.
         let mut ctx = ctx;
         if !ctx.refresh
-            && let Some((entry, tier)) = self.store.lookup(&key).await
+            && let Some((entry, tier, soft_purged)) = self.store.lookup_marked(&key).await
         {
             let replay = || replay().map(Arc::new);
-            match entry.staleness(now_ms()) {
-                Staleness::Fresh { left } => {
-                    if refresh_ahead_due(route, &entry, left) {
-                        self.refresher
-                            .request(&key, entry.stored_at_ms(), replay, None);
-                    }
-                    return self.serve_entry(&entry, &ctx, hit(&entry, tier));
+            let staleness = entry.staleness(now_ms());
+            if soft_purged {
+                // A soft purge marked it stale: served stale while one background request
+                // refreshes it; without background refreshes, a miss.
+                if self
+                    .refresher
+                    .request(&key, entry.stored_at_ms(), replay, None)
+                {
+                    let secs = match staleness {
+                        Staleness::Stale { secs } => secs,
+                        Staleness::Fresh { .. } => 0,
+                    };
+                    let outcome = stale(StaleReason::SoftPurge, tier, secs, None);
+                    return self.serve_entry(&entry, &ctx, outcome);
                 }
-                Staleness::Stale { secs } => {
-                    let f = entry.freshness();
-                    if secs <= u64::from(f.stale_while_revalidate_secs)
-                        && self
-                            .refresher
-                            .request(&key, entry.stored_at_ms(), replay, None)
-                    {
-                        let outcome = stale(StaleReason::Revalidating, tier, secs, None);
-                        return self.serve_entry(&entry, &ctx, outcome);
+            } else {
+                match staleness {
+                    Staleness::Fresh { left } => {
+                        if refresh_ahead_due(route, &entry, left) {
+                            self.refresher
+                                .request(&key, entry.stored_at_ms(), replay, None);
+                        }
+                        return self.serve_entry(&entry, &ctx, hit(&entry, tier));
                     }
-                    if secs <= u64::from(f.stale_if_error_secs) {
-                        ctx.stale = Some((entry, secs, tier));
+                    Staleness::Stale { secs } => {
+                        let f = entry.freshness();
+                        if secs <= u64::from(f.stale_while_revalidate_secs)
+                            && self
+                                .refresher
+                                .request(&key, entry.stored_at_ms(), replay, None)
+                        {
+                            let outcome = stale(StaleReason::Revalidating, tier, secs, None);
+                            return self.serve_entry(&entry, &ctx, outcome);
+                        }
+                        if secs <= u64::from(f.stale_if_error_secs) {
+                            ctx.stale = Some((entry, secs, tier));
+                        }
                     }
                 }
             }

@@ -234,9 +234,9 @@ pub fn engine(
     metrics.declare_events(events.iter().map(|e| e.name.as_str()));
     let counted = metrics.clone();
     store.start_invalidation(Some(Arc::new(move |name: &str| {
-        let scope = crate::config::event_scope(&events, name);
-        counted.count_event(name, scope.is_some());
-        scope
+        let event = crate::config::event_scope(&events, name);
+        counted.count_event(name, event.is_some());
+        event
     })));
     Ok((KeyBuilder::new(&secret, &config.cache.namespace), store))
 }

@@ -60,12 +60,33 @@ impl PurgeReport {
     }
 }
 
+/// How a purge treats what it covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PurgeMode {
+    /// Deleted: a miss from then on.
+    #[default]
+    Hard,
+    /// Marked stale: kept, and served stale while one background request refreshes it
+    /// (by a caller that can, such as the proxy; others treat it as a miss).
+    Soft,
+}
+
+/// What an event (published on `{namespace}:events` or raised through an API) purges.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventPurge {
+    /// What it covers (tags, paths, all...).
+    pub scopes: Vec<PurgeScope>,
+    /// Hard or soft.
+    pub mode: PurgeMode,
+}
+
 /// A purge as it travels.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct PurgeMessage {
     pub id: u64,
     pub at_ms: u64,
     pub scope: PurgeScope,
+    pub mode: PurgeMode,
 }
 
 impl PurgeMessage {
@@ -82,7 +103,12 @@ impl PurgeMessage {
             PurgeScope::Paths(_) => "paths",
             PurgeScope::Keys(_) => "keys",
         };
-        let mut out = format!("v1\n{:016x}\n{}\n{kind}", self.id, self.at_ms);
+        let soft = if self.mode == PurgeMode::Soft {
+            "soft-"
+        } else {
+            ""
+        };
+        let mut out = format!("v1\n{:016x}\n{}\n{soft}{kind}", self.id, self.at_ms);
         for item in items {
             out.push('\n');
             out.push_str(&item);
@@ -97,18 +123,39 @@ impl PurgeMessage {
         }
         let id = u64::from_str_radix(lines.next()?, 16).ok()?;
         let at_ms = lines.next()?.parse().ok()?;
-        let scope = match lines.next()? {
+        let kind = lines.next()?;
+        let (mode, kind) = match kind.strip_prefix("soft-") {
+            Some(kind) => (PurgeMode::Soft, kind),
+            None => (PurgeMode::Hard, kind),
+        };
+        let scope = match kind {
             "all" => PurgeScope::All,
             "tags" => PurgeScope::Tags(lines.map(str::to_string).collect()),
             "paths" => PurgeScope::Paths(lines.map(str::to_string).collect()),
             "keys" => PurgeScope::Keys(lines.map(key_from_hex).collect::<Option<_>>()?),
             _ => return None,
         };
-        Some(PurgeMessage { id, at_ms, scope })
+        Some(PurgeMessage {
+            id,
+            at_ms,
+            scope,
+            mode,
+        })
     }
 
-    /// The markers this purge records in the hash.
+    /// The markers this purge records in Redis (`soft:`-prefixed for a soft purge).
     pub fn markers(&self) -> Vec<(String, u64)> {
+        let markers = self.hard_markers();
+        if self.mode == PurgeMode::Hard {
+            return markers;
+        }
+        markers
+            .into_iter()
+            .map(|(field, at)| (format!("soft:{field}"), at))
+            .collect()
+    }
+
+    fn hard_markers(&self) -> Vec<(String, u64)> {
         match &self.scope {
             PurgeScope::All => vec![("all".to_string(), self.at_ms)],
             PurgeScope::Tags(tags) => tags
@@ -139,11 +186,31 @@ pub(crate) fn apply(purges: &Purges, scope: &PurgeScope, at_ms: u64) {
 
 /// Maps an event name (published on `{namespace}:events`) to what it purges; `None` for
 /// an unknown name (logged, ignored).
-pub type EventRules = Arc<dyn Fn(&str) -> Option<PurgeScope> + Send + Sync>;
+pub type EventRules = Arc<dyn Fn(&str) -> Option<EventPurge> + Send + Sync>;
 
-/// Applies markers loaded from the hash.
-fn apply_markers(purges: &Purges, markers: &[(String, u64)]) {
-    for (field, at_ms) in markers {
+/// The hard and the soft purge markers of one cache.
+#[derive(Clone)]
+pub(crate) struct Markers {
+    pub hard: Arc<Purges>,
+    pub soft: Arc<Purges>,
+}
+
+impl Markers {
+    fn of(&self, mode: PurgeMode) -> &Purges {
+        match mode {
+            PurgeMode::Hard => &self.hard,
+            PurgeMode::Soft => &self.soft,
+        }
+    }
+}
+
+/// Applies markers loaded from Redis (`soft:`-prefixed ones to the soft markers).
+fn apply_markers(markers: &Markers, loaded: &[(String, u64)]) {
+    for (field, at_ms) in loaded {
+        let (purges, field) = match field.strip_prefix("soft:") {
+            Some(field) => (&*markers.soft, field),
+            None => (&*markers.hard, field.as_str()),
+        };
         if field == "all" {
             purges.purge_all(*at_ms);
         } else if let Some(tag) = field.strip_prefix("tag:") {
@@ -179,12 +246,13 @@ fn key_from_hex(hex: &str) -> Option<CacheKey> {
 /// markers in Redis for replicas that were away.
 pub(crate) fn subscribe(
     redis: RedisTier,
-    purges: &Arc<Purges>,
+    markers: &Markers,
     events: Option<EventRules>,
     sweep: Sweeper,
     metrics: StoreMetrics,
 ) -> tokio::task::JoinHandle<()> {
-    let purges = Arc::downgrade(purges);
+    let purges = Arc::downgrade(&markers.hard);
+    let soft = markers.soft.clone();
     tokio::spawn(async move {
         let mut backoff = Duration::from_millis(50);
         loop {
@@ -192,7 +260,15 @@ pub(crate) fn subscribe(
                 return;
             }
             if let Some(pubsub) = redis.pubsub().await
-                && run(&redis, pubsub, &purges, events.as_ref(), &sweep, &metrics).await
+                && run(
+                    &redis,
+                    pubsub,
+                    (&purges, &soft),
+                    events.as_ref(),
+                    &sweep,
+                    &metrics,
+                )
+                .await
             {
                 return;
             }
@@ -207,7 +283,7 @@ pub(crate) fn subscribe(
 async fn run(
     redis: &RedisTier,
     mut pubsub: redis::aio::PubSub,
-    purges: &Weak<Purges>,
+    (purges, soft): (&Weak<Purges>, &Arc<Purges>),
     events: Option<&EventRules>,
     sweep: &Sweeper,
     metrics: &StoreMetrics,
@@ -225,9 +301,13 @@ async fn run(
         return false;
     };
     match purges.upgrade() {
-        Some(p) => {
-            apply_markers(&p, &markers);
-            p.mark_synced();
+        Some(hard) => {
+            let both = Markers {
+                hard: hard.clone(),
+                soft: soft.clone(),
+            };
+            apply_markers(&both, &markers);
+            hard.mark_synced();
         }
         None => return true,
     }
@@ -239,6 +319,10 @@ async fn run(
         let next = tokio::time::timeout(Duration::from_secs(1), messages.next()).await;
         let Some(purges) = purges.upgrade() else {
             return true;
+        };
+        let markers = Markers {
+            hard: purges,
+            soft: soft.clone(),
         };
         match next {
             Err(_) => continue,
@@ -252,16 +336,21 @@ async fn run(
                 };
                 let name = name.trim();
                 match rules(name) {
-                    Some(scope) => {
+                    Some(event) => {
                         let at_ms = crate::now_ms();
-                        apply(&purges, &scope, at_ms);
-                        sweep(scope.clone()).await;
-                        let message = PurgeMessage {
-                            id: 0,
-                            at_ms,
-                            scope,
-                        };
-                        redis.record_purges(&message.markers()).await;
+                        for scope in event.scopes {
+                            apply(markers.of(event.mode), &scope, at_ms);
+                            if event.mode == PurgeMode::Hard {
+                                sweep(scope.clone()).await;
+                            }
+                            let message = PurgeMessage {
+                                id: 0,
+                                at_ms,
+                                scope,
+                                mode: event.mode,
+                            };
+                            redis.record_purges(&message.markers()).await;
+                        }
                         tracing::info!(target: "audit", op = "event", event = %name, "event applied");
                     }
                     None => tracing::warn!(event = %name, "unknown event ignored"),
@@ -276,14 +365,17 @@ async fn run(
                     tracing::warn!("malformed purge message ignored");
                     continue;
                 };
-                if purges.is_own(purge.id) {
+                if markers.hard.is_own(purge.id) {
                     // Applied and swept by the purge call itself.
                     redis.ack_purge(purge.id, 0).await;
                     continue;
                 }
-                apply(&purges, &purge.scope, purge.at_ms);
+                apply(markers.of(purge.mode), &purge.scope, purge.at_ms);
                 metrics.purges_received.inc();
-                let removed = sweep(purge.scope).await;
+                let removed = match purge.mode {
+                    PurgeMode::Hard => sweep(purge.scope).await,
+                    PurgeMode::Soft => 0,
+                };
                 redis.ack_purge(purge.id, removed).await;
             }
         }
@@ -303,12 +395,15 @@ mod tests {
             PurgeScope::Paths(vec!["/kpi/*".into()]),
             PurgeScope::Keys(vec![CacheKey([7; 32]), CacheKey([0xa0; 32])]),
         ] {
-            let m = PurgeMessage {
-                id: 0xabcdef,
-                at_ms: 1_790_000_000_000,
-                scope,
-            };
-            assert_eq!(PurgeMessage::decode(&m.encode()), Some(m));
+            for mode in [PurgeMode::Hard, PurgeMode::Soft] {
+                let m = PurgeMessage {
+                    id: 0xabcdef,
+                    at_ms: 1_790_000_000_000,
+                    scope: scope.clone(),
+                    mode,
+                };
+                assert_eq!(PurgeMessage::decode(&m.encode()), Some(m));
+            }
         }
         for garbage in [
             "",

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::envelope::EnvelopeKeys;
-use crate::invalidation::{self, EventRules, PurgeMessage, PurgeReport, PurgeScope};
+use crate::invalidation::{self, EventRules, PurgeMessage, PurgeMode, PurgeReport, PurgeScope};
 use crate::key::CacheKey;
 use crate::metrics::StoreMetrics;
 use crate::now_ms;
@@ -140,6 +140,8 @@ pub struct TieredStore<V> {
     metrics: StoreMetrics,
     order: WriteOrder,
     purges: Arc<Purges>,
+    /// Soft purge markers: the entries they cover are stale ([`PurgeMode::Soft`]).
+    soft: Arc<Purges>,
 }
 
 impl<V: Storable> TieredStore<V> {
@@ -158,6 +160,7 @@ impl<V: Storable> TieredStore<V> {
             metrics,
             order: WriteOrder::new(),
             purges: Arc::default(),
+            soft: Arc::default(),
         }
     }
 
@@ -180,6 +183,15 @@ impl<V: Storable> TieredStore<V> {
     /// A stale memory entry does not hide Redis: another replica may have stored a fresh
     /// value there; the stale one is returned only when Redis has nothing fresher.
     pub async fn lookup(&self, key: &CacheKey) -> Option<(V, Tier)> {
+        match self.lookup_marked(key).await? {
+            (_, _, true) => None,
+            (entry, tier, false) => Some((entry, tier)),
+        }
+    }
+
+    /// Like [`TieredStore::lookup`], and says whether a soft purge marked the entry stale
+    /// ([`PurgeMode::Soft`]): the caller may serve it stale while it refreshes it.
+    pub async fn lookup_marked(&self, key: &CacheKey) -> Option<(V, Tier, bool)> {
         let found = self.lookup_tiers(key).await?;
         if self.is_purged(key, &found.0) {
             self.memory.remove(key);
@@ -190,7 +202,8 @@ impl<V: Storable> TieredStore<V> {
             }
             return None;
         }
-        Some(found)
+        let soft = covered(&self.soft, key, &found.0);
+        Some((found.0, found.1, soft))
     }
 
     /// Whether a purge covers `entry` ([`TieredStore::purge`]).
@@ -207,7 +220,19 @@ impl<V: Storable> TieredStore<V> {
     /// was reached, and how many memory-tier entries this replica and the acknowledging
     /// ones removed.
     pub async fn purge(&self, scope: PurgeScope, ack_timeout: Duration) -> PurgeReport {
-        let message = self.apply_purge(scope);
+        self.purge_as(scope, PurgeMode::Hard, ack_timeout).await
+    }
+
+    /// Like [`TieredStore::purge`], hard or soft: a soft purge removes nothing; it marks
+    /// the entries it covers stale on every replica ([`TieredStore::lookup_marked`]), and
+    /// its report counts no memory entries.
+    pub async fn purge_as(
+        &self,
+        scope: PurgeScope,
+        mode: PurgeMode,
+        ack_timeout: Duration,
+    ) -> PurgeReport {
+        let message = self.apply_purge(scope, mode);
         self.spread_purge(message, ack_timeout).await
     }
 
@@ -216,7 +241,7 @@ impl<V: Storable> TieredStore<V> {
     /// reaches the others from a background task. For purges a response must not wait
     /// for, such as the invalidation by an unsafe method (RFC 9111 §4.4).
     pub fn purge_in_background(&self, scope: PurgeScope, ack_timeout: Duration) {
-        let message = self.apply_purge(scope);
+        let message = self.apply_purge(scope, PurgeMode::Hard);
         let store = self.clone();
         tokio::spawn(async move {
             store.spread_purge(message, ack_timeout).await;
@@ -224,13 +249,18 @@ impl<V: Storable> TieredStore<V> {
     }
 
     /// Applies a purge's markers on this replica and counts it.
-    fn apply_purge(&self, scope: PurgeScope) -> PurgeMessage {
+    fn apply_purge(&self, scope: PurgeScope, mode: PurgeMode) -> PurgeMessage {
         let message = PurgeMessage {
             id: purge_id(),
             at_ms: now_ms(),
             scope,
+            mode,
         };
-        invalidation::apply(&self.purges, &message.scope, message.at_ms);
+        let markers = match mode {
+            PurgeMode::Hard => &self.purges,
+            PurgeMode::Soft => &self.soft,
+        };
+        invalidation::apply(markers, &message.scope, message.at_ms);
         // This replica's own subscription acknowledges without sweeping again.
         self.purges.note_own(message.id);
         self.metrics.purges.inc(match message.scope {
@@ -246,10 +276,13 @@ impl<V: Storable> TieredStore<V> {
     /// [`TieredStore::purge`]).
     async fn spread_purge(&self, message: PurgeMessage, ack_timeout: Duration) -> PurgeReport {
         // The other replicas are reached while this one sweeps its memory tier.
-        let (swept, mut report) = tokio::join!(
-            self.sweeper()(message.scope.clone()),
-            self.purge_everywhere(&message, ack_timeout)
-        );
+        let sweep = async {
+            match message.mode {
+                PurgeMode::Hard => self.sweeper()(message.scope.clone()).await,
+                PurgeMode::Soft => 0,
+            }
+        };
+        let (swept, mut report) = tokio::join!(sweep, self.purge_everywhere(&message, ack_timeout));
         report.memory_entries_purged += swept;
         self.metrics.purge_outcomes.inc(if !report.redis_reached {
             "local"
@@ -319,9 +352,13 @@ impl<V: Storable> TieredStore<V> {
     pub fn start_invalidation(&self, events: Option<EventRules>) {
         if let Some(redis) = &self.redis {
             self.purges.expect_sync();
+            let markers = invalidation::Markers {
+                hard: self.purges.clone(),
+                soft: self.soft.clone(),
+            };
             invalidation::subscribe(
                 redis.clone(),
-                &self.purges,
+                &markers,
                 events,
                 self.sweeper(),
                 self.metrics.clone(),
@@ -406,18 +443,22 @@ impl<V: Storable> TieredStore<V> {
             return None;
         }
         let entry = self.lookup_redis(key).await?;
-        if entry.stored_at_ms() <= newer_than_ms || self.is_purged(key, &entry) {
+        if entry.stored_at_ms() <= newer_than_ms
+            || self.is_purged(key, &entry)
+            || covered(&self.soft, key, &entry)
+        {
             return None;
         }
         self.memory.insert(*key, entry.clone());
         Some(entry)
     }
 
-    /// Looks `key` up in the memory tier only (purged entries are misses).
+    /// Looks `key` up in the memory tier only (purged entries, soft purges included, are
+    /// misses).
     pub fn lookup_memory(&self, key: &CacheKey) -> Option<V> {
         self.memory
             .get(key)
-            .filter(|entry| !self.is_purged(key, entry))
+            .filter(|entry| !self.is_purged(key, entry) && !covered(&self.soft, key, entry))
     }
 
     /// Stores `entry` in the memory tier now and in Redis in a background task (kept for
