@@ -316,18 +316,9 @@ impl Admin {
             );
         }
         // Every part is checked before anything is purged: a bad one purges nothing.
-        let mut scopes = Vec::new();
-        if request.all {
-            scopes.push(PurgeScope::All);
-        }
-        let mut tags = request.tags.clone();
-        tags.extend(request.routes.iter().map(|r| crate::tags::route_tag(r)));
-        if !tags.is_empty() {
-            scopes.push(PurgeScope::Tags(tags));
-        }
-        if !request.paths.is_empty() {
-            scopes.push(PurgeScope::Paths(request.paths.clone()));
-        }
+        // `all` together with tags or paths: the tags and paths are covered by `all`.
+        let mut scopes =
+            crate::tags::purge_scopes(request.all, &request.tags, &request.routes, &request.paths);
         if !request.requests.is_empty() {
             let Some(proxy) = &self.proxy else {
                 return plain(

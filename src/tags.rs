@@ -34,6 +34,31 @@ pub fn route_tag(name: &str) -> String {
     format!("route:{name}")
 }
 
+/// What a purge of the whole namespace (`all`), of `tags`, of the entries of `routes`
+/// (their implicit tag, [`route_tag`]) and of `paths` (globs) covers, as the engine's
+/// scopes: `[All]` when `all`, else a tags scope and a paths scope when non-empty.
+pub fn purge_scopes(
+    all: bool,
+    tags: &[String],
+    routes: &[String],
+    paths: &[String],
+) -> Vec<cachegate_core::invalidation::PurgeScope> {
+    use cachegate_core::invalidation::PurgeScope;
+    if all {
+        return vec![PurgeScope::All];
+    }
+    let mut scopes = Vec::new();
+    let mut tags = tags.to_vec();
+    tags.extend(routes.iter().map(|r| route_tag(r)));
+    if !tags.is_empty() {
+        scopes.push(PurgeScope::Tags(tags));
+    }
+    if !paths.is_empty() {
+        scopes.push(PurgeScope::Paths(paths.to_vec()));
+    }
+    scopes
+}
+
 /// The route's tags for one request: `{query.NAME}` becomes the first value of query
 /// parameter `NAME` (as normalized for the key), `{path.N}` the `N`th segment of the
 /// normalized path (1-based). A tag whose placeholder has no value in this request is left

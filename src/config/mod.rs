@@ -81,21 +81,9 @@ pub fn event_scope(
     events: &[EventConfig],
     name: &str,
 ) -> Option<cachegate_core::invalidation::EventPurge> {
-    use cachegate_core::invalidation::{EventPurge, PurgeMode, PurgeScope};
+    use cachegate_core::invalidation::{EventPurge, PurgeMode};
     let event = events.iter().find(|e| e.name == name)?;
-    let mut scopes = Vec::new();
-    if event.all {
-        scopes.push(PurgeScope::All);
-    } else {
-        let mut tags = event.tags.clone();
-        tags.extend(event.routes.iter().map(|r| crate::tags::route_tag(r)));
-        if !tags.is_empty() {
-            scopes.push(PurgeScope::Tags(tags));
-        }
-        if !event.paths.is_empty() {
-            scopes.push(PurgeScope::Paths(event.paths.clone()));
-        }
-    }
+    let scopes = crate::tags::purge_scopes(event.all, &event.tags, &event.routes, &event.paths);
     let mode = if event.soft {
         PurgeMode::Soft
     } else {
