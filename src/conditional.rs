@@ -63,6 +63,41 @@ fn weak(tag: &str) -> &str {
 
 /// The headers of a `304 Not Modified` made from a full response's headers: the same
 /// metadata without the representation's length (RFC 9110 §15.4.5).
+/// Adds the validators of a stored response (`headers`) to a request to the upstream, to
+/// revalidate it (RFC 9111 §4.3.1): `If-None-Match` with its `ETag`, `If-Modified-Since`
+/// with its `Last-Modified`.
+pub fn add_validators(request: &mut HeaderMap, stored: &HeaderMap) {
+    if let Some(etag) = stored.get(header::ETAG) {
+        request.insert(header::IF_NONE_MATCH, etag.clone());
+    }
+    if let Some(modified) = stored.get(header::LAST_MODIFIED) {
+        request.insert(header::IF_MODIFIED_SINCE, modified.clone());
+    }
+}
+
+/// Updates a stored response's headers with those of a `304` that revalidated it
+/// (RFC 9111 §4.3.4, §3.2): each field the 304 carries replaces the stored one, except the
+/// framing and content-coding fields (`Content-Length`, `Content-Encoding`,
+/// `Transfer-Encoding`, `Content-Range`), which describe the stored body.
+pub fn update_stored_headers(stored: &mut HeaderMap, not_modified: &HeaderMap) {
+    const KEPT: [header::HeaderName; 4] = [
+        header::CONTENT_LENGTH,
+        header::CONTENT_ENCODING,
+        header::TRANSFER_ENCODING,
+        header::CONTENT_RANGE,
+    ];
+    for name in not_modified.keys() {
+        if KEPT.contains(name) {
+            continue;
+        }
+        stored.remove(name);
+        for value in not_modified.get_all(name) {
+            stored.append(name.clone(), value.clone());
+        }
+    }
+}
+
+/// The headers of a `304 Not Modified` answered from a full stored response (no length).
 pub fn not_modified_headers(mut full: HeaderMap) -> HeaderMap {
     full.remove(header::CONTENT_LENGTH);
     full

@@ -6,7 +6,7 @@
 //! ```text
 //! stored_at_ms u64 | ttl_secs u32 | status u16
 //! | initial_age_secs u32 | stale_while_revalidate_secs u32 | stale_if_error_secs u32
-//! | flags u16 (bit 0: must-revalidate)
+//! | flags u16 (bit 0: must-revalidate) | revalidate_secs u32
 //! | n_headers u16 | { name_len u16 | name | value_len u32 | value }*
 //! | n_tags u16 | { tag_len u16 | tag }* | body_len u32 | body
 //! ```
@@ -45,7 +45,8 @@ const INITIAL_AGE: usize = 14;
 const SWR: usize = 18;
 const SIE: usize = 22;
 const FLAGS: usize = 26;
-const BLOCK: usize = 28;
+const REVALIDATE: usize = 28;
+const BLOCK: usize = 32;
 
 /// `flags` bit: the response said `must-revalidate`, `proxy-revalidate` or `s-maxage`.
 const MUST_REVALIDATE: u16 = 1;
@@ -68,6 +69,9 @@ pub struct Freshness {
     /// Never served stale: `must-revalidate`, `proxy-revalidate` or `s-maxage`
     /// (RFC 9111 §4.2.4, §5.2.2.2, §5.2.2.8, §5.2.2.10).
     pub must_revalidate: bool,
+    /// Seconds past its freshness during which it is kept to be revalidated with its
+    /// validators (`ETag`, `Last-Modified`; RFC 9111 §4.3); 0 without validators.
+    pub revalidate_secs: u32,
 }
 
 impl Freshness {
@@ -170,6 +174,7 @@ impl CachedResponse {
         } else {
             0
         });
+        b.put_u32(freshness.revalidate_secs);
         put_header_block(&mut b, headers);
         let tags_at = b.len();
         let n = tags.len().min(u16::MAX as usize);
@@ -228,6 +233,7 @@ impl CachedResponse {
             stale_while_revalidate_secs: self.u32_at(SWR),
             stale_if_error_secs: self.u32_at(SIE),
             must_revalidate: self.u16_at(FLAGS) & MUST_REVALIDATE != 0,
+            revalidate_secs: self.u32_at(REVALIDATE),
         }
     }
 
@@ -332,6 +338,7 @@ impl CachedResponse {
         if get_u16(r)? & !MUST_REVALIDATE != 0 {
             return None;
         }
+        let _revalidate_secs = get_u32(r)?;
         check_header_block(r)?;
         let tags_at = payload.len() - r.len();
         let n_tags = get_u16(r)?;
@@ -363,14 +370,15 @@ impl Storable for CachedResponse {
     }
 
     /// Kept past its freshness as long as it may be served stale (the longer of the two
-    /// stale windows); never when it must be revalidated.
+    /// stale windows; none when it must be revalidated) or revalidated.
     fn grace_secs(&self) -> u32 {
         let f = self.freshness();
-        if f.must_revalidate {
+        let stale = if f.must_revalidate {
             0
         } else {
             f.stale_while_revalidate_secs.max(f.stale_if_error_secs)
-        }
+        };
+        stale.max(f.revalidate_secs)
     }
 
     /// The buffer and the fixed per-entry overhead ([`ENTRY_OVERHEAD_BYTES`]).
@@ -433,6 +441,7 @@ mod tests {
                 stale_while_revalidate_secs: 60,
                 stale_if_error_secs: 600,
                 must_revalidate: false,
+                revalidate_secs: 0,
             },
             &tags,
         )

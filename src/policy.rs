@@ -327,6 +327,9 @@ pub struct StoreRules {
     /// Heuristic freshness (RFC 9111 §4.2.2) for responses without explicit freshness
     /// that match no route: a tenth of the time since `Last-Modified`, at most a day.
     pub heuristic_freshness: bool,
+    /// How long past its freshness a response with a validator (`ETag`, `Last-Modified`)
+    /// is kept to be revalidated (RFC 9111 §4.3), in seconds.
+    pub revalidate_grace_secs: u64,
 }
 
 /// When a response arrived, for its age (RFC 9111 §4.2.3).
@@ -397,7 +400,11 @@ pub fn storable(
     if cc.private {
         return Err(NoStoreReason::Private);
     }
-    if cc.no_store || cc.no_cache {
+    // `no-cache` (RFC 9111 §5.2.2.4): stored only to be revalidated on every use, which
+    // needs a validator.
+    let has_validator =
+        headers.contains_key(header::ETAG) || http_date(headers, header::LAST_MODIFIED).is_some();
+    if cc.no_store || (cc.no_cache && !has_validator) {
         return Err(NoStoreReason::NoStore);
     }
     if headers.contains_key(header::SET_COOKIE) {
@@ -449,7 +456,12 @@ pub fn storable(
             (cfg.ttl_secs, 0, windows)
         }
         None => {
-            let explicit = explicit_freshness(&cc, headers, targeted, received.at);
+            // `no-cache`: never fresh (revalidated on every use), whatever else it says.
+            let explicit = if cc.no_cache {
+                Some(0)
+            } else {
+                explicit_freshness(&cc, headers, targeted, received.at)
+            };
             if !heuristically_cacheable(status) {
                 return Err(NoStoreReason::Status);
             }
@@ -464,7 +476,13 @@ pub fn storable(
         }
     };
     // Freshness already spent upstream is not given again; an answer that arrives stale
-    // is stored only to be served stale, its windows shortened by how stale it is.
+    // is stored only to be served stale or revalidated, its windows shortened by how stale
+    // it is. `no-cache`: never fresh, revalidated on every use.
+    let (lifetime, must_revalidate) = if cc.no_cache {
+        (0, true)
+    } else {
+        (lifetime, must_revalidate)
+    };
     let ttl = lifetime.saturating_sub(age_spent);
     let overshoot = age_spent.saturating_sub(lifetime);
     let (swr, sie) = if must_revalidate {
@@ -472,7 +490,12 @@ pub fn storable(
     } else {
         (swr.saturating_sub(overshoot), sie.saturating_sub(overshoot))
     };
-    if ttl == 0 && swr == 0 && sie == 0 {
+    let revalidate = if has_validator {
+        rules.revalidate_grace_secs
+    } else {
+        0
+    };
+    if ttl == 0 && swr == 0 && sie == 0 && revalidate == 0 {
         return Err(NoStoreReason::NoFreshness);
     }
     let secs = |v: u64| v.min(u64::from(u32::MAX)) as u32;
@@ -482,6 +505,7 @@ pub fn storable(
         stale_while_revalidate_secs: secs(swr),
         stale_if_error_secs: secs(sie),
         must_revalidate,
+        revalidate_secs: secs(revalidate),
     })
 }
 

@@ -187,6 +187,8 @@ pub enum CachePhase {
     Hit(Tier),
     /// A stale entry served from a tier, and why.
     Stale(StaleReason, Tier),
+    /// A stale entry revalidated by the upstream (`304`) and served; `true` if stored again.
+    Revalidated(bool),
     /// Forwarded to the upstream as the one request for its key; `Ok` if the response was
     /// stored, else why not.
     Miss(Result<(), NoStoreReason>),
@@ -207,6 +209,10 @@ impl CachePhase {
                     .into_iter()
                     .flat_map(|r| Tier::ALL.into_iter().map(move |t| CachePhase::Stale(r, t))),
             )
+            .chain([
+                CachePhase::Revalidated(true),
+                CachePhase::Revalidated(false),
+            ])
             .chain([CachePhase::Miss(Ok(())), CachePhase::Collapsed])
             .chain(
                 NoStoreReason::ALL
@@ -221,6 +227,7 @@ impl CachePhase {
         match self {
             CachePhase::Hit(_) => "HIT",
             CachePhase::Stale(..) => "STALE",
+            CachePhase::Revalidated(_) => "HIT",
             CachePhase::Miss(_) | CachePhase::Collapsed => "MISS",
             CachePhase::Bypass(_) => "BYPASS",
         }
@@ -231,6 +238,7 @@ impl CachePhase {
         match self {
             CachePhase::Hit(_) => "hit",
             CachePhase::Stale(..) => "stale",
+            CachePhase::Revalidated(_) => "revalidated",
             CachePhase::Miss(_) => "miss",
             CachePhase::Collapsed => "collapsed",
             CachePhase::Bypass(_) => "bypass",
@@ -243,6 +251,8 @@ impl CachePhase {
         match self {
             CachePhase::Hit(tier) => tier.as_str(),
             CachePhase::Stale(reason, _) => reason.as_str(),
+            CachePhase::Revalidated(true) => "stored",
+            CachePhase::Revalidated(false) => "not-stored",
             CachePhase::Miss(Ok(())) => "stored",
             CachePhase::Miss(Err(r)) => r.as_str(),
             CachePhase::Collapsed => "coalesced",
@@ -258,6 +268,16 @@ impl CachePhase {
     pub fn cache_status_header(self, ttl_secs: Option<i64>, fwd_status: Option<u16>) -> String {
         let mut s = String::from("cachegate");
         match self {
+            CachePhase::Revalidated(stored) => {
+                s.push_str("; hit; fwd=stale");
+                if let Some(code) = fwd_status {
+                    let _ = write!(s, "; fwd-status={code}");
+                }
+                if stored {
+                    s.push_str("; stored");
+                }
+                s.push_str("; detail=revalidated");
+            }
             CachePhase::Stale(reason, tier) => {
                 let ttl = ttl_secs.unwrap_or(0);
                 let _ = write!(

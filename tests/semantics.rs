@@ -24,7 +24,7 @@ fn reply(status: u16, headers: &[(&str, &str)], body: &str) -> Script {
     Script::Reply(s.into_bytes())
 }
 
-/// A scripted upstream that also records the request line of every request it receives.
+/// A scripted upstream that also records the head of every request it receives.
 async fn scripted<F>(script: F) -> (RawUpstream, Arc<Mutex<Vec<String>>>)
 where
     F: Fn(usize) -> Script + Send + Sync + 'static,
@@ -32,8 +32,7 @@ where
     let seen = Arc::new(Mutex::new(Vec::new()));
     let record = seen.clone();
     let up = RawUpstream::start(move |head, n| {
-        let line = head.lines().next().unwrap_or("").to_string();
-        record.lock().unwrap().push(line);
+        record.lock().unwrap().push(head.to_ascii_lowercase());
         script(n)
     })
     .await;
@@ -405,4 +404,107 @@ async fn a_body_keyed_post_route_is_a_lookup_not_an_invalidation() {
         "HIT"
     );
     assert_eq!(gate.get("/api/chart").await.cache(), "HIT");
+}
+
+// 2. Validation (RFC 9111 §4.3): a stale entry with a validator is revalidated, and a 304
+// refreshes its headers and freshness.
+#[tokio::test]
+async fn stale_entries_are_revalidated_and_304_updates_them() {
+    let (up, seen) = scripted(|n| match n {
+        // Arrives stale (Age past max-age): kept only to be revalidated.
+        0 => reply(
+            200,
+            &[
+                ("cache-control", "max-age=1"),
+                ("age", "5"),
+                ("etag", "\"v1\""),
+                ("x-version", "1"),
+                ("content-type", "text/plain"),
+            ],
+            "full body",
+        ),
+        _ => reply(
+            304,
+            &[
+                ("cache-control", "max-age=600"),
+                ("etag", "\"v1\""),
+                ("x-version", "2"),
+            ],
+            "",
+        ),
+    })
+    .await;
+    let gate = Gate::start_at(&up.url(), None, "", "").await;
+    let first = gate.get("/doc").await;
+    assert_eq!((first.cache(), first.body.as_str()), ("MISS", "full body"));
+    let second = gate.get("/doc").await;
+    assert_eq!(second.status, 200);
+    assert_eq!(second.body, "full body");
+    assert_eq!(second.cache(), "HIT");
+    assert_eq!(
+        second.header("x-version"),
+        "2",
+        "the 304's headers replace the stored ones"
+    );
+    assert_eq!(second.header("content-type"), "text/plain");
+    let status = second.header("cache-status");
+    assert!(
+        status.contains("fwd-status=304") && status.contains("detail=revalidated"),
+        "{status}"
+    );
+    {
+        let seen = seen.lock().unwrap();
+        assert!(!seen[0].contains("if-none-match"), "{}", seen[0]);
+        assert!(seen[1].contains("if-none-match: \"v1\""), "{}", seen[1]);
+    }
+    // Fresh again for 600 s: a plain hit.
+    let third = gate.get("/doc").await;
+    assert_eq!((third.cache(), third.header("x-version")), ("HIT", "2"));
+    assert!(third.header("cache-status").contains("ttl="));
+    assert_eq!(up.requests(), 2);
+    // The client's own conditional is answered by the cache.
+    let conditional = gate
+        .client
+        .get(gate.url("/doc"))
+        .header("if-none-match", "\"v1\"")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(conditional.status(), 304);
+    assert_eq!(up.requests(), 2);
+}
+
+// 2. `no-cache` with a validator: stored, revalidated on every use.
+#[tokio::test]
+async fn no_cache_responses_are_revalidated_on_every_use() {
+    let (up, seen) = scripted(|n| match n {
+        0 => reply(
+            200,
+            &[
+                ("cache-control", "no-cache"),
+                ("last-modified", "Sun, 06 Nov 1994 08:49:37 GMT"),
+            ],
+            "checked",
+        ),
+        _ => reply(304, &[("cache-control", "no-cache")], ""),
+    })
+    .await;
+    let gate = Gate::start_at(&up.url(), None, "", "").await;
+    assert_eq!(gate.get("/nc").await.cache(), "MISS");
+    for _ in 0..2 {
+        let r = gate.get("/nc").await;
+        assert_eq!((r.cache(), r.body.as_str()), ("HIT", "checked"));
+        assert!(r.header("cache-status").contains("detail=revalidated"));
+    }
+    assert_eq!(up.requests(), 3);
+    let third = seen.lock().unwrap()[2].clone();
+    assert!(
+        third.contains("if-modified-since: sun, 06 nov 1994 08:49:37 gmt"),
+        "{third}"
+    );
+    // Without a validator, no-cache is not stored.
+    let (up, _) = scripted(|_| reply(200, &[("cache-control", "no-cache")], "x")).await;
+    let gate = Gate::start_at(&up.url(), None, "", "").await;
+    gate.get("/x").await;
+    assert_eq!(gate.get("/x").await.cache(), "MISS");
 }

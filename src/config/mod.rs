@@ -206,6 +206,10 @@ pub struct CacheConfig {
     /// no explicit freshness: a tenth of the time since `Last-Modified`, at most a day.
     /// Default `false`: such responses are not stored.
     pub heuristic_freshness: bool,
+    /// How long past its freshness a response with a validator (`ETag`,
+    /// `Last-Modified`) is kept, to be revalidated with a conditional request instead of
+    /// fetched again (RFC 9111 §4.3), in seconds. Default 3600; 0: never revalidated.
+    pub revalidate_grace_secs: u64,
     /// Background refreshes (stale-while-revalidate, refresh-ahead) that may run at once;
     /// more wait in a queue of 1024, beyond which a refresh is skipped (the entry is then
     /// refreshed by a later request). Default 16.
@@ -385,6 +389,7 @@ impl Default for CacheConfig {
             ],
             forward_targeted_cache_control: false,
             heuristic_freshness: false,
+            revalidate_grace_secs: 3600,
             max_background_refreshes: 16,
         }
     }

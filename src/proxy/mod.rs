@@ -116,6 +116,9 @@ struct Ctx {
     /// A stale entry to serve instead of an upstream error (stale-if-error), how stale it
     /// is in seconds, and where it was found.
     stale: Option<(CachedResponse, u64, Tier)>,
+    /// A stale entry to revalidate with its validators (RFC 9111 §4.3): the upstream gets
+    /// a conditional request, and a `304` refreshes the entry.
+    revalidate: Option<CachedResponse>,
 }
 
 /// How a response was produced, for the status headers.
@@ -211,6 +214,7 @@ impl<O: Origin> Proxy<O> {
                     .filter_map(|n| http::HeaderName::from_bytes(n.as_bytes()).ok())
                     .collect(),
                 heuristic_freshness: config.cache.heuristic_freshness,
+                revalidate_grace_secs: config.cache.revalidate_grace_secs,
             },
             forward_targeted: config.cache.forward_targeted_cache_control,
             ack_timeout: Duration::from_millis(config.admin.ack_timeout_ms.max(1)),
@@ -365,6 +369,7 @@ impl<O: Origin> Proxy<O> {
             tags: tags::entry_tags(route, &target.path, &params),
             refresh: parts.extensions.get::<Refresh>().is_some(),
             stale: None,
+            revalidate: None,
         };
         // What a refresh of this key would send: its keyed parts only.
         let key_headers = route.map_or(&[][..], |r| &r.config.key_headers[..]);
@@ -426,6 +431,11 @@ impl<O: Origin> Proxy<O> {
                             let outcome = stale(StaleReason::Revalidating, tier, secs, None);
                             return self.serve_entry(&entry, &ctx, outcome);
                         }
+                        let can_revalidate = secs <= u64::from(f.revalidate_secs)
+                            && (ctx.method == Method::GET || ctx.method == Method::HEAD);
+                        if can_revalidate {
+                            ctx.revalidate = Some(entry.clone());
+                        }
                         if secs <= u64::from(f.stale_if_error_secs) {
                             ctx.stale = Some((entry, secs, tier));
                         }
@@ -479,7 +489,7 @@ impl<O: Origin> Proxy<O> {
     /// again.
     async fn fetch(
         &self,
-        parts: Parts,
+        mut parts: Parts,
         body: ProxyBody,
         route: Option<&Route>,
         ctx: &Ctx,
@@ -496,6 +506,10 @@ impl<O: Origin> Proxy<O> {
             }
             return self.serve_entry(&entry, ctx, hit(&entry, Tier::Memory));
         }
+        // A stale entry with validators: ask whether it is still good (RFC 9111 §4.3.1).
+        if let Some(stored) = &ctx.revalidate {
+            conditional::add_validators(&mut parts.headers, &stored.headers());
+        }
         let (mut head, resp_body, response_tags, received) =
             match self.send(parts, body, ctx.client).await {
                 Ok(sent) => sent,
@@ -508,6 +522,11 @@ impl<O: Origin> Proxy<O> {
                 }
             };
         let fwd_status = Some(head.status.as_u16());
+        if head.status == StatusCode::NOT_MODIFIED
+            && let Some(stored) = &ctx.revalidate
+        {
+            return self.revalidated(stored, &head.headers, received, route, ctx, leader);
+        }
         // RFC 5861 §4: an error is a 500, 502, 503 or 504.
         if matches!(head.status.as_u16(), 500 | 502 | 503 | 504)
             && let Some(resp) = self.serve_stale_if_error(ctx, fwd_status)
@@ -589,6 +608,51 @@ impl<O: Origin> Proxy<O> {
             None => {}
         }
         let outcome = miss(CachePhase::Miss(decision.map(|_| ())), fwd_status);
+        self.serve_entry(&entry, ctx, outcome)
+    }
+
+    /// A `304` to a revalidation: the stored entry, its headers updated with the 304's
+    /// (RFC 9111 §4.3.4, §3.2: framing and content coding kept), its freshness computed
+    /// again from them, stored, shared with the followers and served.
+    fn revalidated(
+        &self,
+        stored: &CachedResponse,
+        not_modified: &http::HeaderMap,
+        received: Received,
+        route: Option<&Route>,
+        ctx: &Ctx,
+        leader: Option<Leader<CacheKey, CachedResponse>>,
+    ) -> Response<ProxyBody> {
+        let (mut headers, body) = stored.parts();
+        conditional::update_stored_headers(&mut headers, not_modified);
+        let decision = policy::storable(
+            route,
+            stored.status(),
+            &headers,
+            received,
+            &self.store_rules,
+        );
+        let tags: Vec<String> = stored.tags().map(str::to_string).collect();
+        let entry = CachedResponse::new(
+            stored.status(),
+            &headers,
+            &body,
+            now_ms(),
+            decision.unwrap_or_default(),
+            &tags,
+        );
+        let stored_now = decision.is_ok() && self.store.store(ctx.key, entry.clone());
+        let shareable = !ctx.credentialed && decision.as_ref().err().is_none_or(|r| r.shareable());
+        match leader {
+            Some(leader) if shareable => leader.share(entry.clone()),
+            Some(leader) => leader.release(),
+            None => {}
+        }
+        let outcome = Outcome {
+            phase: CachePhase::Revalidated(stored_now),
+            ttl_secs: None,
+            fwd_status: Some(304),
+        };
         self.serve_entry(&entry, ctx, outcome)
     }
 
@@ -1002,7 +1066,9 @@ impl<O: Origin> Proxy<O> {
             *resp.headers_mut() = headers;
             resp
         };
-        if let CachePhase::Hit(_) | CachePhase::Stale(..) = outcome.phase {
+        if let CachePhase::Hit(_) | CachePhase::Stale(..) | CachePhase::Revalidated(_) =
+            outcome.phase
+        {
             // RFC 9111 §5.1: the current age, the age it arrived with included.
             resp.headers_mut().insert(
                 header::AGE,
