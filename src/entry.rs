@@ -51,6 +51,13 @@ const BLOCK: usize = 32;
 /// `flags` bit: the response said `must-revalidate`, `proxy-revalidate` or `s-maxage`.
 const MUST_REVALIDATE: u16 = 1;
 
+/// `flags` bit: not a response but a `Vary` marker ([`CachedResponse::vary_marker`]).
+const VARY_MARKER: u16 = 2;
+
+/// How long a `Vary` marker is kept, in seconds: longer than most variants, so that they
+/// stay reachable (a new marker starts a new generation of variants).
+pub const VARY_MARKER_TTL_SECS: u32 = 86_400;
+
 /// How a stored response ages: its freshness lifetime, the age it already had, and how
 /// long it may be served stale (RFC 9111 §4.2, RFC 5861).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -220,6 +227,37 @@ impl CachedResponse {
         r.get_u16()
     }
 
+    /// A `Vary` marker (see [`crate::vary`]): stored under a primary key at `stored_at_ms`
+    /// (its generation), naming the request headers its variants differ by. Never served.
+    pub fn vary_marker(names: &[String], stored_at_ms: u64) -> Self {
+        let mut headers = HeaderMap::new();
+        if let Ok(value) = HeaderValue::from_str(&names.join(", ")) {
+            headers.insert(http::header::VARY, value);
+        }
+        let mut marker = CachedResponse::new(
+            StatusCode::OK,
+            &headers,
+            b"",
+            stored_at_ms,
+            Freshness::ttl(VARY_MARKER_TTL_SECS),
+            &[] as &[&str],
+        );
+        let mut data = marker.data.to_vec();
+        data[FLAGS..FLAGS + 2].copy_from_slice(&VARY_MARKER.to_be_bytes());
+        marker.data = Arc::from(data);
+        marker
+    }
+
+    /// Whether this is a `Vary` marker rather than a response.
+    pub fn is_vary_marker(&self) -> bool {
+        self.u16_at(FLAGS) & VARY_MARKER != 0
+    }
+
+    /// The header names a `Vary` marker lists (lower-cased, sorted).
+    pub fn vary_names(&self) -> Vec<String> {
+        crate::vary::variant_names(&self.headers(), &[])
+    }
+
     fn u32_at(&self, at: usize) -> u32 {
         let mut r = &self.data[at..at + 4];
         r.get_u32()
@@ -335,7 +373,7 @@ impl CachedResponse {
         let _initial_age_secs = get_u32(r)?;
         let _swr = get_u32(r)?;
         let _sie = get_u32(r)?;
-        if get_u16(r)? & !MUST_REVALIDATE != 0 {
+        if get_u16(r)? & !(MUST_REVALIDATE | VARY_MARKER) != 0 {
             return None;
         }
         let _revalidate_secs = get_u32(r)?;

@@ -35,6 +35,7 @@ pub mod server;
 pub mod status;
 pub mod tags;
 pub mod uri;
+pub mod vary;
 pub mod warm;
 
 #[cfg(test)]

@@ -47,6 +47,9 @@ impl Policy {
                 for h in &mut config.key_headers {
                     *h = h.to_ascii_lowercase();
                 }
+                for h in config.vary_headers.iter_mut().flatten() {
+                    *h = h.to_ascii_lowercase();
+                }
                 Route {
                     tags: r.tags.clone().into(),
                     hot_keys: (r.warm_hot_keys > 0).then(|| {
@@ -410,11 +413,14 @@ pub fn storable(
     if headers.contains_key(header::SET_COOKIE) {
         return Err(NoStoreReason::SetCookie);
     }
+    // Vary (§4.1): `*` never matches; other names beyond the key make variants, when the
+    // route accepts them (`vary_headers`).
     let key_headers: &[String] = route.map_or(&[], |r| &r.config.key_headers);
-    if vary
-        .iter()
-        .any(|name| name == "*" || !key_headers.contains(name))
-    {
+    let accepted = route.and_then(|r| r.config.vary_headers.as_deref());
+    let refused = |name: &String| {
+        name == "*" || (!key_headers.contains(name) && accepted.is_some_and(|a| !a.contains(name)))
+    };
+    if vary.iter().any(refused) {
         return Err(NoStoreReason::Vary);
     }
     // A partial response (206) is never stored: it is not the whole representation.

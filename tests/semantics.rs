@@ -508,3 +508,146 @@ async fn no_cache_responses_are_revalidated_on_every_use() {
     gate.get("/x").await;
     assert_eq!(gate.get("/x").await.cache(), "MISS");
 }
+
+/// GET `path` with the given request headers, and the test upstream's steering headers
+/// (freshness and `Vary`).
+async fn get_varied(gate: &Gate, path: &str, vary: &str, headers: &[(&str, &str)]) -> Reply {
+    let mut req = gate
+        .client
+        .get(gate.url(path))
+        .header("x-test-cache-control", "max-age=600")
+        .header("x-test-vary", vary);
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    Reply::from(req.send().await.unwrap()).await
+}
+
+/// The value of request header `name` the upstream saw for the answer `reply` carries.
+fn seen_by_upstream(reply: &Reply, name: &str) -> String {
+    reply.json()["headers"][name]
+        .as_str()
+        .unwrap_or("<absent>")
+        .to_string()
+}
+
+// 3. Vary (RFC 9111 §4.1): one variant per value, with two and three headers.
+#[tokio::test]
+async fn vary_stores_one_variant_per_combination_of_values() {
+    let up = common::Upstream::start().await;
+    let gate = Gate::start(&up, None, "").await;
+    let vary = "Accept-Language, X-Tenant";
+    let combos: [&[(&str, &str)]; 5] = [
+        &[("accept-language", "de")],
+        &[("accept-language", "fr")],
+        &[("accept-language", "de"), ("x-tenant", "a")],
+        &[("accept-language", "de"), ("x-tenant", "b")],
+        &[],
+    ];
+    for combo in combos {
+        let r = get_varied(&gate, "/v2", vary, combo).await;
+        assert_eq!(r.cache(), "MISS", "{combo:?}");
+        assert!(
+            r.header("cache-status").contains("stored"),
+            "{}",
+            r.header("cache-status")
+        );
+    }
+    let misses = up.hits();
+    for combo in combos {
+        let r = get_varied(&gate, "/v2", vary, combo).await;
+        assert_eq!(r.cache(), "HIT", "{combo:?}");
+        for name in ["accept-language", "x-tenant"] {
+            let sent = combo
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map_or("<absent>", |(_, v)| v);
+            assert_eq!(
+                seen_by_upstream(&r, name),
+                sent,
+                "{combo:?}: another variant served"
+            );
+        }
+    }
+    assert_eq!(up.hits(), misses);
+    // Values are never merged: another spelling is another variant.
+    let r = get_varied(&gate, "/v2", vary, &[("accept-language", "DE")]).await;
+    assert_eq!(r.cache(), "MISS");
+
+    // Three headers.
+    let vary3 = "accept-language, x-tenant, x-region";
+    let a = [
+        ("accept-language", "de"),
+        ("x-tenant", "a"),
+        ("x-region", "eu"),
+    ];
+    let b = [
+        ("accept-language", "de"),
+        ("x-tenant", "a"),
+        ("x-region", "us"),
+    ];
+    for combo in [&a, &b] {
+        assert_eq!(get_varied(&gate, "/v3", vary3, combo).await.cache(), "MISS");
+    }
+    for combo in [&a, &b] {
+        let r = get_varied(&gate, "/v3", vary3, combo).await;
+        assert_eq!(r.cache(), "HIT");
+        assert_eq!(seen_by_upstream(&r, "x-region"), combo[2].1);
+    }
+}
+
+// 3. Vary: * never matches; a route may refuse to vary.
+#[tokio::test]
+async fn vary_star_never_matches_and_routes_can_refuse_variants() {
+    let up = common::Upstream::start().await;
+    let config = "[[routes]]\nmethod = \"GET\"\npath = \"/strict/*\"\nttl_secs = 600\nvary_headers = [\"accept-language\"]\n";
+    let gate = Gate::start(&up, None, config).await;
+    for _ in 0..2 {
+        let r = get_varied(&gate, "/star", "*", &[]).await;
+        assert_eq!(r.cache(), "MISS");
+        assert!(r.header("cache-status").contains("detail=vary"));
+    }
+    // Accepted by the route: variants.
+    get_varied(
+        &gate,
+        "/strict/a",
+        "accept-language",
+        &[("accept-language", "de")],
+    )
+    .await;
+    let r = get_varied(
+        &gate,
+        "/strict/a",
+        "accept-language",
+        &[("accept-language", "de")],
+    )
+    .await;
+    assert_eq!(r.cache(), "HIT");
+    // Not accepted: not stored.
+    for _ in 0..2 {
+        let r = get_varied(&gate, "/strict/b", "x-tenant", &[("x-tenant", "a")]).await;
+        assert_eq!(r.cache(), "MISS");
+    }
+}
+
+// 3. Concurrent first requests with different values never get each other's variant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_get_their_own_variant() {
+    let up = common::Upstream::start().await;
+    let gate = Gate::start(&up, None, "").await;
+    let requests = (0..20).map(|i| {
+        let language = if i % 2 == 0 { "de" } else { "fr" };
+        let gate = &gate;
+        async move {
+            let headers = [("accept-language", language), ("x-test-delay-ms", "200")];
+            (
+                language,
+                get_varied(gate, "/race", "accept-language", &headers).await,
+            )
+        }
+    });
+    for (language, reply) in futures_util::future::join_all(requests).await {
+        assert_eq!(seen_by_upstream(&reply, "accept-language"), language);
+    }
+    assert!(up.hits() <= 20);
+}

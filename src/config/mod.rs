@@ -313,6 +313,11 @@ pub struct RouteConfig {
     /// response's `stale-if-error`, if any.
     #[serde(default)]
     pub stale_if_error_secs: Option<u64>,
+    /// The `Vary` headers (case-insensitive) a response of this route may vary on beyond
+    /// `key_headers`: it is then stored as one variant per value (RFC 9111 §4.1). Absent:
+    /// any; `[]`: none (a response that varies beyond the key is not stored).
+    #[serde(default)]
+    pub vary_headers: Option<Vec<String>>,
     /// Refresh-ahead: a hit on an entry with less than this share of its TTL left (0 to 1,
     /// e.g. 0.5) is served as a HIT and starts one background refresh. Absent: off.
     #[serde(default)]

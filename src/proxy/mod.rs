@@ -54,6 +54,7 @@ use crate::policy::{self, Policy, Received, RequestShape, Route, StoreRules};
 use crate::status::{BypassReason, CachePhase, NoStoreReason, StaleReason, Tier};
 use crate::tags;
 use crate::uri::{has_invalid_escape, normalize_path, parse_query};
+use crate::vary;
 use crate::warm::HotKeys;
 
 use self::refresh::{Refresh, Refresher, Replay};
@@ -102,7 +103,13 @@ pub struct Proxy<O = Upstream> {
 
 /// What the cache path needs to know about a request once its key is built.
 struct Ctx {
+    /// The key looked up and stored under: the request's key, or the key of the variant
+    /// it selects when the primary key holds a `Vary` marker ([`crate::vary`]).
     key: CacheKey,
+    /// The request's own key (where a `Vary` marker lives).
+    primary: CacheKey,
+    /// The `Vary` marker found under `primary`, if any.
+    marker: Option<CachedResponse>,
     client: SocketAddr,
     method: Method,
     /// The request carries credentials: its answer is never handed to another request.
@@ -362,6 +369,8 @@ impl<O: Origin> Proxy<O> {
         // can be stored and shared.
         let ctx = Ctx {
             key,
+            primary: key,
+            marker: None,
             client,
             method: parts.method.clone(),
             credentialed: policy::credentialed(&parts.headers),
@@ -393,8 +402,25 @@ impl<O: Origin> Proxy<O> {
         // background request refreshes it (stale-while-revalidate), or kept to answer an
         // upstream error (stale-if-error), or ignored.
         let mut ctx = ctx;
+        let mut found = self.store.lookup_marked(&key).await;
+        // Vary: the primary key holds a marker; the variant this request selects has its
+        // own key.
+        if let Some((marker, _, _)) = &found
+            && marker.is_vary_marker()
+        {
+            ctx.key = vary::variant_key(
+                &self.keys,
+                &key,
+                marker.stored_at_ms(),
+                &marker.vary_names(),
+                &parts.headers,
+            );
+            ctx.marker = Some(marker.clone());
+            found = self.store.lookup_marked(&ctx.key).await;
+        }
+        let key = ctx.key;
         if !ctx.refresh
-            && let Some((entry, tier, soft_purged)) = self.store.lookup_marked(&key).await
+            && let Some((entry, tier, soft_purged)) = found
         {
             let replay = || replay().map(Arc::new);
             let staleness = entry.staleness(now_ms());
@@ -459,6 +485,30 @@ impl<O: Origin> Proxy<O> {
                 .wait(deadline.saturating_duration_since(Instant::now()))
                 .await
             {
+                WaitOutcome::Shared(entry)
+                    if ctx.marker.is_none()
+                        && !vary::variant_names(&entry.headers(), key_headers).is_empty() =>
+                {
+                    // The leader's answer varies on headers this request may not share:
+                    // the variant this one selects, stored by now if it is the same.
+                    waits.inc("served");
+                    let (primary, headers) = (ctx.primary, parts.headers.clone());
+                    if let Some((marker, _)) = self.store.lookup(&primary).await
+                        && marker.is_vary_marker()
+                    {
+                        let names = marker.vary_names();
+                        let generation = marker.stored_at_ms();
+                        ctx.key =
+                            vary::variant_key(&self.keys, &primary, generation, &names, &headers);
+                        ctx.marker = Some(marker);
+                        if let Some(variant) = self.store.lookup_memory(&ctx.key) {
+                            let outcome =
+                                miss(CachePhase::Collapsed, Some(variant.status().as_u16()));
+                            return self.serve_entry(&variant, &ctx, outcome);
+                        }
+                    }
+                    return self.fetch(parts, body, route, &ctx, None).await;
+                }
                 WaitOutcome::Shared(entry) => {
                     waits.inc("served");
                     let outcome = miss(CachePhase::Collapsed, Some(entry.status().as_u16()));
@@ -500,6 +550,7 @@ impl<O: Origin> Proxy<O> {
         if !ctx.refresh
             && let Some(entry) = self.store.lookup_memory(key)
             && entry.is_fresh(now_ms())
+            && !entry.is_vary_marker()
         {
             if let Some(leader) = leader {
                 leader.share(entry.clone());
@@ -510,6 +561,8 @@ impl<O: Origin> Proxy<O> {
         if let Some(stored) = &ctx.revalidate {
             conditional::add_validators(&mut parts.headers, &stored.headers());
         }
+        // Kept to select the variant a response that varies is stored as.
+        let request_headers = parts.headers.clone();
         let (mut head, resp_body, response_tags, received) =
             match self.send(parts, body, ctx.client).await {
                 Ok(sent) => sent,
@@ -599,7 +652,9 @@ impl<O: Origin> Proxy<O> {
         // An entry no tier holds (heavier than the memory tier's limit, no Redis) is
         // reported as too large, not as stored.
         let decision = match decision {
-            Ok(_) if !self.store.store(*key, entry.clone()) => Err(NoStoreReason::TooLarge),
+            Ok(_) if !self.store_response(ctx, &request_headers, route, &entry) => {
+                Err(NoStoreReason::TooLarge)
+            }
             other => other,
         };
         match leader {
@@ -609,6 +664,42 @@ impl<O: Origin> Proxy<O> {
         }
         let outcome = miss(CachePhase::Miss(decision.map(|_| ())), fwd_status);
         self.serve_entry(&entry, ctx, outcome)
+    }
+
+    /// Stores `entry`, the response to the request of `ctx` (whose headers are
+    /// `request_headers`): under the request's key, or, when it varies on headers beyond
+    /// the key, as the variant the request selects, with a `Vary` marker under the
+    /// request's key (a new one, starting a new generation, when there was none or it
+    /// named other headers). Returns whether a tier holds it.
+    fn store_response(
+        &self,
+        ctx: &Ctx,
+        request_headers: &http::HeaderMap,
+        route: Option<&Route>,
+        entry: &CachedResponse,
+    ) -> bool {
+        let key_headers = route.map_or(&[][..], |r| &r.config.key_headers[..]);
+        let names = vary::variant_names(&entry.headers(), key_headers);
+        if names.is_empty() {
+            return self.store.store(ctx.primary, entry.clone());
+        }
+        let generation = match &ctx.marker {
+            Some(marker) if marker.vary_names() == names => marker.stored_at_ms(),
+            _ => {
+                let generation = now_ms();
+                let marker = CachedResponse::vary_marker(&names, generation);
+                self.store.store(ctx.primary, marker);
+                generation
+            }
+        };
+        let variant = vary::variant_key(
+            &self.keys,
+            &ctx.primary,
+            generation,
+            &names,
+            request_headers,
+        );
+        self.store.store(variant, entry.clone())
     }
 
     /// A `304` to a revalidation: the stored entry, its headers updated with the 304's

@@ -20,7 +20,8 @@ use tokio::net::TcpListener;
 /// that grows with every request the upstream answers, so a cached answer is recognisable.
 /// Request headers steer it (they are not part of any cache key unless a test says so):
 /// `x-test-status`, `x-test-cache-control`, `x-test-set-cookie`, `x-test-delay-ms`,
-/// `x-test-body-bytes` (pads the body to that size), `x-test-etag` (its `ETag`; a request
+/// `x-test-body-bytes` (pads the body to that size), `x-test-vary` (its `Vary`),
+/// `x-test-etag` (its `ETag`; a request
 /// whose `If-None-Match` matches it gets `304`). A `Range` request gets a `206`.
 pub struct Upstream {
     pub addr: SocketAddr,
@@ -143,6 +144,9 @@ async fn answer(req: Request<Incoming>, counter: &AtomicUsize) -> Response<Full<
     }
     if let Some(cookie) = header("x-test-set-cookie") {
         resp = resp.header("set-cookie", cookie);
+    }
+    if let Some(vary) = header("x-test-vary") {
+        resp = resp.header("vary", vary);
     }
     if let Some(keys) = header("x-test-surrogate-key") {
         resp = resp.header("surrogate-key", keys);
