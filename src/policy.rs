@@ -50,6 +50,9 @@ impl Policy {
                 for h in config.vary_headers.iter_mut().flatten() {
                     *h = h.to_ascii_lowercase();
                 }
+                for d in &mut config.request_cache_control {
+                    *d = d.to_ascii_lowercase();
+                }
                 Route {
                     tags: r.tags.clone().into(),
                     hot_keys: (r.warm_hot_keys > 0).then(|| {
@@ -149,6 +152,56 @@ pub fn check_request(
 /// never handed to another request, even one with the same key.
 pub fn credentialed(headers: &HeaderMap) -> bool {
     headers.contains_key(header::AUTHORIZATION) || headers.contains_key(header::COOKIE)
+}
+
+/// The request `Cache-Control` directives a route honours (RFC 9111 §5.2.1), those it
+/// lists in `request_cache_control`; by default none (a client cannot force an expensive
+/// recomputation or ask for staler answers).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RequestDirectives {
+    /// `no-cache`: fetched from the upstream (and stored), whatever is stored.
+    pub no_cache: bool,
+    /// `only-if-cached`: answered from the cache or with `504`, never fetched.
+    pub only_if_cached: bool,
+    /// `max-stale[=N]`: a stale entry (stale for at most N seconds; `u64::MAX` without a
+    /// value) may be served, unless it must be revalidated.
+    pub max_stale: Option<u64>,
+    /// `min-fresh=N`: an entry with less than N seconds of freshness left is not served.
+    pub min_fresh: Option<u64>,
+}
+
+/// The request directives a route may honour.
+pub const REQUEST_DIRECTIVES: [&str; 4] = ["no-cache", "only-if-cached", "max-stale", "min-fresh"];
+
+impl RequestDirectives {
+    /// The directives of the request's `Cache-Control` among `honoured` (lower-case names
+    /// from [`REQUEST_DIRECTIVES`]). An unparsable field is ignored as a whole.
+    pub fn parse(headers: &HeaderMap, honoured: &[String]) -> Self {
+        let mut out = RequestDirectives::default();
+        if honoured.is_empty() {
+            return out;
+        }
+        for value in headers.get_all(header::CACHE_CONTROL) {
+            let Ok(directives) = directives(value.as_bytes()) else {
+                return RequestDirectives::default();
+            };
+            for (name, arg) in directives {
+                let name = name.to_ascii_lowercase();
+                if !honoured.contains(&name) {
+                    continue;
+                }
+                let secs = arg.as_deref().and_then(delta_seconds);
+                match name.as_str() {
+                    "no-cache" => out.no_cache = true,
+                    "only-if-cached" => out.only_if_cached = true,
+                    "max-stale" => out.max_stale = Some(secs.unwrap_or(u64::MAX)),
+                    "min-fresh" => out.min_fresh = secs.or(out.min_fresh),
+                    _ => {}
+                }
+            }
+        }
+        out
+    }
 }
 
 /// A response header that cachegate could not parse; the response is not stored or shared.

@@ -109,11 +109,13 @@ pub enum NoStoreReason {
     UpstreamError,
     /// `Cache-Control`, `Vary`, `Expires` or `Age` could not be parsed: fail closed.
     Unparsable,
+    /// Not fetched: the request said `only-if-cached` (answered `504`).
+    OnlyIfCached,
 }
 
 impl NoStoreReason {
     /// Every reason, for metric and stats listings.
-    pub const ALL: [NoStoreReason; 9] = [
+    pub const ALL: [NoStoreReason; 10] = [
         NoStoreReason::Status,
         NoStoreReason::NoStore,
         NoStoreReason::Private,
@@ -123,6 +125,7 @@ impl NoStoreReason {
         NoStoreReason::Vary,
         NoStoreReason::UpstreamError,
         NoStoreReason::Unparsable,
+        NoStoreReason::OnlyIfCached,
     ];
 
     /// The label and `detail=` value.
@@ -137,6 +140,7 @@ impl NoStoreReason {
             NoStoreReason::Vary => "vary",
             NoStoreReason::UpstreamError => "upstream-error",
             NoStoreReason::Unparsable => "unparsable",
+            NoStoreReason::OnlyIfCached => "only-if-cached",
         }
     }
 
@@ -159,14 +163,17 @@ pub enum StaleReason {
     IfError,
     /// Marked stale by a soft purge: one background request refreshes it.
     SoftPurge,
+    /// Allowed by the request's `max-stale` (a route that honours it).
+    MaxStale,
 }
 
 impl StaleReason {
     /// Every reason, for metric and stats listings.
-    pub const ALL: [StaleReason; 3] = [
+    pub const ALL: [StaleReason; 4] = [
         StaleReason::Revalidating,
         StaleReason::IfError,
         StaleReason::SoftPurge,
+        StaleReason::MaxStale,
     ];
 
     /// The label and `detail=` value: `stale-while-revalidate`, `stale-if-error` or
@@ -176,6 +183,7 @@ impl StaleReason {
             StaleReason::Revalidating => "stale-while-revalidate",
             StaleReason::IfError => "stale-if-error",
             StaleReason::SoftPurge => "soft-purge",
+            StaleReason::MaxStale => "max-stale",
         }
     }
 }

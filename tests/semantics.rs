@@ -651,3 +651,60 @@ async fn concurrent_requests_get_their_own_variant() {
     }
     assert!(up.hits() <= 20);
 }
+
+// 8. The request's Cache-Control: ignored by default, honoured where a route opts in.
+#[tokio::test]
+async fn request_cache_control_is_opt_in_per_route() {
+    let (up, _) = scripted(|n| {
+        reply(
+            200,
+            &[
+                ("cache-control", "max-age=10"),
+                ("age", if n == 0 { "15" } else { "0" }),
+            ],
+            &format!("v{n}"),
+        )
+    })
+    .await;
+    let config = "[[routes]]\nmethod = \"GET\"\npath = \"/open/*\"\nttl_secs = 2\nstale_if_error_secs = 60\nrequest_cache_control = [\"no-cache\", \"only-if-cached\", \"max-stale\", \"min-fresh\"]\n";
+    let gate = Gate::start_at(&up.url(), None, config, "").await;
+    let get = |path: &'static str, cc: &'static str| {
+        let req = gate.client.get(gate.url(path)).header("cache-control", cc);
+        async move { Reply::from(req.send().await.unwrap()).await }
+    };
+    // Unrouted: a client's no-cache does not force a recomputation (the first answer
+    // arrives stale and is not stored; the second is).
+    get("/closed", "").await;
+    assert_eq!(get("/closed", "").await.cache(), "MISS");
+    assert_eq!(get("/closed", "no-cache").await.cache(), "HIT");
+    // only-if-cached with nothing stored: 504, the upstream not asked.
+    let before = up.requests();
+    let r = get("/open/a", "only-if-cached").await;
+    assert_eq!(r.status, 504);
+    assert_eq!(up.requests(), before);
+    // Stored, then no-cache fetches again; min-fresh beyond what is left fetches again.
+    get("/open/a", "").await;
+    assert_eq!(get("/open/a", "").await.cache(), "HIT");
+    let before = up.requests();
+    assert_eq!(get("/open/a", "no-cache").await.cache(), "MISS");
+    assert_eq!(up.requests(), before + 1);
+    assert_eq!(get("/open/a", "only-if-cached").await.cache(), "HIT");
+    assert_eq!(get("/open/a", "min-fresh=100").await.cache(), "MISS");
+    // max-stale: a stale entry (kept for its stale-if-error window) is served, marked so.
+    let stale = eventually(Duration::from_secs(5), || async {
+        let r = get("/open/a", "max-stale=60").await;
+        r.cache() == "STALE" && r.header("cache-status").contains("detail=max-stale")
+    });
+    assert!(stale.await);
+}
+
+#[test]
+fn unknown_request_directives_are_config_errors() {
+    let toml = "[upstream]\nurl = \"http://127.0.0.1:1\"\n[[routes]]\nmethod = \"GET\"\npath = \"/a\"\nttl_secs = 5\nrequest_cache_control = [\"max-age\"]\n";
+    let err = cachegate::config::Config::from_toml(toml, None)
+        .unwrap()
+        .finish(&Default::default(), |_| None)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("routes[0].request_cache_control"), "{err}");
+}

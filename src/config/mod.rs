@@ -313,6 +313,11 @@ pub struct RouteConfig {
     /// response's `stale-if-error`, if any.
     #[serde(default)]
     pub stale_if_error_secs: Option<u64>,
+    /// The request `Cache-Control` directives this route honours (RFC 9111 §5.2.1), among
+    /// `no-cache`, `only-if-cached`, `max-stale`, `min-fresh`. Default none: the request's
+    /// `Cache-Control` is ignored.
+    #[serde(default)]
+    pub request_cache_control: Vec<String>,
     /// The `Vary` headers (case-insensitive) a response of this route may vary on beyond
     /// `key_headers`: it is then stored as one variant per value (RFC 9111 §4.1). Absent:
     /// any; `[]`: none (a response that varies beyond the key is not stored).
@@ -547,6 +552,13 @@ impl Config {
             {
                 return Err(ConfigError::plain(format!(
                     "routes[{i}].refresh_ahead: a share of the TTL between 0 and 1 (exclusive), e.g. 0.5"
+                )));
+            }
+            if let Some(unknown) = route.request_cache_control.iter().find(|d| {
+                !crate::policy::REQUEST_DIRECTIVES.contains(&d.to_ascii_lowercase().as_str())
+            }) {
+                return Err(ConfigError::plain(format!(
+                    "routes[{i}].request_cache_control: {unknown:?} is not one of no-cache, only-if-cached, max-stale, min-fresh"
                 )));
             }
             if route.warm_interval_secs == 0 {

@@ -50,7 +50,7 @@ use crate::key::{
     BodyKeyError, CacheKey, KeyBuilder, KeyParts, canonical_json, in_filter, request_key,
 };
 use crate::metrics::Metrics;
-use crate::policy::{self, Policy, Received, RequestShape, Route, StoreRules};
+use crate::policy::{self, Policy, Received, RequestDirectives, RequestShape, Route, StoreRules};
 use crate::status::{BypassReason, CachePhase, NoStoreReason, StaleReason, Tier};
 use crate::tags;
 use crate::uri::{has_invalid_escape, normalize_path, parse_query};
@@ -419,6 +419,14 @@ impl<O: Origin> Proxy<O> {
             found = self.store.lookup_marked(&ctx.key).await;
         }
         let key = ctx.key;
+        // The request's own Cache-Control, where the route honours it.
+        let directives = route.map_or_else(RequestDirectives::default, |r| {
+            RequestDirectives::parse(&parts.headers, &r.config.request_cache_control)
+        });
+        if directives.no_cache {
+            // Fetched and stored again, whatever is stored (still one request per key).
+            ctx.refresh = true;
+        }
         if !ctx.refresh
             && let Some((entry, tier, soft_purged)) = found
         {
@@ -440,6 +448,19 @@ impl<O: Origin> Proxy<O> {
                 }
             } else {
                 match staleness {
+                    Staleness::Fresh { left }
+                        if directives.min_fresh.is_some_and(|min| left.as_secs() < min) =>
+                    {
+                        // Not fresh enough for this request: fetched again.
+                        ctx.refresh = true;
+                    }
+                    Staleness::Stale { secs }
+                        if !entry.freshness().must_revalidate
+                            && directives.max_stale.is_some_and(|max| secs <= max) =>
+                    {
+                        let outcome = stale(StaleReason::MaxStale, tier, secs, None);
+                        return self.serve_entry(&entry, &ctx, outcome);
+                    }
                     Staleness::Fresh { left } => {
                         if refresh_ahead_due(route, &entry, left) {
                             self.refresher
@@ -470,6 +491,15 @@ impl<O: Origin> Proxy<O> {
             }
         }
 
+        if directives.only_if_cached {
+            // RFC 9111 §5.2.1.7: nothing usable stored, and the request forbids fetching.
+            let phase = CachePhase::Miss(Err(NoStoreReason::OnlyIfCached));
+            let resp = plain(
+                StatusCode::GATEWAY_TIMEOUT,
+                "not in the cache (only-if-cached)",
+            );
+            return self.finish(resp, miss(phase, None), Some(&key));
+        }
         // Miss: one request per key goes to the upstream. A follower whose leader failed
         // joins again, so that one of them leads the next attempt.
         let deadline = Instant::now() + self.limits.coalesce_wait;
