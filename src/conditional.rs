@@ -75,6 +75,17 @@ pub fn add_validators(request: &mut HeaderMap, stored: &HeaderMap) {
     }
 }
 
+/// Whether a `304` (`not_modified`) is about the stored response (`stored`): its `ETag`,
+/// when it has one, is the stored one (RFC 9111 §4.3.4 selects stored responses by their
+/// validators). A 304 without an `ETag` is taken to be about the stored response (it
+/// answered the validators the cache sent).
+pub fn same_version(stored: &HeaderMap, not_modified: &HeaderMap) -> bool {
+    match not_modified.get(header::ETAG) {
+        None => true,
+        Some(etag) => stored.get(header::ETAG) == Some(etag),
+    }
+}
+
 /// Updates a stored response's headers with those of a `304` that revalidated it
 /// (RFC 9111 §4.3.4, §3.2): each field the 304 carries replaces the stored one, except the
 /// framing and content-coding fields (`Content-Length`, `Content-Encoding`,

@@ -181,3 +181,38 @@ async fn requests_outside_the_routes_are_left_alone() {
     assert_eq!(layer.metrics().stats()["requests"]["total"], 0);
     server.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unsafe_request_through_the_layer_invalidates_its_target() {
+    use axum::routing::get;
+    let config = "[[routes]]\nmethod = \"GET\"\npath = \"/items/*\"\nttl_secs = 600\n";
+    let layer = CacheLayer::from_toml(config).unwrap();
+    let counter = Arc::new(AtomicUsize::new(0));
+    let reads = counter.clone();
+    let item = get(move || {
+        let n = reads.fetch_add(1, Ordering::SeqCst);
+        async move { format!("version {n}") }
+    })
+    .post(|| async { axum::http::StatusCode::NO_CONTENT });
+    let app = axum::Router::new()
+        .route("/items/{id}", item)
+        .layer(layer.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let server = tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let client = reqwest::Client::new();
+    let read = || async {
+        let resp = client.get(format!("{base}/items/1")).send().await.unwrap();
+        let status = resp.headers()["x-cache-status"]
+            .to_str()
+            .unwrap()
+            .to_string();
+        (status, resp.text().await.unwrap())
+    };
+    assert_eq!(read().await, ("MISS".to_string(), "version 0".to_string()));
+    assert_eq!(read().await, ("HIT".to_string(), "version 0".to_string()));
+    let post = client.post(format!("{base}/items/1")).send().await.unwrap();
+    assert_eq!(post.status(), 204);
+    assert_eq!(read().await, ("MISS".to_string(), "version 1".to_string()));
+    server.abort();
+}

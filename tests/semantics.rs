@@ -708,3 +708,112 @@ fn unknown_request_directives_are_config_errors() {
         .to_string();
     assert!(err.contains("routes[0].request_cache_control"), "{err}");
 }
+
+// 6. stale-if-error also answers requests that waited on a background refresh that got
+// the error (the refresh itself has no stale entry to fall back on).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_if_error_answers_the_waiters_of_a_failed_refresh() {
+    let (up, _) = scripted(|n| match n {
+        // Arrives 10 s stale: 1 s of stale-while-revalidate left, 590 s of stale-if-error.
+        0 => reply(
+            200,
+            &[
+                (
+                    "cache-control",
+                    "max-age=10, stale-while-revalidate=11, stale-if-error=600",
+                ),
+                ("age", "20"),
+            ],
+            "last good",
+        ),
+        // A slow 503 (its head trickles in over about 2.5 s).
+        _ => Script::Trickle(
+            b"H".to_vec(),
+            b"TTP/1.1 503 Busy\r\nContent-Length: 4\r\n\r\nbusy".to_vec(),
+            Duration::from_millis(60),
+        ),
+    })
+    .await;
+    let gate = Gate::start_at(&up.url(), None, "", "").await;
+    gate.get("/r").await;
+    // Within stale-while-revalidate: served stale, one background refresh starts.
+    assert_eq!(gate.get("/r").await.cache(), "STALE");
+    // Past that window (a time window, so a sleep), while the refresh still waits for its
+    // 503: these requests wait on it, and get the stale entry instead of its error.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let replies = futures_util::future::join_all((0..5).map(|_| gate.get("/r"))).await;
+    for r in &replies {
+        assert_eq!(
+            (r.status, r.cache(), r.body.as_str()),
+            (200, "STALE", "last good")
+        );
+        assert!(r.header("cache-status").contains("detail=stale-if-error"));
+    }
+}
+
+// 2. A 304 about another version (another ETag) does not refresh the stored body.
+#[tokio::test]
+async fn a_304_for_another_etag_fetches_the_whole_response_again() {
+    let (up, seen) = scripted(|n| match n {
+        0 => reply(
+            200,
+            &[
+                ("cache-control", "max-age=1"),
+                ("age", "5"),
+                ("etag", "\"v1\""),
+            ],
+            "old body",
+        ),
+        1 => reply(
+            304,
+            &[("cache-control", "max-age=600"), ("etag", "\"v2\"")],
+            "",
+        ),
+        _ => reply(
+            200,
+            &[("cache-control", "max-age=600"), ("etag", "\"v2\"")],
+            "new body",
+        ),
+    })
+    .await;
+    let gate = Gate::start_at(&up.url(), None, "", "").await;
+    gate.get("/e").await;
+    let r = gate.get("/e").await;
+    assert_eq!((r.status, r.body.as_str()), (200, "new body"));
+    assert_eq!(r.header("etag"), "\"v2\"");
+    assert_eq!(up.requests(), 3);
+    let third = seen.lock().unwrap()[2].clone();
+    assert!(!third.contains("if-none-match"), "{third}");
+    assert_eq!(gate.get("/e").await.body, "new body");
+}
+
+// A soft-purged entry whose refresh stores nothing is not served stale any longer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_soft_purged_entry_the_upstream_no_longer_allows_is_removed() {
+    let (up, _) = scripted(|n| match n {
+        0 => reply(200, &[], "cached once"),
+        _ => reply(200, &[("cache-control", "no-store")], "not cacheable now"),
+    })
+    .await;
+    let config = "[admin]\ntoken = \"t\"\n\n[[routes]]\nname = \"kpi\"\nmethod = \"GET\"\npath = \"/kpi/*\"\nttl_secs = 600\n";
+    let gate = Gate::start_at(&up.url(), None, config, "").await;
+    gate.get("/kpi/a").await;
+    assert_eq!(gate.get("/kpi/a").await.cache(), "HIT");
+    let (status, _) = gate
+        .admin_post(
+            "/admin/purge",
+            Some("t"),
+            r#"{"routes": ["kpi"], "soft": true}"#,
+        )
+        .await;
+    assert_eq!(status, 200);
+    let first = gate.get("/kpi/a").await;
+    assert_eq!(
+        (first.cache(), first.body.as_str()),
+        ("STALE", "cached once")
+    );
+    let removed = eventually(Duration::from_secs(5), || async {
+        gate.get("/kpi/a").await.body == "not cacheable now"
+    });
+    assert!(removed.await, "the soft-purged entry kept being served");
+}

@@ -59,7 +59,6 @@ use crate::warm::HotKeys;
 
 use self::refresh::{Refresh, Refresher, Replay};
 use cachegate_core::coalesce::{Coalescer, Leader, Role, WaitOutcome};
-use cachegate_core::invalidation::PurgeScope;
 use cachegate_core::store::{Storable, TieredStore};
 
 /// Size and wait limits applied on the request path.
@@ -93,8 +92,7 @@ pub struct Proxy<O = Upstream> {
     forward_targeted: bool,
     /// Background refreshes (stale-while-revalidate, refresh-ahead, hot keys).
     refresher: Refresher,
-    /// How long an invalidation by an unsafe method waits for the other replicas.
-    ack_timeout: Duration,
+
     metrics: Arc<Metrics>,
     switches: Arc<Switches>,
     limits: Limits,
@@ -224,7 +222,6 @@ impl<O: Origin> Proxy<O> {
                 revalidate_grace_secs: config.cache.revalidate_grace_secs,
             },
             forward_targeted: config.cache.forward_targeted_cache_control,
-            ack_timeout: Duration::from_millis(config.admin.ack_timeout_ms.max(1)),
             refresher: Refresher::new(
                 config.cache.max_background_refreshes,
                 Duration::from_millis(config.upstream.total_timeout_ms.max(1)),
@@ -257,7 +254,7 @@ impl<O: Origin> Proxy<O> {
         // One spelling of the path, for routing, the key and the upstream.
         let target = normalize_path(req.uri().path());
         if !O::CACHES_UNROUTED && self.policy.route_for(req.method(), &target.path).is_none() {
-            return self.untouched(req).await;
+            return self.untouched(req, client).await;
         }
         let (mut parts, body) = req.into_parts();
 
@@ -434,10 +431,12 @@ impl<O: Origin> Proxy<O> {
             let staleness = entry.staleness(now_ms());
             if soft_purged {
                 // A soft purge marked it stale: served stale while one background request
-                // refreshes it; without background refreshes, a miss.
-                if self
-                    .refresher
-                    .request(&key, entry.stored_at_ms(), replay, None)
+                // refreshes it (removed if that stores nothing); never when it must be
+                // revalidated; without background refreshes, a miss.
+                if !entry.freshness().must_revalidate
+                    && self
+                        .refresher
+                        .request_after_soft_purge(&key, entry.stored_at_ms(), replay)
                 {
                     let secs = match staleness {
                         Staleness::Stale { secs } => secs,
@@ -541,7 +540,14 @@ impl<O: Origin> Proxy<O> {
                 }
                 WaitOutcome::Shared(entry) => {
                     waits.inc("served");
-                    let outcome = miss(CachePhase::Collapsed, Some(entry.status().as_u16()));
+                    let status = entry.status().as_u16();
+                    // The leader got an upstream error: a stale entry at hand answers it.
+                    if matches!(status, 500 | 502 | 503 | 504)
+                        && let Some(resp) = self.serve_stale_if_error(&ctx, Some(status))
+                    {
+                        return resp;
+                    }
+                    let outcome = miss(CachePhase::Collapsed, Some(status));
                     return self.serve_entry(&entry, &ctx, outcome);
                 }
                 WaitOutcome::Released => {
@@ -587,29 +593,46 @@ impl<O: Origin> Proxy<O> {
             }
             return self.serve_entry(&entry, ctx, hit(&entry, Tier::Memory));
         }
-        // A stale entry with validators: ask whether it is still good (RFC 9111 §4.3.1).
-        if let Some(stored) = &ctx.revalidate {
-            conditional::add_validators(&mut parts.headers, &stored.headers());
-        }
         // Kept to select the variant a response that varies is stored as.
         let request_headers = parts.headers.clone();
-        let (mut head, resp_body, response_tags, received) =
-            match self.send(parts, body, ctx.client).await {
-                Ok(sent) => sent,
-                Err(error_response) => {
-                    if let Some(resp) = self.serve_stale_if_error(ctx, None) {
-                        return resp;
-                    }
-                    let phase = CachePhase::Miss(Err(NoStoreReason::UpstreamError));
-                    return self.finish(error_response, miss(phase, None), Some(key));
-                }
-            };
-        let fwd_status = Some(head.status.as_u16());
-        if head.status == StatusCode::NOT_MODIFIED
-            && let Some(stored) = &ctx.revalidate
-        {
-            return self.revalidated(stored, &head.headers, received, route, ctx, leader);
+        // A stale entry with validators: ask whether it is still good (RFC 9111 §4.3.1),
+        // keeping the plain request to ask again if the answer is about another version.
+        let mut unconditional = None;
+        if let Some(stored) = &ctx.revalidate {
+            let mut again = Request::new(());
+            *again.method_mut() = parts.method.clone();
+            *again.uri_mut() = parts.uri.clone();
+            *again.version_mut() = parts.version;
+            *again.headers_mut() = parts.headers.clone();
+            unconditional = Some(again.into_parts().0);
+            conditional::add_validators(&mut parts.headers, &stored.headers());
         }
+        let mut sent = self.send(parts, body, ctx.client).await;
+        if let (Ok((head, ..)), Some(stored)) = (&sent, &ctx.revalidate)
+            && head.status == StatusCode::NOT_MODIFIED
+        {
+            if conditional::same_version(&stored.headers(), &head.headers)
+                && let Ok((head, _, _, received)) = sent
+            {
+                return self.revalidated(stored, &head.headers, received, route, ctx, leader);
+            }
+            // A 304 about another version (another ETag) cannot refresh the stored body
+            // (RFC 9111 §4.3.4): the whole response is fetched again.
+            if let Some(again) = unconditional {
+                sent = self.send(again, body::empty(), ctx.client).await;
+            }
+        }
+        let (mut head, resp_body, response_tags, received) = match sent {
+            Ok(sent) => sent,
+            Err(error_response) => {
+                if let Some(resp) = self.serve_stale_if_error(ctx, None) {
+                    return resp;
+                }
+                let phase = CachePhase::Miss(Err(NoStoreReason::UpstreamError));
+                return self.finish(error_response, miss(phase, None), Some(key));
+            }
+        };
+        let fwd_status = Some(head.status.as_u16());
         // RFC 5861 §4: an error is a 500, 502, 503 or 504.
         if matches!(head.status.as_u16(), 500 | 502 | 503 | 504)
             && let Some(resp) = self.serve_stale_if_error(ctx, fwd_status)
@@ -623,7 +646,6 @@ impl<O: Origin> Proxy<O> {
             received,
             &self.store_rules,
         );
-        self.strip_targeted(&mut head.headers);
         // May another request have this answer? Never when it is private to its requester
         // (whatever its status) or the request was credentialed, even on a per-credential key.
         let shareable = !ctx.credentialed && decision.as_ref().err().is_none_or(|r| r.shareable());
@@ -633,6 +655,7 @@ impl<O: Origin> Proxy<O> {
                 leader.release();
             }
             let reason = decision.err().unwrap_or(NoStoreReason::Private);
+            self.strip_targeted(&mut head.headers);
             let resp = Response::from_parts(head, body::boxed(resp_body));
             return self.finish(
                 resp,
@@ -646,6 +669,7 @@ impl<O: Origin> Proxy<O> {
                 if let Some(leader) = leader {
                     leader.release();
                 }
+                self.strip_targeted(&mut head.headers);
                 let resp = Response::from_parts(head, body::boxed(rest));
                 let phase = CachePhase::Miss(Err(NoStoreReason::TooLarge));
                 return self.finish(resp, miss(phase, fwd_status), Some(key));
@@ -667,6 +691,9 @@ impl<O: Origin> Proxy<O> {
                 };
                 self.metrics.upstream_errors.inc(kind);
                 tracing::warn!(error = %e, "upstream response body failed");
+                if let Some(resp) = self.serve_stale_if_error(ctx, fwd_status) {
+                    return resp;
+                }
                 let phase = CachePhase::Miss(Err(NoStoreReason::UpstreamError));
                 return self.finish(plain(status, text), miss(phase, fwd_status), Some(key));
             }
@@ -856,8 +883,7 @@ impl<O: Origin> Proxy<O> {
                 keys.push(self.key_of(&parts, &path, &params, route, None, client));
             }
         }
-        self.store
-            .purge_in_background(PurgeScope::Keys(keys), self.ack_timeout);
+        self.store.purge_keys_in_background(keys);
     }
 
     /// The cache key of a request: the one place it is computed, for lookups and for
@@ -928,23 +954,32 @@ impl<O: Origin> Proxy<O> {
         &self.refresher
     }
 
-    /// Whether the memory tier holds an entry for `key` stored after `since_ms`: a
-    /// refresh asked for an entry stored then is not needed any more.
-    pub fn stored_since(&self, key: &CacheKey, since_ms: u64) -> bool {
-        self.store
+    /// Whether an entry for `key` stored after `since_ms` is held, in memory or in Redis
+    /// (another replica's refresh): a refresh asked for an entry stored then is not
+    /// needed any more. A newer Redis entry is copied into memory.
+    pub async fn stored_since(&self, key: &CacheKey, since_ms: u64) -> bool {
+        let in_memory = self
+            .store
             .lookup_memory(key)
-            .is_some_and(|entry| entry.stored_at_ms() > since_ms)
+            .is_some_and(|entry| entry.stored_at_ms() > since_ms);
+        in_memory || self.store.newer_from_redis(key, since_ms).await.is_some()
     }
 
     /// Whether this replica should refresh `key` now (see
     /// [`TieredStore::try_refresh_lease`]).
-    pub async fn try_refresh_lease(&self, key: &CacheKey, ttl: Duration) -> bool {
-        self.store.try_refresh_lease(key, ttl).await
+    pub async fn try_refresh_lease(&self, key: &CacheKey, ttl: Duration, token: u64) -> bool {
+        self.store.try_refresh_lease(key, ttl, token).await
     }
 
     /// Gives back `key`'s refresh lease (see [`TieredStore::release_refresh_lease`]).
-    pub async fn release_refresh_lease(&self, key: &CacheKey) {
-        self.store.release_refresh_lease(key).await;
+    pub async fn release_refresh_lease(&self, key: &CacheKey, token: u64) {
+        self.store.release_refresh_lease(key, token).await;
+    }
+
+    /// Removes `key`'s entry from every tier (a soft-purged entry whose refresh stored
+    /// nothing: it is not served stale any longer).
+    pub async fn remove_entry(&self, key: &CacheKey) {
+        self.store.remove(key).await;
     }
 
     /// Serves the stale entry `ctx` holds for stale-if-error (RFC 5861 §4) in place of an
@@ -1016,13 +1051,31 @@ impl<O: Origin> Proxy<O> {
 
     /// Sends a request that is none of the cache's business to the origin as it came and
     /// returns its response as it is (only an origin failure becomes a 502).
-    async fn untouched<B>(&self, req: Request<B>) -> Response<ProxyBody>
+    ///
+    /// A successful unsafe request still invalidates what it changed (RFC 9111 §4.4).
+    async fn untouched<B>(&self, req: Request<B>, client: SocketAddr) -> Response<ProxyBody>
     where
         B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
         B::Error: Into<BoxError>,
     {
+        let target = is_unsafe(req.method()).then(|| {
+            let path = normalize_path(req.uri().path()).path;
+            let pq = match req.uri().query() {
+                Some(q) => format!("{path}?{q}"),
+                None => path,
+            };
+            (pq, req.headers().clone())
+        });
         match self.origin.send(req.map(body::boxed)).await {
-            Ok((resp, _)) => resp,
+            Ok((resp, _)) => {
+                if let Some((pq, headers)) = target
+                    && !resp.status().is_client_error()
+                    && !resp.status().is_server_error()
+                {
+                    self.invalidate_after_unsafe(&pq, &headers, resp.headers(), client);
+                }
+                resp
+            }
             Err(e) => self.upstream_failure(e),
         }
     }
@@ -1196,6 +1249,9 @@ impl<O: Origin> Proxy<O> {
                 HeaderValue::from(entry.current_age_secs(now_ms())),
             );
         }
+        // Stored with the entry (a revalidation recomputes freshness from them), never
+        // sent on.
+        self.strip_targeted(resp.headers_mut());
         self.finish(resp, outcome, Some(&ctx.key))
     }
 

@@ -15,8 +15,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use http::{HeaderMap, Method, Request, Uri, Version, header};
+use std::panic::AssertUnwindSafe;
 use tokio::sync::{mpsc, watch};
 
 use super::Proxy;
@@ -33,9 +34,27 @@ const QUEUE_LEN: usize = 1024;
 /// refreshed in the background (their next request after expiry is a miss).
 pub const MAX_REPLAY_BODY_BYTES: usize = 64 << 10;
 
-/// How long a replica holds a key's refresh lease in Redis (see
-/// [`cachegate_core::store::TieredStore::try_refresh_lease`]).
-const LEASE: Duration = Duration::from_secs(10);
+/// How much longer than a refresh's time limit a replica holds the key's refresh lease in
+/// Redis (see [`cachegate_core::store::TieredStore::try_refresh_lease`]).
+const LEASE_MARGIN: Duration = Duration::from_secs(5);
+
+/// A random lease token, so that a replica only ever releases its own lease.
+fn lease_token() -> u64 {
+    let bytes = cachegate_core::random_secret();
+    u64::from_le_bytes(bytes[..8].try_into().unwrap_or_default())
+}
+
+/// Clears a key from the pending refreshes when dropped.
+struct PendingGuard<'a> {
+    refresher: &'a Refresher,
+    key: CacheKey,
+}
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        self.refresher.done(&self.key);
+    }
+}
 
 /// What a refresh sends: the parts of a request its cache key covers, and nothing else, so
 /// that no header outside the key shapes what is stored for everyone. Held in memory only,
@@ -128,6 +147,8 @@ struct Job {
     replay: Arc<Replay>,
     /// The route's hot keys when it is a hot key's refresh (told when it stores nothing).
     hot: Option<Arc<HotKeys>>,
+    /// Remove the entry when the refresh stores nothing (a soft-purged entry).
+    remove_if_not_refreshed: bool,
 }
 
 /// The queue of background refreshes, one per key at a time.
@@ -174,6 +195,28 @@ impl Refresher {
         replay: impl FnOnce() -> Option<Arc<Replay>>,
         hot: Option<Arc<HotKeys>>,
     ) -> bool {
+        self.request_job(key, stored_at_ms, replay, hot, false)
+    }
+
+    /// Like [`Refresher::request`], for an entry a soft purge marked stale: removed when
+    /// its refresh stores nothing, so that it is not served stale for the rest of its life.
+    pub fn request_after_soft_purge(
+        &self,
+        key: &CacheKey,
+        stored_at_ms: u64,
+        replay: impl FnOnce() -> Option<Arc<Replay>>,
+    ) -> bool {
+        self.request_job(key, stored_at_ms, replay, None, true)
+    }
+
+    fn request_job(
+        &self,
+        key: &CacheKey,
+        stored_at_ms: u64,
+        replay: impl FnOnce() -> Option<Arc<Replay>>,
+        hot: Option<Arc<HotKeys>>,
+        remove_if_not_refreshed: bool,
+    ) -> bool {
         if !self.running.load(Ordering::Acquire) {
             return false;
         }
@@ -189,6 +232,7 @@ impl Refresher {
             stored_at_ms,
             replay,
             hot,
+            remove_if_not_refreshed,
         };
         match self.tx.try_send(job) {
             Ok(()) => {
@@ -233,27 +277,51 @@ pub async fn run_refreshes<O: Origin>(
         let metrics = &metrics;
         async move {
             let refresher = proxy.refresher();
-            // Refreshed since it was asked for (a request that found the old entry just
-            // before the refresh landed asks again): nothing to do.
-            let moot = job.stored_at_ms > 0 && proxy.stored_since(&job.key, job.stored_at_ms);
-            if !moot && proxy.try_refresh_lease(&job.key, LEASE).await {
-                let resp = proxy.handle(job.replay.to_request(), job.replay.client);
-                let outcome = tokio::time::timeout(refresher.timeout, resp)
-                    .await
-                    .map(|resp| WarmOutcome::of(&resp));
-                let label = outcome.as_ref().map_or("timeout", WarmOutcome::label);
-                match &job.hot {
-                    Some(hot) => {
-                        metrics.hot_key_refreshes.inc(label);
-                        if !matches!(outcome, Ok(WarmOutcome::Stored | WarmOutcome::Fresh)) {
-                            hot.mark_failed(&job.key);
-                        }
-                    }
-                    None => metrics.background_refreshes.inc(label),
-                }
-                proxy.release_refresh_lease(&job.key).await;
+            // Cleared however the job ends (a panic included): the key can be asked for
+            // again.
+            let _pending = PendingGuard {
+                refresher,
+                key: job.key,
+            };
+            // Refreshed since it was asked for, here or by another replica (a request that
+            // found the old entry just before the refresh landed asks again): nothing to do.
+            if job.stored_at_ms > 0 && proxy.stored_since(&job.key, job.stored_at_ms).await {
+                return;
             }
-            refresher.done(&job.key);
+            // The lease outlives the refresh's own time limit, so that no other replica
+            // starts the same refresh meanwhile.
+            let token = lease_token();
+            let lease = refresher.timeout + LEASE_MARGIN;
+            if !proxy.try_refresh_lease(&job.key, lease, token).await {
+                return;
+            }
+            let resp = AssertUnwindSafe(proxy.handle(job.replay.to_request(), job.replay.client))
+                .catch_unwind();
+            let outcome = match tokio::time::timeout(refresher.timeout, resp).await {
+                Ok(Ok(resp)) => Ok(WarmOutcome::of(&resp)),
+                Ok(Err(_panic)) => {
+                    metrics.panics.inc();
+                    Err("failed")
+                }
+                Err(_) => Err("timeout"),
+            };
+            let label = outcome.as_ref().map_or_else(|e| *e, WarmOutcome::label);
+            let refreshed = matches!(outcome, Ok(WarmOutcome::Stored | WarmOutcome::Fresh));
+            match &job.hot {
+                Some(hot) => {
+                    metrics.hot_key_refreshes.inc(label);
+                    if !refreshed {
+                        hot.mark_failed(&job.key);
+                    }
+                }
+                None => metrics.background_refreshes.inc(label),
+            }
+            if job.remove_if_not_refreshed && !refreshed {
+                // A soft-purged entry the upstream no longer gives a storable answer for:
+                // not served stale any longer.
+                proxy.remove_entry(&job.key).await;
+            }
+            proxy.release_refresh_lease(&job.key, token).await;
         }
     });
     tokio::select! {

@@ -50,7 +50,9 @@ struct State {
 /// and still held by a replica disconnected for longer than this may be served again.
 pub const KEY_MARKER_RETENTION_MS: u64 = 24 * 3600 * 1000;
 
-/// Key markers held before the older ones are dropped ([`KEY_MARKER_RETENTION_MS`]).
+/// Key markers held at most: beyond, those older than [`KEY_MARKER_RETENTION_MS`] are
+/// dropped, then the oldest, down to three quarters. (A replica that missed a purge by key
+/// whose marker was dropped may serve that entry until it expires.)
 pub const MAX_KEY_MARKERS: usize = 100_000;
 
 /// The prefix of the tag an entry's request path is stored in, for purges by path
@@ -126,8 +128,18 @@ impl Purges {
             *at = (*at).max(at_ms);
         }
         if state.keys.len() > MAX_KEY_MARKERS {
+            // Down to three quarters at most, the oldest first, so that this runs once
+            // per MAX_KEY_MARKERS / 4 new markers at most.
             let cutoff = crate::now_ms().saturating_sub(KEY_MARKER_RETENTION_MS);
             state.keys.retain(|_, at| *at >= cutoff);
+            let keep = MAX_KEY_MARKERS / 4 * 3;
+            if state.keys.len() > keep {
+                let mut times: Vec<u64> = state.keys.values().copied().collect();
+                let cut = times.len() - keep;
+                let (_, oldest_kept, _) = times.select_nth_unstable(cut);
+                let oldest_kept = *oldest_kept;
+                state.keys.retain(|_, at| *at >= oldest_kept);
+            }
         }
         self.active.store(true, Ordering::Release);
     }

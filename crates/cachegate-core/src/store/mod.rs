@@ -142,6 +142,8 @@ pub struct TieredStore<V> {
     purges: Arc<Purges>,
     /// Soft purge markers: the entries they cover are stale ([`PurgeMode::Soft`]).
     soft: Arc<Purges>,
+    /// The queue of [`TieredStore::purge_keys_in_background`], started on first use.
+    invalidations: Arc<std::sync::OnceLock<tokio::sync::mpsc::Sender<Vec<CacheKey>>>>,
 }
 
 impl<V: Storable> TieredStore<V> {
@@ -161,6 +163,7 @@ impl<V: Storable> TieredStore<V> {
             order: WriteOrder::new(),
             purges: Arc::default(),
             soft: Arc::default(),
+            invalidations: Arc::default(),
         }
     }
 
@@ -236,16 +239,33 @@ impl<V: Storable> TieredStore<V> {
         self.spread_purge(message, ack_timeout).await
     }
 
-    /// Like [`TieredStore::purge`], without waiting: the purge applies on this replica
-    /// before the call returns (its lookups miss the purged entries from then on), and
-    /// reaches the others from a background task. For purges a response must not wait
-    /// for, such as the invalidation by an unsafe method (RFC 9111 §4.4).
-    pub fn purge_in_background(&self, scope: PurgeScope, ack_timeout: Duration) {
-        let message = self.apply_purge(scope, PurgeMode::Hard);
-        let store = self.clone();
-        tokio::spawn(async move {
-            store.spread_purge(message, ack_timeout).await;
+    /// Purges `keys` without waiting, for purges a response must not wait for (the
+    /// invalidation by an unsafe method, RFC 9111 §4.4, which any client can cause): they
+    /// apply on this replica before the call returns (its lookups miss them from then on),
+    /// and reach the other replicas in batches ([`INVALIDATION_BATCH_KEYS`] keys or
+    /// [`INVALIDATION_BATCH_WAIT`], one message each, nobody waiting for
+    /// acknowledgements), through a bounded queue: when it is full, they apply here only
+    /// (counted as `purge_outcomes_total{outcome="local"}`). Call within a Tokio runtime.
+    pub fn purge_keys_in_background(&self, keys: Vec<CacheKey>) {
+        let at_ms = now_ms();
+        self.purges.purge_keys(&keys, at_ms);
+        self.metrics.purges.inc("keys");
+        let removed = sweep_keys(&self.memory, &self.purges, &keys);
+        self.metrics
+            .purged_entries
+            .inc_by(Tier::Memory.as_str(), removed);
+        let Some(redis) = &self.redis else {
+            return;
+        };
+        let queue = self.invalidations.get_or_init(|| {
+            let (tx, rx) = tokio::sync::mpsc::channel(INVALIDATION_QUEUE);
+            let purges = Arc::downgrade(&self.purges);
+            tokio::spawn(spread_invalidations(redis.clone(), purges, rx));
+            tx
         });
+        if queue.try_send(keys).is_err() {
+            self.metrics.purge_outcomes.inc("local");
+        }
     }
 
     /// Applies a purge's markers on this replica and counts it.
@@ -321,21 +341,22 @@ impl<V: Storable> TieredStore<V> {
     }
 
     /// Whether this replica should refresh `key` now: without Redis always; with it, when
-    /// it takes the key's refresh lease for `ttl` (or Redis does not answer), so that
-    /// replicas sharing Redis do not all refresh the same key at once.
-    pub async fn try_refresh_lease(&self, key: &CacheKey, ttl: Duration) -> bool {
+    /// it takes the key's refresh lease for `ttl` with `token` (or Redis does not answer),
+    /// so that replicas sharing Redis do not all refresh the same key at once.
+    pub async fn try_refresh_lease(&self, key: &CacheKey, ttl: Duration, token: u64) -> bool {
         match &self.redis {
-            Some(redis) => redis.try_lease(key, ttl).await.unwrap_or(true),
+            Some(redis) => redis.try_lease(key, ttl, token).await.unwrap_or(true),
             None => true,
         }
     }
 
-    /// Gives back the refresh lease of `key` ([`TieredStore::try_refresh_lease`]) once
-    /// its refresh is done, so that the next one, by any replica, need not wait for it to
-    /// expire.
-    pub async fn release_refresh_lease(&self, key: &CacheKey) {
+    /// Gives back the refresh lease of `key` taken with `token`
+    /// ([`TieredStore::try_refresh_lease`]) once its refresh is done, so that the next one,
+    /// by any replica, need not wait for it to expire; a lease another replica took since
+    /// (ours expired) is left alone.
+    pub async fn release_refresh_lease(&self, key: &CacheKey, token: u64) {
         if let Some(redis) = &self.redis {
-            redis.release_lease(key).await;
+            redis.release_lease(key, token).await;
         }
     }
 
@@ -552,6 +573,48 @@ impl<V: Storable> TieredStore<V> {
 fn purge_id() -> u64 {
     let bytes = crate::random_secret();
     u64::from_le_bytes(bytes[..8].try_into().unwrap_or_default())
+}
+
+/// Most keys in one batch of [`TieredStore::purge_keys_in_background`].
+pub const INVALIDATION_BATCH_KEYS: usize = 512;
+
+/// Longest a key waits for its batch of [`TieredStore::purge_keys_in_background`].
+pub const INVALIDATION_BATCH_WAIT: Duration = Duration::from_millis(20);
+
+/// Invalidations waiting to be batched, at most (each a request's few keys).
+const INVALIDATION_QUEUE: usize = 4096;
+
+/// Records and publishes the queued invalidations in batches until the store is dropped:
+/// one marker write and one message per batch, no acknowledgements awaited.
+async fn spread_invalidations(
+    redis: RedisTier,
+    purges: std::sync::Weak<Purges>,
+    mut rx: tokio::sync::mpsc::Receiver<Vec<CacheKey>>,
+) {
+    while let Some(mut keys) = rx.recv().await {
+        let deadline = tokio::time::Instant::now() + INVALIDATION_BATCH_WAIT;
+        while keys.len() < INVALIDATION_BATCH_KEYS {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(more)) => keys.extend(more),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        let Some(purges) = purges.upgrade() else {
+            return;
+        };
+        let message = PurgeMessage {
+            id: purge_id(),
+            at_ms: now_ms(),
+            scope: PurgeScope::Keys(keys),
+            mode: PurgeMode::Hard,
+        };
+        // Already applied here: this replica's own subscription only acknowledges it.
+        purges.note_own(message.id);
+        drop(purges);
+        if redis.record_purges(&message.markers()).await {
+            redis.publish_purge(&message.encode()).await;
+        }
+    }
 }
 
 /// Removes what a purge covers from a memory tier and returns how many entries it removed

@@ -230,8 +230,8 @@ impl RedisTier {
     /// that missed a message finds them when it (re)subscribes: tag, path and namespace
     /// markers in the hash `{namespace}:purges`, key markers (one per purged key, many
     /// with invalidations by unsafe methods) in the sorted set `{namespace}:purged-keys`,
-    /// scored by time and kept [`crate::purge::KEY_MARKER_RETENTION_MS`]. Returns whether
-    /// Redis confirmed.
+    /// scored by time and kept [`crate::purge::KEY_MARKER_RETENTION_MS`], the newest
+    /// [`crate::purge::MAX_KEY_MARKERS`] at most. Returns whether Redis confirmed.
     pub async fn record_purges(&self, markers: &[(String, u64)]) -> bool {
         let mut conn = self.conn.clone();
         let key = self.purges_key();
@@ -248,6 +248,7 @@ impl RedisTier {
                end \
              end \
              redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[1]) \
+             redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -100001) \
              return 1",
         );
         let cutoff = crate::now_ms().saturating_sub(crate::purge::KEY_MARKER_RETENTION_MS);
@@ -356,17 +357,17 @@ impl RedisTier {
             .ok()
     }
 
-    /// Takes the refresh lease of `key` for `ttl` (`SET {prefix}lease:{key} 1 NX PX`), so
-    /// that one replica refreshes a key at a time. `Some(true)`: taken; `Some(false)`:
+    /// Takes the refresh lease of `key` for `ttl` (`SET {prefix}lease:{key} token NX PX`),
+    /// so that one replica refreshes a key at a time. `Some(true)`: taken; `Some(false)`:
     /// another replica holds it; `None`: Redis did not answer (the caller goes on alone).
-    pub async fn try_lease(&self, key: &CacheKey, ttl: Duration) -> Option<bool> {
+    pub async fn try_lease(&self, key: &CacheKey, ttl: Duration, token: u64) -> Option<bool> {
         let mut conn = self.conn.clone();
         let lease = format!("{}lease:{}", self.prefix, key.to_hex());
         let ms = ttl.as_millis().clamp(1, u128::from(u32::MAX)) as u64;
         self.guarded("set", async move {
             redis::cmd("SET")
                 .arg(lease)
-                .arg(1)
+                .arg(token)
                 .arg("NX")
                 .arg("PX")
                 .arg(ms)
@@ -377,12 +378,23 @@ impl RedisTier {
         .map(|reply| reply.is_some())
     }
 
-    /// Gives back the refresh lease of `key` (`DEL`); failures are counted, never raised.
-    pub async fn release_lease(&self, key: &CacheKey) {
+    /// Gives back the refresh lease of `key` taken with `token`, only if it is still ours
+    /// (compare and delete, in one script); failures are counted, never raised.
+    pub async fn release_lease(&self, key: &CacheKey, token: u64) {
         let mut conn = self.conn.clone();
         let lease = format!("{}lease:{}", self.prefix, key.to_hex());
-        self.guarded("del", async move { conn.del::<_, ()>(lease).await })
-            .await;
+        let script = redis::Script::new(
+            "if redis.call('GET', KEYS[1]) == ARGV[1] then \
+               return redis.call('DEL', KEYS[1]) \
+             end \
+             return 0",
+        );
+        let mut invocation = script.key(lease);
+        invocation.arg(token.to_string());
+        self.guarded("del", async move {
+            invocation.invoke_async::<i64>(&mut conn).await
+        })
+        .await;
     }
 
     /// Deletes `key` (`DEL`). Returns whether Redis confirmed; failures are counted, never
