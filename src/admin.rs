@@ -328,11 +328,11 @@ impl Admin {
             };
             let mut keys = Vec::with_capacity(request.requests.len());
             for (i, target) in request.requests.iter().enumerate() {
-                let key = target
+                let found = target
                     .to_request()
-                    .and_then(|r| proxy.key_for_purge(r).map_err(str::to_string));
-                match key {
-                    Ok(key) => keys.push(key),
+                    .and_then(|r| proxy.keys_for_purge(r).map_err(str::to_string));
+                match found {
+                    Ok(found) => keys.extend(found),
                     Err(e) => {
                         let text = format!("requests[{i}]: {e}");
                         return generated(

@@ -931,16 +931,34 @@ impl<O: Origin> Proxy<O> {
     /// Errors: a body a `key_body` route cannot key (not JSON, not I-JSON).
     pub fn key_for_purge(&self, request: Request<Bytes>) -> Result<CacheKey, &'static str> {
         let (parts, body) = request.into_parts();
+        self.key_for_parts(&parts, &body)
+    }
+
+    /// The keys a purge by request covers: [`Proxy::key_for_purge`]'s, and for a `GET`,
+    /// the `HEAD` entry of the same target too (stored under its own key).
+    ///
+    /// Errors: as [`Proxy::key_for_purge`].
+    pub fn keys_for_purge(&self, request: Request<Bytes>) -> Result<Vec<CacheKey>, &'static str> {
+        let (mut parts, body) = request.into_parts();
+        let mut keys = vec![self.key_for_parts(&parts, &body)?];
+        if parts.method == Method::GET {
+            parts.method = Method::HEAD;
+            keys.push(self.key_for_parts(&parts, &body)?);
+        }
+        Ok(keys)
+    }
+
+    fn key_for_parts(&self, parts: &Parts, body: &Bytes) -> Result<CacheKey, &'static str> {
         let target = normalize_path(parts.uri.path());
         let params = parse_query(parts.uri.query().unwrap_or(""));
         let route = self.policy.route_for(&parts.method, &target.path);
         let canonical = match route.filter(|r| r.config.key_body) {
-            Some(_) => Some(canonical_json(&body).map_err(|_| "the body is not I-JSON")?),
+            Some(_) => Some(canonical_json(body).map_err(|_| "the body is not I-JSON")?),
             None => None,
         };
         let client = SocketAddr::from(([0, 0, 0, 0], 0));
         Ok(self.key_of(
-            &parts,
+            parts,
             &target.path,
             &params,
             route,
