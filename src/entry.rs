@@ -248,6 +248,14 @@ impl CachedResponse {
         marker
     }
 
+    /// Whether the stored response has a validator (`ETag`, `Last-Modified`) to be
+    /// revalidated with (RFC 9111 §4.3.1).
+    pub fn has_validator(&self) -> bool {
+        let headers = self.headers();
+        headers.contains_key(http::header::ETAG)
+            || headers.contains_key(http::header::LAST_MODIFIED)
+    }
+
     /// Whether this is a `Vary` marker rather than a response.
     pub fn is_vary_marker(&self) -> bool {
         self.u16_at(FLAGS) & VARY_MARKER != 0

@@ -233,11 +233,12 @@ impl WarmOutcome {
             .find(|m| m.starts_with("cachegate"))
             .unwrap_or("");
         let params: Vec<&str> = ours.split(';').map(str::trim).skip(1).collect();
-        if params.iter().any(|p| *p == "hit" || *p == "collapsed") {
-            return WarmOutcome::Fresh;
-        }
+        // `stored` first: a revalidated entry is a hit that was stored again.
         if params.contains(&"stored") {
             return WarmOutcome::Stored;
+        }
+        if params.iter().any(|p| *p == "hit" || *p == "collapsed") {
+            return WarmOutcome::Fresh;
         }
         let detail = params
             .iter()

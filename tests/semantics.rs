@@ -817,3 +817,37 @@ async fn a_soft_purged_entry_the_upstream_no_longer_allows_is_removed() {
     });
     assert!(removed.await, "the soft-purged entry kept being served");
 }
+
+// 6 and 2. A background refresh of an entry with a validator revalidates it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn background_refreshes_revalidate_entries_with_validators() {
+    let (up, seen) = scripted(|n| match n {
+        0 => reply(
+            200,
+            &[
+                ("cache-control", "max-age=10, stale-while-revalidate=600"),
+                ("age", "20"),
+                ("etag", "\"e1\""),
+            ],
+            "the body",
+        ),
+        _ => reply(
+            304,
+            &[("cache-control", "max-age=600"), ("etag", "\"e1\"")],
+            "",
+        ),
+    })
+    .await;
+    let gate = Gate::start_at(&up.url(), None, "", "").await;
+    gate.get("/b").await;
+    assert_eq!(gate.get("/b").await.cache(), "STALE");
+    let refreshed = eventually(Duration::from_secs(5), || async {
+        let r = gate.get("/b").await;
+        r.cache() == "HIT" && r.body == "the body"
+    });
+    assert!(refreshed.await);
+    assert_eq!(up.requests(), 2);
+    let second = seen.lock().unwrap()[1].clone();
+    assert!(second.contains("if-none-match: \"e1\""), "{second}");
+    assert_eq!(gate.stats().await["background_refreshes"]["stored"], 1);
+}

@@ -424,6 +424,16 @@ impl<O: Origin> Proxy<O> {
             // Fetched and stored again, whatever is stored (still one request per key).
             ctx.refresh = true;
         }
+        // A refresh of an entry with a validator asks the upstream whether it changed
+        // rather than for all of it (RFC 9111 §4.3.1).
+        if ctx.refresh
+            && (ctx.method == Method::GET || ctx.method == Method::HEAD)
+            && let Some((entry, _, _)) = &found
+            && !entry.is_vary_marker()
+            && entry.has_validator()
+        {
+            ctx.revalidate = Some(entry.clone());
+        }
         if !ctx.refresh
             && let Some((entry, tier, soft_purged)) = found
         {
