@@ -364,15 +364,6 @@ fn vary_names(headers: &HeaderMap) -> Result<Vec<String>, Unparsable> {
     Ok(names)
 }
 
-/// Checks that every `Age` is delta-seconds (RFC 9111 §5.1). (An invalid `Expires` is not
-/// an error: it means the response is already stale, §5.3.)
-fn check_age(headers: &HeaderMap) -> Result<(), Unparsable> {
-    for v in headers.get_all(header::AGE) {
-        delta_seconds(v.to_str().map_err(|_| Unparsable)?.trim()).ok_or(Unparsable)?;
-    }
-    Ok(())
-}
-
 /// The response-side settings of the storage decision, from `[cache]`.
 #[derive(Debug, Clone, Default)]
 pub struct StoreRules {
@@ -423,8 +414,8 @@ fn heuristically_cacheable(status: StatusCode) -> bool {
 ///
 /// The reasons that make a response private to its requester are checked first, whatever
 /// the status, so that an `Err` with a [`NoStoreReason::shareable`] reason always means
-/// "may be handed to another request": an unparsable `Cache-Control`, `Vary` or `Age`
-/// (fail closed), `private`, `no-store` / `no-cache`, `Set-Cookie`, then `Vary` on a
+/// "may be handed to another request": an unparsable `Cache-Control` or `Vary` (fail
+/// closed), `private`, `no-store` / `no-cache`, `Set-Cookie`, then `Vary` on a
 /// header outside the key. Only then come the status and the lifetime.
 ///
 /// The directives are those of the first targeted field in `rules` with a valid value
@@ -452,7 +443,6 @@ pub fn storable(
     let unparsable = |_| NoStoreReason::Unparsable;
     let (cc, targeted) = directives_for_us(headers, &rules.targeted).map_err(unparsable)?;
     let vary = vary_names(headers).map_err(unparsable)?;
-    check_age(headers).map_err(unparsable)?;
     if cc.private {
         return Err(NoStoreReason::Private);
     }
@@ -569,7 +559,8 @@ pub fn storable(
 }
 
 /// The directives that apply to cachegate: the first of the `targeted` fields present with
-/// a valid value (RFC 9213 §2.1), else `Cache-Control`; and whether a targeted one was used.
+/// a valid value (RFC 9213 §2.1, [`targeted_directives`]), else `Cache-Control`; and
+/// whether a targeted one was used.
 ///
 /// Errors: [`Unparsable`] when `Cache-Control` applies and is off the grammar.
 fn directives_for_us(
@@ -577,13 +568,51 @@ fn directives_for_us(
     targeted: &[HeaderName],
 ) -> Result<(CacheControl, bool), Unparsable> {
     for name in targeted {
-        if headers.contains_key(name)
-            && let Ok(cc) = CacheControl::parse_field(headers, name)
-        {
+        if let Some(cc) = targeted_directives(headers, name) {
             return Ok((cc, true));
         }
     }
     Ok((CacheControl::parse(headers)?, false))
+}
+
+/// The directives of the targeted field `name` (RFC 9213 §2.1): a Structured Field
+/// Dictionary (RFC 8941) whose `max-age`, `s-maxage`, `stale-while-revalidate` and
+/// `stale-if-error` are non-negative Integers and whose flags are Booleans; `None` when
+/// the field is absent, empty or invalid in any part (it is then ignored as a whole).
+fn targeted_directives(headers: &HeaderMap, name: &HeaderName) -> Option<CacheControl> {
+    let mut lines = headers.get_all(name).iter();
+    let mut joined = lines.next()?.as_bytes().to_vec();
+    for line in lines {
+        joined.extend_from_slice(b", ");
+        joined.extend_from_slice(line.as_bytes());
+    }
+    let dictionary: sfv::Dictionary = sfv::Parser::new(&joined).parse().ok()?;
+    if dictionary.is_empty() {
+        return None;
+    }
+    let mut cc = CacheControl::default();
+    for (key, entry) in &dictionary {
+        let sfv::ListEntry::Item(item) = entry else {
+            return None;
+        };
+        let seconds = || {
+            let n = i64::from(item.bare_item.as_integer()?);
+            u64::try_from(n).ok().map(|n| n.min(1 << 31))
+        };
+        let flag = || item.bare_item.as_boolean();
+        match key.as_str() {
+            "max-age" => cc.max_age = Some(seconds()?),
+            "s-maxage" => cc.s_maxage = Some(seconds()?),
+            "stale-while-revalidate" => cc.stale_while_revalidate = Some(seconds()?),
+            "stale-if-error" => cc.stale_if_error = Some(seconds()?),
+            "no-store" => cc.no_store = flag()?,
+            "no-cache" => cc.no_cache = flag()?,
+            "private" => cc.private = flag()?,
+            "must-revalidate" | "proxy-revalidate" => cc.must_revalidate |= flag()?,
+            _ => {}
+        }
+    }
+    Some(cc)
 }
 
 /// The response's age when it arrived, in seconds (RFC 9111 §4.2.3
@@ -607,14 +636,17 @@ fn heuristic_freshness(headers: &HeaderMap, now: SystemTime) -> Option<u64> {
     Some((since / 10).min(MAX_HEURISTIC_SECS)).filter(|&s| s > 0)
 }
 
-/// The largest `Age` the upstream sent, in seconds (0 when none); checked well-formed
-/// before.
+/// The `Age` the upstream sent (RFC 9111 §5.1), in seconds: the first value of the first
+/// field line (`Age: 0, 7200` is 0). A value that is not delta-seconds (`abc`, `-1`,
+/// `1.5`) is ignored (0), as the cache-tests suite expects of a shared cache: `Age` only
+/// shortens freshness, so ignoring a broken one never lets a response be shared that
+/// should not be.
 fn upstream_age(headers: &HeaderMap) -> u64 {
     headers
-        .get_all(header::AGE)
-        .iter()
-        .filter_map(|v| v.to_str().ok().and_then(|v| delta_seconds(v.trim())))
-        .max()
+        .get(header::AGE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(',').next())
+        .and_then(|v| delta_seconds(v.trim()))
         .unwrap_or(0)
 }
 
@@ -747,6 +779,33 @@ mod tests {
     }
 
     #[test]
+    fn targeted_fields_are_structured_dictionaries() {
+        let cdn = [HeaderName::from_static("cdn-cache-control")];
+        let parse = |pairs: &[(&'static str, &'static str)]| {
+            directives_for_us(&headers(pairs), &cdn).unwrap()
+        };
+        let (cc, targeted) = parse(&[
+            ("cdn-cache-control", "max-age=60"),
+            ("cache-control", "no-store"),
+        ]);
+        assert!(targeted && cc.max_age == Some(60) && !cc.no_store);
+        let (cc, _) = parse(&[("cdn-cache-control", "private")]);
+        assert!(cc.private);
+        // Invalid in any part: ignored, Cache-Control applies.
+        for bad in [
+            "max-age=10000, &&&&&",
+            "max-age=\"10000\"",
+            "max-age=-1",
+            "max-age=1.5",
+            "",
+        ] {
+            let (cc, targeted) =
+                parse(&[("cdn-cache-control", bad), ("cache-control", "no-store")]);
+            assert!(!targeted && cc.no_store, "{bad:?}");
+        }
+    }
+
+    #[test]
     fn credentials_bypass_unless_keyed() {
         let h = headers(&[("authorization", "Bearer x")]);
         assert_eq!(
@@ -804,7 +863,6 @@ mod tests {
             ("cache-control", "max-age=60; private"),
             ("cache-control", "max-age=\"60"),
             ("vary", "accept language"),
-            ("age", "-1"),
         ] {
             let h = headers(&[bad, ("cache-control", "max-age=60")]);
             assert_eq!(
@@ -825,6 +883,20 @@ mod tests {
         assert_eq!(storable_ttl(None, ok, &fine), Ok(60));
         let aged = headers(&[("cache-control", "max-age=60"), ("age", "50")]);
         assert_eq!(storable_ttl(None, ok, &aged), Ok(10));
+        // Age: the first value of the first line; an invalid one is ignored.
+        for (age, ttl) in [
+            ("-1", 60),
+            ("abc", 60),
+            ("1.5", 60),
+            ("0, 50", 60),
+            ("50, 0", 10),
+        ] {
+            let h = headers(&[("cache-control", "max-age=60"), ("age", age)]);
+            assert_eq!(storable_ttl(None, ok, &h), Ok(ttl), "{age}");
+        }
+        let mut two = headers(&[("cache-control", "max-age=60"), ("age", "0")]);
+        two.append(header::AGE, http::HeaderValue::from_static("50"));
+        assert_eq!(storable_ttl(None, ok, &two), Ok(60));
         let spent = headers(&[("cache-control", "max-age=60"), ("age", "60")]);
         assert_eq!(
             storable_ttl(None, ok, &spent),
