@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Hit-path benchmark: cachegate against nginx proxy_cache and Varnish, same origin, same
-# small cached response, same load tool (wrk), in one run on this machine. cachegate runs
+# Hit-path benchmark: cachegate against nginx proxy_cache, Varnish and a bare hyper server
+# (bench/bare_hyper.rs: the stored response served by the HTTP stack alone, the ceiling),
+# same origin, same small cached response, same load tool (wrk), in one run on this machine. cachegate runs
 # twice: answering from its memory tier, and with the memory tier sized to zero so that
 # every hit comes from Redis (a replica that has not seen the key yet). Prints requests/s
 # and p50/p99 latency for each and cachegate's ratio to each peer.
@@ -27,7 +28,7 @@ fi
 NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
 VARNISHD="$(command -v varnishd || echo /usr/sbin/varnishd)"
 
-cargo build --release --locked -q
+cargo build --release --locked -q --bin cachegate --example bare_hyper
 WORK="$(mktemp -d)"
 chmod 755 "$WORK"
 PIDS=()
@@ -44,11 +45,14 @@ wait_http() {
   echo "no answer from $1" >&2; exit 1
 }
 
-UP=$(free_port); CG=$(free_port); ADMIN=$(free_port); NG=$(free_port); VN=$(free_port)
+UP=$(free_port); CG=$(free_port); ADMIN=$(free_port); NG=$(free_port); VN=$(free_port); BH=$(free_port)
 CGR=$(free_port); ADMINR=$(free_port); REDIS=$(free_port)
 
 python3 bench/upstream.py "$UP" & PIDS+=($!)
 wait_http "http://127.0.0.1:$UP/"
+
+target/release/examples/bare_hyper "127.0.0.1:$BH" "http://127.0.0.1:$UP/kpi/revenue" & PIDS+=($!)
+wait_http "http://127.0.0.1:$BH/kpi/revenue"
 
 CACHEGATE_LOG=warn target/release/cachegate serve --upstream "http://127.0.0.1:$UP" \
   --listen "127.0.0.1:$CG" --admin-listen "127.0.0.1:$ADMIN" & PIDS+=($!)
@@ -123,7 +127,8 @@ declare -A URL=(
   [varnish]="http://127.0.0.1:$VN/kpi/revenue"
 )
 URL[cachegate-redis]="http://127.0.0.1:$CGR/kpi/revenue"
-NAMES=(cachegate cachegate-redis nginx varnish)
+URL[bare-hyper]="http://127.0.0.1:$BH/kpi/revenue"
+NAMES=(cachegate cachegate-redis nginx varnish bare-hyper)
 
 # Warm every cache and check that the measured path is a hit.
 # (The Redis write after a miss is asynchronous: try a few times, bounded.)
@@ -152,8 +157,8 @@ run() { # name url
 }
 # Rotate the order each round so that no proxy always runs on a warmer or busier machine.
 for round in $(seq $ROUNDS); do
-  for k in 0 1 2 3; do
-    name=${NAMES[$(( (k + round) % 4 ))]}
+  for k in 0 1 2 3 4; do
+    name=${NAMES[$(( (k + round) % 5 ))]}
     run "$name" "${URL[$name]}"
   done
 done
@@ -163,14 +168,15 @@ echo "hit path, $ROUNDS rounds x ${DURATION}s, wrk -t2 -c$CONNECTIONS, $(nproc) 
 printf '| %-23s | %12s | %9s | %9s |\n' "proxy" "requests/s" "p50 ms" "p99 ms"
 printf '|%s|%s|%s|%s|\n' "-------------------------" "--------------" "-----------" "-----------"
 declare -A LABEL=([cachegate]="cachegate (memory tier)" [cachegate-redis]="cachegate (redis tier)"
-                  [nginx]="nginx proxy_cache" [varnish]="varnish (malloc)")
+                  [nginx]="nginx proxy_cache" [varnish]="varnish (malloc)"
+                  [bare-hyper]="bare hyper (ceiling)")
 for name in "${NAMES[@]}"; do
   awk -v l="${LABEL[$name]}" -v r="${RPS[$name]}" -v p5="${P50[$name]}" -v p9="${P99[$name]}" -v k=$ROUNDS \
     'BEGIN { printf "| %-23s | %12.0f | %9.3f | %9.3f |\n", l, r/k, p5/k, p9/k }'
 done
 echo
 for ours in cachegate cachegate-redis; do
-  for peer in nginx varnish; do
+  for peer in bare-hyper nginx varnish; do
     awk -v o="${LABEL[$ours]}" -v p="$peer" -v a="${RPS[$ours]}" -v b="${RPS[$peer]}" \
         -v a5="${P50[$ours]}" -v b5="${P50[$peer]}" -v a9="${P99[$ours]}" -v b9="${P99[$peer]}" \
       'BEGIN { printf "%s / %s: throughput %.2fx, p50 latency %.2fx, p99 latency %.2fx\n", o, p, a/b, a5/b5, a9/b9 }'

@@ -54,9 +54,12 @@ const MUST_REVALIDATE: u16 = 1;
 /// `flags` bit: not a response but a `Vary` marker ([`CachedResponse::vary_marker`]).
 const VARY_MARKER: u16 = 2;
 
-/// How long a `Vary` marker is kept, in seconds: longer than most variants, so that they
-/// stay reachable (a new marker starts a new generation of variants).
+/// How long a `Vary` marker is kept at least, in seconds (longer when its variants live
+/// longer); it is stored again, same generation, once half of that has passed.
 pub const VARY_MARKER_TTL_SECS: u32 = 86_400;
+
+/// The header of a `Vary` marker that holds its generation.
+const GENERATION: &str = "x-cachegate-vary-generation";
 
 /// How a stored response ages: its freshness lifetime, the age it already had, and how
 /// long it may be served stale (RFC 9111 §4.2, RFC 5861).
@@ -227,19 +230,27 @@ impl CachedResponse {
         r.get_u16()
     }
 
-    /// A `Vary` marker (see [`crate::vary`]): stored under a primary key at `stored_at_ms`
-    /// (its generation), naming the request headers its variants differ by. Never served.
-    pub fn vary_marker(names: &[String], stored_at_ms: u64) -> Self {
+    /// A `Vary` marker (see [`crate::vary`]): stored under a primary key at `stored_at_ms`,
+    /// kept `ttl_secs`, naming the request headers its variants differ by, of generation
+    /// `generation_ms` (which stays the same when the marker is stored again to keep it).
+    /// Never served.
+    pub fn vary_marker(
+        names: &[String],
+        generation_ms: u64,
+        stored_at_ms: u64,
+        ttl_secs: u32,
+    ) -> Self {
         let mut headers = HeaderMap::new();
         if let Ok(value) = HeaderValue::from_str(&names.join(", ")) {
             headers.insert(http::header::VARY, value);
         }
+        headers.insert(GENERATION, HeaderValue::from(generation_ms));
         let mut marker = CachedResponse::new(
             StatusCode::OK,
             &headers,
             b"",
             stored_at_ms,
-            Freshness::ttl(VARY_MARKER_TTL_SECS),
+            Freshness::ttl(ttl_secs.max(VARY_MARKER_TTL_SECS)),
             &[] as &[&str],
         );
         let mut data = marker.data.to_vec();
@@ -254,6 +265,15 @@ impl CachedResponse {
         let headers = self.headers();
         headers.contains_key(http::header::ETAG)
             || headers.contains_key(http::header::LAST_MODIFIED)
+    }
+
+    /// A `Vary` marker's generation (see [`CachedResponse::vary_marker`]).
+    pub fn vary_generation(&self) -> u64 {
+        self.headers()
+            .get(GENERATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| self.stored_at_ms())
     }
 
     /// Whether this is a `Vary` marker rather than a response.

@@ -194,7 +194,12 @@ impl RequestDirectives {
                 match name.as_str() {
                     "no-cache" => out.no_cache = true,
                     "only-if-cached" => out.only_if_cached = true,
-                    "max-stale" => out.max_stale = Some(secs.unwrap_or(u64::MAX)),
+                    // A bare `max-stale`: any staleness; an invalid value: ignored.
+                    "max-stale" => match (&arg, secs) {
+                        (None, _) => out.max_stale = Some(u64::MAX),
+                        (Some(_), Some(secs)) => out.max_stale = Some(secs),
+                        (Some(_), None) => {}
+                    },
                     "min-fresh" => out.min_fresh = secs.or(out.min_fresh),
                     _ => {}
                 }

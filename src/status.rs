@@ -107,7 +107,7 @@ pub enum NoStoreReason {
     Vary,
     /// The upstream could not be reached or timed out.
     UpstreamError,
-    /// `Cache-Control`, `Vary`, `Expires` or `Age` could not be parsed: fail closed.
+    /// `Cache-Control` or `Vary` could not be parsed: fail closed.
     Unparsable,
     /// Not fetched: the request said `only-if-cached` (answered `504`).
     OnlyIfCached,

@@ -379,10 +379,6 @@ impl<O: Origin> Proxy<O> {
         };
         // What a refresh of this key would send: its keyed parts only.
         let key_headers = route.map_or(&[][..], |r| &r.config.key_headers[..]);
-        let replay = || {
-            let body = keyed_body.clone().unwrap_or_default();
-            Replay::keyed(&parts, key_headers, body, client)
-        };
         // Hot-key warming counts the route's requests per key, keeping a copy of a key's
         // request to refresh it with. Never a credentialed one.
         if let Some(hot_keys) = route.and_then(|r| r.hot_keys.as_deref())
@@ -391,7 +387,10 @@ impl<O: Origin> Proxy<O> {
             && (!has_body || keyed_body.is_some())
             && parts.method != Method::HEAD
         {
-            hot_keys.record(&key, replay);
+            hot_keys.record(&key, || {
+                let body = keyed_body.clone().unwrap_or_default();
+                Replay::keyed(&parts, key_headers, body, client)
+            });
         }
 
         // Lookup: memory, then Redis (a refresh goes to the upstream). A fresh entry is a
@@ -401,21 +400,36 @@ impl<O: Origin> Proxy<O> {
         let mut ctx = ctx;
         let mut found = self.store.lookup_marked(&key).await;
         // Vary: the primary key holds a marker; the variant this request selects has its
-        // own key.
-        if let Some((marker, _, _)) = &found
+        // own key. A soft-purged marker counts as none: the next answer stored starts a
+        // new generation, so every variant is fetched again.
+        if let Some((marker, _, soft_purged)) = &found
             && marker.is_vary_marker()
         {
-            ctx.key = vary::variant_key(
-                &self.keys,
-                &key,
-                marker.stored_at_ms(),
-                &marker.vary_names(),
-                &parts.headers,
-            );
-            ctx.marker = Some(marker.clone());
-            found = self.store.lookup_marked(&ctx.key).await;
+            if *soft_purged {
+                found = None;
+            } else {
+                ctx.key = vary::variant_key(
+                    &self.keys,
+                    &key,
+                    marker.vary_generation(),
+                    &marker.vary_names(),
+                    &parts.headers,
+                );
+                ctx.marker = Some(marker.clone());
+                found = self.store.lookup_marked(&ctx.key).await;
+            }
         }
         let key = ctx.key;
+        // A refresh of this entry sends the keyed parts of this request, and the headers
+        // its variant is selected by (in the variant key already).
+        let mut refresh_headers = key_headers.to_vec();
+        if let Some(marker) = &ctx.marker {
+            refresh_headers.extend(marker.vary_names());
+        }
+        let replay = || {
+            let body = keyed_body.clone().unwrap_or_default();
+            Replay::keyed(&parts, &refresh_headers, body, client)
+        };
         // The request's own Cache-Control, where the route honours it.
         let directives = route.map_or_else(RequestDirectives::default, |r| {
             RequestDirectives::parse(&parts.headers, &r.config.request_cache_control)
@@ -513,7 +527,7 @@ impl<O: Origin> Proxy<O> {
         // joins again, so that one of them leads the next attempt.
         let deadline = Instant::now() + self.limits.coalesce_wait;
         loop {
-            let follower = match self.coalescer.join(&key) {
+            let follower = match self.coalescer.join(&ctx.key) {
                 Role::Leader(leader) => {
                     return self.fetch(parts, body, route, &ctx, Some(leader)).await;
                 }
@@ -525,28 +539,41 @@ impl<O: Origin> Proxy<O> {
                 .await
             {
                 WaitOutcome::Shared(entry)
-                    if ctx.marker.is_none()
-                        && !vary::variant_names(&entry.headers(), key_headers).is_empty() =>
+                    if vary::variant_names(&entry.headers(), key_headers)
+                        != ctx
+                            .marker
+                            .as_ref()
+                            .map(CachedResponse::vary_names)
+                            .unwrap_or_default() =>
                 {
-                    // The leader's answer varies on headers this request may not share:
-                    // the variant this one selects, stored by now if it is the same.
-                    waits.inc("served");
+                    // The leader's answer varies on headers this request was not selected
+                    // by: it may not share it. It takes the variant it selects (stored by
+                    // now if it is the leader's), else waits on, or leads, that variant's
+                    // own flight.
                     let (primary, headers) = (ctx.primary, parts.headers.clone());
-                    if let Some((marker, _)) = self.store.lookup(&primary).await
-                        && marker.is_vary_marker()
-                    {
-                        let names = marker.vary_names();
-                        let generation = marker.stored_at_ms();
-                        ctx.key =
-                            vary::variant_key(&self.keys, &primary, generation, &names, &headers);
-                        ctx.marker = Some(marker);
-                        if let Some(variant) = self.store.lookup_memory(&ctx.key) {
-                            let outcome =
-                                miss(CachePhase::Collapsed, Some(variant.status().as_u16()));
-                            return self.serve_entry(&variant, &ctx, outcome);
+                    match self.store.lookup(&primary).await {
+                        Some((marker, _)) if marker.is_vary_marker() => {
+                            let names = marker.vary_names();
+                            let generation = marker.vary_generation();
+                            let variant = vary::variant_key(
+                                &self.keys, &primary, generation, &names, &headers,
+                            );
+                            ctx.marker = Some(marker);
+                            if variant == ctx.key {
+                                // The same marker it had: not shareable after all.
+                                return self.fetch(parts, body, route, &ctx, None).await;
+                            }
+                            ctx.key = variant;
+                            if let Some(found) = self.store.lookup_memory(&ctx.key) {
+                                waits.inc("served");
+                                let outcome =
+                                    miss(CachePhase::Collapsed, Some(found.status().as_u16()));
+                                return self.serve_entry(&found, &ctx, outcome);
+                            }
+                            continue;
                         }
+                        _ => return self.fetch(parts, body, route, &ctx, None).await,
                     }
-                    return self.fetch(parts, body, route, &ctx, None).await;
                 }
                 WaitOutcome::Shared(entry) => {
                     waits.inc("served");
@@ -750,13 +777,26 @@ impl<O: Origin> Proxy<O> {
         if names.is_empty() {
             return self.store.store(ctx.primary, entry.clone());
         }
+        let now = now_ms();
+        // The marker lives at least as long as the variants (and is stored again, same
+        // generation, once half its life has passed, so that they stay reachable).
+        let lifetime = entry.ttl_secs().saturating_add(entry.grace_secs());
         let generation = match &ctx.marker {
-            Some(marker) if marker.vary_names() == names => marker.stored_at_ms(),
-            _ => {
-                let generation = now_ms();
-                let marker = CachedResponse::vary_marker(&names, generation);
-                self.store.store(ctx.primary, marker);
+            Some(marker) if marker.vary_names() == names => {
+                let generation = marker.vary_generation();
+                let half_life = u64::from(marker.ttl_secs()) * 500;
+                if now.saturating_sub(marker.stored_at_ms()) > half_life
+                    || marker.ttl_secs() < lifetime
+                {
+                    let again = CachedResponse::vary_marker(&names, generation, now, lifetime);
+                    self.store.store(ctx.primary, again);
+                }
                 generation
+            }
+            _ => {
+                let marker = CachedResponse::vary_marker(&names, now, now, lifetime);
+                self.store.store(ctx.primary, marker);
+                now
             }
         };
         let variant = vary::variant_key(

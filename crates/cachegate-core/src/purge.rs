@@ -134,11 +134,14 @@ impl Purges {
             state.keys.retain(|_, at| *at >= cutoff);
             let keep = MAX_KEY_MARKERS / 4 * 3;
             if state.keys.len() > keep {
-                let mut times: Vec<u64> = state.keys.values().copied().collect();
-                let cut = times.len() - keep;
-                let (_, oldest_kept, _) = times.select_nth_unstable(cut);
-                let oldest_kept = *oldest_kept;
-                state.keys.retain(|_, at| *at >= oldest_kept);
+                // Exactly the oldest `cut` go (markers of one batch share a time).
+                let mut markers: Vec<([u8; 32], u64)> =
+                    state.keys.iter().map(|(k, at)| (*k, *at)).collect();
+                let cut = markers.len() - keep;
+                markers.select_nth_unstable_by_key(cut, |m| m.1);
+                for (key, _) in &markers[..cut] {
+                    state.keys.remove(key);
+                }
             }
         }
         self.active.store(true, Ordering::Release);

@@ -260,7 +260,8 @@ impl<V: Storable> TieredStore<V> {
         let queue = self.invalidations.get_or_init(|| {
             let (tx, rx) = tokio::sync::mpsc::channel(INVALIDATION_QUEUE);
             let purges = Arc::downgrade(&self.purges);
-            tokio::spawn(spread_invalidations(redis.clone(), purges, rx));
+            let metrics = self.metrics.clone();
+            tokio::spawn(spread_invalidations(redis.clone(), purges, metrics, rx));
             tx
         });
         if queue.try_send(keys).is_err() {
@@ -585,10 +586,12 @@ pub const INVALIDATION_BATCH_WAIT: Duration = Duration::from_millis(20);
 const INVALIDATION_QUEUE: usize = 4096;
 
 /// Records and publishes the queued invalidations in batches until the store is dropped:
-/// one marker write and one message per batch, no acknowledgements awaited.
+/// one marker write and one message per batch, no acknowledgements awaited; each batch
+/// counted in `purge_outcomes_total` (`unconfirmed`: sent; `local`: Redis refused it).
 async fn spread_invalidations(
     redis: RedisTier,
     purges: std::sync::Weak<Purges>,
+    metrics: StoreMetrics,
     mut rx: tokio::sync::mpsc::Receiver<Vec<CacheKey>>,
 ) {
     while let Some(mut keys) = rx.recv().await {
@@ -611,9 +614,19 @@ async fn spread_invalidations(
         // Already applied here: this replica's own subscription only acknowledges it.
         purges.note_own(message.id);
         drop(purges);
-        if redis.record_purges(&message.markers()).await {
-            redis.publish_purge(&message.encode()).await;
+        // Tried twice; a batch Redis refuses both times reached no other replica.
+        let mut reached = false;
+        for _ in 0..2 {
+            if redis.record_purges(&message.markers()).await
+                && redis.publish_purge(&message.encode()).await.is_some()
+            {
+                reached = true;
+                break;
+            }
         }
+        metrics
+            .purge_outcomes
+            .inc(if reached { "unconfirmed" } else { "local" });
     }
 }
 

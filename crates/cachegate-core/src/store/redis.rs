@@ -231,15 +231,19 @@ impl RedisTier {
     /// markers in the hash `{namespace}:purges`, key markers (one per purged key, many
     /// with invalidations by unsafe methods) in the sorted set `{namespace}:purged-keys`,
     /// scored by time and kept [`crate::purge::KEY_MARKER_RETENTION_MS`], the newest
-    /// [`crate::purge::MAX_KEY_MARKERS`] at most. Returns whether Redis confirmed.
+    /// [`crate::purge::MAX_KEY_MARKERS`] at most. The entries of purged keys are deleted
+    /// (`UNLINK`) at once, so that a key marker dropped later uncovers nothing in Redis
+    /// (the script touches entry keys it does not declare: standalone Redis, not Cluster).
+    /// Returns whether Redis confirmed.
     pub async fn record_purges(&self, markers: &[(String, u64)]) -> bool {
         let mut conn = self.conn.clone();
         let key = self.purges_key();
         let script = redis::Script::new(
-            "for i = 2, #ARGV, 2 do \
+            "for i = 4, #ARGV, 2 do \
                local at = tonumber(ARGV[i + 1]) \
                if string.sub(ARGV[i], 1, 4) == 'key:' then \
                  redis.call('ZADD', KEYS[2], 'GT', at, string.sub(ARGV[i], 5)) \
+                 redis.call('UNLINK', ARGV[3] .. string.sub(ARGV[i], 5)) \
                else \
                  local cur = redis.call('HGET', KEYS[1], ARGV[i]) \
                  if not cur or tonumber(cur) < at then \
@@ -248,12 +252,16 @@ impl RedisTier {
                end \
              end \
              redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[1]) \
-             redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -100001) \
+             redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -(tonumber(ARGV[2]) + 1)) \
              return 1",
         );
         let cutoff = crate::now_ms().saturating_sub(crate::purge::KEY_MARKER_RETENTION_MS);
         let mut invocation = script.key(key);
-        invocation.key(self.purged_keys_key()).arg(cutoff);
+        invocation
+            .key(self.purged_keys_key())
+            .arg(cutoff)
+            .arg(crate::purge::MAX_KEY_MARKERS)
+            .arg(&self.prefix);
         for (field, at_ms) in markers {
             invocation.arg(field).arg(*at_ms);
         }
