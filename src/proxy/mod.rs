@@ -114,7 +114,8 @@ struct Ctx {
     credentialed: bool,
     /// The client's validators, taken out of the forwarded request.
     conditions: Conditions,
-    /// The tags for this request ([`tags::entry_tags`]); the upstream's are added.
+    /// The tags for this request ([`tags::entry_tags`]; the upstream's are added), made
+    /// once the lookup missed (a hit needs none).
     tags: Vec<String>,
     /// A refresh ([`Refresh`]): fetched from the upstream even when an entry is stored.
     refresh: bool,
@@ -372,7 +373,7 @@ impl<O: Origin> Proxy<O> {
             method: parts.method.clone(),
             credentialed: policy::credentialed(&parts.headers),
             conditions: Conditions::take(&mut parts.headers),
-            tags: tags::entry_tags(route, &target.path, &params),
+            tags: Vec::new(),
             refresh: parts.extensions.get::<Refresh>().is_some(),
             stale: None,
             revalidate: None,
@@ -421,14 +422,18 @@ impl<O: Origin> Proxy<O> {
         }
         let key = ctx.key;
         // A refresh of this entry sends the keyed parts of this request, and the headers
-        // its variant is selected by (in the variant key already).
-        let mut refresh_headers = key_headers.to_vec();
-        if let Some(marker) = &ctx.marker {
-            refresh_headers.extend(marker.vary_names());
-        }
+        // its variant is selected by (in the variant key already). Made only when a
+        // refresh is queued.
         let replay = || {
             let body = keyed_body.clone().unwrap_or_default();
-            Replay::keyed(&parts, &refresh_headers, body, client)
+            match &ctx.marker {
+                None => Replay::keyed(&parts, key_headers, body, client),
+                Some(marker) => {
+                    let mut headers = key_headers.to_vec();
+                    headers.extend(marker.vary_names());
+                    Replay::keyed(&parts, &headers, body, client)
+                }
+            }
         };
         // The request's own Cache-Control, where the route honours it.
         let directives = route.map_or_else(RequestDirectives::default, |r| {
@@ -514,6 +519,8 @@ impl<O: Origin> Proxy<O> {
             }
         }
 
+        // Past the lookup: what an entry stored for this request will be tagged with.
+        ctx.tags = tags::entry_tags(route, &target.path, &params);
         if directives.only_if_cached {
             // RFC 9111 §5.2.1.7: nothing usable stored, and the request forbids fetching.
             let phase = CachePhase::Miss(Err(NoStoreReason::OnlyIfCached));
