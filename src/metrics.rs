@@ -65,6 +65,10 @@ pub struct Metrics {
     /// `warm_requests_total{outcome}`: warm-list requests by outcome (`stored`, `fresh`,
     /// `failed`).
     pub warm_requests: LabeledCounter,
+    /// `requests_total` handles in [`CachePhase::all`] order ([`CachePhase::index`]).
+    by_phase: Vec<Counter>,
+    /// `hits_total` handles: memory, redis.
+    hits_by_tier: [Counter; 2],
     /// `hot_key_refreshes_total{outcome}`: hot-key refreshes by outcome (`stored`,
     /// `fresh`: a concurrent request fetched it, `failed`, `timeout`: abandoned).
     pub hot_key_refreshes: LabeledCounter,
@@ -98,6 +102,17 @@ impl Metrics {
             });
         }
         let hits = LabeledCounter::new("tier", TIERS);
+        let by_phase: Vec<Counter> = CachePhase::all()
+            .map(|phase| {
+                requests
+                    .get_or_create(&RequestLabels {
+                        status: phase.status_label(),
+                        reason: phase.reason_label(),
+                    })
+                    .clone()
+            })
+            .collect();
+        let hits_by_tier = [hits.handle("memory"), hits.handle("redis")];
         let coalesced_waits =
             LabeledCounter::new("outcome", &["served", "timeout", "retried", "released"]);
         let upstream_duration = Histogram::new(exponential_buckets(0.001, 2.0, 16));
@@ -143,6 +158,8 @@ impl Metrics {
             warm_requests,
             hot_key_refreshes,
             background_refreshes,
+            by_phase,
+            hits_by_tier,
         };
         let mut registry = Registry::with_prefix("cachegate");
         metrics.register_into(&mut registry);
@@ -234,14 +251,11 @@ impl Metrics {
 
     /// Counts one finished request.
     pub fn record(&self, phase: CachePhase) {
-        self.requests
-            .get_or_create(&RequestLabels {
-                status: phase.status_label(),
-                reason: phase.reason_label(),
-            })
-            .inc();
+        if let Some(counter) = self.by_phase.get(phase.index()) {
+            counter.inc();
+        }
         if let CachePhase::Hit(tier) = phase {
-            self.hits.inc(tier.as_str());
+            self.hits_by_tier[usize::from(tier != cachegate_core::store::Tier::Memory)].inc();
         }
     }
 

@@ -230,6 +230,27 @@ impl CachePhase {
             .chain(BypassReason::ALL.into_iter().map(CachePhase::Bypass))
     }
 
+    /// The position of this phase in [`CachePhase::all`]: metrics keep one pre-resolved
+    /// counter per phase, so that counting a request is an index, not a label lookup.
+    /// (The fieldless reason enums list their variants in declaration order in `ALL`,
+    /// which a test checks.)
+    pub fn index(self) -> usize {
+        let tiers = Tier::ALL.len();
+        let stale = StaleReason::ALL.len() * tiers;
+        let after_stale = tiers + stale;
+        let tier = |t: Tier| if t == Tier::Memory { 0 } else { 1 };
+        match self {
+            CachePhase::Hit(t) => tier(t),
+            CachePhase::Stale(r, t) => tiers + r as usize * tiers + tier(t),
+            CachePhase::Revalidated(true) => after_stale,
+            CachePhase::Revalidated(false) => after_stale + 1,
+            CachePhase::Miss(Ok(())) => after_stale + 2,
+            CachePhase::Collapsed => after_stale + 3,
+            CachePhase::Miss(Err(r)) => after_stale + 4 + r as usize,
+            CachePhase::Bypass(r) => after_stale + 4 + NoStoreReason::ALL.len() + r as usize,
+        }
+    }
+
     /// The `X-Cache-Status` value: `HIT`, `STALE`, `MISS` or `BYPASS`.
     pub fn x_cache_status(self) -> &'static str {
         match self {
@@ -340,6 +361,13 @@ impl CachePhase {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn phase_indexes_follow_all() {
+        for (i, phase) in CachePhase::all().enumerate() {
+            assert_eq!(phase.index(), i, "{phase:?}");
+        }
+    }
 
     #[test]
     fn headers() {

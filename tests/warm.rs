@@ -283,8 +283,9 @@ fn warm_settings_are_checked() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_sharing_redis_take_turns_refreshing_a_hot_key() {
     let (up, redis) = (Upstream::start().await, common::Redis::start().await);
-    // The upstream takes 1.2 s per answer (the delay header is keyed, so refreshes send
-    // it too): long enough that both replicas find the key due while one refreshes it.
+    // The upstream takes 0.6 s per answer (the delay header is keyed, so refreshes send
+    // it too): long enough that the replicas' once-a-second checks find the key due while
+    // one refreshes it, short enough to land 1.4 s before the entry expires.
     let config = r#"
 [[routes]]
 method = "GET"
@@ -300,7 +301,7 @@ key_headers = ["x-test-delay-ms"]
         let req = gate
             .client
             .get(gate.url("/kpi/hot"))
-            .header("x-test-delay-ms", "1200");
+            .header("x-test-delay-ms", "600");
         async move { common::Reply::from(req.send().await.unwrap()).await }
     };
     get(&a).await;
@@ -313,7 +314,7 @@ key_headers = ["x-test-delay-ms"]
     // refreshed, and never by both replicas at once.
     let hits_before = up.hits();
     let started = Instant::now();
-    while started.elapsed() < Duration::from_secs(6) {
+    while started.elapsed() < Duration::from_secs(8) {
         for gate in [&a, &b] {
             let reply = get(gate).await;
             assert_eq!(reply.cache(), "HIT", "after {:?}", started.elapsed());
