@@ -38,12 +38,6 @@ pub const MAX_REPLAY_BODY_BYTES: usize = 64 << 10;
 /// Redis (see [`cachegate_core::store::TieredStore::try_refresh_lease`]).
 const LEASE_MARGIN: Duration = Duration::from_secs(5);
 
-/// A random lease token, so that a replica only ever releases its own lease.
-fn lease_token() -> u64 {
-    let bytes = cachegate_core::random_secret();
-    u64::from_le_bytes(bytes[..8].try_into().unwrap_or_default())
-}
-
 /// Clears a key from the pending refreshes when dropped.
 struct PendingGuard<'a> {
     refresher: &'a Refresher,
@@ -290,7 +284,8 @@ pub async fn run_refreshes<O: Origin>(
             }
             // The lease outlives the refresh's own time limit, so that no other replica
             // starts the same refresh meanwhile.
-            let token = lease_token();
+            // A random token, so that a replica only ever releases its own lease.
+            let token = cachegate_core::random_id();
             let lease = refresher.timeout + LEASE_MARGIN;
             if !proxy.try_refresh_lease(&job.key, lease, token).await {
                 return;

@@ -52,6 +52,15 @@ pub fn now_ms() -> u64 {
 /// 32 random bytes from the standard library's randomly seeded hasher: a per-process
 /// secret (keys that no other process can derive) or a random id.
 pub fn random_secret() -> [u8; 32] {
+    random_bytes()
+}
+
+/// A random 64-bit id (purge ids, refresh lease tokens), from [`random_secret`].
+pub fn random_id() -> u64 {
+    u64::from_le_bytes(random_bytes()[..8].try_into().unwrap_or_default())
+}
+
+fn random_bytes() -> [u8; 32] {
     use std::hash::{BuildHasher, RandomState};
     let mut out = [0u8; 32];
     for (i, chunk) in out.chunks_mut(8).enumerate() {

@@ -129,6 +129,14 @@ impl WriteOrder {
     fn stripe(&self, key: &CacheKey) -> &tokio::sync::Mutex<u64> {
         &self.stripes[usize::from(key.0[31])]
     }
+
+    /// Deletes `key` from Redis as the write numbered `seq`: any write asked for before it
+    /// and still pending is dropped. Returns whether Redis confirmed.
+    async fn delete(&self, redis: &RedisTier, key: &CacheKey, seq: u64) -> bool {
+        let mut stripe = self.stripe(key).lock().await;
+        *stripe = (*stripe).max(seq);
+        redis.del(key).await
+    }
 }
 
 /// The tiers together. Cloning shares them.
@@ -272,7 +280,7 @@ impl<V: Storable> TieredStore<V> {
     /// Applies a purge's markers on this replica and counts it.
     fn apply_purge(&self, scope: PurgeScope, mode: PurgeMode) -> PurgeMessage {
         let message = PurgeMessage {
-            id: purge_id(),
+            id: crate::random_id(),
             at_ms: now_ms(),
             scope,
             mode,
@@ -537,9 +545,7 @@ impl<V: Storable> TieredStore<V> {
         let (order, key) = (self.order.clone(), *key);
         let seq = order.next();
         tokio::spawn(async move {
-            let mut stripe = order.stripe(&key).lock().await;
-            *stripe = (*stripe).max(seq);
-            redis.del(&key).await;
+            order.delete(&redis, &key, seq).await;
         });
     }
 
@@ -552,9 +558,7 @@ impl<V: Storable> TieredStore<V> {
         };
         // After every write stored before this call, and before any still pending.
         let seq = self.order.next();
-        let mut stripe = self.order.stripe(key).lock().await;
-        *stripe = (*stripe).max(seq);
-        redis.del(key).await
+        self.order.delete(redis, key, seq).await
     }
 
     /// Refreshes the memory-tier gauges.
@@ -571,11 +575,6 @@ impl<V: Storable> TieredStore<V> {
 }
 
 /// A random id for a purge.
-fn purge_id() -> u64 {
-    let bytes = crate::random_secret();
-    u64::from_le_bytes(bytes[..8].try_into().unwrap_or_default())
-}
-
 /// Most keys in one batch of [`TieredStore::purge_keys_in_background`].
 pub const INVALIDATION_BATCH_KEYS: usize = 512;
 
@@ -606,7 +605,7 @@ async fn spread_invalidations(
             return;
         };
         let message = PurgeMessage {
-            id: purge_id(),
+            id: crate::random_id(),
             at_ms: now_ms(),
             scope: PurgeScope::Keys(keys),
             mode: PurgeMode::Hard,
