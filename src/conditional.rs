@@ -8,9 +8,19 @@
 
 use std::time::SystemTime;
 
-use http::{HeaderMap, HeaderValue, header};
+use http::{HeaderMap, HeaderName, HeaderValue, header};
 
 use crate::policy::http_date;
+
+/// The conditional request headers (RFC 9110 §13.1), all taken out of a request the cache
+/// answers.
+const CONDITIONAL: [HeaderName; 5] = [
+    header::IF_NONE_MATCH,
+    header::IF_MODIFIED_SINCE,
+    header::IF_MATCH,
+    header::IF_UNMODIFIED_SINCE,
+    header::IF_RANGE,
+];
 
 /// The validators a client sent, taken out of its request.
 #[derive(Debug, Default, Clone)]
@@ -24,6 +34,10 @@ impl Conditions {
     /// `If-Modified-Since`, `If-Match`, `If-Unmodified-Since`, `If-Range`) and keeps the two
     /// that a cache answers for GET/HEAD.
     pub fn take(headers: &mut HeaderMap) -> Self {
+        // Most requests hold none: one pass over the names is cheaper than five removals.
+        if !headers.keys().any(|name| CONDITIONAL.contains(name)) {
+            return Conditions::default();
+        }
         let if_none_match = headers.remove(header::IF_NONE_MATCH);
         let if_modified_since = http_date(headers, header::IF_MODIFIED_SINCE);
         headers.remove(header::IF_MODIFIED_SINCE);

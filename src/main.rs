@@ -109,6 +109,12 @@ enum LogFormat {
     Json,
 }
 
+/// mimalloc rather than glibc's malloc: per-thread heaps that take frees from other
+/// threads without a lock (a hit's buffers are often freed on another Tokio worker than the
+/// one that allocated them; glibc's arenas made those threads wait on each other).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {

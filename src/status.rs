@@ -4,8 +4,6 @@
 //! and the labels of the Prometheus metrics, in the way Cloudflare's pingora-cache models
 //! its phases and no-cache reasons.
 
-use std::fmt::Write;
-
 pub use cachegate_core::store::Tier;
 
 /// Why a request was neither looked up in nor stored into the cache.
@@ -295,13 +293,31 @@ impl CachePhase {
     /// `ttl_secs` is the freshness left (hits; negative when stale); `fwd_status` the
     /// upstream's status (misses, and the error a stale answer replaced).
     pub fn cache_status_header(self, ttl_secs: Option<i64>, fwd_status: Option<u16>) -> String {
-        let mut s = String::from("cachegate");
+        let mut s = String::with_capacity(64);
+        self.write_cache_status(&mut s, ttl_secs, fwd_status);
+        s
+    }
+
+    /// Appends [`CachePhase::cache_status_header`]'s value to `s` (no allocation when `s`
+    /// has room): the form the request path uses.
+    pub fn write_cache_status(
+        self,
+        s: &mut String,
+        ttl_secs: Option<i64>,
+        fwd_status: Option<u16>,
+    ) {
+        let mut int = itoa::Buffer::new();
+        let mut fwd_status_param = |s: &mut String| {
+            if let Some(code) = fwd_status {
+                s.push_str("; fwd-status=");
+                s.push_str(int.format(code));
+            }
+        };
+        s.push_str("cachegate");
         match self {
             CachePhase::Revalidated(stored) => {
                 s.push_str("; hit; fwd=stale");
-                if let Some(code) = fwd_status {
-                    let _ = write!(s, "; fwd-status={code}");
-                }
+                fwd_status_param(s);
                 if stored {
                     s.push_str("; stored");
                 }
@@ -309,52 +325,52 @@ impl CachePhase {
             }
             CachePhase::Stale(reason, tier) => {
                 let ttl = ttl_secs.unwrap_or(0);
-                let _ = write!(
-                    s,
-                    "; hit; stale={}; ttl={ttl}; fwd=stale",
-                    ttl.unsigned_abs()
-                );
-                if let Some(code) = fwd_status {
-                    let _ = write!(s, "; fwd-status={code}");
-                }
-                let _ = write!(s, "; detail={}; tier={}", reason.as_str(), tier.as_str());
+                let mut int = itoa::Buffer::new();
+                s.push_str("; hit; stale=");
+                s.push_str(int.format(ttl.unsigned_abs()));
+                s.push_str("; ttl=");
+                s.push_str(int.format(ttl));
+                s.push_str("; fwd=stale");
+                fwd_status_param(s);
+                s.push_str("; detail=");
+                s.push_str(reason.as_str());
+                s.push_str("; tier=");
+                s.push_str(tier.as_str());
             }
             CachePhase::Hit(tier) => {
                 s.push_str("; hit");
                 if let Some(ttl) = ttl_secs {
-                    let _ = write!(s, "; ttl={ttl}");
+                    s.push_str("; ttl=");
+                    s.push_str(itoa::Buffer::new().format(ttl));
                 }
-                let _ = write!(s, "; detail={}", tier.as_str());
+                s.push_str("; detail=");
+                s.push_str(tier.as_str());
             }
             CachePhase::Miss(stored) => {
                 s.push_str("; fwd=miss");
-                if let Some(code) = fwd_status {
-                    let _ = write!(s, "; fwd-status={code}");
-                }
+                fwd_status_param(s);
                 match stored {
                     Ok(()) => s.push_str("; stored"),
                     Err(r) => {
-                        let _ = write!(s, "; detail={}", r.as_str());
+                        s.push_str("; detail=");
+                        s.push_str(r.as_str());
                     }
                 }
             }
             CachePhase::Collapsed => {
                 s.push_str("; fwd=miss");
-                if let Some(code) = fwd_status {
-                    let _ = write!(s, "; fwd-status={code}");
-                }
+                fwd_status_param(s);
                 s.push_str("; collapsed");
             }
             CachePhase::Bypass(r) => {
-                let fwd = if r == BypassReason::Method {
-                    "method"
+                s.push_str(if r == BypassReason::Method {
+                    "; fwd=method; detail="
                 } else {
-                    "bypass"
-                };
-                let _ = write!(s, "; fwd={fwd}; detail={}", r.as_str());
+                    "; fwd=bypass; detail="
+                });
+                s.push_str(r.as_str());
             }
         }
-        s
     }
 }
 

@@ -39,6 +39,29 @@ pub struct NormalPath {
 /// assert!(normalize_path("/a%2fb").ambiguous);
 /// ```
 pub fn normalize_path(raw: &str) -> NormalPath {
+    if is_normal(raw) {
+        // Already in the normal form (the common case): nothing to decode or remove.
+        return NormalPath {
+            path: raw.to_owned(),
+            ambiguous: false,
+        };
+    }
+    normalize_slowly(raw)
+}
+
+/// Whether `raw` is its own normal form: starts with `/`, holds no `%`, `\` or `;`, no
+/// empty segment but a trailing one, and no dot segment.
+fn is_normal(raw: &str) -> bool {
+    raw.starts_with('/')
+        && !raw.bytes().any(|b| matches!(b, b'%' | b'\\' | b';'))
+        && !raw.contains("//")
+        && !raw
+            .split('/')
+            .any(|segment| segment == "." || segment == "..")
+}
+
+/// [`normalize_path`] for a path that is not already normal.
+fn normalize_slowly(raw: &str) -> NormalPath {
     let decoded = normalize_percent(raw);
     let ambiguous = has_invalid_escape(raw)
         || decoded.contains("%2F")
@@ -238,6 +261,13 @@ mod tests {
             for p in q {
                 prop_assert_eq!(normalize_percent(&p.name), p.name.clone());
             }
+        }
+
+        #[test]
+        fn the_fast_path_agrees_with_the_full_normalization(
+            s in prop_oneof![any::<String>(), "(/([a-z.;%\\\\]{0,3}|%2[eEfF]|\\.\\.?)){0,6}/?"]
+        ) {
+            prop_assert_eq!(normalize_path(&s), normalize_slowly(&s));
         }
 
         #[test]

@@ -61,6 +61,11 @@ use self::refresh::{Refresh, Refresher, Replay};
 use cachegate_core::coalesce::{Coalescer, Leader, Role, WaitOutcome};
 use cachegate_core::store::{Storable, TieredStore};
 
+/// `Cache-Status` (RFC 9211).
+const CACHE_STATUS: http::HeaderName = http::HeaderName::from_static("cache-status");
+/// `X-Cache-Status`: `HIT`, `MISS`, `BYPASS` or `STALE`.
+const X_CACHE_STATUS: http::HeaderName = http::HeaderName::from_static("x-cache-status");
+
 /// Size and wait limits applied on the request path.
 #[derive(Debug, Clone, Copy)]
 struct Limits {
@@ -1079,6 +1084,11 @@ impl<O: Origin> Proxy<O> {
         }
     }
 
+    /// Counts a request whose handling panicked (`cachegate_panics_total`).
+    pub fn count_panic(&self) {
+        self.metrics.panics.inc();
+    }
+
     /// The hot-key trackers of the routes with `warm_hot_keys`, for [`crate::warm::run_hot_keys`].
     pub fn hot_key_trackers(&self) -> Vec<Arc<HotKeys>> {
         self.policy.hot_keys()
@@ -1339,17 +1349,18 @@ impl<O: Origin> Proxy<O> {
         key: Option<&CacheKey>,
     ) -> Response<ProxyBody> {
         let phase = outcome.phase;
-        let ours = phase.cache_status_header(outcome.ttl_secs, outcome.fwd_status);
         let headers = resp.headers_mut();
-        let value = match headers.get("cache-status").and_then(|v| v.to_str().ok()) {
-            Some(prev) => format!("{prev}, {ours}"),
-            None => ours,
+        // An upstream cache's members come first (RFC 9211 §2).
+        let mut value = match headers.get(&CACHE_STATUS).and_then(|v| v.to_str().ok()) {
+            Some(prev) => format!("{prev}, "),
+            None => String::with_capacity(64),
         };
-        if let Ok(v) = HeaderValue::from_str(&value) {
-            headers.insert("cache-status", v);
+        phase.write_cache_status(&mut value, outcome.ttl_secs, outcome.fwd_status);
+        if let Ok(v) = HeaderValue::try_from(value) {
+            headers.insert(CACHE_STATUS, v);
         }
         headers.insert(
-            "x-cache-status",
+            X_CACHE_STATUS,
             HeaderValue::from_static(phase.x_cache_status()),
         );
         self.metrics.record(phase);

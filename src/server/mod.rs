@@ -135,10 +135,8 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let hot_keys = crate::warm::run_hot_keys(proxy.clone(), rx.clone());
     let refreshes =
         crate::proxy::refresh::run_refreshes(proxy.clone(), metrics.clone(), rx.clone());
-    let panics = metrics.clone();
     let proxy_loop = serve(listener, rx.clone(), limits.clone(), move |req, peer| {
         let proxy = proxy.clone();
-        let panics = panics.clone();
         async move {
             // A panic must not take the connection down or print request data (the panic
             // hook prints only a location): answer 500 and count it.
@@ -148,7 +146,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             {
                 Ok(resp) => resp,
                 Err(_) => {
-                    panics.panics.inc();
+                    proxy.count_panic();
                     crate::proxy::plain(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
                 }
             }
