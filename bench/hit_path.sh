@@ -3,10 +3,15 @@
 # (bench/bare_hyper.rs: the stored response served by the HTTP stack alone, the ceiling),
 # same origin, same small cached response, same load tool (wrk), in one run on this machine. cachegate runs
 # twice: answering from its memory tier, and with the memory tier sized to zero so that
-# every hit comes from Redis (a replica that has not seen the key yet). Prints requests/s
-# and p50/p99 latency for each and cachegate's ratio to each peer.
+# every hit comes from Redis (a replica that has not seen the key yet); the memory tier is
+# also loaded with a body-keyed POST (the natal-chart request of a `key_body` route), the
+# same response. Prints requests/s and p50/p99 latency for each and cachegate's ratio to
+# each peer.
 #
 #   bench/hit_path.sh [seconds per run, default 10] [connections, default 50]
+#
+# With HIT_PATH_TSV=FILE, the table is also written to FILE (tab-separated: name,
+# requests/s, p50 ms, p99 ms), the input of bench/chart.sh.
 #
 # Installs nginx, varnish, redis-server and wrk from Debian's packages when missing. Everything listens on
 # 127.0.0.1; every process started here is stopped by its PID on exit.
@@ -54,9 +59,25 @@ wait_http "http://127.0.0.1:$UP/"
 target/release/examples/bare_hyper "127.0.0.1:$BH" "http://127.0.0.1:$UP/kpi/revenue" & PIDS+=($!)
 wait_http "http://127.0.0.1:$BH/kpi/revenue"
 
-CACHEGATE_LOG=warn target/release/cachegate serve --upstream "http://127.0.0.1:$UP" \
-  --listen "127.0.0.1:$CG" --admin-listen "127.0.0.1:$ADMIN" & PIDS+=($!)
+cat > "$WORK/memory-tier.toml" <<TOML
+listen = "127.0.0.1:$CG"
+admin_listen = "127.0.0.1:$ADMIN"
+[upstream]
+url = "http://127.0.0.1:$UP"
+[[routes]]
+method = "POST"
+path = "/api/natal/chart"
+ttl_secs = 3600
+key_body = true
+TOML
+CACHEGATE_LOG=warn target/release/cachegate serve --config "$WORK/memory-tier.toml" & PIDS+=($!)
 wait_http "http://127.0.0.1:$ADMIN/healthz"
+CHART_BODY='{"name":"Ada","birth":{"date":"1815-12-10","time":"12:00","tz":"Europe/London"},"place":{"lat":51.5072,"lon":-0.1276},"house_system":"placidus"}'
+cat > "$WORK/post.lua" <<LUA
+wrk.method = "POST"
+wrk.body = '$CHART_BODY'
+wrk.headers["Content-Type"] = "application/json"
+LUA
 
 redis-server --port "$REDIS" --bind 127.0.0.1 --save "" --appendonly no --dir "$WORK" \
   >"$WORK/redis.log" 2>&1 & PIDS+=($!)
@@ -128,14 +149,18 @@ declare -A URL=(
 )
 URL[cachegate-redis]="http://127.0.0.1:$CGR/kpi/revenue"
 URL[bare-hyper]="http://127.0.0.1:$BH/kpi/revenue"
-NAMES=(cachegate cachegate-redis nginx varnish bare-hyper)
+URL[cachegate-post]="http://127.0.0.1:$CG/api/natal/chart"
+NAMES=(cachegate cachegate-post cachegate-redis nginx varnish bare-hyper)
+declare -A SCRIPT=([cachegate-post]="$WORK/post.lua")
 
 # Warm every cache and check that the measured path is a hit.
 # (The Redis write after a miss is asynchronous: try a few times, bounded.)
-for url in "${URL[@]}"; do
+for name in "${NAMES[@]}"; do
+  url="${URL[$name]}"
+  post=(); [ "$name" = cachegate-post ] && post=(-H "Content-Type: application/json" --data "$CHART_BODY")
   status=""
   for _ in $(seq 50); do
-    status=$(curl -s -D - -o /dev/null "$url" | tr -d '\r' | awk -F': ' 'tolower($1)=="x-cache-status"{print $2}')
+    status=$(curl -s "${post[@]}" -D - -o /dev/null "$url" | tr -d '\r' | awk -F': ' 'tolower($1)=="x-cache-status"{print $2}')
     [ "$status" = "HIT" ] && break
     sleep 0.05
   done
@@ -148,8 +173,9 @@ curl -s -D - -o /dev/null "${URL[cachegate-redis]}" | grep -qi "cache-status: ca
 to_ms() { awk '{ v=$1; if (v ~ /us$/) { sub(/us$/,"",v); v/=1000 } else if (v ~ /ms$/) { sub(/ms$/,"",v) } else if (v ~ /s$/) { sub(/s$/,"",v); v*=1000 } printf "%.3f", v }'; }
 declare -A RPS P50 P99
 run() { # name url
-  local out
-  out=$(wrk -t2 -c"$CONNECTIONS" -d"${DURATION}s" --latency "$2")
+  local out script=()
+  [ -n "${SCRIPT[$1]:-}" ] && script=(-s "${SCRIPT[$1]}")
+  out=$(wrk -t2 -c"$CONNECTIONS" -d"${DURATION}s" --latency "${script[@]}" "$2")
   RPS[$1]=$(awk -v a="${RPS[$1]:-0}" '/^Requests\/sec:/ { printf "%.0f", a + $2 }' <<<"$out")
   P50[$1]=$(awk -v a="${P50[$1]:-0}" -v x="$(awk '$1=="50%"{print $2}' <<<"$out" | to_ms)" 'BEGIN{printf "%.3f", a + x}')
   P99[$1]=$(awk -v a="${P99[$1]:-0}" -v x="$(awk '$1=="99%"{print $2}' <<<"$out" | to_ms)" 'BEGIN{printf "%.3f", a + x}')
@@ -157,8 +183,8 @@ run() { # name url
 }
 # Rotate the order each round so that no proxy always runs on a warmer or busier machine.
 for round in $(seq $ROUNDS); do
-  for k in 0 1 2 3 4; do
-    name=${NAMES[$(( (k + round) % 5 ))]}
+  for k in "${!NAMES[@]}"; do
+    name=${NAMES[$(( (k + round) % ${#NAMES[@]} ))]}
     run "$name" "${URL[$name]}"
   done
 done
@@ -168,11 +194,17 @@ echo "hit path, $ROUNDS rounds x ${DURATION}s, wrk -t2 -c$CONNECTIONS, $(nproc) 
 printf '| %-23s | %12s | %9s | %9s |\n' "proxy" "requests/s" "p50 ms" "p99 ms"
 printf '|%s|%s|%s|%s|\n' "-------------------------" "--------------" "-----------" "-----------"
 declare -A LABEL=([cachegate]="cachegate (memory tier)" [cachegate-redis]="cachegate (redis tier)"
+                  [cachegate-post]="cachegate POST (body key)"
                   [nginx]="nginx proxy_cache" [varnish]="varnish (malloc)"
                   [bare-hyper]="bare hyper (ceiling)")
+[ -n "${HIT_PATH_TSV:-}" ] && : > "$HIT_PATH_TSV"
 for name in "${NAMES[@]}"; do
   awk -v l="${LABEL[$name]}" -v r="${RPS[$name]}" -v p5="${P50[$name]}" -v p9="${P99[$name]}" -v k=$ROUNDS \
     'BEGIN { printf "| %-23s | %12.0f | %9.3f | %9.3f |\n", l, r/k, p5/k, p9/k }'
+  if [ -n "${HIT_PATH_TSV:-}" ]; then
+    awk -v l="${LABEL[$name]}" -v r="${RPS[$name]}" -v p5="${P50[$name]}" -v p9="${P99[$name]}" -v k=$ROUNDS \
+      'BEGIN { printf "%s\t%.0f\t%.3f\t%.3f\n", l, r/k, p5/k, p9/k }' >> "$HIT_PATH_TSV"
+  fi
 done
 echo
 for ours in cachegate cachegate-redis; do
@@ -182,3 +214,5 @@ for ours in cachegate cachegate-redis; do
       'BEGIN { printf "%s / %s: throughput %.2fx, p50 latency %.2fx, p99 latency %.2fx\n", o, p, a/b, a5/b5, a9/b9 }'
   done
 done
+awk -v a="${RPS[cachegate-post]}" -v b="${RPS[cachegate]}" -v a9="${P99[cachegate-post]}" -v b9="${P99[cachegate]}" \
+  'BEGIN { printf "cachegate POST (body key) / cachegate GET: throughput %.2fx, p99 latency %.2fx\n", a/b, a9/b9 }'

@@ -1,5 +1,6 @@
 """A minimal origin for the hit-path benchmark: every GET gets the same small JSON
-response marked cacheable for an hour. Only warm-up requests should reach it."""
+response marked cacheable for an hour; every POST (the natal-chart request, keyed by its
+JSON body) gets the same response body. Only warm-up requests should reach it."""
 import sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -16,6 +17,10 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Cache-Control", "public, max-age=3600")
         self.end_headers()
         self.wfile.write(BODY)
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        self.do_GET()
 
     def log_message(self, *args):
         pass

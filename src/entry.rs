@@ -357,7 +357,9 @@ impl CachedResponse {
     fn headers_in(&self, shared: &Bytes) -> HeaderMap {
         let mut r = &self.data[BLOCK..self.tags_at as usize];
         let n = get_u16(&mut r).unwrap_or(0);
-        let mut headers = HeaderMap::with_capacity(usize::from(n).min(64));
+        // Room for what a hit adds (`Age`, `Cache-Status`, `X-Cache-Status`) without
+        // growing the table.
+        let mut headers = HeaderMap::with_capacity(usize::from(n).min(64) + 3);
         let mut at = BLOCK + 2;
         for _ in 0..n {
             // The block was written or checked when the entry was made.

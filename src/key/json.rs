@@ -9,6 +9,7 @@
 
 use std::collections::HashSet;
 use std::fmt;
+use std::sync::Arc;
 
 use http::{HeaderMap, header};
 use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
@@ -50,6 +51,67 @@ pub fn canonical_json(body: &[u8]) -> Result<Vec<u8>, BodyKeyError> {
         return Err(BodyKeyError::NotIJson);
     }
     serde_jcs::to_vec(&value).map_err(|_| BodyKeyError::NotIJson)
+}
+
+/// Canonical forms of recently seen JSON bodies ([`canonical_json`]), by the BLAKE3 hash
+/// of their bytes: a client that sends the same bytes again (the hits of a body-keyed
+/// route) skips the parse and the re-serialization. Only bodies that canonicalize are
+/// remembered, up to [`CanonicalBodies::MAX_BODY_BYTES`] each and `max_bytes` in all
+/// (least recently used first out, quick_cache's policy); a failure is computed again.
+///
+/// ```
+/// use cachegate::key::{CanonicalBodies, canonical_json};
+/// let memo = CanonicalBodies::new(1 << 20);
+/// let body = br#"{"name": "Ada", "lat": 51.50}"#;
+/// assert_eq!(&*memo.canonical(body).unwrap(), canonical_json(body).unwrap().as_slice());
+/// assert_eq!(&*memo.canonical(body).unwrap(), br#"{"lat":51.5,"name":"Ada"}"#);
+/// ```
+pub struct CanonicalBodies {
+    memo: quick_cache::sync::Cache<[u8; 32], Arc<[u8]>, CanonicalWeighter>,
+}
+
+#[derive(Clone)]
+struct CanonicalWeighter;
+
+impl quick_cache::Weighter<[u8; 32], Arc<[u8]>> for CanonicalWeighter {
+    fn weight(&self, _: &[u8; 32], canonical: &Arc<[u8]>) -> u64 {
+        // The hash, the pointer and the table slot besides the bytes.
+        canonical.len() as u64 + 64
+    }
+}
+
+impl CanonicalBodies {
+    /// Bodies longer than this are canonicalized every time: large bodies are rarely
+    /// sent twice byte for byte, and would crowd out the small ones.
+    pub const MAX_BODY_BYTES: usize = 8 * 1024;
+
+    /// A memo holding at most about `max_bytes` of canonical bodies.
+    pub fn new(max_bytes: u64) -> Self {
+        let max_bytes = max_bytes.max(1024);
+        CanonicalBodies {
+            memo: quick_cache::sync::Cache::with_weighter(
+                (max_bytes / 256).max(16) as usize,
+                max_bytes,
+                CanonicalWeighter,
+            ),
+        }
+    }
+
+    /// `body`'s canonical form: [`canonical_json`]'s, remembered for the next time.
+    ///
+    /// Errors: as [`canonical_json`].
+    pub fn canonical(&self, body: &[u8]) -> Result<Arc<[u8]>, BodyKeyError> {
+        if body.len() > Self::MAX_BODY_BYTES {
+            return canonical_json(body).map(Arc::from);
+        }
+        let digest = *blake3::hash(body).as_bytes();
+        if let Some(canonical) = self.memo.get(&digest) {
+            return Ok(canonical);
+        }
+        let canonical: Arc<[u8]> = canonical_json(body)?.into();
+        self.memo.insert(digest, canonical.clone());
+        Ok(canonical)
+    }
 }
 
 /// Whether a `Content-Type` names JSON: `application/json` or any `+json` type
@@ -255,6 +317,27 @@ mod tests {
         #[test]
         fn any_bytes_give_an_answer(body in proptest::collection::vec(any::<u8>(), 0..256)) {
             let _ = canonical_json(&body);
+        }
+
+        #[test]
+        fn the_memo_answers_as_canonical_json(
+            bodies in proptest::collection::vec(
+                prop_oneof![
+                    proptest::collection::vec(any::<u8>(), 0..64),
+                    "\\{\"[a-c]\": ?(1|1\\.0|\"x\"|\\[\\]|1e400)(, ?\"[a-c]\": ?2)?\\}"
+                        .prop_map(String::into_bytes),
+                ],
+                1..8,
+            )
+        ) {
+            // A tiny memo, so that entries are also evicted and computed again.
+            let memo = CanonicalBodies::new(0);
+            for body in bodies.iter().chain(&bodies) {
+                prop_assert_eq!(
+                    memo.canonical(body).map(|c| c.to_vec()),
+                    canonical_json(body)
+                );
+            }
         }
 
         #[test]

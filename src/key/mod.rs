@@ -11,7 +11,7 @@ use http::{HeaderMap, Method};
 
 mod json;
 
-pub use self::json::{BodyKeyError, canonical_json, is_json_media_type};
+pub use self::json::{BodyKeyError, CanonicalBodies, canonical_json, is_json_media_type};
 use crate::uri::QueryParam;
 pub use cachegate_core::key::{CacheKey, KeyBuilder};
 

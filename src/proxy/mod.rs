@@ -47,7 +47,8 @@ use crate::conditional::{self, Conditions};
 use crate::config::Config;
 use crate::entry::{CachedResponse, Staleness, now_ms};
 use crate::key::{
-    BodyKeyError, CacheKey, KeyBuilder, KeyParts, canonical_json, in_filter, request_key,
+    BodyKeyError, CacheKey, CanonicalBodies, KeyBuilder, KeyParts, canonical_json, in_filter,
+    request_key,
 };
 use crate::metrics::Metrics;
 use crate::policy::{self, Policy, Received, RequestDirectives, RequestShape, Route, StoreRules};
@@ -65,6 +66,10 @@ use cachegate_core::store::{Storable, TieredStore};
 const CACHE_STATUS: http::HeaderName = http::HeaderName::from_static("cache-status");
 /// `X-Cache-Status`: `HIT`, `MISS`, `BYPASS` or `STALE`.
 const X_CACHE_STATUS: http::HeaderName = http::HeaderName::from_static("x-cache-status");
+
+/// Memory for remembered canonical bodies ([`CanonicalBodies`]): thousands of typical
+/// request bodies.
+const CANONICAL_BODIES_MAX_BYTES: u64 = 4 * 1024 * 1024;
 
 /// Size and wait limits applied on the request path.
 #[derive(Debug, Clone, Copy)]
@@ -97,6 +102,8 @@ pub struct Proxy<O = Upstream> {
     forward_targeted: bool,
     /// Background refreshes (stale-while-revalidate, refresh-ahead, hot keys).
     refresher: Refresher,
+    /// The canonical forms of recent `key_body` request bodies.
+    canonical_bodies: CanonicalBodies,
 
     metrics: Arc<Metrics>,
     switches: Arc<Switches>,
@@ -232,6 +239,7 @@ impl<O: Origin> Proxy<O> {
                 config.cache.max_background_refreshes,
                 Duration::from_millis(config.upstream.total_timeout_ms.max(1)),
             ),
+            canonical_bodies: CanonicalBodies::new(CANONICAL_BODIES_MAX_BYTES),
             metrics,
             switches,
             limits: Limits {
@@ -315,7 +323,7 @@ impl<O: Origin> Proxy<O> {
         let (body, canonical_body, keyed_body) = match route.filter(|r| r.config.key_body) {
             None => (body, None, None),
             Some(_) => match read_limited(body, self.limits.max_request_body_bytes).await {
-                Ok(Limited::Complete(bytes)) => match canonical_json(&bytes) {
+                Ok(Limited::Complete(bytes)) => match self.canonical_bodies.canonical(&bytes) {
                     Ok(canonical) => (body::full(bytes.clone()), Some(canonical), Some(bytes)),
                     Err(e) => {
                         let reason = match e {
