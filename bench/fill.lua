@@ -1,6 +1,7 @@
 -- wrk script for bench/scale.sh: requests /kpi/k0 .. /kpi/k<FILL_KEYS - 1> once each,
 -- spread over FILL_THREADS wrk threads (wrk -t), then keeps asking for /kpi/k0 (a hit)
--- until its share of answers is in, and stops the thread.
+-- until its share of answers is in, and stops the thread (wrk itself runs for its -d:
+-- bench/scale.sh stops it once every key was answered).
 local n = tonumber(os.getenv("FILL_KEYS") or "1")
 local step = tonumber(os.getenv("FILL_THREADS") or "1")
 local counter = 0
