@@ -20,8 +20,8 @@
 //! stored type ([`crate::store::Storable`]).
 
 use bytes::{BufMut, Bytes, BytesMut};
-use chacha20poly1305::aead::{Aead, AeadCore, KeyInit, OsRng, Payload};
-use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+use chacha20poly1305::aead::{Aead, AeadCore, AeadInPlace, KeyInit, OsRng, Payload};
+use chacha20poly1305::{Tag, XChaCha20Poly1305, XNonce};
 
 use crate::key::CacheKey;
 
@@ -30,6 +30,8 @@ const MODE_SIGNED: u8 = 0;
 const MODE_SEALED: u8 = 1;
 const NONCE_LEN: usize = 24;
 const MAC_LEN: usize = 32;
+/// The Poly1305 tag at the end of a sealed envelope.
+const TAG_LEN: usize = 16;
 
 /// The keys that authenticate (and by default encrypt) envelopes, derived from the
 /// deployment's secret so that every replica holding it can read what the others wrote,
@@ -94,34 +96,52 @@ impl EnvelopeKeys {
     /// well-formed version-2 envelope written with these keys for that same key (another
     /// version, a foreign or copied envelope, a forged, truncated or altered one).
     pub fn open(&self, key: &CacheKey, data: &[u8]) -> Option<Vec<u8>> {
-        let (header, rest) = (data.get(..2)?, data.get(2..)?);
+        self.open_owned(key, data.to_vec())
+    }
+
+    /// [`EnvelopeKeys::open`] for an envelope already in a buffer of its own: the payload
+    /// is decrypted (or checked) in place and moved to the buffer's start, no copy made.
+    pub fn open_owned(&self, key: &CacheKey, mut data: Vec<u8>) -> Option<Vec<u8>> {
+        let header: [u8; 2] = data.get(..2)?.try_into().ok()?;
         if header[0] != VERSION {
             return None;
         }
-        match header[1] {
+        let start = match header[1] {
             MODE_SEALED => {
-                let (nonce, sealed) = (rest.get(..NONCE_LEN)?, rest.get(NONCE_LEN..)?);
-                let aad = associated_data(header, key);
+                let tag_at = data.len().checked_sub(TAG_LEN)?;
+                if tag_at < 2 + NONCE_LEN {
+                    return None;
+                }
+                let (head, tag) = data.split_at_mut(tag_at);
+                let (nonce, sealed) = head[2..].split_at_mut(NONCE_LEN);
+                let aad = associated_data(&header, key);
                 self.cipher
-                    .decrypt(
+                    .decrypt_in_place_detached(
                         XNonce::from_slice(nonce),
-                        Payload {
-                            msg: sealed,
-                            aad: &aad,
-                        },
+                        &aad,
+                        sealed,
+                        Tag::from_slice(tag),
                     )
-                    .ok()
+                    .ok()?;
+                data.truncate(tag_at);
+                2 + NONCE_LEN
             }
             MODE_SIGNED => {
-                let split = rest.len().checked_sub(MAC_LEN)?;
-                let (payload, mac) = rest.split_at(split);
-                let expected = blake3::Hash::from_bytes(self.mac(key, header, payload));
+                let split = data.len().checked_sub(MAC_LEN).filter(|&at| at >= 2)?;
+                let (payload, mac) = data[2..].split_at(split - 2);
+                let expected = blake3::Hash::from_bytes(self.mac(key, &header, payload));
                 let mac: [u8; MAC_LEN] = mac.try_into().ok()?;
                 // Constant-time comparison: blake3::Hash's PartialEq is.
-                (expected == blake3::Hash::from_bytes(mac)).then(|| payload.to_vec())
+                if expected != blake3::Hash::from_bytes(mac) {
+                    return None;
+                }
+                data.truncate(split);
+                2
             }
-            _ => None,
-        }
+            _ => return None,
+        };
+        data.drain(..start);
+        Some(data)
     }
 }
 

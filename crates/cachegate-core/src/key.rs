@@ -14,12 +14,18 @@ pub struct CacheKey(pub [u8; 32]);
 impl CacheKey {
     /// Lower-case hex of the whole key (64 characters).
     pub fn to_hex(&self) -> String {
-        use fmt::Write;
         let mut s = String::with_capacity(64);
-        for b in self.0 {
-            let _ = write!(s, "{b:02x}");
-        }
+        self.push_hex(&mut s);
         s
+    }
+
+    /// Appends [`CacheKey::to_hex`] to `s` (no allocation when `s` has room).
+    pub fn push_hex(&self, s: &mut String) {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        for b in self.0 {
+            s.push(char::from(DIGITS[usize::from(b >> 4)]));
+            s.push(char::from(DIGITS[usize::from(b & 0x0f)]));
+        }
     }
 
     /// The first 12 hex characters, enough to tell keys apart in logs.
@@ -142,5 +148,11 @@ mod tests {
         assert_eq!(k.to_hex().len(), 64);
         assert_eq!(k.short(), "abababababab");
         assert!(k.rollout_bucket() < 100);
+        let mut counting = [0u8; 32];
+        for (i, b) in counting.iter_mut().enumerate() {
+            *b = (i as u8) * 8 + 7;
+        }
+        let expected: String = counting.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(CacheKey(counting).to_hex(), expected);
     }
 }

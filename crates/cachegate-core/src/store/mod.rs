@@ -455,7 +455,7 @@ impl<V: Storable> TieredStore<V> {
         let bytes = redis.get(key).await?;
         let Some(entry) = self
             .envelope_keys
-            .open(key, &bytes)
+            .open_owned(key, bytes)
             .and_then(V::from_payload)
         else {
             self.metrics.redis_rejected_entries.inc();

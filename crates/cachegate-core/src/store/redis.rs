@@ -127,7 +127,10 @@ impl RedisTier {
 
     /// The Redis key of a cache key: `{namespace}:v2:{hex}`.
     pub fn redis_key(&self, key: &CacheKey) -> String {
-        format!("{}{}", self.prefix, key.to_hex())
+        let mut redis_key = String::with_capacity(self.prefix.len() + 64);
+        redis_key.push_str(&self.prefix);
+        key.push_hex(&mut redis_key);
+        redis_key
     }
 
     /// Runs one operation under the breaker and the operation timeout. `None` when the
@@ -179,7 +182,7 @@ impl RedisTier {
     }
 
     /// The stored envelope for `key`, or `None` on a miss, a failure or a timeout.
-    pub async fn get(&self, key: &CacheKey) -> Option<Bytes> {
+    pub async fn get(&self, key: &CacheKey) -> Option<Vec<u8>> {
         let mut conn = self.conn.clone();
         let redis_key = self.redis_key(key);
         self.guarded("get", async move {
@@ -187,7 +190,6 @@ impl RedisTier {
         })
         .await
         .flatten()
-        .map(Bytes::from)
     }
 
     /// Stores `envelope` under `key` for `ttl_secs` (`SET … EX`). Returns whether it was
