@@ -6,6 +6,9 @@
 //! ```sh
 //! cargo run --release --example bare_hyper -- 127.0.0.1:8090 http://127.0.0.1:8000/kpi/revenue
 //! ```
+//!
+//! With a third argument `--origin`, it answers with the origin's response as it is (no
+//! status headers): a fast origin for `bench/scale.sh`, which fills a million keys.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -22,9 +25,10 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let mut args = std::env::args().skip(1);
     let (Some(listen), Some(origin)) = (args.next(), args.next()) else {
-        eprintln!("usage: bare_hyper LISTEN_ADDR ORIGIN_URL");
+        eprintln!("usage: bare_hyper LISTEN_ADDR ORIGIN_URL [--origin]");
         std::process::exit(2);
     };
+    let as_origin = args.next().as_deref() == Some("--origin");
     let listen: SocketAddr = listen.parse()?;
     // The stored response: the origin's answer, once.
     let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
@@ -38,12 +42,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     ] {
         headers.remove(name);
     }
-    headers.insert(header::AGE, HeaderValue::from_static("0"));
-    headers.insert(
-        "cache-status",
-        HeaderValue::from_static("cachegate; hit; ttl=3599; detail=memory"),
-    );
-    headers.insert("x-cache-status", HeaderValue::from_static("HIT"));
+    if !as_origin {
+        headers.insert(header::AGE, HeaderValue::from_static("0"));
+        headers.insert(
+            "cache-status",
+            HeaderValue::from_static("cachegate; hit; ttl=3599; detail=memory"),
+        );
+        headers.insert("x-cache-status", HeaderValue::from_static("HIT"));
+    }
     let body = resp.into_body().collect().await?.to_bytes();
 
     let listener = tokio::net::TcpListener::bind(listen).await?;

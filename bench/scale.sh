@@ -3,15 +3,15 @@
 # 1 k, 100 k and 1 M entries, loaded with Zipf-distributed requests over all of them
 # (bench/zipf.lua, exponent 0.99). For each size: a fresh cachegate, filled once with
 # every key (bench/fill.lua), then wrk for the given seconds. Prints requests/s, p50/p99,
-# the share of hits, the ratio to the 1-key run, and memory per entry: the process's
+# the share of hits, the ratio to the first size's run (1 key by default), and memory per entry: the process's
 # resident memory after filling minus before, divided by the entries held (shown from 100 k
 # entries on: below, the allocator's fixed costs dominate), and the memory tier's own
 # count (`memory_max_bytes` is counted in these bytes).
 #
 #   bench/scale.sh [seconds per run, default 10] [connections, default 50] [sizes, default "1 1000 100000 1000000"]
 #
-# The origin is the bare hyper server (bench/bare_hyper.rs), which answers any path with
-# the stored 66-byte response in front of bench/upstream.py, so that filling a million
+# The origin is the bare hyper server (bench/bare_hyper.rs --origin), which answers any
+# path with bench/upstream.py's 66-byte response (fetched once), so that filling a million
 # keys takes seconds. With SCALE_TSV=FILE, the table is also written to FILE
 # (tab-separated: keys, requests/s, p50 ms, p99 ms, hit share, RSS and weighed bytes per
 # entry).
@@ -32,6 +32,8 @@ cleanup() {
   rm -rf "$WORK"
 }
 trap cleanup EXIT
+# Drops a stopped process from PIDS, so that cleanup never signals a reused PID.
+forget() { local kept=() p; for p in "${PIDS[@]}"; do [ "$p" = "$1" ] || kept+=("$p"); done; PIDS=("${kept[@]}"); }
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_http() {
   for _ in $(seq 100); do curl -s -o /dev/null "$1" && return 0; sleep 0.1; done
@@ -43,11 +45,11 @@ stat_of() { curl -s "http://127.0.0.1:$ADMIN/stats" | python3 -c "import json,sy
 UP=$(free_port); ORIGIN=$(free_port)
 python3 bench/upstream.py "$UP" & PIDS+=($!)
 wait_http "http://127.0.0.1:$UP/"
-target/release/examples/bare_hyper "127.0.0.1:$ORIGIN" "http://127.0.0.1:$UP/kpi/revenue" & PIDS+=($!)
+target/release/examples/bare_hyper "127.0.0.1:$ORIGIN" "http://127.0.0.1:$UP/kpi/revenue" --origin & PIDS+=($!)
 wait_http "http://127.0.0.1:$ORIGIN/kpi/k0"
 
 echo "keys, $(nproc) cores, wrk -t2 -c$CONNECTIONS -d${DURATION}s, Zipf 0.99 ($(date -u +%Y-%m-%d))"
-printf '| %9s | %12s | %9s | %9s | %8s | %10s | %11s | %11s |\n' "keys" "requests/s" "p50 ms" "p99 ms" "hits" "vs 1 key" "RSS B/entry" "weighed B/entry"
+printf '| %9s | %12s | %9s | %9s | %8s | %10s | %11s | %11s |\n' "keys" "requests/s" "p50 ms" "p99 ms" "hits" "vs first" "RSS B/entry" "weighed B/entry"
 printf '|%s|%s|%s|%s|%s|%s|%s|%s|\n' "-----------" "--------------" "-----------" "-----------" "----------" "------------" "-------------" "-----------------"
 [ -n "${SCALE_TSV:-}" ] && : > "$SCALE_TSV"
 BASE=""
@@ -69,25 +71,28 @@ TOML
   # answered (bounded: 600 s).
   FILL_KEYS=$keys FILL_THREADS=2 wrk -t2 -c"$CONNECTIONS" -d600s -s bench/fill.lua \
     "http://127.0.0.1:$CG/" >/dev/null & fill=$!
+  PIDS+=($fill)
   for _ in $(seq 6000); do
-    [ "$(stat_of 's["requests"]["total"]')" -ge "$keys" ] && break
+    [ "$(stat_of 's["memory"]["entries"]')" -ge "$keys" ] && break
     sleep 0.1
   done
   kill "$fill" 2>/dev/null || true; wait "$fill" 2>/dev/null || true
+  forget "$fill"
   entries=$(stat_of 's["memory"]["entries"]')
   weighed=$(stat_of 's["memory"]["bytes"]')
   after=$(rss_kib "$pid")
-  misses0=$(stat_of 's["requests"]["by_status"].get("MISS",{}).get("total",0)')
+  hits0=$(stat_of 's["requests"]["by_status"].get("hit",{}).get("total",0)')
   total0=$(stat_of 's["requests"]["total"]')
   out=$(ZIPF_KEYS=$keys wrk -t2 -c"$CONNECTIONS" -d"${DURATION}s" --latency -s bench/zipf.lua "http://127.0.0.1:$CG/")
-  misses1=$(stat_of 's["requests"]["by_status"].get("MISS",{}).get("total",0)')
+  hits1=$(stat_of 's["requests"]["by_status"].get("hit",{}).get("total",0)')
   total1=$(stat_of 's["requests"]["total"]')
   kill "$pid"; wait "$pid" 2>/dev/null || true
+  forget "$pid"
   rps=$(awk '/^Requests\/sec:/ {printf "%.0f", $2}' <<<"$out")
   to_ms() { awk '{ v=$1; if (v ~ /us$/) { sub(/us$/,"",v); v/=1000 } else if (v ~ /ms$/) { sub(/ms$/,"",v) } else if (v ~ /s$/) { sub(/s$/,"",v); v*=1000 } printf "%.3f", v }'; }
   p50=$(awk '$1=="50%"{print $2}' <<<"$out" | to_ms)
   p99=$(awk '$1=="99%"{print $2}' <<<"$out" | to_ms)
-  hits=$(awk -v m=$((misses1 - misses0)) -v t=$((total1 - total0)) 'BEGIN { printf "%.4f", t ? 1 - m / t : 0 }')
+  hits=$(awk -v h=$((hits1 - hits0)) -v t=$((total1 - total0)) 'BEGIN { printf "%.4f", t ? h / t : 0 }')
   per_entry=$(awk -v a="$after" -v b="$before" -v n="$entries" 'BEGIN { printf "%.0f", n ? (a - b) * 1024 / n : 0 }')
   weighed_per_entry=$(awk -v w="$weighed" -v n="$entries" 'BEGIN { printf "%.0f", n ? w / n : 0 }')
   [ -z "$BASE" ] && BASE=$rps

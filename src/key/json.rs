@@ -56,8 +56,10 @@ pub fn canonical_json(body: &[u8]) -> Result<Vec<u8>, BodyKeyError> {
 /// Canonical forms of recently seen JSON bodies ([`canonical_json`]), by the BLAKE3 hash
 /// of their bytes: a client that sends the same bytes again (the hits of a body-keyed
 /// route) skips the parse and the re-serialization. Only bodies that canonicalize are
-/// remembered, up to [`CanonicalBodies::MAX_BODY_BYTES`] each and `max_bytes` in all
-/// (least recently used first out, quick_cache's policy); a failure is computed again.
+/// remembered, bodies of up to [`CanonicalBodies::MAX_BODY_BYTES`] (whose canonical form
+/// can be longer: numbers are spelled out) and about `max_bytes` in all, counting each
+/// canonical form with its slot (quick_cache's eviction policy); a failure is computed
+/// again.
 ///
 /// ```
 /// use cachegate::key::{CanonicalBodies, canonical_json};
@@ -75,8 +77,9 @@ struct CanonicalWeighter;
 
 impl quick_cache::Weighter<[u8; 32], Arc<[u8]>> for CanonicalWeighter {
     fn weight(&self, _: &[u8; 32], canonical: &Arc<[u8]>) -> u64 {
-        // The hash, the pointer and the table slot besides the bytes.
-        canonical.len() as u64 + 64
+        // Besides the bytes: the 32-byte hash, the pointer, the shared buffer's counts, the
+        // table slot and the allocator's rounding.
+        canonical.len() as u64 + 112
     }
 }
 

@@ -100,7 +100,8 @@ impl EnvelopeKeys {
     }
 
     /// [`EnvelopeKeys::open`] for an envelope already in a buffer of its own: the payload
-    /// is decrypted (or checked) in place and moved to the buffer's start, no copy made.
+    /// is decrypted (or checked) in place and moved to the buffer's start (no new
+    /// allocation).
     pub fn open_owned(&self, key: &CacheKey, mut data: Vec<u8>) -> Option<Vec<u8>> {
         let header: [u8; 2] = data.get(..2)?.try_into().ok()?;
         if header[0] != VERSION {
