@@ -3,7 +3,8 @@
 # (bench/bare_hyper.rs: the stored response served by the HTTP stack alone, the ceiling),
 # same origin, same small cached response, same load tool (wrk), in one run on this machine. cachegate runs
 # twice: answering from its memory tier, and with the memory tier sized to zero so that
-# every hit comes from Redis (a replica that has not seen the key yet); the memory tier is
+# every hit comes from Redis (a replica that has not seen the key yet), sealed entries and
+# signed ones (`encrypt = false`); the memory tier is
 # also loaded with a body-keyed POST (the natal-chart request of a `key_body` route), the
 # same response. Prints requests/s and p50/p99 latency for each and cachegate's ratio to
 # each peer.
@@ -51,7 +52,7 @@ wait_http() {
 }
 
 UP=$(free_port); CG=$(free_port); ADMIN=$(free_port); NG=$(free_port); VN=$(free_port); BH=$(free_port)
-CGR=$(free_port); ADMINR=$(free_port); REDIS=$(free_port)
+CGR=$(free_port); ADMINR=$(free_port); REDIS=$(free_port); CGS=$(free_port); ADMINS=$(free_port)
 
 python3 bench/upstream.py "$UP" & PIDS+=($!)
 wait_http "http://127.0.0.1:$UP/"
@@ -94,6 +95,14 @@ url = "redis://127.0.0.1:$REDIS"
 TOML
 CACHEGATE_LOG=warn target/release/cachegate serve --config "$WORK/redis-tier.toml" & PIDS+=($!)
 wait_http "http://127.0.0.1:$ADMINR/healthz"
+# The same with signed rather than sealed entries (`encrypt = false`: a keyed BLAKE3 MAC,
+# no encryption), in its own namespace: what sealing costs a Redis-tier hit.
+sed -e "s/127.0.0.1:$CGR/127.0.0.1:$CGS/; s/127.0.0.1:$ADMINR/127.0.0.1:$ADMINS/" \
+    -e 's/^key_secret = "bench"$/key_secret = "bench"\nnamespace = "bench-signed"/' \
+    "$WORK/redis-tier.toml" > "$WORK/redis-signed.toml"
+echo "encrypt = false" >> "$WORK/redis-signed.toml"
+CACHEGATE_LOG=warn target/release/cachegate serve --config "$WORK/redis-signed.toml" & PIDS+=($!)
+wait_http "http://127.0.0.1:$ADMINS/healthz"
 
 mkdir -p "$WORK/cache"
 USER_LINE=""; [ "$(id -u)" -eq 0 ] && USER_LINE="user root;"
@@ -148,9 +157,10 @@ declare -A URL=(
   [varnish]="http://127.0.0.1:$VN/kpi/revenue"
 )
 URL[cachegate-redis]="http://127.0.0.1:$CGR/kpi/revenue"
+URL[cachegate-signed]="http://127.0.0.1:$CGS/kpi/revenue"
 URL[bare-hyper]="http://127.0.0.1:$BH/kpi/revenue"
 URL[cachegate-post]="http://127.0.0.1:$CG/api/natal/chart"
-NAMES=(cachegate cachegate-post cachegate-redis nginx varnish bare-hyper)
+NAMES=(cachegate cachegate-post cachegate-redis cachegate-signed nginx varnish bare-hyper)
 declare -A SCRIPT=([cachegate-post]="$WORK/post.lua")
 
 # Warm every cache and check that the measured path is a hit.
@@ -166,8 +176,10 @@ for name in "${NAMES[@]}"; do
   done
   [ "$status" = "HIT" ] || { echo "$url is not a hit (X-Cache-Status: $status)" >&2; exit 1; }
 done
-curl -s -D - -o /dev/null "${URL[cachegate-redis]}" | grep -qi "cache-status: cachegate; hit.*detail=redis" \
-  || { echo "the redis-tier instance does not answer from redis" >&2; exit 1; }
+for name in cachegate-redis cachegate-signed; do
+  curl -s -D - -o /dev/null "${URL[$name]}" | grep -qi "cache-status: cachegate; hit.*detail=redis" \
+    || { echo "the $name instance does not answer from redis" >&2; exit 1; }
+done
 
 # wrk latency to milliseconds.
 to_ms() { awk '{ v=$1; if (v ~ /us$/) { sub(/us$/,"",v); v/=1000 } else if (v ~ /ms$/) { sub(/ms$/,"",v) } else if (v ~ /s$/) { sub(/s$/,"",v); v*=1000 } printf "%.3f", v }'; }
@@ -195,6 +207,7 @@ printf '| %-23s | %12s | %9s | %9s |\n' "proxy" "requests/s" "p50 ms" "p99 ms"
 printf '|%s|%s|%s|%s|\n' "-------------------------" "--------------" "-----------" "-----------"
 declare -A LABEL=([cachegate]="cachegate (memory tier)" [cachegate-redis]="cachegate (redis tier)"
                   [cachegate-post]="cachegate POST (body key)"
+                  [cachegate-signed]="cachegate (redis, signed)"
                   [nginx]="nginx proxy_cache" [varnish]="varnish (malloc)"
                   [bare-hyper]="bare hyper (ceiling)")
 [ -n "${HIT_PATH_TSV:-}" ] && : > "$HIT_PATH_TSV"
@@ -207,7 +220,7 @@ for name in "${NAMES[@]}"; do
   fi
 done
 echo
-for ours in cachegate cachegate-redis; do
+for ours in cachegate cachegate-redis cachegate-signed; do
   for peer in bare-hyper nginx varnish; do
     awk -v o="${LABEL[$ours]}" -v p="$peer" -v a="${RPS[$ours]}" -v b="${RPS[$peer]}" \
         -v a5="${P50[$ours]}" -v b5="${P50[$peer]}" -v a9="${P99[$ours]}" -v b9="${P99[$peer]}" \
