@@ -311,6 +311,10 @@ mod tests {
         assert!(json("application/json"));
         assert!(json("Application/JSON; charset=utf-8"));
         assert!(json("application/vnd.api+json"));
+        assert!(json("application/ld+JSON"));
+        assert!(!json("application/jsonx"));
+        assert!(!json("application/vnd.json5"));
+        assert!(!json("application/x+jso"));
         assert!(!json("application/x-www-form-urlencoded"));
         assert!(!json("text/json"));
         assert!(!is_json_media_type(&header_map(&[])));

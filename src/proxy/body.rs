@@ -289,6 +289,28 @@ mod tests {
         assert_eq!(&b[..], b"abcdef");
     }
 
+    proptest::proptest! {
+        #[test]
+        fn reading_within_a_limit_keeps_every_byte(
+            chunks in proptest::collection::vec(proptest::collection::vec(proptest::prelude::any::<u8>(), 0..8), 0..6),
+            limit in 0usize..40,
+        ) {
+            let frames: Vec<Result<Frame<Bytes>, BoxError>> =
+                chunks.iter().map(|c| Ok(Frame::data(Bytes::from(c.clone())))).collect();
+            let all: Vec<u8> = chunks.concat();
+            let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            let got = rt.block_on(async {
+                let body = StreamBody::new(futures_util::stream::iter(frames));
+                match read_limited(body, limit).await.unwrap() {
+                    Limited::Complete(b) => (true, b.to_vec()),
+                    Limited::TooLarge(rest) => (false, rest.collect().await.unwrap().to_bytes().to_vec()),
+                }
+            });
+            proptest::prop_assert_eq!(got.0, all.len() <= limit);
+            proptest::prop_assert_eq!(got.1, all);
+        }
+    }
+
     #[tokio::test]
     async fn a_stalled_body_times_out_and_says_whose_it_was() {
         let stalled = StreamBody::new(futures_util::stream::pending::<
