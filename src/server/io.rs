@@ -1,11 +1,8 @@
 //! The client connection's socket, as hyper (and, after an upgrade, the tunnel) sees it:
-//! a bound on how long a write may wait for the client, a bound on how long the next
-//! request head may take ([`HeadClock`]), and the connection's permit.
+//! a bound on how long a write may wait for the client, and the connection's permit.
 
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -38,65 +35,6 @@ impl Drop for ConnTicket {
     }
 }
 
-/// The request-head deadline of one connection (hyper's `header_read_timeout`, kept
-/// cheaply): while no request is being answered, the next request head must be complete
-/// within `timeout` of the end of the previous response (or of the connection's start),
-/// however the client spreads its bytes; an idle keep-alive connection is closed then too.
-///
-/// Shared by the socket ([`ClientIo`], which enforces it on reads) and the connection's
-/// service, which marks each request's start ([`HeadClock::request_started`]) and the end
-/// of its response ([`HeadClock::response_ended`]). One timer per connection is re-armed
-/// lazily, when it fires early, so that a request costs no timer operation.
-pub struct HeadClock {
-    timeout: Duration,
-    started: Instant,
-    /// Requests whose response is not yet finished.
-    in_flight: AtomicU32,
-    /// When the last response finished, in nanoseconds since `started`.
-    idle_since_nanos: AtomicU64,
-    /// After a protocol upgrade the socket carries a tunnel: no more heads.
-    upgraded: AtomicBool,
-}
-
-impl HeadClock {
-    /// A clock for a connection opened now, allowing `timeout` for each request head.
-    pub fn new(timeout: Duration) -> Arc<Self> {
-        Arc::new(HeadClock {
-            timeout,
-            started: Instant::now(),
-            in_flight: AtomicU32::new(0),
-            idle_since_nanos: AtomicU64::new(0),
-            upgraded: AtomicBool::new(false),
-        })
-    }
-
-    /// A request head arrived: no head deadline until its response has ended.
-    pub fn request_started(&self) {
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// A response has been sent (or given up): the next head is due within the timeout.
-    pub fn response_ended(&self) {
-        let nanos = u64::try_from(self.started.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        self.idle_since_nanos.store(nanos, Ordering::Relaxed);
-        self.in_flight.fetch_sub(1, Ordering::Release);
-    }
-
-    /// The connection became a tunnel: the deadline no longer applies.
-    pub fn upgraded(&self) {
-        self.upgraded.store(true, Ordering::Relaxed);
-    }
-
-    /// When the next head is due, if one is awaited.
-    fn deadline(&self) -> Option<Instant> {
-        if self.in_flight.load(Ordering::Acquire) > 0 || self.upgraded.load(Ordering::Relaxed) {
-            return None;
-        }
-        let idle_since = Duration::from_nanos(self.idle_since_nanos.load(Ordering::Relaxed));
-        Some(self.started + idle_since + self.timeout)
-    }
-}
-
 /// A client socket whose writes fail with [`io::ErrorKind::TimedOut`] once the client has
 /// accepted no byte for `send_timeout` (nginx's `send_timeout`): a client that stops
 /// reading a large response cannot hold its connection, its permit and the response's
@@ -112,21 +50,16 @@ pub struct ClientIo<S> {
     deadline: Option<Pin<Box<Sleep>>>,
     /// Counts writes given up on (`client_errors{kind="send-timeout"}`).
     send_timeouts: Counter,
-    /// The request-head deadline, and its timer (armed while a head is awaited; re-armed
-    /// only when it fires before the deadline).
-    head: Arc<HeadClock>,
-    head_timer: Option<Pin<Box<Sleep>>>,
     _ticket: ConnTicket,
 }
 
 impl<S> ClientIo<S> {
     /// Wraps `inner`, holding `ticket` until dropped; a write given up on counts in
-    /// `send_timeouts`; reads fail once `head`'s deadline has passed.
+    /// `send_timeouts`.
     pub fn new(
         inner: S,
         send_timeout: Duration,
         send_timeouts: Counter,
-        head: Arc<HeadClock>,
         ticket: ConnTicket,
     ) -> Self {
         ClientIo {
@@ -134,34 +67,7 @@ impl<S> ClientIo<S> {
             send_timeout,
             deadline: None,
             send_timeouts,
-            head,
-            head_timer: None,
             _ticket: ticket,
-        }
-    }
-
-    /// After a read found nothing to read: fails it once the awaited head is overdue, and
-    /// otherwise makes sure the task is woken at the deadline.
-    fn check_head(&mut self, cx: &mut Context<'_>) -> Option<io::Error> {
-        let deadline = self.head.deadline()?;
-        loop {
-            let timer = self
-                .head_timer
-                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-            if timer.deadline() > deadline {
-                timer.as_mut().reset(deadline);
-            }
-            match timer.as_mut().poll(cx) {
-                Poll::Pending => return None,
-                Poll::Ready(()) if Instant::now() >= deadline => {
-                    return Some(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        "no complete request head within header_read_timeout",
-                    ));
-                }
-                // Armed for an earlier deadline (the connection has answered since).
-                Poll::Ready(()) => timer.as_mut().reset(deadline),
-            }
         }
     }
 
@@ -196,13 +102,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for ClientIo<S> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let result = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if result.is_pending()
-            && let Some(overdue) = self.check_head(cx)
-        {
-            return Poll::Ready(Err(overdue));
-        }
-        result
+        Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
 
@@ -249,14 +149,12 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_write_the_peer_never_reads_fails_after_the_send_timeout() {
-        let Socket {
-            mut io,
-            mut far,
-            permits,
-            open,
-            timeouts,
-            ..
-        } = socket(64, 500, 3_600_000);
+        let permits = Arc::new(Semaphore::new(1));
+        let (near, mut far) = tokio::io::duplex(64);
+        let permit = permits.clone().try_acquire_owned().unwrap();
+        let (open, timeouts) = (Gauge::default(), Counter::default());
+        let ticket = ConnTicket::new(permit, open.clone());
+        let mut io = ClientIo::new(near, Duration::from_millis(500), timeouts.clone(), ticket);
         assert_eq!(open.get(), 1);
         // Fills the 64-byte pipe, then waits: the peer does not read.
         let started = Instant::now();
@@ -276,12 +174,12 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_slow_reader_that_keeps_reading_is_not_cut_off() {
-        let Socket {
-            mut io,
-            mut far,
-            timeouts,
-            ..
-        } = socket(64, 500, 3_600_000);
+        let permits = Arc::new(Semaphore::new(1));
+        let (near, mut far) = tokio::io::duplex(64);
+        let permit = permits.try_acquire_owned().unwrap();
+        let ticket = ConnTicket::new(permit, Gauge::default());
+        let timeouts = Counter::default();
+        let mut io = ClientIo::new(near, Duration::from_millis(500), timeouts.clone(), ticket);
         let reader = tokio::spawn(async move {
             let mut got = 0;
             let mut buf = [0u8; 16];
@@ -299,102 +197,5 @@ mod tests {
         drop(io);
         assert_eq!(reader.await.unwrap(), 256);
         assert_eq!(timeouts.get(), 0);
-    }
-
-    /// A socket over an in-memory pipe of `pipe` bytes, with its permit, gauge, counter
-    /// and head clock.
-    struct Socket {
-        io: ClientIo<tokio::io::DuplexStream>,
-        far: tokio::io::DuplexStream,
-        permits: Arc<Semaphore>,
-        open: Gauge,
-        timeouts: Counter,
-        head: Arc<HeadClock>,
-    }
-
-    fn socket(pipe: usize, send_timeout_ms: u64, head_timeout_ms: u64) -> Socket {
-        let permits = Arc::new(Semaphore::new(1));
-        let (near, far) = tokio::io::duplex(pipe);
-        let (open, timeouts) = (Gauge::default(), Counter::default());
-        let ticket = ConnTicket::new(permits.clone().try_acquire_owned().unwrap(), open.clone());
-        let head = HeadClock::new(Duration::from_millis(head_timeout_ms));
-        let io = ClientIo::new(
-            near,
-            Duration::from_millis(send_timeout_ms),
-            timeouts.clone(),
-            head.clone(),
-            ticket,
-        );
-        Socket {
-            io,
-            far,
-            permits,
-            open,
-            timeouts,
-            head,
-        }
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_head_that_never_completes_fails_the_read_at_the_deadline_however_it_trickles() {
-        let Socket {
-            mut io, mut far, ..
-        } = socket(1024, 60_000, 1000);
-        let started = Instant::now();
-        let trickle = tokio::spawn(async move {
-            // A byte every 300 ms: progress, but no complete head.
-            for _ in 0..10 {
-                if far.write_all(b"G").await.is_err() {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(300)).await;
-            }
-            far
-        });
-        let mut buf = [0u8; 64];
-        let err = loop {
-            match io.read(&mut buf).await {
-                Ok(n) => assert!(n > 0),
-                Err(e) => break e,
-            }
-        };
-        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
-        assert_eq!(started.elapsed(), Duration::from_millis(1000));
-        drop(trickle);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn no_head_deadline_while_a_request_is_answered_and_a_fresh_one_after() {
-        let Socket {
-            mut io,
-            mut far,
-            head,
-            ..
-        } = socket(1024, 60_000, 1000);
-        head.request_started();
-        let mut buf = [0u8; 64];
-        // Long past the timeout: the request is still being answered.
-        let waited = tokio::time::timeout(Duration::from_secs(5), io.read(&mut buf)).await;
-        assert!(
-            waited.is_err(),
-            "the read ended while a request was in flight"
-        );
-        // The response ends: the next head is due one timeout from now.
-        head.response_ended();
-        let ended = Instant::now();
-        let err = io.read(&mut buf).await.unwrap_err();
-        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
-        assert_eq!(ended.elapsed(), Duration::from_millis(1000));
-        // A tunnel after an upgrade has no head deadline.
-        let Socket {
-            mut io,
-            far: _far2,
-            head,
-            ..
-        } = socket(1024, 60_000, 1000);
-        head.upgraded();
-        let waited = tokio::time::timeout(Duration::from_secs(5), io.read(&mut buf)).await;
-        assert!(waited.is_err(), "a tunnel was cut by the head deadline");
-        far.write_all(b"x").await.unwrap();
     }
 }

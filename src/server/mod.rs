@@ -3,7 +3,7 @@
 
 mod io;
 
-pub use self::io::{ClientIo, ConnTicket, HeadClock};
+pub use self::io::{ClientIo, ConnTicket};
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -17,7 +17,7 @@ use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::net::TcpListener;
@@ -319,32 +319,18 @@ async fn serve<H, F>(
         };
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
-        let head = HeadClock::new(limits.header_read_timeout);
-        let clock = head.clone();
         let service = service_fn(move |req| {
-            let answering = Answering::start(clock.clone());
             let fut = handler(req, peer);
-            async move {
-                let resp = fut.await;
-                if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-                    answering.clock.upgraded();
-                }
-                Ok::<_, Infallible>(resp.map(|body| AnsweredBody {
-                    body,
-                    _answering: answering,
-                }))
-            }
+            async move { Ok::<_, Infallible>(fut.await) }
         });
-        // The request-head deadline is kept by the socket (`HeadClock`), not by hyper's
-        // timer, which costs two timer-wheel operations per request.
         let conn = http1::Builder::new()
-            .header_read_timeout(None)
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_read_timeout)
             .serve_connection(
                 TokioIo::new(ClientIo::new(
                     stream,
                     limits.send_timeout,
                     limits.send_timeouts.clone(),
-                    head,
                     ConnTicket::new(permit, limits.open.clone()),
                 )),
                 service,
@@ -375,51 +361,4 @@ async fn serve<H, F>(
         limits.connections.acquire_many(all),
     )
     .await;
-}
-
-/// One request being answered on a connection: counted by its [`HeadClock`] from the
-/// request's arrival until its response body is dropped (sent, or given up on), so that
-/// no request-head deadline runs meanwhile.
-struct Answering {
-    clock: Arc<HeadClock>,
-}
-
-impl Answering {
-    fn start(clock: Arc<HeadClock>) -> Self {
-        clock.request_started();
-        Answering { clock }
-    }
-}
-
-impl Drop for Answering {
-    fn drop(&mut self) {
-        self.clock.response_ended();
-    }
-}
-
-/// A response body that ends its request's [`Answering`] when hyper drops it.
-struct AnsweredBody {
-    body: ProxyBody,
-    /// Held for its `Drop`.
-    _answering: Answering,
-}
-
-impl http_body::Body for AnsweredBody {
-    type Data = bytes::Bytes;
-    type Error = crate::proxy::body::BoxError;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        std::pin::Pin::new(&mut self.body).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.body.size_hint()
-    }
 }
