@@ -664,6 +664,74 @@ async fn stalling_clients_are_cut_and_connections_are_capped() {
     assert_eq!(&buf, b"HTTP/1.1 200");
 }
 
+// The request-head deadline (hyper's `header_read_timeout`) closes a keep-alive connection
+// that goes silent after a response, and never cuts a large response that a slow client
+// takes longer than the deadline to read (a cache hit's body is handed to hyper whole,
+// long before the client has it). Guards against deadlines tied to the wrong moment.
+#[tokio::test]
+async fn the_head_deadline_closes_idle_keep_alives_and_never_cuts_a_slow_download() {
+    let up = Upstream::start().await;
+    let gate = Gate::start(&up, None, "[server]\nheader_read_timeout_ms = 400\n").await;
+    const BODY_BYTES: usize = 6_000_000;
+    let request = format!(
+        "GET /big HTTP/1.1\r\nHost: a\r\nx-test-body-bytes: {BODY_BYTES}\r\n\
+         x-test-cache-control: public, max-age=60\r\n\r\n"
+    );
+    // A request, its whole response (a miss), then silence: closed at the deadline.
+    let mut s = TcpStream::connect(gate.addr()).await.unwrap();
+    s.write_all(request.as_bytes()).await.unwrap();
+    let started = Instant::now();
+    let out = read_to_close(&mut s, Duration::from_secs(10)).await;
+    assert!(
+        out.len() > BODY_BYTES,
+        "the response was cut: {} bytes",
+        out.len()
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "an idle keep-alive connection was not closed"
+    );
+    // The same response from the cache, read slowly through a small receive buffer: it
+    // takes the client well over the deadline, and arrives whole.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(32 * 1024).unwrap();
+    let mut s = socket.connect(gate.addr().parse().unwrap()).await.unwrap();
+    s.write_all(request.as_bytes()).await.unwrap();
+    let started = Instant::now();
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 32 * 1024];
+    let complete = loop {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        match tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break false,
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+        }
+        let Some(head_end) = got.windows(4).position(|w| w == b"\r\n\r\n") else {
+            continue;
+        };
+        let head = String::from_utf8_lossy(&got[..head_end]).to_ascii_lowercase();
+        assert!(head.contains("x-cache-status: hit"), "{head}");
+        let length: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length: "))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("a content-length");
+        if got.len() >= head_end + 4 + length {
+            break true;
+        }
+    };
+    assert!(
+        complete,
+        "a slow download was cut after {} bytes, {:?}",
+        got.len(),
+        started.elapsed()
+    );
+    assert!(
+        started.elapsed() > Duration::from_millis(400),
+        "the download was not slower than the deadline: the test proves nothing"
+    );
+}
+
 // 8. The memory tier holds every entry up to the largest response it may store, and an
 // entry no tier holds is reported as too large, never as stored.
 #[tokio::test]
