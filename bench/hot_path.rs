@@ -63,6 +63,14 @@ fn keys(c: &mut Criterion) {
             request_key(&builder, &parts(&headers, &names, &[], Some(&canonical)))
         })
     });
+    // The same body sent again: its canonical form comes from the memo the proxy keeps.
+    let memo = cachegate::key::CanonicalBodies::new(4 << 20);
+    c.bench_function("key/post_canonical_json_body_seen_before", |b| {
+        b.iter(|| {
+            let canonical = memo.canonical(black_box(CHART)).unwrap();
+            request_key(&builder, &parts(&headers, &names, &[], Some(&canonical)))
+        })
+    });
 }
 
 fn envelope(c: &mut Criterion) {
