@@ -730,6 +730,14 @@ async fn the_head_deadline_closes_idle_keep_alives_and_never_cuts_a_slow_downloa
         started.elapsed() > Duration::from_millis(400),
         "the download was not slower than the deadline: the test proves nothing"
     );
+    // Then silence after that hit: closed at the deadline too.
+    let idle = Instant::now();
+    let rest = read_to_close(&mut s, Duration::from_secs(10)).await;
+    assert!(rest.is_empty());
+    assert!(
+        idle.elapsed() < Duration::from_secs(5),
+        "a keep-alive connection idle after a hit was not closed"
+    );
 }
 
 // 8. The memory tier holds every entry up to the largest response it may store, and an

@@ -3,7 +3,7 @@
 
 mod io;
 
-pub use self::io::{ClientIo, ConnTicket};
+pub use self::io::{ClientIo, ConnTicket, HeadClock};
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -17,7 +17,7 @@ use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::net::TcpListener;
@@ -294,7 +294,7 @@ async fn serve<H, F>(
     limits: ConnLimits,
     handler: H,
 ) where
-    H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
+    H: Fn(Request<RequestBody>, SocketAddr) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<ProxyBody>> + Send + 'static,
 {
     loop {
@@ -319,18 +319,34 @@ async fn serve<H, F>(
         };
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
-        let service = service_fn(move |req| {
+        let head = HeadClock::new(limits.header_read_timeout);
+        let clock = head.clone();
+        let service = service_fn(move |req: Request<Incoming>| {
+            let answering = Answering::start(clock.clone());
+            let req = req.map(|body| request_body(body, &clock));
             let fut = handler(req, peer);
-            async move { Ok::<_, Infallible>(fut.await) }
+            async move {
+                let resp = fut.await;
+                if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+                    answering.clock.upgraded();
+                }
+                // The request counts until its response body is dropped.
+                Ok::<_, Infallible>(resp.map(|body| Guarded {
+                    body,
+                    _guard: answering,
+                }))
+            }
         });
+        // The request-head deadline is kept by the socket (`HeadClock`), not by hyper's
+        // timer, which costs two timer-wheel operations per request.
         let conn = http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(limits.header_read_timeout)
+            .header_read_timeout(None)
             .serve_connection(
                 TokioIo::new(ClientIo::new(
                     stream,
                     limits.send_timeout,
                     limits.send_timeouts.clone(),
+                    head,
                     ConnTicket::new(permit, limits.open.clone()),
                 )),
                 service,
@@ -361,4 +377,79 @@ async fn serve<H, F>(
         limits.connections.acquire_many(all),
     )
     .await;
+}
+
+/// A request body as the handlers see it: hyper's, counted by the connection's
+/// [`HeadClock`] until dropped (when it has not ended already), so that reading it is
+/// never taken for waiting on a head.
+pub type RequestBody = Guarded<Incoming, Option<ReadingBody>>;
+
+/// Counts one request body in its connection's [`HeadClock`] while alive.
+pub struct ReadingBody(Arc<HeadClock>);
+
+impl Drop for ReadingBody {
+    fn drop(&mut self) {
+        self.0.request_body_dropped();
+    }
+}
+
+fn request_body(body: Incoming, clock: &Arc<HeadClock>) -> RequestBody {
+    use http_body::Body as _;
+    let reading = (!body.is_end_stream()).then(|| {
+        clock.request_body_started();
+        ReadingBody(clock.clone())
+    });
+    Guarded {
+        body,
+        _guard: reading,
+    }
+}
+
+/// A body that holds `guard` until it is dropped: hyper drops a response body once all of
+/// it is buffered for writing (or on an error), a handler drops a request body once read.
+pub struct Guarded<B, G> {
+    /// Dropped first (fields drop in order): the count is down before the body's drop
+    /// wakes the connection.
+    _guard: G,
+    body: B,
+}
+
+impl<B: http_body::Body + Unpin, G: Unpin> http_body::Body for Guarded<B, G> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// One request being answered on a connection: counted by its [`HeadClock`] from the
+/// request's arrival until its response body is dropped (sent, or given up on), so that
+/// no request-head deadline runs meanwhile.
+struct Answering {
+    clock: Arc<HeadClock>,
+}
+
+impl Answering {
+    fn start(clock: Arc<HeadClock>) -> Self {
+        clock.request_started();
+        Answering { clock }
+    }
+}
+
+impl Drop for Answering {
+    fn drop(&mut self) {
+        self.clock.response_ended();
+    }
 }
