@@ -38,18 +38,7 @@ cargo build --release --locked -q --bin cachegate --example bare_hyper
 WORK="$(mktemp -d)"
 chmod 755 "$WORK"
 PIDS=()
-cleanup() {
-  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_http() {
-  for _ in $(seq 100); do curl -s -o /dev/null "$1" && return 0; sleep 0.1; done
-  echo "no answer from $1" >&2; exit 1
-}
+. bench/lib.sh   # cleanup on exit, forget, free_port, wait_http, to_ms
 
 UP=$(free_port); CG=$(free_port); ADMIN=$(free_port); NG=$(free_port); VN=$(free_port); BH=$(free_port)
 CGR=$(free_port); ADMINR=$(free_port); REDIS=$(free_port); CGS=$(free_port); ADMINS=$(free_port)
@@ -181,8 +170,6 @@ for name in cachegate-redis cachegate-signed; do
     || { echo "the $name instance does not answer from redis" >&2; exit 1; }
 done
 
-# wrk latency to milliseconds.
-to_ms() { awk '{ v=$1; if (v ~ /us$/) { sub(/us$/,"",v); v/=1000 } else if (v ~ /ms$/) { sub(/ms$/,"",v) } else if (v ~ /s$/) { sub(/s$/,"",v); v*=1000 } printf "%.3f", v }'; }
 declare -A RPS P50 P99
 run() { # name url
   local out script=()

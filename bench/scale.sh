@@ -26,19 +26,7 @@ command -v wrk >/dev/null || { SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"; DEB
 cargo build --release --locked -q --bin cachegate --example bare_hyper
 WORK="$(mktemp -d)"
 PIDS=()
-cleanup() {
-  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-# Drops a stopped process from PIDS, so that cleanup never signals a reused PID.
-forget() { local kept=() p; for p in "${PIDS[@]}"; do [ "$p" = "$1" ] || kept+=("$p"); done; PIDS=("${kept[@]}"); }
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_http() {
-  for _ in $(seq 100); do curl -s -o /dev/null "$1" && return 0; sleep 0.1; done
-  echo "no answer from $1" >&2; exit 1
-}
+. bench/lib.sh   # cleanup on exit, forget, free_port, wait_http, to_ms
 rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
 stat_of() { curl -s "http://127.0.0.1:$ADMIN/stats" | python3 -c "import json,sys; s=json.load(sys.stdin); print($1)"; }
 
@@ -89,7 +77,6 @@ TOML
   kill "$pid"; wait "$pid" 2>/dev/null || true
   forget "$pid"
   rps=$(awk '/^Requests\/sec:/ {printf "%.0f", $2}' <<<"$out")
-  to_ms() { awk '{ v=$1; if (v ~ /us$/) { sub(/us$/,"",v); v/=1000 } else if (v ~ /ms$/) { sub(/ms$/,"",v) } else if (v ~ /s$/) { sub(/s$/,"",v); v*=1000 } printf "%.3f", v }'; }
   p50=$(awk '$1=="50%"{print $2}' <<<"$out" | to_ms)
   p99=$(awk '$1=="99%"{print $2}' <<<"$out" | to_ms)
   hits=$(awk -v h=$((hits1 - hits0)) -v t=$((total1 - total0)) 'BEGIN { printf "%.4f", t ? h / t : 0 }')

@@ -220,13 +220,7 @@ impl<S> ClientIo<S> {
                 }
                 // Armed for an earlier moment (the connection has answered since, or it was
                 // a recheck): armed again for what is due now.
-                Poll::Ready(()) => {
-                    let again = match self.head.due() {
-                        Due::Never => return None,
-                        Due::Recheck(at) | Due::At(at) => at,
-                    };
-                    timer.as_mut().reset(again);
-                }
+                Poll::Ready(()) => timer.as_mut().reset(deadline),
             }
         }
     }
