@@ -131,12 +131,19 @@ pub fn body_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a Bo
 /// A body with two time limits: `idle` between frames (and before the first), and an
 /// overall deadline. Either one passing ends the body with a [`BodyError`] marked
 /// `timed_out`; the body's own errors become a [`BodyError`] of the same side.
+///
+/// The limits are kept by the clock, and a timer is armed only when the body has to wait
+/// for a frame: a body whose frames are already buffered (a small request body that came
+/// with its head) costs no timer at all.
 pub struct Timed<B> {
     inner: B,
     side: Side,
     idle: Duration,
-    idle_timer: Pin<Box<tokio::time::Sleep>>,
-    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// When the last frame arrived (or the body was made): the idle limit runs from here.
+    idle_from: tokio::time::Instant,
+    deadline: Option<tokio::time::Instant>,
+    /// Armed at the first wait, for the earlier of the idle limit and the deadline.
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl<B> Timed<B> {
@@ -151,8 +158,9 @@ impl<B> Timed<B> {
             inner,
             side,
             idle,
-            idle_timer: Box::pin(tokio::time::sleep(idle)),
-            deadline: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
+            idle_from: tokio::time::Instant::now(),
+            deadline,
+            timer: None,
         }
     }
 
@@ -162,6 +170,12 @@ impl<B> Timed<B> {
             timed_out,
             source,
         }
+    }
+
+    /// When waiting must end: the idle limit or the deadline, whichever comes first.
+    fn due(&self) -> tokio::time::Instant {
+        let idle_due = self.idle_from + self.idle;
+        self.deadline.map_or(idle_due, |d| d.min(idle_due))
     }
 }
 
@@ -178,23 +192,35 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = &mut *self;
-        if let Some(deadline) = &mut this.deadline
-            && deadline.as_mut().poll(cx).is_ready()
+        if this
+            .deadline
+            .is_some_and(|d| tokio::time::Instant::now() >= d)
         {
             return Poll::Ready(Some(Err(this.error(true, None))));
         }
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
-                let next = tokio::time::Instant::now() + this.idle;
-                this.idle_timer.as_mut().reset(next);
+                this.idle_from = tokio::time::Instant::now();
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(this.error(false, Some(e.into()))))),
             Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending => match this.idle_timer.as_mut().poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Some(Err(this.error(true, None)))),
-                Poll::Pending => Poll::Pending,
-            },
+            Poll::Pending => {
+                let due = this.due();
+                let timer = match &mut this.timer {
+                    Some(timer) => {
+                        if timer.deadline() != due {
+                            timer.as_mut().reset(due);
+                        }
+                        timer
+                    }
+                    None => this.timer.insert(Box::pin(tokio::time::sleep_until(due))),
+                };
+                match timer.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(this.error(true, None)))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
         }
     }
 
@@ -335,5 +361,48 @@ mod tests {
         );
         let err = read_limited(timed, 1 << 20).await.err().unwrap();
         assert!(body_error(err.as_ref()).unwrap().timed_out);
+    }
+
+    /// A body with one frame after each of `gaps_ms` (milliseconds after the previous one).
+    fn frames_after(gaps_ms: &'static [u64]) -> impl Body<Data = Bytes, Error = BoxError> + Unpin {
+        StreamBody::new(Box::pin(futures_util::stream::unfold(
+            0,
+            move |n| async move {
+                let gap = *gaps_ms.get(n)?;
+                tokio::time::sleep(Duration::from_millis(gap)).await;
+                Some((
+                    Ok::<_, BoxError>(Frame::data(Bytes::from_static(b"x"))),
+                    n + 1,
+                ))
+            },
+        )))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_idle_limit_runs_from_the_last_frame_and_the_deadline_from_the_start() {
+        let idle = Duration::from_millis(50);
+        // Frames 40 ms apart under a 50 ms idle limit: never idle for long, whole body read.
+        let started = tokio::time::Instant::now();
+        let timed = Timed::new(frames_after(&[40; 10]), Side::Client, idle, None);
+        match read_limited(timed, 1 << 20).await.unwrap() {
+            Limited::Complete(b) => assert_eq!(b.len(), 10),
+            Limited::TooLarge(_) => panic!("not too large"),
+        }
+        assert_eq!(started.elapsed(), Duration::from_millis(400));
+
+        // The same body under a 250 ms deadline: cut at the deadline.
+        let started = tokio::time::Instant::now();
+        let deadline = Some(started + Duration::from_millis(250));
+        let timed = Timed::new(frames_after(&[40; 10]), Side::Upstream, idle, deadline);
+        let err = read_limited(timed, 1 << 20).await.err().unwrap();
+        assert!(body_error(err.as_ref()).unwrap().timed_out);
+        assert_eq!(started.elapsed(), Duration::from_millis(250));
+
+        // A gap longer than the idle limit after some frames: cut 50 ms after the last one.
+        let started = tokio::time::Instant::now();
+        let timed = Timed::new(frames_after(&[10, 10, 10, 80]), Side::Client, idle, None);
+        let err = read_limited(timed, 1 << 20).await.err().unwrap();
+        assert!(body_error(err.as_ref()).unwrap().timed_out);
+        assert_eq!(started.elapsed(), Duration::from_millis(30 + 50));
     }
 }
