@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # Hit throughput as the number of cached keys grows: cachegate's memory tier holding 1,
 # 1 k, 100 k and 1 M entries, loaded with Zipf-distributed requests over all of them
-# (bench/zipf.lua, exponent 0.99). For each size: a fresh cachegate, filled once with
-# every key (bench/fill.lua), then wrk for the given seconds. Prints requests/s, p50/p99,
-# the share of hits, the ratio to the first size's run (1 key by default), and memory per entry: the process's
-# resident memory after filling minus before, divided by the entries held (shown from 100 k
-# entries on: below, the allocator's fixed costs dominate), and the memory tier's own
-# count (`memory_max_bytes` is counted in these bytes).
+# (bench/zipf.lua, exponent 0.99). One fresh cachegate per size, each filled once with
+# every key (bench/fill.lua) and kept running; then ROUNDS rounds (default 3), each running
+# wrk for the given seconds against every size in turn, so that the box's drift between
+# runs falls on all sizes alike. In every round the same Zipf script also runs against the
+# origin itself (the bare hyper server, no per-key work): what wrk's own key table costs
+# at each size. Prints, per size, the median requests/s and p50/p99 over the rounds (and
+# the p99 range), the share of hits, the ratios to the first size (1 key by default), and
+# memory per entry: the process's resident memory after filling minus before, divided by
+# the entries held (shown from 100 k entries on: below, the allocator's fixed costs
+# dominate), and the memory tier's own count (`memory_max_bytes` is counted in these bytes).
 #
 #   bench/scale.sh [seconds per run, default 10] [connections, default 50] [sizes, default "1 1000 100000 1000000"]
 #
@@ -14,13 +18,14 @@
 # path with bench/upstream.py's 66-byte response (fetched once), so that filling a million
 # keys takes seconds. With SCALE_TSV=FILE, the table is also written to FILE
 # (tab-separated: keys, requests/s, p50 ms, p99 ms, hit share, RSS and weighed bytes per
-# entry).
+# entry, origin requests/s, origin p99 ms; medians).
 # Everything listens on 127.0.0.1; every process started here is stopped by its PID.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION="${1:-10}"
 CONNECTIONS="${2:-50}"
 SIZES="${3:-1 1000 100000 1000000}"
+ROUNDS="${ROUNDS:-3}"
 command -v wrk >/dev/null || { SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"; DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq wrk; }
 
 cargo build --release --locked -q --bin cachegate --example bare_hyper
@@ -28,7 +33,19 @@ WORK="$(mktemp -d)"
 PIDS=()
 . bench/lib.sh   # cleanup on exit, forget, free_port, wait_http, to_ms
 rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
-stat_of() { curl -s "http://127.0.0.1:$ADMIN/stats" | python3 -c "import json,sys; s=json.load(sys.stdin); print($1)"; }
+# stat_of ADMIN_PORT EXPR: EXPR over the instance's JSON stats `s`.
+stat_of() { curl -s "http://127.0.0.1:$1/stats" | python3 -c "import json,sys; s=json.load(sys.stdin); print($2)"; }
+hits_of() { stat_of "$1" 's["requests"]["by_status"].get("hit",{}).get("total",0)'; }
+total_of() { stat_of "$1" 's["requests"]["total"]'; }
+# median of the numbers on stdin
+median() { sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+# load KEYS URL: one wrk run; prints "requests/s p50_ms p99_ms"
+load() {
+  local out
+  out=$(ZIPF_KEYS=$1 wrk -t2 -c"$CONNECTIONS" -d"${DURATION}s" --latency -s bench/zipf.lua "$2")
+  echo "$(awk '/^Requests\/sec:/ {printf "%.0f", $2}' <<<"$out")" \
+    "$(awk '$1=="50%"{print $2}' <<<"$out" | to_ms)" "$(awk '$1=="99%"{print $2}' <<<"$out" | to_ms)"
+}
 
 UP=$(free_port); ORIGIN=$(free_port)
 python3 bench/upstream.py "$UP" & PIDS+=($!)
@@ -36,14 +53,11 @@ wait_http "http://127.0.0.1:$UP/"
 target/release/examples/bare_hyper "127.0.0.1:$ORIGIN" "http://127.0.0.1:$UP/kpi/revenue" --origin & PIDS+=($!)
 wait_http "http://127.0.0.1:$ORIGIN/kpi/k0"
 
-echo "keys, $(nproc) cores, wrk -t2 -c$CONNECTIONS -d${DURATION}s, Zipf 0.99 ($(date -u +%Y-%m-%d))"
-printf '| %9s | %12s | %9s | %9s | %8s | %10s | %11s | %11s |\n' "keys" "requests/s" "p50 ms" "p99 ms" "hits" "vs first" "RSS B/entry" "weighed B/entry"
-printf '|%s|%s|%s|%s|%s|%s|%s|%s|\n' "-----------" "--------------" "-----------" "-----------" "----------" "------------" "-------------" "-----------------"
-[ -n "${SCALE_TSV:-}" ] && : > "$SCALE_TSV"
-BASE=""
+# One filled instance per size.
+declare -A CG_PORT ADMIN_PORT PID_OF ENTRIES WEIGHED PER_ENTRY
 for keys in $SIZES; do
   CG=$(free_port); ADMIN=$(free_port)
-  cat > "$WORK/cachegate.toml" <<TOML
+  cat > "$WORK/cachegate-$keys.toml" <<TOML
 listen = "127.0.0.1:$CG"
 admin_listen = "127.0.0.1:$ADMIN"
 [upstream]
@@ -51,7 +65,7 @@ url = "http://127.0.0.1:$ORIGIN"
 [cache]
 memory_max_bytes = 4294967296
 TOML
-  CACHEGATE_LOG=warn target/release/cachegate serve --config "$WORK/cachegate.toml" & pid=$!
+  CACHEGATE_LOG=warn target/release/cachegate serve --config "$WORK/cachegate-$keys.toml" & pid=$!
   PIDS+=($pid)
   wait_http "http://127.0.0.1:$ADMIN/healthz"
   before=$(rss_kib "$pid")
@@ -61,33 +75,48 @@ TOML
     "http://127.0.0.1:$CG/" >/dev/null & fill=$!
   PIDS+=($fill)
   for _ in $(seq 6000); do
-    [ "$(stat_of 's["memory"]["entries"]')" -ge "$keys" ] && break
+    [ "$(stat_of "$ADMIN" 's["memory"]["entries"]')" -ge "$keys" ] && break
     sleep 0.1
   done
   kill "$fill" 2>/dev/null || true; wait "$fill" 2>/dev/null || true
   forget "$fill"
-  entries=$(stat_of 's["memory"]["entries"]')
-  weighed=$(stat_of 's["memory"]["bytes"]')
-  after=$(rss_kib "$pid")
-  hits0=$(stat_of 's["requests"]["by_status"].get("hit",{}).get("total",0)')
-  total0=$(stat_of 's["requests"]["total"]')
-  out=$(ZIPF_KEYS=$keys wrk -t2 -c"$CONNECTIONS" -d"${DURATION}s" --latency -s bench/zipf.lua "http://127.0.0.1:$CG/")
-  hits1=$(stat_of 's["requests"]["by_status"].get("hit",{}).get("total",0)')
-  total1=$(stat_of 's["requests"]["total"]')
-  kill "$pid"; wait "$pid" 2>/dev/null || true
-  forget "$pid"
-  rps=$(awk '/^Requests\/sec:/ {printf "%.0f", $2}' <<<"$out")
-  p50=$(awk '$1=="50%"{print $2}' <<<"$out" | to_ms)
-  p99=$(awk '$1=="99%"{print $2}' <<<"$out" | to_ms)
-  hits=$(awk -v h=$((hits1 - hits0)) -v t=$((total1 - total0)) 'BEGIN { printf "%.4f", t ? h / t : 0 }')
-  per_entry=$(awk -v a="$after" -v b="$before" -v n="$entries" 'BEGIN { printf "%.0f", n ? (a - b) * 1024 / n : 0 }')
-  weighed_per_entry=$(awk -v w="$weighed" -v n="$entries" 'BEGIN { printf "%.0f", n ? w / n : 0 }')
-  [ -z "$BASE" ] && BASE=$rps
-  printf '| %9s | %12s | %9s | %9s | %7.2f%% | %9.2fx | %11s | %15s |\n' "$keys" "$rps" "$p50" "$p99" \
-    "$(awk -v h="$hits" 'BEGIN{print h*100}')" "$(awk -v a="$rps" -v b="$BASE" 'BEGIN{print a/b}')" \
-    "$([ "$keys" -ge 100000 ] && echo "$per_entry" || echo "-")" "$weighed_per_entry"
+  entries=$(stat_of "$ADMIN" 's["memory"]["entries"]')
   [ "$entries" -ge $((keys * 99 / 100)) ] || echo "  (only $entries of $keys keys were held after filling)" >&2
+  CG_PORT[$keys]=$CG; ADMIN_PORT[$keys]=$ADMIN; PID_OF[$keys]=$pid; ENTRIES[$keys]=$entries
+  WEIGHED[$keys]=$(awk -v w="$(stat_of "$ADMIN" 's["memory"]["bytes"]')" -v n="$entries" 'BEGIN { printf "%.0f", n ? w / n : 0 }')
+  PER_ENTRY[$keys]=$(awk -v a="$(rss_kib "$pid")" -v b="$before" -v n="$entries" 'BEGIN { printf "%.0f", n ? (a - b) * 1024 / n : 0 }')
+done
+
+for round in $(seq "$ROUNDS"); do
+  for keys in $SIZES; do
+    admin=${ADMIN_PORT[$keys]}
+    hits0=$(hits_of "$admin"); total0=$(total_of "$admin")
+    load "$keys" "http://127.0.0.1:${CG_PORT[$keys]}/" >> "$WORK/cachegate.$keys"
+    hits1=$(hits_of "$admin"); total1=$(total_of "$admin")
+    echo $((hits1 - hits0)) $((total1 - total0)) >> "$WORK/hits.$keys"
+    load "$keys" "http://127.0.0.1:$ORIGIN/" >> "$WORK/origin.$keys"
+  done
+done
+
+echo "keys, $(nproc) cores, wrk -t2 -c$CONNECTIONS -d${DURATION}s x $ROUNDS rounds (medians), Zipf 0.99 ($(date -u +%Y-%m-%d))"
+printf '| %9s | %10s | %7s | %7s | %13s | %8s | %12s | %10s | %12s | %10s | %11s | %15s |\n' "keys" "requests/s" "p50 ms" "p99 ms" "p99 range" "hits" "req/s vs 1st" "p99 vs 1st" "origin req/s" "origin p99" "RSS B/entry" "weighed B/entry"
+printf '|%s|%s|%s|%s|%s|%s|%s|%s|%s|%s|%s|%s|\n' "-----------" "------------" "---------" "---------" "---------------" "----------" "--------------" "------------" "--------------" "------------" "-------------" "-----------------"
+[ -n "${SCALE_TSV:-}" ] && : > "$SCALE_TSV"
+BASE_RPS=""; BASE_P99=""
+for keys in $SIZES; do
+  rps=$(awk '{print $1}' "$WORK/cachegate.$keys" | median)
+  p50=$(awk '{print $2}' "$WORK/cachegate.$keys" | median)
+  p99=$(awk '{print $3}' "$WORK/cachegate.$keys" | median)
+  range=$(awk '{print $3}' "$WORK/cachegate.$keys" | sort -g | awk 'NR==1{lo=$1} {hi=$1} END{printf "%s-%s", lo, hi}')
+  hits=$(awk '{ h += $1; t += $2 } END { printf "%.4f", t ? h / t : 0 }' "$WORK/hits.$keys")
+  origin_rps=$(awk '{print $1}' "$WORK/origin.$keys" | median)
+  origin_p99=$(awk '{print $3}' "$WORK/origin.$keys" | median)
+  [ -z "$BASE_RPS" ] && { BASE_RPS=$rps; BASE_P99=$p99; }
+  printf '| %9s | %10.0f | %7.3f | %7.3f | %13s | %7.2f%% | %11.2fx | %9.2fx | %12.0f | %10.3f | %11s | %15s |\n' "$keys" "$rps" "$p50" "$p99" "$range" \
+    "$(awk -v h="$hits" 'BEGIN{print h*100}')" "$(awk -v a="$rps" -v b="$BASE_RPS" 'BEGIN{print a/b}')" \
+    "$(awk -v a="$p99" -v b="$BASE_P99" 'BEGIN{print a/b}')" "$origin_rps" "$origin_p99" \
+    "$([ "$keys" -ge 100000 ] && echo "${PER_ENTRY[$keys]}" || echo "-")" "${WEIGHED[$keys]}"
   if [ -n "${SCALE_TSV:-}" ]; then
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$keys" "$rps" "$p50" "$p99" "$hits" "$per_entry" "$weighed_per_entry" >> "$SCALE_TSV"
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$keys" "$rps" "$p50" "$p99" "$hits" "${PER_ENTRY[$keys]}" "${WEIGHED[$keys]}" "$origin_rps" "$origin_p99" >> "$SCALE_TSV"
   fi
 done
