@@ -314,3 +314,29 @@ async fn rediss_with_a_private_ca() {
     );
     assert_eq!(up.hits(), 1);
 }
+
+/// A replica that acknowledges a purge late, but within the acknowledgement limit, is
+/// counted: the wait for acknowledgements is bounded by its own limit, not by the
+/// operation timeout of a single Redis command (nor by redis-rs's 500 ms default).
+#[tokio::test]
+async fn a_late_acknowledgement_within_the_limit_is_counted() {
+    use cachegate_core::metrics::StoreMetrics;
+    use cachegate_core::store::{RedisOptions, RedisTier};
+    let redis = Redis::start().await;
+    let tier = RedisTier::new(
+        &RedisOptions::new(redis.url()),
+        "late-ack",
+        StoreMetrics::default(),
+    )
+    .unwrap();
+    let replica = tier.clone();
+    let ack = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(900)).await;
+        replica.ack_purge(7, 3).await;
+    });
+    let started = std::time::Instant::now();
+    let (acknowledged, removed) = tier.wait_acks(7, 1, Duration::from_millis(3000)).await;
+    ack.await.unwrap();
+    assert_eq!((acknowledged, removed), (1, 3));
+    assert!(started.elapsed() >= Duration::from_millis(900));
+}

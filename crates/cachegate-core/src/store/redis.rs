@@ -330,9 +330,15 @@ impl RedisTier {
     pub async fn wait_acks(&self, id: u64, expected: u64, limit: Duration) -> (u64, u64) {
         let deadline = tokio::time::Instant::now() + limit;
         let key = self.acks_key(id);
+        // `BLPOP` blocks for up to `limit`: no per-command response timeout on this
+        // connection (redis-rs's default is 500 ms); the `timeout` below bounds each wait.
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.connect_timeout))
+            .set_response_timeout(None);
         let Ok(Ok(mut conn)) = tokio::time::timeout(
             self.connect_timeout,
-            self.client.get_multiplexed_async_connection(),
+            self.client
+                .get_multiplexed_async_connection_with_config(&config),
         )
         .await
         else {
