@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Gate, Redis, Upstream, eventually};
+use common::{Gate, Redis, Relay, Upstream, eventually};
 
 const CONFIG: &str = r#"
 [admin]
@@ -621,4 +621,62 @@ async fn events_can_purge_paths_and_routes_softly() {
     assert_eq!(gate.get("/kpi/leads").await.cache(), "HIT");
     assert_eq!(raise("api.changed").await, 200);
     assert_eq!(gate.get("/kpi/leads").await.cache(), "MISS");
+}
+
+/// A Redis that accepts the purge subscription's connection but never answers its
+/// `SUBSCRIBE` cannot hold the subscriber: the command is bounded by the operation timeout
+/// and the subscription is made again on a new connection.
+#[tokio::test]
+async fn a_subscribe_never_answered_is_tried_again() {
+    let redis = Redis::start().await;
+    let relay = Relay::swallowing(redis.port, b"SUBSCRIBE").await;
+    let up = Upstream::start().await;
+    let _gate = Gate::start_with_redis_url(&up, &relay.redis_url(), CONFIG).await;
+    let retried = eventually(Duration::from_secs(10), || async { relay.swallowed() >= 3 });
+    assert!(
+        retried.await,
+        "one SUBSCRIBE left unanswered held the subscriber"
+    );
+}
+
+/// A purge subscription cut without a reset (a NAT or firewall forgetting the connection:
+/// Redis drops the subscriber, the replica's socket stays open and silent) is noticed by
+/// the keep-alive `PING` and made again, and purges reach the replica again.
+#[tokio::test]
+async fn a_subscription_cut_silently_is_made_again() {
+    let redis = Redis::start().await;
+    let relay = Relay::start(redis.port).await;
+    let up = Upstream::start().await;
+    let cut = Gate::start_with_redis_url(&up, &relay.redis_url(), CONFIG).await;
+    let other = Gate::start(&up, Some(&redis), CONFIG).await;
+    let channel = "cachegate:invalidate";
+    let subscribers = |n: u64| {
+        let redis = &redis;
+        eventually(Duration::from_secs(20), move || async move {
+            redis.subscribers(channel).await == n
+        })
+    };
+    assert!(subscribers(2).await, "both replicas subscribed");
+    relay.sever();
+    assert!(subscribers(1).await, "Redis dropped the cut subscriber");
+    assert!(
+        relay.held().await >= 1,
+        "the cut connections stay open on the replica's side"
+    );
+    // 5 s of silence, a PING unanswered for 1 s, then a new subscription.
+    assert!(subscribers(2).await, "the cut replica subscribed again");
+
+    // A purge from the other replica reaches it and is acknowledged by both.
+    assert_eq!(cut.get("/kpi/leads").await.cache(), "MISS");
+    assert_eq!(cut.get("/kpi/leads").await.cache(), "HIT");
+    let confirmed = eventually(Duration::from_secs(10), || async {
+        let (status, reply) = purge(&other, Some("purge-token"), r#"{"tags":["kpi"]}"#).await;
+        status == 200 && reply["replicas_acknowledged"] == 2 && reply["confirmed"] == true
+    });
+    assert!(confirmed.await, "the purge is confirmed by both replicas");
+    assert_eq!(
+        cut.get("/kpi/leads").await.cache(),
+        "MISS",
+        "purged on the cut replica"
+    );
 }

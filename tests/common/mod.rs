@@ -6,6 +6,7 @@
 mod gate;
 pub mod raw;
 mod redis;
+mod relay;
 mod upstream;
 
 use std::net::TcpListener as StdListener;
@@ -14,6 +15,7 @@ use std::time::{Duration, Instant};
 
 pub use self::gate::{Gate, GateProcess};
 pub use self::redis::Redis;
+pub use self::relay::Relay;
 pub use self::upstream::Upstream;
 
 /// Polls `cond` every 20 ms until it holds or `limit` passes; returns whether it held.

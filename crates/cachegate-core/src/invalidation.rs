@@ -237,8 +237,10 @@ fn key_from_hex(hex: &str) -> Option<CacheKey> {
 
 /// Keeps `purges` in step with every replica: subscribes to the invalidation channel,
 /// loads the recorded markers on every (re)subscription, applies and acknowledges each
-/// purge. Reconnects after a failure (at most every second); ends when `purges` is
-/// dropped (checked at least every second).
+/// purge. Reconnects after a failure (at most every second), after a `SUBSCRIBE` not
+/// answered within the operation timeout, and when a `PING` sent after 5 s of silence is
+/// not answered (a connection that died without a reset); ends when `purges` is dropped
+/// (checked at least every second).
 ///
 /// With `events`, it also listens on `{namespace}:events`: a message there is an event
 /// name (`PUBLISH {namespace}:events leads.imported` from any Redis client, such as an ETL
@@ -278,6 +280,12 @@ pub(crate) fn subscribe(
     })
 }
 
+/// Silence on the purge subscription after which it is checked with a `PING`.
+const KEEPALIVE_AFTER: Duration = Duration::from_secs(5);
+
+/// The least time the keep-alive `PING` is given to come back.
+const KEEPALIVE_TIMEOUT_MIN: Duration = Duration::from_secs(1);
+
 /// One subscription's life. Returns `true` when the purges are gone (stop), `false` when
 /// the connection ended (reconnect).
 async fn run(
@@ -289,10 +297,18 @@ async fn run(
     metrics: &StoreMetrics,
 ) -> bool {
     let invalidate = redis.invalidate_channel();
-    if pubsub.subscribe(&invalidate).await.is_err() {
+    // redis-rs's pub/sub commands have no response timeout: a Redis that accepted the
+    // connection and went silent would hold this task for ever.
+    let op_timeout = redis.op_timeout();
+    let subscribed = |result: Result<redis::RedisResult<()>, _>| matches!(result, Ok(Ok(())));
+    if !subscribed(tokio::time::timeout(op_timeout, pubsub.subscribe(&invalidate)).await) {
         return false;
     }
-    if events.is_some() && pubsub.subscribe(redis.events_channel()).await.is_err() {
+    if events.is_some()
+        && !subscribed(
+            tokio::time::timeout(op_timeout, pubsub.subscribe(redis.events_channel())).await,
+        )
+    {
         return false;
     }
     // Subscribed first, then loaded: a purge published in between is in the hash or
@@ -314,7 +330,8 @@ async fn run(
     // What this replica missed while it was away leaves its memory tier now.
     sweep(PurgeScope::All).await;
     tracing::debug!("subscribed to purges");
-    let mut messages = pubsub.on_message();
+    let (mut sink, mut messages) = pubsub.split();
+    let mut last_heard = tokio::time::Instant::now();
     loop {
         let next = tokio::time::timeout(Duration::from_secs(1), messages.next()).await;
         let Some(purges) = purges.upgrade() else {
@@ -324,7 +341,25 @@ async fn run(
             hard: purges,
             soft: soft.clone(),
         };
+        if next.is_ok() {
+            last_heard = tokio::time::Instant::now();
+        }
         match next {
+            // A subscriber only reads: a connection that died without a reset (a NAT or
+            // firewall forgetting it, a Redis host gone) would never say so, while Redis
+            // dropped the subscription and purges stopped reaching this replica. After
+            // `KEEPALIVE_AFTER` of silence, a `PING` must come back within the operation
+            // timeout (at least `KEEPALIVE_TIMEOUT_MIN`), or the subscription is made again.
+            Err(_) if last_heard.elapsed() >= KEEPALIVE_AFTER => {
+                let limit = op_timeout.max(KEEPALIVE_TIMEOUT_MIN);
+                match tokio::time::timeout(limit, sink.ping::<redis::Value>()).await {
+                    Ok(Ok(_)) => last_heard = tokio::time::Instant::now(),
+                    _ => {
+                        tracing::warn!("purge subscription silent: reconnecting");
+                        return false;
+                    }
+                }
+            }
             Err(_) => continue,
             Ok(None) => {
                 tracing::warn!("purge subscription lost: reconnecting");

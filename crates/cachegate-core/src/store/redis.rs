@@ -6,7 +6,7 @@
 //! tier comes back when Redis does.
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -66,7 +66,10 @@ impl std::error::Error for RedisSetupError {}
 #[derive(Clone)]
 pub struct RedisTier {
     client: redis::Client,
-    conn: ConnectionManager,
+    /// The shared connection; replaced by a new one when the breaker opens (see
+    /// [`RedisTier::guarded`]).
+    conn: Arc<RwLock<ConnectionManager>>,
+    manager_config: ConnectionManagerConfig,
     op_timeout: Duration,
     connect_timeout: Duration,
     namespace: String,
@@ -108,11 +111,12 @@ impl RedisTier {
             .set_number_of_retries(1)
             .set_min_delay(Duration::from_millis(10))
             .set_max_delay(Duration::from_millis(config.breaker_cooldown_ms.max(10)));
-        let conn = ConnectionManager::new_lazy_with_config(client.clone(), manager_config)
+        let conn = ConnectionManager::new_lazy_with_config(client.clone(), manager_config.clone())
             .map_err(|e| RedisSetupError(e.to_string()))?;
         Ok(RedisTier {
             client,
-            conn,
+            conn: Arc::new(RwLock::new(conn)),
+            manager_config,
             op_timeout,
             connect_timeout: Duration::from_millis(config.connect_timeout_ms.max(1)),
             namespace: namespace.to_string(),
@@ -125,6 +129,11 @@ impl RedisTier {
         })
     }
 
+    /// The limit on one Redis operation (`op_timeout_ms`).
+    pub fn op_timeout(&self) -> Duration {
+        self.op_timeout
+    }
+
     /// The Redis key of a cache key: `{namespace}:v2:{hex}`.
     pub fn redis_key(&self, key: &CacheKey) -> String {
         let mut redis_key = String::with_capacity(self.prefix.len() + 64);
@@ -133,8 +142,32 @@ impl RedisTier {
         redis_key
     }
 
+    /// The shared connection.
+    fn connection(&self) -> ConnectionManager {
+        self.conn
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Replaces the shared connection with a new one (connected at its first use). redis-rs
+    /// reconnects when a connection reports an error, never after timeouts: a connection
+    /// that died without a reset (a NAT or firewall forgetting it, a Redis host gone) would
+    /// only time out, until the kernel gives up on it (about 15 minutes).
+    fn reconnect(&self) {
+        match ConnectionManager::new_lazy_with_config(
+            self.client.clone(),
+            self.manager_config.clone(),
+        ) {
+            Ok(fresh) => *self.conn.write().unwrap_or_else(PoisonError::into_inner) = fresh,
+            Err(e) => tracing::warn!(error = %e, "redis tier: cannot make a new connection"),
+        }
+    }
+
     /// Runs one operation under the breaker and the operation timeout. `None` when the
-    /// breaker refused, the operation failed or it timed out.
+    /// breaker refused, the operation failed or it timed out. When the breaker opens, the
+    /// shared connection is replaced: the failures may be those of a dead connection
+    /// rather than of Redis.
     async fn guarded<T, F>(&self, op: &'static str, f: F) -> Option<T>
     where
         F: Future<Output = redis::RedisResult<T>>,
@@ -157,6 +190,7 @@ impl RedisTier {
                 self.metrics.redis_errors.inc(op);
                 if self.breaker.failure() {
                     tracing::warn!("redis tier unavailable: circuit breaker open");
+                    self.reconnect();
                 }
                 None
             }
@@ -173,7 +207,7 @@ impl RedisTier {
 
     /// Whether Redis answers a `PING` within the operation timeout (through the breaker).
     pub async fn ping(&self) -> bool {
-        let mut conn = self.conn.clone();
+        let mut conn = self.connection();
         self.guarded("get", async move {
             redis::cmd("PING").query_async::<String>(&mut conn).await
         })
@@ -183,7 +217,7 @@ impl RedisTier {
 
     /// The stored envelope for `key`, or `None` on a miss, a failure or a timeout.
     pub async fn get(&self, key: &CacheKey) -> Option<Vec<u8>> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.connection();
         let redis_key = self.redis_key(key);
         self.guarded("get", async move {
             conn.get::<_, Option<Vec<u8>>>(redis_key).await
@@ -195,7 +229,7 @@ impl RedisTier {
     /// Stores `envelope` under `key` for `ttl_secs` (`SET … EX`). Returns whether it was
     /// written; failures are counted, never raised.
     pub async fn set(&self, key: &CacheKey, envelope: Bytes, ttl_secs: u64) -> bool {
-        let mut conn = self.conn.clone();
+        let mut conn = self.connection();
         let redis_key = self.redis_key(key);
         self.guarded("set", async move {
             conn.set_ex::<_, _, ()>(redis_key, envelope.as_ref(), ttl_secs.max(1))
@@ -238,7 +272,7 @@ impl RedisTier {
     /// (the script touches entry keys it does not declare: standalone Redis, not Cluster).
     /// Returns whether Redis confirmed.
     pub async fn record_purges(&self, markers: &[(String, u64)]) -> bool {
-        let mut conn = self.conn.clone();
+        let mut conn = self.connection();
         let key = self.purges_key();
         let script = redis::Script::new(
             "for i = 4, #ARGV, 2 do \
@@ -277,7 +311,7 @@ impl RedisTier {
     /// Every purge marker recorded in Redis (the hash and the key markers), or `None`
     /// when Redis fails.
     pub async fn load_purges(&self) -> Option<Vec<(String, u64)>> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.connection();
         let (hash, keys) = (self.purges_key(), self.purged_keys_key());
         let (mut markers, by_key) = self
             .guarded("get", async move {
@@ -299,7 +333,7 @@ impl RedisTier {
     /// Publishes `message` on the invalidation channel; the number of subscribers that
     /// received it, or `None` when Redis fails.
     pub async fn publish_purge(&self, message: &str) -> Option<u64> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.connection();
         let channel = self.invalidate_channel();
         let message = message.to_string();
         self.guarded("set", async move {
@@ -311,7 +345,7 @@ impl RedisTier {
     /// Acknowledges purge `id` with the number of memory-tier entries it removed here
     /// (`RPUSH` on its acknowledgement list, kept 60 s).
     pub async fn ack_purge(&self, id: u64, memory_entries_purged: u64) {
-        let mut conn = self.conn.clone();
+        let mut conn = self.connection();
         let key = self.acks_key(id);
         let _ = self
             .guarded("set", async move {
@@ -377,7 +411,7 @@ impl RedisTier {
     /// so that one replica refreshes a key at a time. `Some(true)`: taken; `Some(false)`:
     /// another replica holds it; `None`: Redis did not answer (the caller goes on alone).
     pub async fn try_lease(&self, key: &CacheKey, ttl: Duration, token: u64) -> Option<bool> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.connection();
         let lease = format!("{}lease:{}", self.prefix, key.to_hex());
         let ms = ttl.as_millis().clamp(1, u128::from(u32::MAX)) as u64;
         self.guarded("set", async move {
@@ -397,7 +431,7 @@ impl RedisTier {
     /// Gives back the refresh lease of `key` taken with `token`, only if it is still ours
     /// (compare and delete, in one script); failures are counted, never raised.
     pub async fn release_lease(&self, key: &CacheKey, token: u64) {
-        let mut conn = self.conn.clone();
+        let mut conn = self.connection();
         let lease = format!("{}lease:{}", self.prefix, key.to_hex());
         let script = redis::Script::new(
             "if redis.call('GET', KEYS[1]) == ARGV[1] then \
@@ -416,7 +450,7 @@ impl RedisTier {
     /// Deletes `key` (`DEL`). Returns whether Redis confirmed; failures are counted, never
     /// raised.
     pub async fn del(&self, key: &CacheKey) -> bool {
-        let mut conn = self.conn.clone();
+        let mut conn = self.connection();
         let redis_key = self.redis_key(key);
         self.guarded("del", async move { conn.del::<_, ()>(redis_key).await })
             .await

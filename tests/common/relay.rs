@@ -1,0 +1,141 @@
+//! A TCP relay in front of a real server, for network faults no real server shows on
+//! demand: a connection dropped by a NAT or a firewall without a reset (the server side
+//! gone, the client side open and silent), or a server that goes silent after one command.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Mutex, watch};
+
+/// Forwards every connection to `127.0.0.1:target` until told otherwise. Dropping it
+/// stops accepting; connections already relayed end with the test's runtime.
+pub struct Relay {
+    pub port: u16,
+    sever: watch::Sender<u64>,
+    /// Client sides kept open after their server side was cut: never read, never closed.
+    held: Arc<Mutex<Vec<TcpStream>>>,
+    swallowed: Arc<AtomicUsize>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    /// A relay that forwards everything both ways.
+    pub async fn start(target: u16) -> Relay {
+        Relay::start_inner(target, None).await
+    }
+
+    /// A relay that, on a connection whose client sends `needle`, forwards nothing more
+    /// from that client (the bytes holding `needle` included), while still forwarding the
+    /// server's bytes: the server never sees that command, and the client waits for an
+    /// answer that never comes.
+    pub async fn swallowing(target: u16, needle: &'static [u8]) -> Relay {
+        Relay::start_inner(target, Some(needle)).await
+    }
+
+    async fn start_inner(target: u16, needle: Option<&'static [u8]>) -> Relay {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (sever, severed) = watch::channel(0u64);
+        let held = Arc::new(Mutex::new(Vec::new()));
+        let swallowed = Arc::new(AtomicUsize::new(0));
+        let (held2, swallowed2) = (held.clone(), swallowed.clone());
+        let accept = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = TcpStream::connect(("127.0.0.1", target)).await else {
+                    continue;
+                };
+                let mut severed = severed.clone();
+                severed.mark_unchanged();
+                let (held, swallowed) = (held2.clone(), swallowed2.clone());
+                tokio::spawn(async move {
+                    relay(client, server, needle, &mut severed, &held, &swallowed).await;
+                });
+            }
+        });
+        Relay {
+            port,
+            sever,
+            held,
+            swallowed,
+            accept,
+        }
+    }
+
+    /// `redis://` URL of the relay.
+    pub fn redis_url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Cuts the server side of every connection open now (the server sees it closed) and
+    /// keeps each client side open and silent. Later connections are relayed as before.
+    pub fn sever(&self) {
+        self.sever.send_modify(|generation| *generation += 1);
+    }
+
+    /// Connections whose client sent the needle (see [`Relay::swallowing`]).
+    pub fn swallowed(&self) -> usize {
+        self.swallowed.load(Ordering::SeqCst)
+    }
+
+    /// Client sides held open after [`Relay::sever`].
+    pub async fn held(&self) -> usize {
+        self.held.lock().await.len()
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+async fn relay(
+    mut client: TcpStream,
+    mut server: TcpStream,
+    needle: Option<&'static [u8]>,
+    severed: &mut watch::Receiver<u64>,
+    held: &Mutex<Vec<TcpStream>>,
+    swallowed: &AtomicUsize,
+) {
+    let cut = {
+        let (mut client_read, mut client_write) = client.split();
+        let (mut server_read, mut server_write) = server.split();
+        let upstream = async {
+            let mut buf = vec![0u8; 16 * 1024];
+            loop {
+                let n = client_read.read(&mut buf).await.unwrap_or(0);
+                if n == 0 {
+                    return;
+                }
+                if needle.is_some_and(|needle| buf[..n].windows(needle.len()).any(|w| w == needle))
+                {
+                    swallowed.fetch_add(1, Ordering::SeqCst);
+                    return std::future::pending().await;
+                }
+                if server_write.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
+            }
+        };
+        let downstream = async {
+            let mut buf = vec![0u8; 16 * 1024];
+            loop {
+                let n = server_read.read(&mut buf).await.unwrap_or(0);
+                if n == 0 || client_write.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
+            }
+        };
+        tokio::select! {
+            _ = upstream => false,
+            _ = downstream => false,
+            _ = severed.changed() => true,
+        }
+    };
+    if cut {
+        drop(server);
+        held.lock().await.push(client);
+    }
+}
