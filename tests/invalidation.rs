@@ -680,3 +680,40 @@ async fn a_subscription_cut_silently_is_made_again() {
         "purged on the cut replica"
     );
 }
+
+/// A replica (re)subscribing while Redis holds the most key markers it keeps (100 k, which
+/// any client can cause with unsafe requests to cached paths, RFC 9111 §4.4) loads them
+/// all and subscribes: the markers are read in pages, each within the operation timeout.
+#[tokio::test]
+async fn a_replica_subscribes_with_the_most_key_markers_recorded() {
+    let redis = Redis::start().await;
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let mut conn = redis.connection().await;
+    for batch in 0..100u64 {
+        let mut zadd = redis::cmd("ZADD");
+        zadd.arg("cachegate:purged-keys");
+        for i in 0..1000u64 {
+            zadd.arg(now_ms - 60_000 + i)
+                .arg(format!("{:064x}", batch * 1000 + i));
+        }
+        zadd.query_async::<()>(&mut conn).await.unwrap();
+    }
+    let up = Upstream::start().await;
+    let a = Gate::start(&up, Some(&redis), CONFIG).await;
+    let b = Gate::start(&up, Some(&redis), CONFIG).await;
+    assert_eq!(a.get("/kpi/leads").await.cache(), "MISS");
+    assert_eq!(a.get("/kpi/leads").await.cache(), "HIT");
+    let confirmed = eventually(Duration::from_secs(15), || async {
+        let (status, reply) = purge(&b, Some("purge-token"), r#"{"tags":["kpi"]}"#).await;
+        status == 200 && reply["replicas_acknowledged"] == 2 && reply["confirmed"] == true
+    });
+    assert!(confirmed.await, "both replicas subscribed and acknowledged");
+    assert_eq!(
+        a.get("/kpi/leads").await.cache(),
+        "MISS",
+        "purged on the other replica"
+    );
+}

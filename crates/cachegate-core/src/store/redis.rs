@@ -62,6 +62,13 @@ impl std::fmt::Display for RedisSetupError {
 
 impl std::error::Error for RedisSetupError {}
 
+/// Key markers read per `ZSCAN` page by [`RedisTier::load_purges`].
+pub const MARKER_PAGE: usize = 5_000;
+
+/// The most `ZSCAN` pages [`RedisTier::load_purges`] reads: far more than
+/// [`crate::purge::MAX_KEY_MARKERS`] need.
+const MAX_MARKER_PAGES: usize = 4 * crate::purge::MAX_KEY_MARKERS / MARKER_PAGE + 16;
+
 /// The shared tier. Cloning shares the connection and the breaker.
 #[derive(Clone)]
 pub struct RedisTier {
@@ -309,25 +316,39 @@ impl RedisTier {
     }
 
     /// Every purge marker recorded in Redis (the hash and the key markers), or `None`
-    /// when Redis fails.
+    /// when Redis fails. The key markers (up to [`crate::purge::MAX_KEY_MARKERS`], about
+    /// 9 MB, and any client can cause them with unsafe requests) are read in pages of
+    /// [`MARKER_PAGE`] (`ZSCAN`), each within the operation timeout and none holding the
+    /// shared connection for long; a marker added or dropped meanwhile may be missed or
+    /// read twice, which the subscription's messages make up for.
     pub async fn load_purges(&self) -> Option<Vec<(String, u64)>> {
         let mut conn = self.connection();
-        let (hash, keys) = (self.purges_key(), self.purged_keys_key());
-        let (mut markers, by_key) = self
+        let hash = self.purges_key();
+        let mut markers = self
             .guarded("get", async move {
-                redis::pipe()
-                    .hgetall(hash)
-                    .zrange_withscores(keys, 0, -1)
-                    .query_async::<(Vec<(String, u64)>, Vec<(String, u64)>)>(&mut conn)
-                    .await
+                conn.hgetall::<_, Vec<(String, u64)>>(hash).await
             })
             .await?;
-        markers.extend(
-            by_key
-                .into_iter()
-                .map(|(hex, at)| (format!("key:{hex}"), at)),
-        );
-        Some(markers)
+        let keys = self.purged_keys_key();
+        let mut cursor = 0u64;
+        // A scan ends; the cap keeps this wait bounded whatever Redis answers.
+        for _ in 0..MAX_MARKER_PAGES {
+            let mut conn = self.connection();
+            let mut scan = redis::cmd("ZSCAN");
+            scan.arg(&keys).arg(cursor).arg("COUNT").arg(MARKER_PAGE);
+            let (next, page) = self
+                .guarded("get", async move {
+                    scan.query_async::<(u64, Vec<(String, u64)>)>(&mut conn)
+                        .await
+                })
+                .await?;
+            markers.extend(page.into_iter().map(|(hex, at)| (format!("key:{hex}"), at)));
+            if next == 0 {
+                return Some(markers);
+            }
+            cursor = next;
+        }
+        None
     }
 
     /// Publishes `message` on the invalidation channel; the number of subscribers that
