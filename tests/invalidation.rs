@@ -667,18 +667,20 @@ async fn a_subscription_cut_silently_is_made_again() {
     assert!(subscribers(2).await, "the cut replica subscribed again");
 
     // A purge from the other replica reaches it and is acknowledged by both.
-    assert_eq!(cut.get("/kpi/leads").await.cache(), "MISS");
-    assert_eq!(cut.get("/kpi/leads").await.cache(), "HIT");
-    let confirmed = eventually(Duration::from_secs(10), || async {
-        let (status, reply) = purge(&other, Some("purge-token"), r#"{"tags":["kpi"]}"#).await;
+    purged_on_both(&cut, &other).await;
+}
+
+/// Caches `/kpi/leads` on `a`, then purges tag `kpi` from `b` until both replicas
+/// acknowledge (up to 15 s), and checks that `a` lost the entry.
+async fn purged_on_both(a: &Gate, b: &Gate) {
+    assert_eq!(a.get("/kpi/leads").await.cache(), "MISS");
+    assert_eq!(a.get("/kpi/leads").await.cache(), "HIT");
+    let confirmed = eventually(Duration::from_secs(15), || async {
+        let (status, reply) = purge(b, Some("purge-token"), r#"{"tags":["kpi"]}"#).await;
         status == 200 && reply["replicas_acknowledged"] == 2 && reply["confirmed"] == true
     });
     assert!(confirmed.await, "the purge is confirmed by both replicas");
-    assert_eq!(
-        cut.get("/kpi/leads").await.cache(),
-        "MISS",
-        "purged on the cut replica"
-    );
+    assert_eq!(a.get("/kpi/leads").await.cache(), "MISS", "purged on a");
 }
 
 /// A replica (re)subscribing while Redis holds the most key markers it keeps (100 k, which
@@ -704,16 +706,5 @@ async fn a_replica_subscribes_with_the_most_key_markers_recorded() {
     let up = Upstream::start().await;
     let a = Gate::start(&up, Some(&redis), CONFIG).await;
     let b = Gate::start(&up, Some(&redis), CONFIG).await;
-    assert_eq!(a.get("/kpi/leads").await.cache(), "MISS");
-    assert_eq!(a.get("/kpi/leads").await.cache(), "HIT");
-    let confirmed = eventually(Duration::from_secs(15), || async {
-        let (status, reply) = purge(&b, Some("purge-token"), r#"{"tags":["kpi"]}"#).await;
-        status == 200 && reply["replicas_acknowledged"] == 2 && reply["confirmed"] == true
-    });
-    assert!(confirmed.await, "both replicas subscribed and acknowledged");
-    assert_eq!(
-        a.get("/kpi/leads").await.cache(),
-        "MISS",
-        "purged on the other replica"
-    );
+    purged_on_both(&a, &b).await;
 }
