@@ -685,7 +685,8 @@ async fn purged_on_both(a: &Gate, b: &Gate) {
 
 /// A replica (re)subscribing while Redis holds the most key markers it keeps (100 k, which
 /// any client can cause with unsafe requests to cached paths, RFC 9111 §4.4) loads them
-/// all and subscribes: the markers are read in pages, each within the operation timeout.
+/// all and subscribes: the markers are read in pages, each within the operation timeout
+/// (40 ms here).
 #[tokio::test]
 async fn a_replica_subscribes_with_the_most_key_markers_recorded() {
     let redis = Redis::start().await;
@@ -704,7 +705,10 @@ async fn a_replica_subscribes_with_the_most_key_markers_recorded() {
         zadd.query_async::<()>(&mut conn).await.unwrap();
     }
     let up = Upstream::start().await;
-    let a = Gate::start(&up, Some(&redis), CONFIG).await;
-    let b = Gate::start(&up, Some(&redis), CONFIG).await;
+    // A tight operation timeout, so that one read of all the markers cannot fit in it on a
+    // fast machine either.
+    let redis_table = format!("{}op_timeout_ms = 40\n", redis.config_table());
+    let a = Gate::start_at(&up.url(), Some(redis_table.clone()), CONFIG, "").await;
+    let b = Gate::start_at(&up.url(), Some(redis_table), CONFIG, "").await;
     purged_on_both(&a, &b).await;
 }

@@ -157,18 +157,23 @@ impl RedisTier {
             .clone()
     }
 
-    /// Replaces the shared connection with a new one (connected at its first use). redis-rs
+    /// Replaces the shared connection with a new one, connected in the background (within
+    /// the connect timeout) and swapped in only once connected; when it cannot connect, the
+    /// old connection stays (redis-rs reconnects it itself after an error). redis-rs
     /// reconnects when a connection reports an error, never after timeouts: a connection
     /// that died without a reset (a NAT or firewall forgetting it, a Redis host gone) would
     /// only time out, until the kernel gives up on it (about 15 minutes).
     fn reconnect(&self) {
-        match ConnectionManager::new_lazy_with_config(
-            self.client.clone(),
-            self.manager_config.clone(),
-        ) {
-            Ok(fresh) => *self.conn.write().unwrap_or_else(PoisonError::into_inner) = fresh,
-            Err(e) => tracing::warn!(error = %e, "redis tier: cannot make a new connection"),
-        }
+        let (client, config) = (self.client.clone(), self.manager_config.clone());
+        let (conn, limit) = (self.conn.clone(), self.connect_timeout);
+        tokio::spawn(async move {
+            let connect = ConnectionManager::new_with_config(client, config);
+            match tokio::time::timeout(limit, connect).await {
+                Ok(Ok(fresh)) => *conn.write().unwrap_or_else(PoisonError::into_inner) = fresh,
+                Ok(Err(e)) => tracing::debug!(error = %e, "redis tier: new connection failed"),
+                Err(_) => tracing::debug!("redis tier: new connection timed out"),
+            }
+        });
     }
 
     /// Runs one operation under the breaker and the operation timeout. `None` when the
