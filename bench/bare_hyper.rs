@@ -55,9 +55,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
     loop {
         let (stream, _) = listener.accept().await?;
-        if std::env::var_os("BARE_NODELAY").is_some() {
-            let _ = stream.set_nodelay(true);
-        }
         let (headers, body) = (headers.clone(), body.clone());
         tokio::spawn(async move {
             let service = service_fn(move |_req| {
