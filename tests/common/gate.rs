@@ -164,6 +164,20 @@ impl GateProcess {
         })
         .await;
         assert!(up, "cachegate process did not start");
+        // As for `Gate`: with Redis, Redis entries are served once the purge markers are
+        // loaded; wait for that (bounded: a Redis that refuses us never gets there).
+        let stats = format!("{}/stats", gate.admin);
+        let _ = eventually(Duration::from_secs(3), || {
+            let (c, stats) = (c.clone(), stats.clone());
+            async move {
+                let Ok(resp) = c.get(&stats).send().await else {
+                    return false;
+                };
+                let stats: serde_json::Value = resp.json().await.unwrap_or_default();
+                stats["redis"]["configured"] == false || stats["redis"]["in_sync"] == true
+            }
+        })
+        .await;
         gate
     }
 }
