@@ -474,3 +474,57 @@ async fn a_replica_that_lost_its_subscription_applies_the_purges_it_missed_on_re
         "b still serves a purged entry after reconnecting"
     );
 }
+
+/// A Redis that takes its time (writes paused: every `SET` waits, below the operation
+/// timeout) cannot pile up background writes: each of the 256 stripes holds at most
+/// `MAX_PENDING_WRITES` waiting writes, and the others are dropped at once and counted as
+/// Redis errors, their values still in the memory tier.
+#[tokio::test]
+async fn a_slow_redis_bounds_the_write_backlog() {
+    use cachegate::engine::store::MAX_PENDING_WRITES;
+    let redis = Redis::start().await;
+    let cache: Cache<Chart> = Cache::builder()
+        .namespace("backlog")
+        .key_secret(b"backlog test")
+        .redis(RedisOptions {
+            op_timeout_ms: 30_000,
+            ..RedisOptions::new(redis.url())
+        })
+        .build()
+        .unwrap();
+    let synced = eventually(Duration::from_secs(5), || async { cache.in_sync() });
+    assert!(synced.await);
+    let mut conn = redis.connection().await;
+    redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(10_000)
+        .arg("WRITE")
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
+    let writes = 5_000;
+    for i in 0..writes {
+        cache
+            .set(&format!("k{i}"), chart("Leo"), &Options::default())
+            .unwrap();
+    }
+    let most_waiting = (256 * MAX_PENDING_WRITES) as u64;
+    let dropped = eventually(Duration::from_secs(5), || async {
+        cache.stats().redis_errors >= writes - most_waiting
+    });
+    assert!(
+        dropped.await,
+        "{} writes dropped",
+        cache.stats().redis_errors
+    );
+    assert_eq!(
+        cache.get("k4999").await,
+        Some(chart("Leo")),
+        "in the memory tier"
+    );
+    redis::cmd("CLIENT")
+        .arg("UNPAUSE")
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
+}

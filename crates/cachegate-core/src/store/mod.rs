@@ -104,21 +104,50 @@ pub trait Storable: Clone + Send + Sync + 'static {
 
 /// Keeps Redis writes in the order they were asked for. Writes go out on background
 /// tasks, which may run in any order: each write and removal takes a sequence number when
-/// it is asked for, and under its key's stripe lock, a write older than the last one sent
-/// for that stripe is dropped (the newer value, or the removal, stands). Keys share 256
-/// stripes, so a rare reordered write for another key of the stripe is dropped too: a
-/// later miss, never a wrong value.
+/// it is asked for, and under its key's stripe lock, a write older than the newest one
+/// sent or claimed for that stripe is dropped (the newer value, or the removal, stands).
+/// Keys share 256 stripes, so a rare reordered write for another key of the stripe is
+/// dropped too: a later miss, never a wrong value.
+///
+/// The backlog is bounded: a stripe holds at most [`MAX_PENDING_WRITES`] writes waiting
+/// for it (one is sent at a time, each within the operation timeout); a write beyond that
+/// is dropped at once and counted as a failed `set`, so that a slow Redis cannot pile up
+/// tasks and payloads. A removal claims its stripe before it waits (the writes queued
+/// ahead of it are dropped when their turn comes), so it waits at most for the one write
+/// being sent.
 #[derive(Clone)]
 struct WriteOrder {
     next: Arc<AtomicU64>,
-    stripes: Arc<[tokio::sync::Mutex<u64>]>,
+    stripes: Arc<[Stripe]>,
+}
+
+/// One stripe of [`WriteOrder`].
+#[derive(Default)]
+struct Stripe {
+    /// The newest sequence number sent, or claimed by a removal.
+    newest: AtomicU64,
+    /// Writes waiting for the lock or being sent.
+    pending: std::sync::atomic::AtomicUsize,
+    lock: tokio::sync::Mutex<()>,
+}
+
+/// Most writes one stripe of [`WriteOrder`] holds (256 stripes).
+pub const MAX_PENDING_WRITES: usize = 8;
+
+/// A write counted in its stripe's backlog until dropped.
+struct PendingWrite<'a>(&'a Stripe);
+
+impl Drop for PendingWrite<'_> {
+    fn drop(&mut self) {
+        self.0.pending.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl WriteOrder {
     fn new() -> Self {
         WriteOrder {
             next: Arc::new(AtomicU64::new(1)),
-            stripes: (0..256).map(|_| tokio::sync::Mutex::new(0)).collect(),
+            stripes: (0..256).map(|_| Stripe::default()).collect(),
         }
     }
 
@@ -126,15 +155,41 @@ impl WriteOrder {
         self.next.fetch_add(1, Ordering::Relaxed)
     }
 
-    fn stripe(&self, key: &CacheKey) -> &tokio::sync::Mutex<u64> {
+    fn stripe(&self, key: &CacheKey) -> &Stripe {
         &self.stripes[usize::from(key.0[31])]
+    }
+
+    /// Writes `envelope` under `key` as the write numbered `seq`, unless a newer write or
+    /// a removal of its stripe came first, or the stripe's backlog is full. Returns whether
+    /// Redis confirmed.
+    async fn write(
+        &self,
+        redis: &RedisTier,
+        key: &CacheKey,
+        seq: u64,
+        envelope: bytes::Bytes,
+        keep_secs: u64,
+    ) -> bool {
+        let stripe = self.stripe(key);
+        if stripe.pending.fetch_add(1, Ordering::Relaxed) >= MAX_PENDING_WRITES {
+            stripe.pending.fetch_sub(1, Ordering::Relaxed);
+            redis.count_dropped_write();
+            return false;
+        }
+        let _pending = PendingWrite(stripe);
+        let _turn = stripe.lock.lock().await;
+        if stripe.newest.fetch_max(seq, Ordering::AcqRel) > seq {
+            return false; // superseded: a later write or removal already went to Redis
+        }
+        redis.set(key, envelope, keep_secs).await
     }
 
     /// Deletes `key` from Redis as the write numbered `seq`: any write asked for before it
     /// and still pending is dropped. Returns whether Redis confirmed.
     async fn delete(&self, redis: &RedisTier, key: &CacheKey, seq: u64) -> bool {
-        let mut stripe = self.stripe(key).lock().await;
-        *stripe = (*stripe).max(seq);
+        let stripe = self.stripe(key);
+        stripe.newest.fetch_max(seq, Ordering::AcqRel);
+        let _turn = stripe.lock.lock().await;
         redis.del(key).await
     }
 }
@@ -525,12 +580,7 @@ impl<V: Storable> TieredStore<V> {
             let keep_secs = u64::from(entry.ttl_secs()) + u64::from(entry.grace_secs());
             let payload = payload.unwrap_or_else(|| entry.to_payload());
             let envelope = keys.seal(&key, &payload);
-            let mut stripe = order.stripe(&key).lock().await;
-            if *stripe > seq {
-                return; // superseded: a later write or removal already went to Redis
-            }
-            *stripe = seq;
-            if redis.set(&key, envelope, keep_secs).await {
+            if order.write(&redis, &key, seq, envelope, keep_secs).await {
                 metrics.stores.inc(Tier::Redis.as_str());
             }
         });

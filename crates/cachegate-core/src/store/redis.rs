@@ -217,6 +217,12 @@ impl RedisTier {
             .set(self.breaker.state() as i64);
     }
 
+    /// Counts a write dropped before it was sent (its stripe's backlog was full, see
+    /// [`super::MAX_PENDING_WRITES`]) as a failed `set`.
+    pub fn count_dropped_write(&self) {
+        self.metrics.redis_errors.inc("set");
+    }
+
     /// Whether Redis answers a `PING` within the operation timeout (through the breaker).
     pub async fn ping(&self) -> bool {
         let mut conn = self.connection();
