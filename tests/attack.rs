@@ -1055,3 +1055,47 @@ async fn malformed_request_bodies_are_400_not_502() {
     assert_eq!(gate.stats().await["client_errors"]["body"], 2);
     assert_eq!(gate.stats().await["upstream_errors"]["unreachable"], 0);
 }
+
+/// A body a `key_body` route reads whole, trickled one byte at a time just inside the idle
+/// limit: cut with 408 at `keyed_body_timeout_ms` from the request's arrival, instead of
+/// holding the connection for as long as the client keeps trickling.
+#[tokio::test]
+async fn a_trickled_keyed_body_is_cut_at_its_deadline() {
+    let up = Upstream::start().await;
+    let gate = Gate::start(
+        &up,
+        None,
+        &format!("[server]\nclient_body_timeout_ms = 2000\nkeyed_body_timeout_ms = 800\n{CHART_ROUTE}"),
+    )
+    .await;
+    let mut s = TcpStream::connect(gate.addr()).await.unwrap();
+    let head =
+        "POST /chart HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n";
+    s.write_all(head.as_bytes()).await.unwrap();
+    let started = Instant::now();
+    // One byte every 100 ms, 20 times the deadline's worth, until the answer comes.
+    let mut answer = [0u8; 64];
+    let mut got = 0;
+    for _ in 0..160 {
+        tokio::select! {
+            n = s.read(&mut answer) => {
+                got = n.unwrap_or(0);
+                break;
+            }
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {
+                if s.write_all(b" ").await.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    let elapsed = started.elapsed();
+    assert!(
+        String::from_utf8_lossy(&answer[..got]).starts_with("HTTP/1.1 408"),
+        "{}",
+        String::from_utf8_lossy(&answer[..got])
+    );
+    assert!(elapsed >= Duration::from_millis(800), "{elapsed:?}");
+    assert!(elapsed < Duration::from_secs(5), "{elapsed:?}");
+    assert_eq!(up.hits(), 0);
+}

@@ -146,6 +146,11 @@ pub struct ServerConfig {
     /// Limit on the idle time between two chunks of a client's request body, in
     /// milliseconds (then 408). Default 10000.
     pub client_body_timeout_ms: u64,
+    /// Limit on reading a whole request body that the cache keys on (routes with
+    /// `key_body`, bodies of at most `max_request_body_bytes`), from the request's arrival,
+    /// in milliseconds (then 408): a client trickling its body cannot hold a connection for
+    /// longer. Default 30000.
+    pub keyed_body_timeout_ms: u64,
     /// Limit on how long a response write may wait for the client to accept any byte, in
     /// milliseconds (nginx's `send_timeout`); then the connection is closed. Default 60000.
     pub client_send_timeout_ms: u64,
@@ -371,6 +376,7 @@ impl Default for ServerConfig {
         ServerConfig {
             header_read_timeout_ms: 10_000,
             client_body_timeout_ms: 10_000,
+            keyed_body_timeout_ms: 30_000,
             client_send_timeout_ms: 60_000,
             tunnel_idle_timeout_ms: 300_000,
             max_connections: 10_000,

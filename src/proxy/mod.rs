@@ -78,6 +78,7 @@ struct Limits {
     max_response_body_bytes: usize,
     coalesce_wait: Duration,
     client_body_timeout: Duration,
+    keyed_body_timeout: Duration,
 }
 
 /// The request path: policy, keys, tiers, coalescing, and the [`Origin`] that answers
@@ -249,6 +250,9 @@ impl<O: Origin> Proxy<O> {
                 client_body_timeout: Duration::from_millis(
                     config.server.client_body_timeout_ms.max(1),
                 ),
+                keyed_body_timeout: Duration::from_millis(
+                    config.server.keyed_body_timeout_ms.max(1),
+                ),
             },
             tunnels: TunnelLimits {
                 idle_timeout: Duration::from_millis(config.server.tunnel_idle_timeout_ms.max(1)),
@@ -322,8 +326,17 @@ impl<O: Origin> Proxy<O> {
         // The body, for routes that key on it.
         let (body, canonical_body, keyed_body) = match route.filter(|r| r.config.key_body) {
             None => (body, None, None),
-            Some(_) => match read_limited(body, self.limits.max_request_body_bytes).await {
-                Ok(Limited::Complete(bytes)) => match self.canonical_bodies.canonical(&bytes) {
+            // Read whole for the key: it must arrive in time, however it trickles (what
+            // goes on to the upstream past `max_request_body_bytes` is the upstream's to
+            // bound).
+            Some(_) => match tokio::time::timeout(
+                self.limits.keyed_body_timeout,
+                read_limited(body, self.limits.max_request_body_bytes),
+            )
+            .await
+            {
+                Err(_) => return self.refuse(BODY_TIMEOUT),
+                Ok(Ok(Limited::Complete(bytes))) => match self.canonical_bodies.canonical(&bytes) {
                     Ok(canonical) => (body::full(bytes.clone()), Some(canonical), Some(bytes)),
                     Err(e) => {
                         let reason = match e {
@@ -333,7 +346,7 @@ impl<O: Origin> Proxy<O> {
                         return self.bypass(parts, body::full(bytes), client, reason).await;
                     }
                 },
-                Ok(Limited::TooLarge(rest)) => {
+                Ok(Ok(Limited::TooLarge(rest))) => {
                     return self
                         .bypass(
                             parts,
@@ -343,7 +356,7 @@ impl<O: Origin> Proxy<O> {
                         )
                         .await;
                 }
-                Err(e) => return self.refuse(request_body_fault(&e)),
+                Ok(Err(e)) => return self.refuse(request_body_fault(&e)),
             },
         };
 
