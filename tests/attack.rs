@@ -1065,12 +1065,13 @@ async fn a_trickled_keyed_body_is_cut_at_its_deadline() {
     let gate = Gate::start(
         &up,
         None,
-        &format!("[server]\nclient_body_timeout_ms = 2000\nkeyed_body_timeout_ms = 800\n{CHART_ROUTE}"),
+        &format!(
+            "[server]\nclient_body_timeout_ms = 2000\nkeyed_body_timeout_ms = 800\n{CHART_ROUTE}"
+        ),
     )
     .await;
     let mut s = TcpStream::connect(gate.addr()).await.unwrap();
-    let head =
-        "POST /chart HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n";
+    let head = "POST /chart HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n";
     s.write_all(head.as_bytes()).await.unwrap();
     let started = Instant::now();
     // One byte every 100 ms, 20 times the deadline's worth, until the answer comes.

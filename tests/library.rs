@@ -475,8 +475,8 @@ async fn a_replica_that_lost_its_subscription_applies_the_purges_it_missed_on_re
     );
 }
 
-/// A Redis that takes its time (writes paused: every `SET` waits, below the operation
-/// timeout) cannot pile up background writes: each of the 256 stripes holds at most
+/// A burst of writes that Redis does not take (writes paused: every `SET` waits, below the
+/// operation timeout) cannot pile up: each of the 256 stripes holds at most
 /// `MAX_PENDING_WRITES` waiting writes, and the others are dropped at once and counted as
 /// Redis errors, their values still in the memory tier.
 #[tokio::test]

@@ -111,10 +111,11 @@ pub trait Storable: Clone + Send + Sync + 'static {
 ///
 /// The backlog is bounded: a stripe holds at most [`MAX_PENDING_WRITES`] writes waiting
 /// for it (one is sent at a time, each within the operation timeout); a write beyond that
-/// is dropped at once and counted as a failed `set`, so that a slow Redis cannot pile up
-/// tasks and payloads. A removal claims its stripe before it waits (the writes queued
-/// ahead of it are dropped when their turn comes), so it waits at most for the one write
-/// being sent.
+/// is dropped at once (older writes of its stripe still queued are then dropped too) and
+/// counted as a failed `set`, so that a slow Redis cannot pile up tasks and payloads. A
+/// removal claims its stripe before it waits (the writes queued ahead of it are dropped
+/// when their turn comes), so it waits for the write being sent and the removals queued
+/// ahead of it, not for queued writes.
 #[derive(Clone)]
 struct WriteOrder {
     next: Arc<AtomicU64>,
@@ -173,6 +174,8 @@ impl WriteOrder {
         let stripe = self.stripe(key);
         if stripe.pending.fetch_add(1, Ordering::Relaxed) >= MAX_PENDING_WRITES {
             stripe.pending.fetch_sub(1, Ordering::Relaxed);
+            // Older writes still queued must not land after this one was dropped.
+            stripe.newest.fetch_max(seq, Ordering::AcqRel);
             redis.count_dropped_write();
             return false;
         }
@@ -186,11 +189,17 @@ impl WriteOrder {
 
     /// Deletes `key` from Redis as the write numbered `seq`: any write asked for before it
     /// and still pending is dropped. Returns whether Redis confirmed.
+    /// The removal runs on its own task, so that a caller giving up on it (dropping the
+    /// future) cannot leave its claim made and its `DEL` unsent.
     async fn delete(&self, redis: &RedisTier, key: &CacheKey, seq: u64) -> bool {
-        let stripe = self.stripe(key);
-        stripe.newest.fetch_max(seq, Ordering::AcqRel);
-        let _turn = stripe.lock.lock().await;
-        redis.del(key).await
+        let (order, redis, key) = (self.clone(), redis.clone(), *key);
+        let removal = tokio::spawn(async move {
+            let stripe = order.stripe(&key);
+            stripe.newest.fetch_max(seq, Ordering::AcqRel);
+            let _turn = stripe.lock.lock().await;
+            redis.del(&key).await
+        });
+        removal.await.unwrap_or(false)
     }
 }
 

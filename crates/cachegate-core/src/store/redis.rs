@@ -6,6 +6,7 @@
 //! tier comes back when Redis does.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
@@ -15,7 +16,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use super::breaker::Breaker;
 use crate::key::CacheKey;
-use crate::metrics::StoreMetrics;
+use crate::metrics::{BreakerState, StoreMetrics};
 
 /// How to reach Redis and how long to wait for it.
 #[derive(Debug, Clone)]
@@ -77,6 +78,8 @@ pub struct RedisTier {
     /// [`RedisTier::guarded`]).
     conn: Arc<RwLock<ConnectionManager>>,
     manager_config: ConnectionManagerConfig,
+    /// A replacement connection is being made.
+    reconnecting: Arc<AtomicBool>,
     op_timeout: Duration,
     connect_timeout: Duration,
     namespace: String,
@@ -124,6 +127,7 @@ impl RedisTier {
             client,
             conn: Arc::new(RwLock::new(conn)),
             manager_config,
+            reconnecting: Arc::new(AtomicBool::new(false)),
             op_timeout,
             connect_timeout: Duration::from_millis(config.connect_timeout_ms.max(1)),
             namespace: namespace.to_string(),
@@ -163,9 +167,15 @@ impl RedisTier {
     /// reconnects when a connection reports an error, never after timeouts: a connection
     /// that died without a reset (a NAT or firewall forgetting it, a Redis host gone) would
     /// only time out, until the kernel gives up on it (about 15 minutes).
+    /// One attempt runs at a time; it is made each time the breaker opens, after a failed
+    /// probe too.
     fn reconnect(&self) {
+        if self.reconnecting.swap(true, Ordering::AcqRel) {
+            return;
+        }
         let (client, config) = (self.client.clone(), self.manager_config.clone());
         let (conn, limit) = (self.conn.clone(), self.connect_timeout);
+        let reconnecting = self.reconnecting.clone();
         tokio::spawn(async move {
             let connect = ConnectionManager::new_with_config(client, config);
             match tokio::time::timeout(limit, connect).await {
@@ -173,13 +183,14 @@ impl RedisTier {
                 Ok(Err(e)) => tracing::debug!(error = %e, "redis tier: new connection failed"),
                 Err(_) => tracing::debug!("redis tier: new connection timed out"),
             }
+            reconnecting.store(false, Ordering::Release);
         });
     }
 
     /// Runs one operation under the breaker and the operation timeout. `None` when the
-    /// breaker refused, the operation failed or it timed out. When the breaker opens, the
-    /// shared connection is replaced: the failures may be those of a dead connection
-    /// rather than of Redis.
+    /// breaker refused, the operation failed or it timed out. When the breaker opens (and
+    /// after each failed probe), the shared connection is replaced: the failures may be
+    /// those of a dead connection rather than of Redis.
     async fn guarded<T, F>(&self, op: &'static str, f: F) -> Option<T>
     where
         F: Future<Output = redis::RedisResult<T>>,
@@ -202,6 +213,8 @@ impl RedisTier {
                 self.metrics.redis_errors.inc(op);
                 if self.breaker.failure() {
                     tracing::warn!("redis tier unavailable: circuit breaker open");
+                }
+                if self.breaker.state() == BreakerState::Open {
                     self.reconnect();
                 }
                 None
