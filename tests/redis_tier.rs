@@ -340,3 +340,42 @@ async fn a_late_acknowledgement_within_the_limit_is_counted() {
     assert_eq!((acknowledged, removed), (1, 3));
     assert!(started.elapsed() >= Duration::from_millis(900));
 }
+
+/// The shared connection dies without a reset while Redis cannot be reached either: the
+/// replacement made when the breaker opens fails, and the probes after it time out on the
+/// dead connection. Each failed probe makes another replacement, so once Redis can be
+/// reached again the tier comes back by itself (instead of after the kernel's ~15 min).
+#[tokio::test]
+async fn a_dead_connection_is_replaced_once_redis_can_be_reached_again() {
+    let redis = Redis::start().await;
+    let relay = common::Relay::start(redis.port).await;
+    let up = Upstream::start().await;
+    let table = format!(
+        "url = \"{}\"\nbreaker_cooldown_ms = 300\nbreaker_failures = 2\n",
+        relay.redis_url()
+    );
+    let gate = Gate::start_at(&up.url(), Some(table), ROUTES, "").await;
+    assert_eq!(gate.get("/kpi/a").await.cache(), "MISS");
+    relay.refuse(true);
+    relay.sever();
+    // A lookup of a new path: a Redis operation (while the breaker lets it through).
+    let lookups = AtomicUsize::new(0);
+    let breaker_after_lookup = || async {
+        let n = lookups.fetch_add(1, Ordering::SeqCst);
+        gate.get(&format!("/kpi/n{n}")).await;
+        gate.stats().await["redis"]["breaker_state"] == "closed"
+    };
+    let opened = eventually(Duration::from_secs(10), || async {
+        !breaker_after_lookup().await
+    });
+    assert!(opened.await, "the breaker never opened");
+    // Redis stays unreachable for ten cool-downs, probed all along: every replacement
+    // made meanwhile fails.
+    let unreachable_until = std::time::Instant::now() + Duration::from_secs(3);
+    while std::time::Instant::now() < unreachable_until {
+        breaker_after_lookup().await;
+    }
+    relay.refuse(false);
+    let back = eventually(Duration::from_secs(10), breaker_after_lookup);
+    assert!(back.await, "the Redis tier never came back");
+}

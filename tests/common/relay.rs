@@ -3,7 +3,7 @@
 //! gone, the client side open and silent), or a server that goes silent after one command.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -17,6 +17,7 @@ pub struct Relay {
     /// Client sides kept open after their server side was cut: never read, never closed.
     held: Arc<Mutex<Vec<TcpStream>>>,
     swallowed: Arc<AtomicUsize>,
+    refusing: Arc<AtomicBool>,
     accept: tokio::task::JoinHandle<()>,
 }
 
@@ -40,9 +41,13 @@ impl Relay {
         let (sever, severed) = watch::channel(0u64);
         let held = Arc::new(Mutex::new(Vec::new()));
         let swallowed = Arc::new(AtomicUsize::new(0));
-        let (held2, swallowed2) = (held.clone(), swallowed.clone());
+        let refusing = Arc::new(AtomicBool::new(false));
+        let (held2, swallowed2, refusing2) = (held.clone(), swallowed.clone(), refusing.clone());
         let accept = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
+                if refusing2.load(Ordering::SeqCst) {
+                    continue; // closed at once
+                }
                 let Ok(server) = TcpStream::connect(("127.0.0.1", target)).await else {
                     continue;
                 };
@@ -59,6 +64,7 @@ impl Relay {
             sever,
             held,
             swallowed,
+            refusing,
             accept,
         }
     }
@@ -72,6 +78,12 @@ impl Relay {
     /// keeps each client side open and silent. Later connections are relayed as before.
     pub fn sever(&self) {
         self.sever.send_modify(|generation| *generation += 1);
+    }
+
+    /// While `true`, new connections are closed as soon as they are accepted (a server
+    /// that cannot be reached); connections already relayed go on.
+    pub fn refuse(&self, refusing: bool) {
+        self.refusing.store(refusing, Ordering::SeqCst);
     }
 
     /// Connections whose client sent the needle (see [`Relay::swallowing`]).
