@@ -455,6 +455,12 @@ mod tests {
         }
     }
 
+    /// A waker that counts its wake-ups, and the count.
+    fn counting_waker() -> (Arc<Wakes>, std::task::Waker) {
+        let wakes = Arc::new(Wakes(Default::default()));
+        (wakes.clone(), std::task::Waker::from(wakes))
+    }
+
     #[tokio::test(start_paused = true)]
     async fn the_flush_after_a_response_arms_the_deadline_without_any_read() {
         let (mut io, _far, head) = head_socket();
@@ -462,8 +468,7 @@ mod tests {
         head.response_ended();
         // hyper flushes the response and then reads nothing: the task must still be woken
         // at the deadline, to find the connection overdue and close it.
-        let wakes = Arc::new(Wakes(Default::default()));
-        let waker = std::task::Waker::from(wakes.clone());
+        let (wakes, waker) = counting_waker();
         let mut cx = Context::from_waker(&waker);
         assert!(Pin::new(&mut io).poll_flush(&mut cx).is_ready());
         tokio::time::advance(Duration::from_millis(999)).await;
@@ -513,8 +518,7 @@ mod tests {
         head.request_started();
         head.request_body_started();
         head.response_ended();
-        let wakes = Arc::new(Wakes(Default::default()));
-        let waker = std::task::Waker::from(wakes.clone());
+        let (wakes, waker) = counting_waker();
         let mut cx = Context::from_waker(&waker);
         assert!(Pin::new(&mut io).poll_flush(&mut cx).is_ready());
         let mut bytes = [0u8; 8];

@@ -297,19 +297,18 @@ async fn run(
     metrics: &StoreMetrics,
 ) -> bool {
     let invalidate = redis.invalidate_channel();
+    let mut channels = vec![invalidate.clone()];
+    if events.is_some() {
+        channels.push(redis.events_channel());
+    }
     // redis-rs's pub/sub commands have no response timeout: a Redis that accepted the
     // connection and went silent would hold this task for ever.
     let op_timeout = redis.op_timeout();
-    let subscribed = |result: Result<redis::RedisResult<()>, _>| matches!(result, Ok(Ok(())));
-    if !subscribed(tokio::time::timeout(op_timeout, pubsub.subscribe(&invalidate)).await) {
-        return false;
-    }
-    if events.is_some()
-        && !subscribed(
-            tokio::time::timeout(op_timeout, pubsub.subscribe(redis.events_channel())).await,
-        )
-    {
-        return false;
+    for channel in &channels {
+        let subscribed = tokio::time::timeout(op_timeout, pubsub.subscribe(channel)).await;
+        if !matches!(subscribed, Ok(Ok(()))) {
+            return false;
+        }
     }
     // Subscribed first, then loaded: a purge published in between is in the hash or
     // arrives as a message (applying it twice is harmless).

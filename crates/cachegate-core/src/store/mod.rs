@@ -189,6 +189,7 @@ impl WriteOrder {
 
     /// Deletes `key` from Redis as the write numbered `seq`: any write asked for before it
     /// and still pending is dropped. Returns whether Redis confirmed.
+    ///
     /// The removal runs on its own task, so that a caller giving up on it (dropping the
     /// future) cannot leave its claim made and its `DEL` unsent.
     async fn delete(&self, redis: &RedisTier, key: &CacheKey, seq: u64) -> bool {

@@ -153,6 +153,11 @@ impl RedisTier {
         redis_key
     }
 
+    /// The Redis key of `key`'s refresh lease: `{namespace}:v2:lease:{hex}`.
+    fn lease_key(&self, key: &CacheKey) -> String {
+        format!("{}lease:{}", self.prefix, key.to_hex())
+    }
+
     /// The shared connection.
     fn connection(&self) -> ConnectionManager {
         self.conn
@@ -457,7 +462,7 @@ impl RedisTier {
     /// another replica holds it; `None`: Redis did not answer (the caller goes on alone).
     pub async fn try_lease(&self, key: &CacheKey, ttl: Duration, token: u64) -> Option<bool> {
         let mut conn = self.connection();
-        let lease = format!("{}lease:{}", self.prefix, key.to_hex());
+        let lease = self.lease_key(key);
         let ms = ttl.as_millis().clamp(1, u128::from(u32::MAX)) as u64;
         self.guarded("set", async move {
             redis::cmd("SET")
@@ -477,7 +482,7 @@ impl RedisTier {
     /// (compare and delete, in one script); failures are counted, never raised.
     pub async fn release_lease(&self, key: &CacheKey, token: u64) {
         let mut conn = self.connection();
-        let lease = format!("{}lease:{}", self.prefix, key.to_hex());
+        let lease = self.lease_key(key);
         let script = redis::Script::new(
             "if redis.call('GET', KEYS[1]) == ARGV[1] then \
                return redis.call('DEL', KEYS[1]) \
