@@ -7,8 +7,11 @@
 //! cargo run --release --example bare_hyper -- 127.0.0.1:8090 http://127.0.0.1:8000/kpi/revenue
 //! ```
 //!
-//! With a third argument `--origin`, it answers with the origin's response as it is (no
-//! status headers): a fast origin for `bench/scale.sh`, which fills a million keys.
+//! With `--origin`, it answers with the origin's response as it is (no status headers): a
+//! fast origin for `bench/scale.sh`, which fills a million keys. With `--pinned`, each
+//! connection is served on one thread with its own event loop, one thread per CPU (the
+//! thread set cachegate's proxy listener uses, [`cachegate::server::ConnThreads`]), instead
+//! of Tokio's shared work-stealing runtime.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -25,10 +28,16 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let mut args = std::env::args().skip(1);
     let (Some(listen), Some(origin)) = (args.next(), args.next()) else {
-        eprintln!("usage: bare_hyper LISTEN_ADDR ORIGIN_URL [--origin]");
+        eprintln!("usage: bare_hyper LISTEN_ADDR ORIGIN_URL [--origin] [--pinned]");
         std::process::exit(2);
     };
-    let as_origin = args.next().as_deref() == Some("--origin");
+    let flags: Vec<String> = args.collect();
+    let as_origin = flags.iter().any(|f| f == "--origin");
+    let pinned = flags.iter().any(|f| f == "--pinned").then(|| {
+        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+        cachegate::server::ConnThreads::start(n)
+    });
+    let pinned = pinned.transpose()?;
     let listen: SocketAddr = listen.parse()?;
     // The stored response: the origin's answer, once.
     let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
@@ -56,7 +65,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     loop {
         let (stream, _) = listener.accept().await?;
         let (headers, body) = (headers.clone(), body.clone());
-        tokio::spawn(async move {
+        let serve = move |stream| async move {
             let service = service_fn(move |_req| {
                 let mut resp = Response::new(Full::new(body.clone()));
                 *resp.status_mut() = status;
@@ -66,6 +75,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
             let _ = http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
-        });
+        };
+        match &pinned {
+            None => drop(tokio::spawn(serve(stream))),
+            Some(threads) => threads.spawn(stream.into_std()?, serve),
+        }
     }
 }

@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Hit-path benchmark: cachegate against nginx proxy_cache, Varnish and a bare hyper server
-# (bench/bare_hyper.rs: the stored response served by the HTTP stack alone, the ceiling),
-# same origin, same small cached response, same load tool (wrk), in one run on this machine. cachegate runs
-# twice: answering from its memory tier, and with the memory tier sized to zero so that
-# every hit comes from Redis (a replica that has not seen the key yet), sealed entries and
-# signed ones (`encrypt = false`); the memory tier is
-# also loaded with a body-keyed POST (the natal-chart request of a `key_body` route), the
-# same response. Prints requests/s and p50/p99 latency for each and cachegate's ratio to
-# each peer.
+# (bench/bare_hyper.rs: the stored response served by the HTTP stack alone, the ceiling;
+# once on Tokio's shared work-stealing runtime, once with each connection on one thread as
+# cachegate serves them), same origin, same small cached response, same load tool (wrk), in
+# one run on this machine. cachegate runs answering from its memory tier (also with
+# `connection_threads = 0`: connections on the shared runtime), and with the memory tier
+# sized to zero so that every hit comes from Redis (a replica that has not seen the key
+# yet), sealed entries and signed ones (`encrypt = false`); the memory tier is also loaded
+# with a body-keyed POST (the natal-chart request of a `key_body` route), the same
+# response. Prints requests/s and p50/p99 latency for each and cachegate's ratio to each
+# peer.
 #
 #   bench/hit_path.sh [seconds per run, default 10] [connections, default 50]
 #
@@ -41,6 +43,7 @@ PIDS=()
 . bench/lib.sh   # cleanup on exit, forget, free_port, wait_http, to_ms
 
 UP=$(free_port); CG=$(free_port); ADMIN=$(free_port); NG=$(free_port); VN=$(free_port); BH=$(free_port)
+BHP=$(free_port); CGT=$(free_port); ADMINT=$(free_port)
 CGR=$(free_port); ADMINR=$(free_port); REDIS=$(free_port); CGS=$(free_port); ADMINS=$(free_port)
 
 python3 bench/upstream.py "$UP" & PIDS+=($!)
@@ -48,6 +51,10 @@ wait_http "http://127.0.0.1:$UP/"
 
 target/release/examples/bare_hyper "127.0.0.1:$BH" "http://127.0.0.1:$UP/kpi/revenue" & PIDS+=($!)
 wait_http "http://127.0.0.1:$BH/kpi/revenue"
+# The same with each connection on one thread with its own event loop, as cachegate serves
+# its connections by default (`connection_threads`).
+target/release/examples/bare_hyper "127.0.0.1:$BHP" "http://127.0.0.1:$UP/kpi/revenue" --pinned & PIDS+=($!)
+wait_http "http://127.0.0.1:$BHP/kpi/revenue"
 
 cat > "$WORK/memory-tier.toml" <<TOML
 listen = "127.0.0.1:$CG"
@@ -62,6 +69,13 @@ key_body = true
 TOML
 CACHEGATE_LOG=warn target/release/cachegate serve --config "$WORK/memory-tier.toml" & PIDS+=($!)
 wait_http "http://127.0.0.1:$ADMIN/healthz"
+# The memory tier with connections on Tokio's shared work-stealing runtime
+# (`connection_threads = 0`), as before connection threads.
+sed -e "s/127.0.0.1:$CG/127.0.0.1:$CGT/; s/127.0.0.1:$ADMIN/127.0.0.1:$ADMINT/" \
+    -e 's/^\[upstream\]$/[server]\nconnection_threads = 0\n[upstream]/' \
+    "$WORK/memory-tier.toml" > "$WORK/shared-runtime.toml"
+CACHEGATE_LOG=warn target/release/cachegate serve --config "$WORK/shared-runtime.toml" & PIDS+=($!)
+wait_http "http://127.0.0.1:$ADMINT/healthz"
 CHART_BODY='{"name":"Ada","birth":{"date":"1815-12-10","time":"12:00","tz":"Europe/London"},"place":{"lat":51.5072,"lon":-0.1276},"house_system":"placidus"}'
 cat > "$WORK/post.lua" <<LUA
 wrk.method = "POST"
@@ -148,8 +162,11 @@ declare -A URL=(
 URL[cachegate-redis]="http://127.0.0.1:$CGR/kpi/revenue"
 URL[cachegate-signed]="http://127.0.0.1:$CGS/kpi/revenue"
 URL[bare-hyper]="http://127.0.0.1:$BH/kpi/revenue"
+URL[bare-hyper-pinned]="http://127.0.0.1:$BHP/kpi/revenue"
+URL[cachegate-shared]="http://127.0.0.1:$CGT/kpi/revenue"
 URL[cachegate-post]="http://127.0.0.1:$CG/api/natal/chart"
-NAMES=(cachegate cachegate-post cachegate-redis cachegate-signed nginx varnish bare-hyper)
+NAMES=(cachegate cachegate-shared cachegate-post cachegate-redis cachegate-signed nginx varnish bare-hyper
+       bare-hyper-pinned)
 declare -A SCRIPT=([cachegate-post]="$WORK/post.lua")
 
 # Warm every cache and check that the measured path is a hit.
@@ -196,7 +213,8 @@ declare -A LABEL=([cachegate]="cachegate (memory tier)" [cachegate-redis]="cache
                   [cachegate-post]="cachegate POST (body key)"
                   [cachegate-signed]="cachegate (redis, signed)"
                   [nginx]="nginx proxy_cache" [varnish]="varnish (malloc)"
-                  [bare-hyper]="bare hyper (ceiling)")
+                  [cachegate-shared]="cachegate (shared rt)"
+                  [bare-hyper]="bare hyper (ceiling)" [bare-hyper-pinned]="bare hyper (pinned)")
 [ -n "${HIT_PATH_TSV:-}" ] && : > "$HIT_PATH_TSV"
 for name in "${NAMES[@]}"; do
   awk -v l="${LABEL[$name]}" -v r="${RPS[$name]}" -v p5="${P50[$name]}" -v p9="${P99[$name]}" -v k=$ROUNDS \
@@ -207,8 +225,8 @@ for name in "${NAMES[@]}"; do
   fi
 done
 echo
-for ours in cachegate cachegate-redis cachegate-signed; do
-  for peer in bare-hyper nginx varnish; do
+for ours in cachegate cachegate-shared cachegate-redis cachegate-signed; do
+  for peer in bare-hyper bare-hyper-pinned nginx varnish; do
     awk -v o="${LABEL[$ours]}" -v p="$peer" -v a="${RPS[$ours]}" -v b="${RPS[$peer]}" \
         -v a5="${P50[$ours]}" -v b5="${P50[$peer]}" -v a9="${P99[$ours]}" -v b9="${P99[$peer]}" \
       'BEGIN { printf "%s / %s: throughput %.2fx, p50 latency %.2fx, p99 latency %.2fx\n", o, p, a/b, a5/b5, a9/b9 }'

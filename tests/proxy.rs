@@ -553,3 +553,49 @@ cache_statuses = [200, 404]
     );
     assert!(!get.body.is_empty());
 }
+
+/// Connections served on connection threads (one per CPU by default, or a set number) and
+/// on the shared runtime (`connection_threads = 0`) behave alike: a stampede over many
+/// connections is one upstream request, and a shutdown lets the request in progress finish.
+#[tokio::test]
+async fn connection_threads_or_the_shared_runtime_serve_alike() {
+    for threads in ["", "connection_threads = 0", "connection_threads = 3"] {
+        let up = Upstream::start().await;
+        let mut gate = Gate::start(&up, None, &format!("[server]\n{threads}\n{ROUTES}")).await;
+        let requests = (0..12).map(|_| {
+            // A client each: twelve connections.
+            let (client, url) = (common::client(), gate.url("/kpi/stampede"));
+            async move {
+                let resp = client
+                    .get(url)
+                    .header("x-test-delay-ms", "200")
+                    .send()
+                    .await
+                    .unwrap();
+                (resp.status().as_u16(), resp.text().await.unwrap())
+            }
+        });
+        let replies = futures_util::future::join_all(requests).await;
+        assert_eq!(up.hits(), 1, "{threads:?}");
+        assert!(
+            replies.iter().all(|r| r.0 == 200 && r.1 == replies[0].1),
+            "{threads:?}: {replies:?}"
+        );
+        assert_eq!(gate.get("/kpi/stampede").await.cache(), "HIT");
+        // A slow request in progress when shutdown starts gets its answer.
+        let slow = {
+            let (client, url) = (gate.client.clone(), gate.url("/kpi/slow"));
+            tokio::spawn(async move {
+                client
+                    .get(url)
+                    .header("x-test-delay-ms", "300")
+                    .send()
+                    .await
+                    .map(|r| r.status().as_u16())
+            })
+        };
+        assert!(eventually(Duration::from_secs(5), || async { up.hits() == 2 }).await);
+        gate.running.take().unwrap().shutdown().await;
+        assert_eq!(slow.await.unwrap().unwrap(), 200, "{threads:?}");
+    }
+}

@@ -160,6 +160,14 @@ pub struct ServerConfig {
     /// Open client connections at most, tunnels included; further clients wait in the
     /// listen backlog until one closes. Default 10000.
     pub max_connections: usize,
+    /// Threads that serve client connections, each with its own event loop; a connection
+    /// is served by one of them for its life (nginx's and Envoy's model: no hand-offs of a
+    /// connection between cores), and goes to the one serving the fewest connections.
+    /// Default: one per CPU the process may use. `0` serves connections on the shared
+    /// work-stealing runtime instead, where a request that holds a core for long (a large
+    /// keyed body) delays no other connection, at a cost per request on small machines
+    /// (see docs/benchmarks.md).
+    pub connection_threads: Option<usize>,
     /// Peers (addresses or CIDR ranges, e.g. `10.0.0.0/8`) whose `X-Forwarded-*` and
     /// `Forwarded` headers are passed on; from any other peer they are replaced. Default
     /// none.
@@ -371,6 +379,16 @@ impl Default for UpstreamConfig {
     }
 }
 
+impl ServerConfig {
+    /// The number of connection threads: `connection_threads`, or one per CPU the process
+    /// may use (`std::thread::available_parallelism`, 1 when unknown). 0: none.
+    pub fn connection_threads(&self) -> usize {
+        self.connection_threads.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+        })
+    }
+}
+
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
@@ -380,6 +398,7 @@ impl Default for ServerConfig {
             client_send_timeout_ms: 60_000,
             tunnel_idle_timeout_ms: 300_000,
             max_connections: 10_000,
+            connection_threads: None,
             trusted_proxies: Vec::new(),
         }
     }

@@ -2,13 +2,16 @@
 //! connections with hyper, and shuts down gracefully.
 
 mod io;
+mod workers;
 
 pub use self::io::{ClientIo, ConnTicket, HeadClock};
+pub use self::workers::ConnThreads;
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,7 +23,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
 
@@ -41,6 +44,8 @@ pub enum StartError {
     Bind(SocketAddr, std::io::Error),
     /// The Redis tier could not be set up.
     Redis(String),
+    /// The connection threads (`[server] connection_threads`) could not be started.
+    Threads(std::io::Error),
 }
 
 impl std::fmt::Display for StartError {
@@ -48,6 +53,7 @@ impl std::fmt::Display for StartError {
         match self {
             StartError::Bind(addr, e) => write!(f, "cannot listen on {addr}: {e}"),
             StartError::Redis(e) => write!(f, "{e}"),
+            StartError::Threads(e) => write!(f, "cannot start the connection threads: {e}"),
         }
     }
 }
@@ -135,23 +141,33 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let hot_keys = crate::warm::run_hot_keys(proxy.clone(), rx.clone());
     let refreshes =
         crate::proxy::refresh::run_refreshes(proxy.clone(), metrics.clone(), rx.clone());
-    let proxy_loop = serve(listener, rx.clone(), limits.clone(), move |req, peer| {
-        let proxy = proxy.clone();
-        async move {
-            // A panic must not take the connection down or print request data (the panic
-            // hook prints only a location): answer 500 and count it.
-            match AssertUnwindSafe(proxy.handle(req, peer))
-                .catch_unwind()
-                .await
-            {
-                Ok(resp) => resp,
-                Err(_) => {
-                    proxy.count_panic();
-                    crate::proxy::plain(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
+    let threads = match config.server.connection_threads() {
+        0 => None,
+        n => Some(ConnThreads::start(n).map_err(StartError::Threads)?),
+    };
+    let proxy_loop = serve(
+        listener,
+        rx.clone(),
+        limits.clone(),
+        threads,
+        move |req, peer| {
+            let proxy = proxy.clone();
+            async move {
+                // A panic must not take the connection down or print request data (the panic
+                // hook prints only a location): answer 500 and count it.
+                match AssertUnwindSafe(proxy.handle(req, peer))
+                    .catch_unwind()
+                    .await
+                {
+                    Ok(resp) => resp,
+                    Err(_) => {
+                        proxy.count_panic();
+                        crate::proxy::plain(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
+                    }
                 }
             }
-        }
-    });
+        },
+    );
     let admin_limits = ConnLimits {
         connections: Arc::new(Semaphore::new(64)),
         max_connections: 64,
@@ -159,7 +175,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         send_timeouts: Counter::default(),
         ..limits
     };
-    let admin_loop = serve(admin_listener, rx, admin_limits, move |req, peer| {
+    let admin_loop = serve(admin_listener, rx, admin_limits, None, move |req, peer| {
         let admin = admin.clone();
         async move { admin.handle(req, peer).await }
     });
@@ -287,11 +303,13 @@ struct ConnLimits {
 /// Accepts connections until `shutdown` turns true, serving each with `handler`. Once
 /// `max_connections` are open (tunnels included: the permit lives in the socket, see
 /// [`ClientIo`]), no more are accepted until one closes: further clients wait in the
-/// kernel's listen backlog.
+/// kernel's listen backlog. With `threads`, each connection is served on one of them
+/// (see [`ConnThreads`]), else on the current runtime.
 async fn serve<H, F>(
     listener: TcpListener,
     mut shutdown: watch::Receiver<bool>,
     limits: ConnLimits,
+    threads: Option<ConnThreads>,
     handler: H,
 ) where
     H: Fn(Request<RequestBody>, SocketAddr) -> F + Clone + Send + Sync + 'static,
@@ -318,8 +336,47 @@ async fn serve<H, F>(
             _ = shutdown.changed() => break,
         };
         let _ = stream.set_nodelay(true);
-        let handler = handler.clone();
-        let head = HeadClock::new(limits.header_read_timeout);
+        let ticket = ConnTicket::new(permit, limits.open.clone());
+        let serve_one = serve_connection(peer, ticket, &limits, handler.clone(), shutdown.clone());
+        match &threads {
+            None => drop(tokio::spawn(serve_one(stream))),
+            Some(threads) => match stream.into_std() {
+                Ok(stream) => threads.spawn(stream, serve_one),
+                Err(e) => tracing::warn!(error = %e, "could not hand a connection over"),
+            },
+        }
+    }
+    drop(listener);
+    // Every open connection and tunnel holds a permit: having them all back means all have
+    // closed.
+    let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
+    let _ = tokio::time::timeout(
+        Duration::from_secs(10),
+        limits.connections.acquire_many(all),
+    )
+    .await;
+    // Connections still open after that are closed with their threads.
+    drop(threads);
+}
+
+/// What serves one accepted connection (from `peer`, holding `ticket`) once it is a Tokio
+/// stream: hyper's HTTP/1.1 connection with upgrades, the request-head deadline kept by
+/// the socket, a graceful end when `shutdown` turns true.
+fn serve_connection<H, F>(
+    peer: SocketAddr,
+    ticket: ConnTicket,
+    limits: &ConnLimits,
+    handler: H,
+    mut stop: watch::Receiver<bool>,
+) -> impl FnOnce(TcpStream) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + 'static
+where
+    H: Fn(Request<RequestBody>, SocketAddr) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<ProxyBody>> + Send + 'static,
+{
+    let (header_read_timeout, send_timeout) = (limits.header_read_timeout, limits.send_timeout);
+    let send_timeouts = limits.send_timeouts.clone();
+    move |stream| {
+        let head = HeadClock::new(header_read_timeout);
         let clock = head.clone();
         let service = service_fn(move |req: Request<Incoming>| {
             let answering = Answering::start(clock.clone());
@@ -344,16 +401,15 @@ async fn serve<H, F>(
             .serve_connection(
                 TokioIo::new(ClientIo::new(
                     stream,
-                    limits.send_timeout,
-                    limits.send_timeouts.clone(),
+                    send_timeout,
+                    send_timeouts,
                     head,
-                    ConnTicket::new(permit, limits.open.clone()),
+                    ticket,
                 )),
                 service,
             )
             .with_upgrades();
-        let mut stop = shutdown.clone();
-        tokio::spawn(async move {
+        Box::pin(async move {
             let mut conn = std::pin::pin!(conn);
             let result = tokio::select! {
                 r = conn.as_mut() => r,
@@ -366,17 +422,8 @@ async fn serve<H, F>(
             if let Err(e) = result {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
-        });
+        })
     }
-    drop(listener);
-    // Every open connection and tunnel holds a permit: having them all back means all have
-    // closed.
-    let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
-    let _ = tokio::time::timeout(
-        Duration::from_secs(10),
-        limits.connections.acquire_many(all),
-    )
-    .await;
 }
 
 /// A request body as the handlers see it: hyper's, counted by the connection's
