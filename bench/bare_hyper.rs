@@ -34,8 +34,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let flags: Vec<String> = args.collect();
     let as_origin = flags.iter().any(|f| f == "--origin");
     let pinned = flags.iter().any(|f| f == "--pinned").then(|| {
-        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
-        cachegate::server::ConnThreads::start(n)
+        let n = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+        cachegate::server::ConnThreads::start(n, |_| Default::default())
     });
     let pinned = pinned.transpose()?;
     let listen: SocketAddr = listen.parse()?;
@@ -65,7 +65,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     loop {
         let (stream, _) = listener.accept().await?;
         let (headers, body) = (headers.clone(), body.clone());
-        let serve = move |stream| async move {
+        let serve = move |stream, slot| async move {
+            let _slot = slot;
             let service = service_fn(move |_req| {
                 let mut resp = Response::new(Full::new(body.clone()));
                 *resp.status_mut() = status;
@@ -77,8 +78,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
                 .await;
         };
         match &pinned {
-            None => drop(tokio::spawn(serve(stream))),
-            Some(threads) => threads.spawn(stream.into_std()?, serve),
+            None => drop(tokio::spawn(serve(stream, None))),
+            Some(threads) => threads.spawn(stream.into_std()?, |s, slot| serve(s, Some(slot))),
         }
     }
 }

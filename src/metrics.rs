@@ -59,6 +59,9 @@ pub struct Metrics {
     pub open_connections: Gauge,
     /// Open tunnels (upgraded WebSocket connections).
     pub open_tunnels: Gauge,
+    /// `thread_connections{thread}`: open client connections per connection thread
+    /// (`[server] connection_threads`), tunnels included: how evenly they are spread.
+    pub thread_connections: Family<ThreadLabels, Gauge>,
     /// `events_total{name}`: events raised, by configured name (`unknown` for others: the
     /// label set stays bounded).
     pub events: Family<EventLabels, Counter>,
@@ -75,6 +78,13 @@ pub struct Metrics {
     /// `background_refreshes_total{outcome}`: stale-while-revalidate and refresh-ahead
     /// refreshes by outcome (`stored`, `fresh`, `failed`, `timeout`: abandoned).
     pub background_refreshes: LabeledCounter,
+}
+
+/// Labels of `cachegate_thread_connections`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ThreadLabels {
+    /// The connection thread's number, from 0.
+    pub thread: u32,
 }
 
 /// Labels of `cachegate_events_total`.
@@ -132,6 +142,7 @@ impl Metrics {
         let panics = Counter::default();
         let open_connections = Gauge::default();
         let open_tunnels = Gauge::default();
+        let thread_connections = Family::<ThreadLabels, Gauge>::default();
         let events = Family::<EventLabels, Counter>::default();
         let _ = events.get_or_create(&EventLabels {
             name: "unknown".into(),
@@ -154,6 +165,7 @@ impl Metrics {
             panics,
             open_connections,
             open_tunnels,
+            thread_connections,
             events,
             warm_requests,
             hot_key_refreshes,
@@ -230,6 +242,18 @@ impl Metrics {
             "Open tunnels (upgraded WebSocket connections)",
             self.open_tunnels.clone(),
         );
+        r.register(
+            "thread_connections",
+            "Open client connections per connection thread, tunnels included",
+            self.thread_connections.clone(),
+        );
+    }
+
+    /// The gauge of connection thread `thread` in `thread_connections`.
+    pub fn thread_gauge(&self, thread: u32) -> Gauge {
+        self.thread_connections
+            .get_or_create(&ThreadLabels { thread })
+            .clone()
     }
 
     /// Exports an `events_total` series for each configured event name.

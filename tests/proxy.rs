@@ -559,9 +559,41 @@ cache_statuses = [200, 404]
 /// connections is one upstream request, and a shutdown lets the request in progress finish.
 #[tokio::test]
 async fn connection_threads_or_the_shared_runtime_serve_alike() {
-    for threads in ["", "connection_threads = 0", "connection_threads = 3"] {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    for (threads, expected) in [
+        ("", cpus),
+        ("connection_threads = 0", 0),
+        ("connection_threads = 3", 3),
+    ] {
         let up = Upstream::start().await;
         let mut gate = Gate::start(&up, None, &format!("[server]\n{threads}\n{ROUTES}")).await;
+        // Three idle connections: spread over the threads, one per thread while there are
+        // fewer connections than threads, and counted per thread.
+        let mut idle = Vec::new();
+        for _ in 0..3 {
+            idle.push(tokio::net::TcpStream::connect(gate.addr()).await.unwrap());
+        }
+        let per_thread = || async {
+            let text = gate.metrics().await;
+            text.lines()
+                .filter(|l| l.starts_with("cachegate_thread_connections{"))
+                .map(|l| l.rsplit(' ').next().unwrap().parse::<i64>().unwrap())
+                .collect::<Vec<_>>()
+        };
+        let spread = |counts: &[i64]| {
+            counts.len() == expected
+                && counts.iter().sum::<i64>() == if expected == 0 { 0 } else { 3 }
+                && counts.iter().max() <= Some(&(3_u64.div_ceil(expected.max(1) as u64) as i64))
+        };
+        assert!(
+            eventually(Duration::from_secs(5), || async {
+                spread(&per_thread().await)
+            })
+            .await,
+            "{threads:?}: {:?}",
+            per_thread().await
+        );
+        drop(idle);
         let requests = (0..12).map(|_| {
             // A client each: twelve connections.
             let (client, url) = (common::client(), gate.url("/kpi/stampede"));
@@ -598,4 +630,18 @@ async fn connection_threads_or_the_shared_runtime_serve_alike() {
         gate.running.take().unwrap().shutdown().await;
         assert_eq!(slow.await.unwrap().unwrap(), 200, "{threads:?}");
     }
+}
+
+#[test]
+fn too_many_connection_threads_is_a_config_error() {
+    let toml = "[server]\nconnection_threads = 1025\n[upstream]\nurl = \"http://127.0.0.1:1\"\n";
+    let err = cachegate::config::Config::from_toml(toml, None)
+        .unwrap()
+        .finish(&Default::default(), |_| None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("server.connection_threads: at most 1024"),
+        "{err}"
+    );
 }

@@ -163,10 +163,11 @@ pub struct ServerConfig {
     /// Threads that serve client connections, each with its own event loop; a connection
     /// is served by one of them for its life (nginx's and Envoy's model: no hand-offs of a
     /// connection between cores), and goes to the one serving the fewest connections.
-    /// Default: one per CPU the process may use. `0` serves connections on the shared
-    /// work-stealing runtime instead, where a request that holds a core for long (a large
-    /// keyed body) delays no other connection, at a cost per request on small machines
-    /// (see docs/benchmarks.md).
+    /// Default: one per CPU the process may use; at most 1024. A request that holds its
+    /// thread's core for long (a large keyed body made canonical) delays the other
+    /// connections of that thread. `0` serves connections on the shared work-stealing
+    /// runtime instead, where it delays none, at a cost per request on small machines
+    /// (docs/benchmarks.md: about 10% of memory-tier hit throughput on 2 cores).
     pub connection_threads: Option<usize>,
     /// Peers (addresses or CIDR ranges, e.g. `10.0.0.0/8`) whose `X-Forwarded-*` and
     /// `Forwarded` headers are passed on; from any other peer they are replaced. Default
@@ -379,6 +380,9 @@ impl Default for UpstreamConfig {
     }
 }
 
+/// The most `[server] connection_threads` allowed.
+pub const MAX_CONNECTION_THREADS: usize = 1024;
+
 impl ServerConfig {
     /// The number of connection threads: `connection_threads`, or one per CPU the process
     /// may use (`std::thread::available_parallelism`, 1 when unknown). 0: none.
@@ -542,6 +546,13 @@ impl Config {
             self.admin.token = Some(v);
         }
         self.check_cache()?;
+        if let Some(n) = self.server.connection_threads
+            && n > MAX_CONNECTION_THREADS
+        {
+            return Err(ConfigError::plain(format!(
+                "server.connection_threads: at most {MAX_CONNECTION_THREADS}, found {n}"
+            )));
+        }
         if self.upstream.url.is_none() {
             return Err(ConfigError::plain(
                 "upstream.url: missing; give `[upstream] url = \"http://host:port\"` in the config file or --upstream",

@@ -5,11 +5,11 @@ use std::time::Duration;
 use http::{HeaderValue, Request, Response, Uri};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use tokio::time::Instant;
 
 use super::body::{ProxyBody, Side, Timed, body_error};
 use crate::config::{UpstreamConfig, UpstreamUrl};
+use cachegate_core::home::Home;
 
 /// Why the upstream gave no response.
 #[derive(Debug)]
@@ -26,10 +26,27 @@ pub enum UpstreamError {
     },
 }
 
+/// Runs the client's connection tasks on the client's home runtime.
+#[derive(Clone)]
+struct AtHomeExecutor(Home);
+
+impl<F> hyper::rt::Executor<F> for AtHomeExecutor
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        drop(self.0.spawn(fut));
+    }
+}
+
 /// The origin and a connection pool to it.
 #[derive(Clone)]
 pub struct Upstream {
     client: Client<HttpConnector, ProxyBody>,
+    /// Where the pool's connections are opened and driven (see [`Home`]): the runtime the
+    /// client was made on, whichever connection thread sends a request.
+    home: Home,
     base: UpstreamUrl,
     response_timeout: Duration,
     body_timeout: Duration,
@@ -37,7 +54,8 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    /// A client for `config.url` with the configured connect and response timeouts.
+    /// A client for `config.url` with the configured connect and response timeouts, whose
+    /// connections live on the current runtime (see [`Home`]).
     ///
     /// Panics if `config.url` is `None`; [`crate::config::Config::finish`] rules that out.
     pub fn new(config: &UpstreamConfig) -> Self {
@@ -47,12 +65,14 @@ impl Upstream {
         )));
         connector.set_nodelay(true);
         connector.set_keepalive(Some(Duration::from_secs(60)));
-        let client = Client::builder(TokioExecutor::new())
+        let home = Home::current();
+        let client = Client::builder(AtHomeExecutor(home.clone()))
             .pool_idle_timeout(Duration::from_secs(30))
             .pool_max_idle_per_host(256)
             .build(connector);
         Upstream {
             client,
+            home,
             base: config
                 .url
                 .clone()
@@ -103,7 +123,8 @@ impl Upstream {
         let started = Instant::now();
         let deadline = started + self.total_timeout;
         let head_limit = self.response_timeout.min(self.total_timeout);
-        match tokio::time::timeout(head_limit, self.client.request(req)).await {
+        let sent = self.home.run(self.client.request(req));
+        match tokio::time::timeout(head_limit, sent).await {
             Ok(Ok(resp)) => {
                 let elapsed = started.elapsed();
                 let body_timeout = self.body_timeout;

@@ -15,10 +15,14 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{Instant, Sleep};
 
-/// What a connection holds while open: one of `max_connections`, counted in a gauge.
+use super::workers::ThreadSlot;
+
+/// What a connection holds while open: one of `max_connections`, counted in a gauge, and
+/// its place on a connection thread.
 pub struct ConnTicket {
     _permit: OwnedSemaphorePermit,
     open: Gauge,
+    _thread: Option<ThreadSlot>,
 }
 
 impl ConnTicket {
@@ -28,7 +32,14 @@ impl ConnTicket {
         ConnTicket {
             _permit: permit,
             open,
+            _thread: None,
         }
+    }
+
+    /// Keeps `slot` (the connection's count on its connection thread) until dropped.
+    pub fn on_thread(mut self, slot: Option<ThreadSlot>) -> Self {
+        self._thread = slot;
+        self
     }
 }
 

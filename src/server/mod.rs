@@ -5,7 +5,7 @@ mod io;
 mod workers;
 
 pub use self::io::{ClientIo, ConnTicket, HeadClock};
-pub use self::workers::ConnThreads;
+pub use self::workers::{ConnThreads, ThreadSlot};
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -143,7 +143,12 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         crate::proxy::refresh::run_refreshes(proxy.clone(), metrics.clone(), rx.clone());
     let threads = match config.server.connection_threads() {
         0 => None,
-        n => Some(ConnThreads::start(n).map_err(StartError::Threads)?),
+        n => {
+            let n = u32::try_from(n).unwrap_or(u32::MAX);
+            let gauges = metrics.clone();
+            let threads = ConnThreads::start(n, move |i| gauges.thread_gauge(i));
+            Some(threads.map_err(StartError::Threads)?)
+        }
     };
     let proxy_loop = serve(
         listener,
@@ -339,9 +344,9 @@ async fn serve<H, F>(
         let ticket = ConnTicket::new(permit, limits.open.clone());
         let serve_one = serve_connection(peer, ticket, &limits, handler.clone(), shutdown.clone());
         match &threads {
-            None => drop(tokio::spawn(serve_one(stream))),
+            None => drop(tokio::spawn(serve_one(stream, None))),
             Some(threads) => match stream.into_std() {
-                Ok(stream) => threads.spawn(stream, serve_one),
+                Ok(stream) => threads.spawn(stream, |stream, slot| serve_one(stream, Some(slot))),
                 Err(e) => tracing::warn!(error = %e, "could not hand a connection over"),
             },
         }
@@ -359,23 +364,27 @@ async fn serve<H, F>(
     drop(threads);
 }
 
-/// What serves one accepted connection (from `peer`, holding `ticket`) once it is a Tokio
-/// stream: hyper's HTTP/1.1 connection with upgrades, the request-head deadline kept by
-/// the socket, a graceful end when `shutdown` turns true.
+/// What serves one accepted connection (from `peer`, holding `ticket`, and its connection
+/// thread's slot if any) once it is a Tokio stream: hyper's HTTP/1.1 connection with
+/// upgrades, the request-head deadline kept by the socket, a graceful end when `shutdown`
+/// turns true.
 fn serve_connection<H, F>(
     peer: SocketAddr,
     ticket: ConnTicket,
     limits: &ConnLimits,
     handler: H,
     mut stop: watch::Receiver<bool>,
-) -> impl FnOnce(TcpStream) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + 'static
+) -> impl FnOnce(TcpStream, Option<ThreadSlot>) -> Pin<Box<dyn Future<Output = ()> + Send>>
++ Send
++ 'static
 where
     H: Fn(Request<RequestBody>, SocketAddr) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<ProxyBody>> + Send + 'static,
 {
     let (header_read_timeout, send_timeout) = (limits.header_read_timeout, limits.send_timeout);
     let send_timeouts = limits.send_timeouts.clone();
-    move |stream| {
+    move |stream, slot| {
+        let ticket = ticket.on_thread(slot);
         let head = HeadClock::new(header_read_timeout);
         let clock = head.clone();
         let service = service_fn(move |req: Request<Incoming>| {

@@ -7,13 +7,14 @@
 //! those hand-offs and wake-ups cost more than a cache hit's own work. A connection pinned
 //! to one thread costs none of them; the price is that a request which holds its thread
 //! (a large keyed body being made canonical) delays that thread's other connections, and
-//! that connections are spread by count, not by load. Background work (Redis tier, purge
-//! subscription, refreshes queued by the server) stays on the shared runtime.
+//! that connections are spread by count, not by load. What a request leaves to run in
+//! the background (Redis writes and connections, the upstream pool's connections, queued
+//! refreshes) runs on the shared runtime the server was started on
+//! ([`cachegate_core::home::Home`]); a WebSocket tunnel stays with its connection.
 
 use std::future::Future;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::runtime::Handle;
 use tokio::sync::oneshot;
 
@@ -26,42 +27,60 @@ pub struct ConnThreads {
 struct ConnThread {
     handle: Handle,
     /// Connections this thread serves now.
-    open: Arc<AtomicUsize>,
+    open: Gauge,
     /// Dropped to stop the thread.
     _stop: oneshot::Sender<()>,
 }
 
-/// Counts one connection on its thread until dropped.
-struct Served(Arc<AtomicUsize>);
+/// Counts one connection on its thread until dropped: kept with the socket, so that a
+/// tunnel the connection became still counts.
+pub struct ThreadSlot(Gauge);
 
-impl Drop for Served {
+impl Drop for ThreadSlot {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.0.dec();
     }
 }
 
 impl ConnThreads {
     /// Starts `n` threads (named `cachegate-conn-0`, ...), each running a single-threaded
-    /// Tokio runtime with I/O and timers.
+    /// Tokio runtime with I/O and timers; thread `i` counts its connections in `gauge(i)`.
     ///
-    /// Errors: the OS error when a runtime or a thread cannot be made.
-    pub fn start(n: usize) -> std::io::Result<ConnThreads> {
-        let mut threads = Vec::with_capacity(n);
+    /// Errors: `InvalidInput` when `n` is 0; the OS error when a runtime or a thread cannot
+    /// be made (the threads started so far are stopped).
+    pub fn start(n: u32, gauge: impl Fn(u32) -> Gauge) -> std::io::Result<ConnThreads> {
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "no connection threads",
+            ));
+        }
+        let mut threads = Vec::with_capacity(n as usize);
         for i in 0..n {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            let handle = runtime.handle().clone();
             let (stop, stopped) = oneshot::channel::<()>();
+            let (made, handle) = std::sync::mpsc::channel();
             std::thread::Builder::new()
                 .name(format!("cachegate-conn-{i}"))
                 .spawn(move || {
-                    // Ends when the sender is dropped; the runtime then drops its tasks.
-                    let _ = runtime.block_on(stopped);
+                    let runtime = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build();
+                    match runtime {
+                        Ok(runtime) => {
+                            let _ = made.send(Ok(runtime.handle().clone()));
+                            // Ends when the sender is dropped; the runtime then drops its
+                            // tasks.
+                            let _ = runtime.block_on(stopped);
+                        }
+                        Err(e) => drop(made.send(Err(e))),
+                    }
                 })?;
+            let handle = handle
+                .recv()
+                .map_err(|_| std::io::Error::other("connection thread ended at start"))??;
             threads.push(ConnThread {
                 handle,
-                open: Arc::new(AtomicUsize::new(0)),
+                open: gauge(i),
                 _stop: stop,
             });
         }
@@ -69,27 +88,23 @@ impl ConnThreads {
     }
 
     /// Runs `serve` on the thread that serves the fewest connections now (the first of
-    /// them on a tie), counting it there until it ends. `serve` gets the socket as a Tokio
-    /// stream registered with that thread's event loop; when it cannot be registered, the
-    /// connection is closed and the error logged.
+    /// them on a tie). `serve` gets the socket as a Tokio stream registered with that
+    /// thread's event loop, and the slot that counts the connection there until dropped
+    /// (keep it with the socket); when the socket cannot be registered, the connection is
+    /// closed and the error logged.
     pub fn spawn<F, Fut>(&self, stream: std::net::TcpStream, serve: F)
     where
-        F: FnOnce(tokio::net::TcpStream) -> Fut + Send + 'static,
+        F: FnOnce(tokio::net::TcpStream, ThreadSlot) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        let Some(thread) = self
-            .threads
-            .iter()
-            .min_by_key(|t| t.open.load(Ordering::Relaxed))
-        else {
+        let Some(thread) = self.threads.iter().min_by_key(|t| t.open.get()) else {
             return;
         };
-        thread.open.fetch_add(1, Ordering::Relaxed);
-        let served = Served(thread.open.clone());
+        thread.open.inc();
+        let slot = ThreadSlot(thread.open.clone());
         thread.handle.spawn(async move {
-            let _served = served;
             match tokio::net::TcpStream::from_std(stream) {
-                Ok(stream) => serve(stream).await,
+                Ok(stream) => serve(stream, slot).await,
                 Err(e) => tracing::warn!(error = %e, "could not register a connection"),
             }
         });
@@ -97,11 +112,8 @@ impl ConnThreads {
 
     /// Connections served now, per thread.
     #[cfg(test)]
-    fn open(&self) -> Vec<usize> {
-        self.threads
-            .iter()
-            .map(|t| t.open.load(Ordering::Relaxed))
-            .collect()
+    fn open(&self) -> Vec<i64> {
+        self.threads.iter().map(|t| t.open.get()).collect()
     }
 }
 
@@ -134,8 +146,8 @@ mod tests {
     }
 
     #[test]
-    fn connections_go_to_the_least_busy_thread_and_stay_on_it() {
-        let threads = ConnThreads::start(2).unwrap();
+    fn connections_go_to_the_least_busy_thread() {
+        let threads = ConnThreads::start(2, |_| Gauge::default()).unwrap();
         let (names, name_rx) = mpsc::channel();
         let mut release = Vec::new();
         let mut clients = Vec::new();
@@ -145,11 +157,11 @@ mod tests {
             let (done, wait) = oneshot::channel::<()>();
             release.push(done);
             let names = names.clone();
-            threads.spawn(server, move |_stream| async move {
-                let on = || std::thread::current().name().map(str::to_owned);
-                let before = on();
+            threads.spawn(server, move |_stream, slot| async move {
+                let _slot = slot;
                 let _ = wait.await;
-                names.send((before, on())).unwrap();
+                let on = std::thread::current().name().map(str::to_owned);
+                names.send(on).unwrap();
             });
         };
         for _ in 0..4 {
@@ -158,28 +170,26 @@ mod tests {
         assert_eq!(threads.open(), vec![2, 2]);
         // One of the first thread's connections ends: the next one goes there.
         drop(release.remove(0));
-        let (before, after) = name_rx.recv_timeout(Duration::from_secs(5)).unwrap();
-        assert_eq!(before.as_deref(), Some("cachegate-conn-0"));
-        assert_eq!(before, after, "a connection stays on its thread");
+        let on = name_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert_eq!(on.as_deref(), Some("cachegate-conn-0"));
         wait_until(|| threads.open() == vec![1, 2]);
         connect(&mut release);
         assert_eq!(threads.open(), vec![2, 2]);
         // Released one by one: thread 1's, thread 0's, thread 1's, then the newest (thread 0).
         for expected in ["cachegate-conn-1", "cachegate-conn-0", "cachegate-conn-1"] {
             drop(release.remove(0));
-            let (before, after) = name_rx.recv_timeout(Duration::from_secs(5)).unwrap();
-            assert_eq!(before.as_deref(), Some(expected));
-            assert_eq!(before, after);
+            let on = name_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+            assert_eq!(on.as_deref(), Some(expected));
         }
         drop(release);
-        let (newest, _) = name_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        let newest = name_rx.recv_timeout(Duration::from_secs(5)).unwrap();
         assert_eq!(newest.as_deref(), Some("cachegate-conn-0"));
         wait_until(|| threads.open() == vec![0, 0]);
     }
 
     #[test]
     fn dropping_the_threads_ends_their_connections() {
-        let threads = ConnThreads::start(1).unwrap();
+        let threads = ConnThreads::start(1, |_| Gauge::default()).unwrap();
         let (ended, ended_rx) = mpsc::channel::<()>();
         struct Ended(mpsc::Sender<()>);
         impl Drop for Ended {
@@ -189,7 +199,7 @@ mod tests {
         }
         let (server, _client) = socket_pair();
         let (started, started_rx) = mpsc::channel::<()>();
-        threads.spawn(server, move |_stream| async move {
+        threads.spawn(server, move |_stream, _slot| async move {
             let _ended = Ended(ended);
             started.send(()).unwrap();
             std::future::pending::<()>().await;
@@ -198,5 +208,46 @@ mod tests {
         assert!(ended_rx.try_recv().is_err());
         drop(threads);
         ended_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    }
+
+    #[test]
+    fn a_connection_counts_while_its_slot_lives() {
+        let threads = ConnThreads::start(1, |_| Gauge::default()).unwrap();
+        let (server, _client) = socket_pair();
+        let (release, wait) = oneshot::channel::<()>();
+        // The connection hands its slot to a task of its own (as an upgraded connection's
+        // tunnel keeps its socket) and ends.
+        threads.spawn(server, move |_stream, slot| async move {
+            tokio::spawn(async move {
+                let _slot = slot;
+                let _ = wait.await;
+            });
+        });
+        // A second connection on the same thread, polled after the first one ended; it
+        // stays open.
+        let (server, _client2) = socket_pair();
+        let (probe, probe_rx) = mpsc::channel::<()>();
+        let (hold, held) = oneshot::channel::<()>();
+        threads.spawn(server, move |_stream, slot| async move {
+            let _slot = slot;
+            probe.send(()).unwrap();
+            let _ = held.await;
+        });
+        probe_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert_eq!(
+            threads.open(),
+            vec![2],
+            "the first connection's tunnel still counts"
+        );
+        drop(release);
+        wait_until(|| threads.open() == vec![1]);
+        drop(hold);
+        wait_until(|| threads.open() == vec![0]);
+    }
+
+    #[test]
+    fn no_threads_is_an_error() {
+        let err = ConnThreads::start(0, |_| Gauge::default()).err().unwrap();
+        assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput);
     }
 }

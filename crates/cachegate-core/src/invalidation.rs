@@ -255,7 +255,7 @@ pub(crate) fn subscribe(
 ) -> tokio::task::JoinHandle<()> {
     let purges = Arc::downgrade(&markers.hard);
     let soft = markers.soft.clone();
-    tokio::spawn(async move {
+    redis.home().clone().spawn(async move {
         let mut backoff = Duration::from_millis(50);
         loop {
             if purges.strong_count() == 0 {

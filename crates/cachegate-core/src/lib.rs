@@ -26,6 +26,7 @@ pub mod cache;
 pub mod coalesce;
 pub mod codec;
 pub mod envelope;
+pub mod home;
 pub mod invalidation;
 pub mod key;
 pub mod metrics;

@@ -194,7 +194,7 @@ impl WriteOrder {
     /// future) cannot leave its claim made and its `DEL` unsent.
     async fn delete(&self, redis: &RedisTier, key: &CacheKey, seq: u64) -> bool {
         let (order, redis, key) = (self.clone(), redis.clone(), *key);
-        let removal = tokio::spawn(async move {
+        let removal = redis.home().clone().spawn(async move {
             let stripe = order.stripe(&key);
             stripe.newest.fetch_max(seq, Ordering::AcqRel);
             let _turn = stripe.lock.lock().await;
@@ -334,7 +334,8 @@ impl<V: Storable> TieredStore<V> {
             let (tx, rx) = tokio::sync::mpsc::channel(INVALIDATION_QUEUE);
             let purges = Arc::downgrade(&self.purges);
             let metrics = self.metrics.clone();
-            tokio::spawn(spread_invalidations(redis.clone(), purges, metrics, rx));
+            let spread = spread_invalidations(redis.clone(), purges, metrics, rx);
+            redis.home().spawn(spread);
             tx
         });
         if queue.try_send(keys).is_err() {
@@ -586,7 +587,8 @@ impl<V: Storable> TieredStore<V> {
             self.envelope_keys.clone(),
             self.order.clone(),
         );
-        tokio::spawn(async move {
+        // On the Redis tier's home runtime: a write outlives the request that made it.
+        redis.home().clone().spawn(async move {
             let keep_secs = u64::from(entry.ttl_secs()) + u64::from(entry.grace_secs());
             let payload = payload.unwrap_or_else(|| entry.to_payload());
             let envelope = keys.seal(&key, &payload);
@@ -604,7 +606,7 @@ impl<V: Storable> TieredStore<V> {
         };
         let (order, key) = (self.order.clone(), *key);
         let seq = order.next();
-        tokio::spawn(async move {
+        redis.home().clone().spawn(async move {
             order.delete(&redis, &key, seq).await;
         });
     }

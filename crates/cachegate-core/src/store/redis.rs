@@ -15,6 +15,7 @@ use redis::AsyncCommands;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use super::breaker::Breaker;
+use crate::home::Home;
 use crate::key::CacheKey;
 use crate::metrics::{BreakerState, StoreMetrics};
 
@@ -73,6 +74,8 @@ const MAX_MARKER_PAGES: usize = 4 * crate::purge::MAX_KEY_MARKERS / MARKER_PAGE 
 /// The shared tier. Cloning shares the connection and the breaker.
 #[derive(Clone)]
 pub struct RedisTier {
+    /// Where the connections' tasks and the reconnects run.
+    home: Home,
     client: redis::Client,
     /// The shared connection; replaced by a new one when the breaker opens (see
     /// [`RedisTier::guarded`]).
@@ -124,6 +127,7 @@ impl RedisTier {
         let conn = ConnectionManager::new_lazy_with_config(client.clone(), manager_config.clone())
             .map_err(|e| RedisSetupError(e.to_string()))?;
         Ok(RedisTier {
+            home: Home::current(),
             client,
             conn: Arc::new(RwLock::new(conn)),
             manager_config,
@@ -138,6 +142,12 @@ impl RedisTier {
             prefix: format!("{namespace}:v2:"),
             metrics,
         })
+    }
+
+    /// The runtime the tier was made on (see [`Home`]): its connections' tasks run there,
+    /// and so should work left to finish in the background.
+    pub fn home(&self) -> &Home {
+        &self.home
     }
 
     /// The limit on one Redis operation (`op_timeout_ms`).
@@ -181,7 +191,7 @@ impl RedisTier {
         let (client, config) = (self.client.clone(), self.manager_config.clone());
         let (conn, limit) = (self.conn.clone(), self.connect_timeout);
         let reconnecting = self.reconnecting.clone();
-        tokio::spawn(async move {
+        self.home.spawn(async move {
             let connect = ConnectionManager::new_with_config(client, config);
             match tokio::time::timeout(limit, connect).await {
                 Ok(Ok(fresh)) => *conn.write().unwrap_or_else(PoisonError::into_inner) = fresh,
@@ -203,7 +213,9 @@ impl RedisTier {
         if !self.breaker.allow() {
             return None;
         }
-        let result = match tokio::time::timeout(self.op_timeout, f).await {
+        // On the home runtime: redis-rs spawns the connection's driver (and its reconnects)
+        // where the first operation is polled.
+        let result = match tokio::time::timeout(self.op_timeout, self.home.run(f)).await {
             Ok(Ok(v)) => {
                 if self.breaker.success() {
                     tracing::info!("redis tier available again: circuit breaker closed");
@@ -421,8 +433,10 @@ impl RedisTier {
             .set_response_timeout(None);
         let Ok(Ok(mut conn)) = tokio::time::timeout(
             self.connect_timeout,
-            self.client
-                .get_multiplexed_async_connection_with_config(&config),
+            self.home.run(
+                self.client
+                    .get_multiplexed_async_connection_with_config(&config),
+            ),
         )
         .await
         else {
@@ -451,10 +465,13 @@ impl RedisTier {
 
     /// A pub/sub connection, within the connect timeout.
     pub async fn pubsub(&self) -> Option<redis::aio::PubSub> {
-        tokio::time::timeout(self.connect_timeout, self.client.get_async_pubsub())
-            .await
-            .ok()?
-            .ok()
+        tokio::time::timeout(
+            self.connect_timeout,
+            self.home.run(self.client.get_async_pubsub()),
+        )
+        .await
+        .ok()?
+        .ok()
     }
 
     /// Takes the refresh lease of `key` for `ttl` (`SET {prefix}lease:{key} token NX PX`),
