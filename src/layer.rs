@@ -132,7 +132,9 @@ impl CacheLayer {
     pub fn new(config: Config) -> Result<CacheLayer, LayerError> {
         config.check_cache().map_err(LayerError::Config)?;
         let metrics = Arc::new(Metrics::new());
-        let (keys, store) = crate::server::engine(&config, &metrics).map_err(LayerError::Start)?;
+        let home = cachegate_core::home::Home::none();
+        let (keys, store) =
+            crate::server::engine(&config, &metrics, home).map_err(LayerError::Start)?;
         let switches = Arc::new(Switches::new(
             config.cache.enabled,
             config.cache.rollout_percent.0,

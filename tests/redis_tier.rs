@@ -379,3 +379,42 @@ async fn a_dead_connection_is_replaced_once_redis_can_be_reached_again() {
     let back = eventually(Duration::from_secs(10), breaker_after_lookup);
     assert!(back.await, "the Redis tier never came back");
 }
+
+/// A Redis tier with a home runtime (as `cachegate serve` makes it: connection threads
+/// come and go, the shared runtime stays) keeps its connection when a runtime that used it
+/// first ends: redis-rs starts the connection's driver task where the first operation is
+/// polled, and without a home that task ends with that runtime.
+#[test]
+fn a_redis_tier_at_home_outlives_the_runtimes_that_use_it() {
+    use cachegate_core::home::Home;
+    use cachegate_core::metrics::StoreMetrics;
+    use cachegate_core::store::{RedisOptions, RedisTier};
+    let home = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let redis = home.block_on(Redis::start());
+    let metrics = StoreMetrics::default();
+    let tier = home.block_on(async {
+        RedisTier::new(&RedisOptions::new(redis.url()), "home", metrics.clone())
+            .unwrap()
+            .with_home(Home::current())
+    });
+    let elsewhere = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    let first = elsewhere();
+    assert!(first.block_on(tier.ping()));
+    drop(first);
+    let next = elsewhere();
+    assert!(
+        next.block_on(tier.ping()),
+        "the connection ended with a runtime"
+    );
+    assert!(next.block_on(tier.ping()));
+    assert_eq!(metrics.redis_errors.get("get"), 0);
+}

@@ -60,6 +60,7 @@ use crate::warm::HotKeys;
 
 use self::refresh::{Refresh, Refresher, Replay};
 use cachegate_core::coalesce::{Coalescer, Leader, Role, WaitOutcome};
+use cachegate_core::home::Home;
 use cachegate_core::store::{Storable, TieredStore};
 
 /// `Cache-Status` (RFC 9211).
@@ -174,9 +175,10 @@ pub struct Shared {
 
 impl Proxy<Upstream> {
     /// Builds the proxy in front of the config's HTTP upstream, from a finished config (see
-    /// [`Config::finish`]).
-    pub fn new(config: &Config, shared: Shared) -> Self {
-        let upstream = Upstream::new(&config.upstream);
+    /// [`Config::finish`]), with the upstream pool's connections on `home` (see
+    /// [`Upstream::new`]).
+    pub fn new(config: &Config, shared: Shared, home: Home) -> Self {
+        let upstream = Upstream::new(&config.upstream, home);
         let forwarding = Forwarding {
             trusted_proxies: config.server.trusted_proxies.iter().map(|n| n.0).collect(),
             upstream_host: (!config.upstream.preserve_host)

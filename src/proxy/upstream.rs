@@ -44,8 +44,7 @@ where
 #[derive(Clone)]
 pub struct Upstream {
     client: Client<HttpConnector, ProxyBody>,
-    /// Where the pool's connections are opened and driven (see [`Home`]): the runtime the
-    /// client was made on, whichever connection thread sends a request.
+    /// Where the pool's connections are opened and driven (see [`Home`]).
     home: Home,
     base: UpstreamUrl,
     response_timeout: Duration,
@@ -55,17 +54,17 @@ pub struct Upstream {
 
 impl Upstream {
     /// A client for `config.url` with the configured connect and response timeouts, whose
-    /// connections live on the current runtime (see [`Home`]).
+    /// connections are opened and driven on `home` (see [`Home`]; it must outlive the
+    /// client), whichever runtime sends a request.
     ///
     /// Panics if `config.url` is `None`; [`crate::config::Config::finish`] rules that out.
-    pub fn new(config: &UpstreamConfig) -> Self {
+    pub fn new(config: &UpstreamConfig, home: Home) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(Duration::from_millis(
             config.connect_timeout_ms.max(1),
         )));
         connector.set_nodelay(true);
         connector.set_keepalive(Some(Duration::from_secs(60)));
-        let home = Home::current();
         let client = Client::builder(AtHomeExecutor(home.clone()))
             .pool_idle_timeout(Duration::from_secs(30))
             .pool_max_idle_per_host(256)
@@ -165,5 +164,99 @@ impl super::origin::Origin for Upstream {
         req: Request<ProxyBody>,
     ) -> Result<(Response<ProxyBody>, Duration), UpstreamError> {
         Upstream::send(self, req).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use http_body_util::BodyExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::runtime::Runtime;
+
+    /// An origin that answers every request with its connection's number (from 1), and
+    /// keeps only the first connection open.
+    async fn origin() -> std::net::SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let accepted = Arc::new(AtomicUsize::new(0));
+            while let Ok((mut conn, _)) = listener.accept().await {
+                let number = accepted.fetch_add(1, Ordering::SeqCst) + 1;
+                tokio::spawn(async move {
+                    let mut seen = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while let Ok(n @ 1..) = conn.read(&mut buf).await {
+                        seen.extend_from_slice(&buf[..n]);
+                        while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                            seen.drain(..end + 4);
+                            let close = if number == 1 {
+                                ""
+                            } else {
+                                "connection: close\r\n"
+                            };
+                            let body = number.to_string();
+                            let reply = format!(
+                                "HTTP/1.1 200 OK\r\n{close}content-length: {}\r\n\r\n{body}",
+                                body.len()
+                            );
+                            if conn.write_all(reply.as_bytes()).await.is_err() || number > 1 {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    /// The pool's connections are opened and driven on the client's home runtime: one
+    /// opened for a request sent from a runtime that has ended since (a connection thread
+    /// at shutdown) is still there for the next requests, from another runtime.
+    #[test]
+    fn pooled_connections_outlive_the_runtime_that_sent_the_request() {
+        let home = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let addr = home.block_on(origin());
+        let config = UpstreamConfig {
+            url: Some(format!("http://{addr}").parse().unwrap()),
+            ..UpstreamConfig::default()
+        };
+        let upstream = home.block_on(async { Upstream::new(&config, Home::current()) });
+        // The number of the origin connection a request went over.
+        let send = |rt: &Runtime| {
+            rt.block_on(async {
+                let req = Request::get("/x")
+                    .body(super::super::body::empty())
+                    .unwrap();
+                let (resp, _) = upstream.send(req).await.unwrap();
+                let body = resp.into_body().collect().await.unwrap().to_bytes();
+                String::from_utf8(body.to_vec()).unwrap()
+            })
+        };
+        let elsewhere = || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+        };
+        let first = elsewhere();
+        assert_eq!(send(&first), "1");
+        drop(first);
+        // The first connection goes back to the pool once the exchange is over (on a task
+        // of its own): until then a request opens another one, which the origin closes.
+        let next = elsewhere();
+        let reused = (0..50).any(|_| send(&next) == "1");
+        assert!(
+            reused,
+            "the first connection ended with the runtime that opened it"
+        );
     }
 }

@@ -34,6 +34,7 @@ use crate::metrics::Metrics;
 use crate::proxy::body::ProxyBody;
 use crate::proxy::{Proxy, Shared, Switches};
 use cachegate_core::envelope::EnvelopeKeys;
+use cachegate_core::home::Home;
 use cachegate_core::key::KeyBuilder;
 use cachegate_core::store::{MemoryTier, RedisTier, TieredStore};
 
@@ -90,7 +91,10 @@ impl Running {
 /// Errors: [`StartError`] when a listener cannot bind or the Redis URL is unusable.
 pub async fn start(config: Config) -> Result<Running, StartError> {
     let metrics = Arc::new(Metrics::new());
-    let (keys, store) = engine(&config, &metrics)?;
+    // What requests leave to run in the background runs here, not on the connection
+    // threads (see `ConnThreads`).
+    let home = Home::current();
+    let (keys, store) = engine(&config, &metrics, home.clone())?;
     let (shutdown, rx) = watch::channel(false);
     let switches = Arc::new(Switches::new(
         config.cache.enabled,
@@ -106,6 +110,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             switches: switches.clone(),
             shutdown: rx.clone(),
         },
+        home,
     ));
     let admin = Admin {
         metrics: metrics.clone(),
@@ -211,12 +216,14 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
 }
 
 /// The engine a config asks for: the key builder and the tiers (memory, and Redis when
-/// configured), counting into `metrics`. Shared by `cachegate serve` and the tower layer.
+/// configured, its connections and background work on `home`), counting into `metrics`.
+/// Shared by `cachegate serve` and the tower layer.
 ///
 /// Errors: [`StartError::Redis`] when the Redis settings cannot be used.
 pub fn engine(
     config: &Config,
     metrics: &Arc<Metrics>,
+    home: Home,
 ) -> Result<(KeyBuilder, TieredStore<CachedResponse>), StartError> {
     let redis = match &config.redis {
         Some(rc) => Some(
@@ -225,7 +232,8 @@ pub fn engine(
                 &config.cache.namespace,
                 metrics.store.clone(),
             )
-            .map_err(|e| StartError::Redis(e.to_string()))?,
+            .map_err(|e| StartError::Redis(e.to_string()))?
+            .with_home(home),
         ),
         None => None,
     };
@@ -361,7 +369,9 @@ async fn serve<H, F>(
     )
     .await;
     // Connections still open after that are closed with their threads.
-    drop(threads);
+    if let Some(threads) = threads {
+        threads.stop().await;
+    }
 }
 
 /// What serves one accepted connection (from `peer`, holding `ticket`, and its connection

@@ -18,8 +18,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use tokio::runtime::Handle;
 use tokio::sync::oneshot;
 
-/// A fixed set of connection threads. Dropping it stops them: each thread's runtime drops
-/// the tasks it still has (their connections close).
+/// A fixed set of connection threads. Dropping it (or [`ConnThreads::stop`]) stops them:
+/// each thread's runtime drops the tasks it still has (their connections close).
 pub struct ConnThreads {
     threads: Vec<ConnThread>,
 }
@@ -29,7 +29,8 @@ struct ConnThread {
     /// Connections this thread serves now.
     open: Gauge,
     /// Dropped to stop the thread.
-    _stop: oneshot::Sender<()>,
+    stop: oneshot::Sender<()>,
+    thread: std::thread::JoinHandle<()>,
 }
 
 /// Counts one connection on its thread until dropped: kept with the socket, so that a
@@ -59,7 +60,7 @@ impl ConnThreads {
         for i in 0..n {
             let (stop, stopped) = oneshot::channel::<()>();
             let (made, handle) = std::sync::mpsc::channel();
-            std::thread::Builder::new()
+            let thread = std::thread::Builder::new()
                 .name(format!("cachegate-conn-{i}"))
                 .spawn(move || {
                     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -81,7 +82,8 @@ impl ConnThreads {
             threads.push(ConnThread {
                 handle,
                 open: gauge(i),
-                _stop: stop,
+                stop,
+                thread,
             });
         }
         Ok(ConnThreads { threads })
@@ -108,6 +110,25 @@ impl ConnThreads {
                 Err(e) => tracing::warn!(error = %e, "could not register a connection"),
             }
         });
+    }
+
+    /// Stops the threads, as dropping them does, and waits until they have ended (on a
+    /// blocking task).
+    pub async fn stop(self) {
+        let threads: Vec<_> = self
+            .threads
+            .into_iter()
+            .map(|t| {
+                drop(t.stop);
+                t.thread
+            })
+            .collect();
+        let _ = tokio::task::spawn_blocking(move || {
+            for thread in threads {
+                let _ = thread.join();
+            }
+        })
+        .await;
     }
 
     /// Connections served now, per thread.
@@ -243,6 +264,38 @@ mod tests {
         wait_until(|| threads.open() == vec![1]);
         drop(hold);
         wait_until(|| threads.open() == vec![0]);
+    }
+
+    #[tokio::test]
+    async fn stop_waits_until_the_threads_have_ended() {
+        let threads = ConnThreads::start(2, |_| Gauge::default()).unwrap();
+        let (ended, ended_rx) = mpsc::channel::<()>();
+        struct SlowDrop(mpsc::Sender<()>);
+        impl Drop for SlowDrop {
+            fn drop(&mut self) {
+                // A task whose drop takes a while: stop still waits for it.
+                std::thread::sleep(Duration::from_millis(50));
+                let _ = self.0.send(());
+            }
+        }
+        let (started, started_rx) = mpsc::channel::<()>();
+        let mut clients = Vec::new();
+        for _ in 0..2 {
+            let (server, client) = socket_pair();
+            clients.push(client);
+            let (ended, started) = (ended.clone(), started.clone());
+            threads.spawn(server, move |_stream, slot| async move {
+                let _slot = slot;
+                let _drop = SlowDrop(ended);
+                started.send(()).unwrap();
+                std::future::pending::<()>().await;
+            });
+        }
+        for _ in 0..2 {
+            started_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        }
+        threads.stop().await;
+        assert!(ended_rx.try_recv().is_ok() && ended_rx.try_recv().is_ok());
     }
 
     #[test]

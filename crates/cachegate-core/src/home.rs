@@ -15,15 +15,24 @@ use std::task::{Context, Poll};
 use tokio::runtime::Handle;
 use tokio::task::JoinHandle;
 
-/// The runtime current where a component was made (see the module docs), or none when it
-/// was made outside any runtime: then work runs on whichever runtime polls it.
-#[derive(Clone, Debug)]
+/// A component's home runtime (see the module docs), or none ([`Home::none`], the
+/// default): then its work runs on whichever runtime polls it.
+///
+/// A home must outlive the component and keep running (a multi-threaded runtime, or one
+/// that some thread drives): work sent there from a runtime that is gone or idle would
+/// never run.
+#[derive(Clone, Debug, Default)]
 pub struct Home(Option<Handle>);
 
 impl Home {
     /// The runtime this is called from, if any.
     pub fn current() -> Home {
         Home(Handle::try_current().ok())
+    }
+
+    /// No home: work runs where it is polled or spawned from.
+    pub fn none() -> Home {
+        Home(None)
     }
 
     /// Spawns `task` on the home runtime (on the current one without a home).
@@ -40,8 +49,9 @@ impl Home {
         }
     }
 
-    /// Polls `fut` where it is awaited, inside the home runtime's context: the tasks it
-    /// spawns, the sockets it opens and the timers it sets belong to the home runtime.
+    /// Polls `fut` where it is awaited (its own work is done on the caller's thread), inside
+    /// the home runtime's context: the tasks it spawns, the sockets it opens and the timers
+    /// it sets belong to the home runtime.
     pub fn run<F: Future>(&self, fut: F) -> AtHome<'_, F> {
         AtHome {
             home: self.0.as_ref(),

@@ -127,7 +127,7 @@ impl RedisTier {
         let conn = ConnectionManager::new_lazy_with_config(client.clone(), manager_config.clone())
             .map_err(|e| RedisSetupError(e.to_string()))?;
         Ok(RedisTier {
-            home: Home::current(),
+            home: Home::none(),
             client,
             conn: Arc::new(RwLock::new(conn)),
             manager_config,
@@ -144,8 +144,17 @@ impl RedisTier {
         })
     }
 
-    /// The runtime the tier was made on (see [`Home`]): its connections' tasks run there,
-    /// and so should work left to finish in the background.
+    /// Runs the tier's connections (their driver tasks, reconnects) and its background
+    /// work on `home` (see [`Home`]), whichever runtime polls an operation: one busy or
+    /// ended runtime then holds up or breaks no other's Redis traffic. `home` must outlive
+    /// the tier and keep running. Without it (the default), each runs where it starts.
+    pub fn with_home(mut self, home: Home) -> Self {
+        self.home = home;
+        self
+    }
+
+    /// The tier's home runtime (see [`RedisTier::with_home`]): where work left to finish in
+    /// the background should run.
     pub fn home(&self) -> &Home {
         &self.home
     }
