@@ -9,9 +9,9 @@
 //!
 //! With `--origin`, it answers with the origin's response as it is (no status headers): a
 //! fast origin for `bench/scale.sh`, which fills a million keys. With `--pinned`, each
-//! connection is served on one thread with its own event loop, one thread per CPU (the
-//! thread set cachegate's proxy listener uses, [`cachegate::server::ConnThreads`]), instead
-//! of Tokio's shared work-stealing runtime.
+//! connection is served on one thread with its own event loop, as many threads as
+//! cachegate starts by default (the thread set its proxy listener uses,
+//! [`cachegate::server::ConnThreads`]), instead of Tokio's shared work-stealing runtime.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -34,7 +34,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let flags: Vec<String> = args.collect();
     let as_origin = flags.iter().any(|f| f == "--origin");
     let pinned = flags.iter().any(|f| f == "--pinned").then(|| {
-        let n = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+        let n = cachegate::config::ServerConfig::default().connection_threads() as u32;
         cachegate::server::ConnThreads::start(n, |_| Default::default())
     });
     let pinned = pinned.transpose()?;

@@ -65,6 +65,7 @@ url = "http://127.0.0.1:$ORIGIN"
 [cache]
 memory_max_bytes = 4294967296
 TOML
+  [ -n "${CONNECTION_THREADS:-}" ] && printf '[server]\nconnection_threads = %s\n' "$CONNECTION_THREADS" >> "$WORK/cachegate-$keys.toml"
   CACHEGATE_LOG=warn target/release/cachegate serve --config "$WORK/cachegate-$keys.toml" & pid=$!
   PIDS+=($pid)
   wait_http "http://127.0.0.1:$ADMIN/healthz"

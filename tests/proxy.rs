@@ -554,14 +554,14 @@ cache_statuses = [200, 404]
     assert!(!get.body.is_empty());
 }
 
-/// Connections served on connection threads (one per CPU by default, or a set number) and
+/// Connections served on connection threads (two per CPU by default, or a set number) and
 /// on the shared runtime (`connection_threads = 0`) behave alike: a stampede over many
 /// connections is one upstream request, and a shutdown lets the request in progress finish.
 #[tokio::test]
 async fn connection_threads_or_the_shared_runtime_serve_alike() {
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let default = cachegate::config::ServerConfig::default().connection_threads();
     for (threads, expected) in [
-        ("", cpus),
+        ("", default),
         ("connection_threads = 0", 0),
         ("connection_threads = 3", 3),
     ] {

@@ -163,11 +163,14 @@ pub struct ServerConfig {
     /// Threads that serve client connections, each with its own event loop; a connection
     /// is served by one of them for its life (nginx's and Envoy's model: no hand-offs of a
     /// connection between cores), and goes to the one serving the fewest connections.
-    /// Default: one per CPU the process may use; at most 1024. A request that holds its
-    /// thread's core for long (a large keyed body made canonical) delays the other
-    /// connections of that thread. `0` serves connections on the shared work-stealing
-    /// runtime instead, where it delays none, at a cost per request on small machines
-    /// (docs/benchmarks.md: about 10% of memory-tier hit throughput on 2 cores).
+    /// Default: two per CPU the process may use, so that a thread preempted by another
+    /// process on the same cores holds up fewer connections (on 2 cores shared with the
+    /// load generator, p99 about half that of one per CPU at the same throughput; see
+    /// docs/benchmarks.md); at most 1024. A request that holds its thread's core for long
+    /// (a large keyed body made canonical) delays the other connections of that thread.
+    /// `0` serves connections on the shared work-stealing runtime instead, where it delays
+    /// none, at a cost per request on small machines (about 10-15% of memory-tier hit
+    /// throughput on 2 cores).
     pub connection_threads: Option<usize>,
     /// Peers (addresses or CIDR ranges, e.g. `10.0.0.0/8`) whose `X-Forwarded-*` and
     /// `Forwarded` headers are passed on; from any other peer they are replaced. Default
@@ -384,11 +387,12 @@ impl Default for UpstreamConfig {
 pub const MAX_CONNECTION_THREADS: usize = 1024;
 
 impl ServerConfig {
-    /// The number of connection threads: `connection_threads`, or one per CPU the process
-    /// may use (`std::thread::available_parallelism`, 1 when unknown). 0: none.
+    /// The number of connection threads: `connection_threads`, or two per CPU the process
+    /// may use (`std::thread::available_parallelism`, 1 CPU when unknown). 0: none.
     pub fn connection_threads(&self) -> usize {
         self.connection_threads.unwrap_or_else(|| {
-            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+            let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+            (2 * cpus).min(MAX_CONNECTION_THREADS)
         })
     }
 }
