@@ -14,6 +14,9 @@
 #
 #   bench/scale.sh [seconds per run, default 10] [connections, default 50] [sizes, default "1 1000 100000 1000000"]
 #
+# With CONNECTION_THREADS=N, cachegate runs with `[server] connection_threads = N` (0: the
+# shared work-stealing runtime); ROUNDS=N sets the rounds.
+#
 # The origin is the bare hyper server (bench/bare_hyper.rs --origin), which answers any
 # path with bench/upstream.py's 66-byte response (fetched once), so that filling a million
 # keys takes seconds. With SCALE_TSV=FILE, the table is also written to FILE
