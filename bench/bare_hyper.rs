@@ -79,7 +79,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         };
         match &pinned {
             None => drop(tokio::spawn(serve(stream, None))),
-            Some(threads) => threads.spawn(stream.into_std()?, |s, slot| serve(s, Some(slot))),
+            Some(threads) => match stream.into_std() {
+                Ok(stream) => threads.spawn(stream, |s, slot| serve(s, Some(slot))),
+                Err(e) => eprintln!("could not hand a connection over: {e}"),
+            },
         }
     }
 }

@@ -71,7 +71,7 @@ CACHEGATE_LOG=warn target/release/cachegate serve --config "$WORK/memory-tier.to
 wait_http "http://127.0.0.1:$ADMIN/healthz"
 # The memory tier with connections on Tokio's shared work-stealing runtime
 # (`connection_threads = 0`), as before connection threads.
-sed -e "s/127.0.0.1:$CG/127.0.0.1:$CGT/; s/127.0.0.1:$ADMIN/127.0.0.1:$ADMINT/" \
+sed -e "s/127\.0\.0\.1:$CG\"/127.0.0.1:$CGT\"/; s/127\.0\.0\.1:$ADMIN\"/127.0.0.1:$ADMINT\"/" \
     -e 's/^\[upstream\]$/[server]\nconnection_threads = 0\n[upstream]/' \
     "$WORK/memory-tier.toml" > "$WORK/shared-runtime.toml"
 CACHEGATE_LOG=warn target/release/cachegate serve --config "$WORK/shared-runtime.toml" & PIDS+=($!)
@@ -100,7 +100,7 @@ CACHEGATE_LOG=warn target/release/cachegate serve --config "$WORK/redis-tier.tom
 wait_http "http://127.0.0.1:$ADMINR/healthz"
 # The same with signed rather than sealed entries (`encrypt = false`: a keyed BLAKE3 MAC,
 # no encryption), in its own namespace: what sealing costs a Redis-tier hit.
-sed -e "s/127.0.0.1:$CGR/127.0.0.1:$CGS/; s/127.0.0.1:$ADMINR/127.0.0.1:$ADMINS/" \
+sed -e "s/127\.0\.0\.1:$CGR\"/127.0.0.1:$CGS\"/; s/127\.0\.0\.1:$ADMINR\"/127.0.0.1:$ADMINS\"/" \
     -e 's/^key_secret = "bench"$/key_secret = "bench"\nnamespace = "bench-signed"/' \
     "$WORK/redis-tier.toml" > "$WORK/redis-signed.toml"
 echo "encrypt = false" >> "$WORK/redis-signed.toml"

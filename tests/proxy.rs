@@ -559,7 +559,8 @@ cache_statuses = [200, 404]
 /// connections is one upstream request, and a shutdown lets the request in progress finish.
 #[tokio::test]
 async fn connection_threads_or_the_shared_runtime_serve_alike() {
-    let default = cachegate::config::ServerConfig::default().connection_threads();
+    // Two per CPU by default.
+    let default = 2 * std::thread::available_parallelism().map_or(1, |n| n.get());
     for (threads, expected) in [
         ("", default),
         ("connection_threads = 0", 0),
@@ -627,7 +628,10 @@ async fn connection_threads_or_the_shared_runtime_serve_alike() {
             })
         };
         assert!(eventually(Duration::from_secs(5), || async { up.hits() == 2 }).await);
-        gate.running.take().unwrap().shutdown().await;
+        let shutdown = gate.running.take().unwrap().shutdown();
+        tokio::time::timeout(Duration::from_secs(15), shutdown)
+            .await
+            .expect("shutdown ends");
         assert_eq!(slow.await.unwrap().unwrap(), 200, "{threads:?}");
     }
 }

@@ -396,8 +396,11 @@ fn a_redis_tier_at_home_outlives_the_runtimes_that_use_it() {
         .unwrap();
     let redis = home.block_on(Redis::start());
     let metrics = StoreMetrics::default();
+    // A generous operation timeout: the first operation connects.
+    let mut options = RedisOptions::new(redis.url());
+    options.op_timeout_ms = 2000;
     let tier = home.block_on(async {
-        RedisTier::new(&RedisOptions::new(redis.url()), "home", metrics.clone())
+        RedisTier::new(&options, "home", metrics.clone())
             .unwrap()
             .with_home(Home::current())
     });

@@ -169,8 +169,8 @@ pub struct ServerConfig {
     /// docs/benchmarks.md); at most 1024. A request that holds its thread's core for long
     /// (a large keyed body made canonical) delays the other connections of that thread.
     /// `0` serves connections on the shared work-stealing runtime instead, where it delays
-    /// none, at a cost per request on small machines (about 10-15% of memory-tier hit
-    /// throughput on 2 cores).
+    /// none, at a cost per request on small machines (on 2 cores, 0.74-0.77x of the
+    /// memory-tier hit throughput of the default: docs/benchmarks.md).
     pub connection_threads: Option<usize>,
     /// Peers (addresses or CIDR ranges, e.g. `10.0.0.0/8`) whose `X-Forwarded-*` and
     /// `Forwarded` headers are passed on; from any other peer they are replaced. Default
@@ -388,12 +388,14 @@ pub const MAX_CONNECTION_THREADS: usize = 1024;
 
 impl ServerConfig {
     /// The number of connection threads: `connection_threads`, or two per CPU the process
-    /// may use (`std::thread::available_parallelism`, 1 CPU when unknown). 0: none.
+    /// may use (`std::thread::available_parallelism`, 1 CPU when unknown); at most
+    /// [`MAX_CONNECTION_THREADS`]. 0: none.
     pub fn connection_threads(&self) -> usize {
-        self.connection_threads.unwrap_or_else(|| {
+        let threads = self.connection_threads.unwrap_or_else(|| {
             let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
-            (2 * cpus).min(MAX_CONNECTION_THREADS)
-        })
+            2 * cpus
+        });
+        threads.min(MAX_CONNECTION_THREADS)
     }
 }
 

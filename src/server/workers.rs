@@ -44,6 +44,9 @@ impl Drop for ThreadSlot {
 }
 
 impl ConnThreads {
+    /// How long [`ConnThreads::stop`] waits for the threads to end.
+    pub const STOP_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
+
     /// Starts `n` threads (named `cachegate-conn-0`, ...), each running a single-threaded
     /// Tokio runtime with I/O and timers; thread `i` counts its connections in `gauge(i)`.
     ///
@@ -113,7 +116,9 @@ impl ConnThreads {
     }
 
     /// Stops the threads, as dropping them does, and waits until they have ended (on a
-    /// blocking task).
+    /// blocking task of the current Tokio runtime: call it within one), at most
+    /// [`ConnThreads::STOP_LIMIT`]; threads still running then are left to end by
+    /// themselves (logged).
     pub async fn stop(self) {
         let threads: Vec<_> = self
             .threads
@@ -123,12 +128,17 @@ impl ConnThreads {
                 t.thread
             })
             .collect();
-        let _ = tokio::task::spawn_blocking(move || {
+        let joined = tokio::task::spawn_blocking(move || {
             for thread in threads {
                 let _ = thread.join();
             }
-        })
-        .await;
+        });
+        if tokio::time::timeout(Self::STOP_LIMIT, joined)
+            .await
+            .is_err()
+        {
+            tracing::warn!("connection threads still running after the shutdown limit");
+        }
     }
 
     /// Connections served now, per thread.
