@@ -1,5 +1,6 @@
 //! Start-up and the accept loops: binds the proxy and admin listeners, serves HTTP/1.1
-//! connections with hyper, and shuts down gracefully.
+//! connections with hyper (proxy connections on connection threads, `workers.rs`), and
+//! shuts down gracefully.
 
 mod io;
 mod workers;
@@ -86,9 +87,13 @@ impl Running {
 }
 
 /// Starts cachegate with a finished config (see [`Config::finish`]): binds both listeners
-/// and spawns their accept loops on the current Tokio runtime.
+/// and spawns their accept loops on the current Tokio runtime, which must keep running
+/// while cachegate does: background work runs there (see [`Home`]). Proxy connections are
+/// served on connection threads (`[server] connection_threads`, see [`ConnThreads`]),
+/// admin connections on the current runtime.
 ///
-/// Errors: [`StartError`] when a listener cannot bind or the Redis URL is unusable.
+/// Errors: [`StartError`] when a listener cannot bind, the Redis URL is unusable or the
+/// connection threads cannot be started.
 pub async fn start(config: Config) -> Result<Running, StartError> {
     let metrics = Arc::new(Metrics::new());
     // What requests leave to run in the background runs here, not on the connection
