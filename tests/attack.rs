@@ -997,14 +997,7 @@ async fn tunnels_count_against_max_connections_and_close_at_shutdown() {
     let mut gate = Gate::start_at(&up.url(), None, "[server]\nmax_connections = 1\n", "").await;
     let (mut tunnel, _) = open_websocket(&gate).await;
     // The tunnel still counts on its connection thread after the upgrade.
-    let on_threads: i64 = gate
-        .metrics()
-        .await
-        .lines()
-        .filter(|l| l.starts_with("cachegate_thread_connections{"))
-        .map(|l| l.rsplit(' ').next().unwrap().parse::<i64>().unwrap())
-        .sum();
-    assert_eq!(on_threads, 1);
+    assert_eq!(gate.thread_connections().await.iter().sum::<i64>(), 1);
     // The only slot is the tunnel's: another client waits.
     let mut second = TcpStream::connect(gate.addr()).await.unwrap();
     second

@@ -574,13 +574,6 @@ async fn connection_threads_or_the_shared_runtime_serve_alike() {
         for _ in 0..3 {
             idle.push(tokio::net::TcpStream::connect(gate.addr()).await.unwrap());
         }
-        let per_thread = || async {
-            let text = gate.metrics().await;
-            text.lines()
-                .filter(|l| l.starts_with("cachegate_thread_connections{"))
-                .map(|l| l.rsplit(' ').next().unwrap().parse::<i64>().unwrap())
-                .collect::<Vec<_>>()
-        };
         let spread = |counts: &[i64]| {
             counts.len() == expected
                 && counts.iter().sum::<i64>() == if expected == 0 { 0 } else { 3 }
@@ -588,11 +581,11 @@ async fn connection_threads_or_the_shared_runtime_serve_alike() {
         };
         assert!(
             eventually(Duration::from_secs(5), || async {
-                spread(&per_thread().await)
+                spread(&gate.thread_connections().await)
             })
             .await,
             "{threads:?}: {:?}",
-            per_thread().await
+            gate.thread_connections().await
         );
         drop(idle);
         let requests = (0..12).map(|_| {

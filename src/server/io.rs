@@ -37,8 +37,8 @@ impl ConnTicket {
     }
 
     /// Keeps `slot` (the connection's count on its connection thread) until dropped.
-    pub fn on_thread(mut self, slot: Option<ThreadSlot>) -> Self {
-        self._thread = slot;
+    pub fn on_thread(mut self, slot: ThreadSlot) -> Self {
+        self._thread = Some(slot);
         self
     }
 }

@@ -12,7 +12,6 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -355,11 +354,16 @@ async fn serve<H, F>(
         };
         let _ = stream.set_nodelay(true);
         let ticket = ConnTicket::new(permit, limits.open.clone());
-        let serve_one = serve_connection(peer, ticket, &limits, handler.clone(), shutdown.clone());
+        let (settings, handler, stop) = (limits.clone(), handler.clone(), shutdown.clone());
         match &threads {
-            None => drop(tokio::spawn(serve_one(stream, None))),
+            None => drop(tokio::spawn(serve_connection(
+                stream, peer, ticket, settings, handler, stop,
+            ))),
             Some(threads) => match stream.into_std() {
-                Ok(stream) => threads.spawn(stream, |stream, slot| serve_one(stream, Some(slot))),
+                Ok(stream) => threads.spawn(stream, move |stream, slot| {
+                    let ticket = ticket.on_thread(slot);
+                    serve_connection(stream, peer, ticket, settings, handler, stop)
+                }),
                 Err(e) => tracing::warn!(error = %e, "could not hand a connection over"),
             },
         }
@@ -379,74 +383,64 @@ async fn serve<H, F>(
     }
 }
 
-/// What serves one accepted connection (from `peer`, holding `ticket`, and its connection
-/// thread's slot if any) once it is a Tokio stream: hyper's HTTP/1.1 connection with
-/// upgrades, the request-head deadline kept by the socket, a graceful end when `shutdown`
-/// turns true.
-fn serve_connection<H, F>(
+/// Serves one accepted connection (from `peer`, holding `ticket`): hyper's HTTP/1.1
+/// connection with upgrades, the request-head deadline kept by the socket, a graceful end
+/// when `stop` turns true.
+async fn serve_connection<H, F>(
+    stream: TcpStream,
     peer: SocketAddr,
     ticket: ConnTicket,
-    limits: &ConnLimits,
+    limits: ConnLimits,
     handler: H,
     mut stop: watch::Receiver<bool>,
-) -> impl FnOnce(TcpStream, Option<ThreadSlot>) -> Pin<Box<dyn Future<Output = ()> + Send>>
-+ Send
-+ 'static
-where
+) where
     H: Fn(Request<RequestBody>, SocketAddr) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<ProxyBody>> + Send + 'static,
 {
-    let (header_read_timeout, send_timeout) = (limits.header_read_timeout, limits.send_timeout);
-    let send_timeouts = limits.send_timeouts.clone();
-    move |stream, slot| {
-        let ticket = ticket.on_thread(slot);
-        let head = HeadClock::new(header_read_timeout);
-        let clock = head.clone();
-        let service = service_fn(move |req: Request<Incoming>| {
-            let answering = Answering::start(clock.clone());
-            let req = req.map(|body| request_body(body, &clock));
-            let fut = handler(req, peer);
-            async move {
-                let resp = fut.await;
-                if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-                    answering.clock.upgraded();
-                }
-                // The request counts until its response body is dropped.
-                Ok::<_, Infallible>(resp.map(|body| Guarded {
-                    body,
-                    _guard: answering,
-                }))
+    let head = HeadClock::new(limits.header_read_timeout);
+    let clock = head.clone();
+    let service = service_fn(move |req: Request<Incoming>| {
+        let answering = Answering::start(clock.clone());
+        let req = req.map(|body| request_body(body, &clock));
+        let fut = handler(req, peer);
+        async move {
+            let resp = fut.await;
+            if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+                answering.clock.upgraded();
             }
-        });
-        // The request-head deadline is kept by the socket (`HeadClock`), not by hyper's
-        // timer, which costs two timer-wheel operations per request.
-        let conn = http1::Builder::new()
-            .header_read_timeout(None)
-            .serve_connection(
-                TokioIo::new(ClientIo::new(
-                    stream,
-                    send_timeout,
-                    send_timeouts,
-                    head,
-                    ticket,
-                )),
-                service,
-            )
-            .with_upgrades();
-        Box::pin(async move {
-            let mut conn = std::pin::pin!(conn);
-            let result = tokio::select! {
-                r = conn.as_mut() => r,
-                _ = async { stop.wait_for(|stop| *stop).await.is_ok() } => {
-                    // Finish the request in progress, then close.
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
-            };
-            if let Err(e) = result {
-                tracing::debug!(error = %e, "connection ended with an error");
-            }
-        })
+            // The request counts until its response body is dropped.
+            Ok::<_, Infallible>(resp.map(|body| Guarded {
+                body,
+                _guard: answering,
+            }))
+        }
+    });
+    // The request-head deadline is kept by the socket (`HeadClock`), not by hyper's
+    // timer, which costs two timer-wheel operations per request.
+    let conn = http1::Builder::new()
+        .header_read_timeout(None)
+        .serve_connection(
+            TokioIo::new(ClientIo::new(
+                stream,
+                limits.send_timeout,
+                limits.send_timeouts,
+                head,
+                ticket,
+            )),
+            service,
+        )
+        .with_upgrades();
+    let mut conn = std::pin::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = async { stop.wait_for(|stop| *stop).await.is_ok() } => {
+            // Finish the request in progress, then close.
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "connection ended with an error");
     }
 }
 

@@ -116,6 +116,16 @@ impl Gate {
         admin_text(&self.client, &self.admin, "/metrics").await
     }
 
+    /// `cachegate_thread_connections`: open connections per connection thread.
+    pub async fn thread_connections(&self) -> Vec<i64> {
+        self.metrics()
+            .await
+            .lines()
+            .filter(|l| l.starts_with("cachegate_thread_connections{"))
+            .map(|l| l.rsplit(' ').next().unwrap().parse().unwrap())
+            .collect()
+    }
+
     pub async fn stats(&self) -> serde_json::Value {
         serde_json::from_str(&admin_text(&self.client, &self.admin, "/stats").await).unwrap()
     }

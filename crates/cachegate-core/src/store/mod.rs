@@ -193,14 +193,24 @@ impl WriteOrder {
     /// The removal runs on its own task, so that a caller giving up on it (dropping the
     /// future) cannot leave its claim made and its `DEL` unsent.
     async fn delete(&self, redis: &RedisTier, key: &CacheKey, seq: u64) -> bool {
+        let removal = self.delete_in_background(redis, key, seq);
+        removal.await.unwrap_or(false)
+    }
+
+    /// Like [`WriteOrder::delete`], on a task of the Redis tier's home runtime.
+    fn delete_in_background(
+        &self,
+        redis: &RedisTier,
+        key: &CacheKey,
+        seq: u64,
+    ) -> tokio::task::JoinHandle<bool> {
         let (order, redis, key) = (self.clone(), redis.clone(), *key);
-        let removal = redis.home().clone().spawn(async move {
+        redis.home().clone().spawn(async move {
             let stripe = order.stripe(&key);
             stripe.newest.fetch_max(seq, Ordering::AcqRel);
             let _turn = stripe.lock.lock().await;
             redis.del(&key).await
-        });
-        removal.await.unwrap_or(false)
+        })
     }
 }
 
@@ -601,14 +611,11 @@ impl<V: Storable> TieredStore<V> {
 
     /// Deletes `key` from Redis on a background task, in write order (see [`WriteOrder`]).
     fn remove_in_background(&self, key: &CacheKey) {
-        let Some(redis) = self.redis.clone() else {
+        let Some(redis) = &self.redis else {
             return;
         };
-        let (order, key) = (self.order.clone(), *key);
-        let seq = order.next();
-        redis.home().clone().spawn(async move {
-            order.delete(&redis, &key, seq).await;
-        });
+        let seq = self.order.next();
+        drop(self.order.delete_in_background(redis, key, seq));
     }
 
     /// Removes `key` from the memory tier and from Redis. Returns whether Redis confirmed
