@@ -1,6 +1,7 @@
 //! Micro-benchmarks of the CPU work cachegate adds on the hit path: building a cache key
 //! (with and without an RFC 8785 canonical JSON body, including query parsing) and
-//! opening a stored envelope, sealed (encrypted, the default) and signed.
+//! opening a stored envelope, sealed (encrypted, the default) and signed, with bodies of 64
+//! bytes, 2 KB and 256 KB.
 //!
 //! Run: `cargo bench --bench hot_path`. Figures are for comparing the parts with each other
 //! and across changes on the same machine, not absolute claims.
@@ -81,29 +82,40 @@ fn envelope(c: &mut Criterion) {
         HeaderValue::from_static("Sat, 21 Nov 2026 20:00:00 GMT"),
     );
     let tags: Vec<String> = vec!["natal".into()];
-    let entry = CachedResponse::new(
-        StatusCode::OK,
-        &headers,
-        &[b'x'; 2048],
-        1_790_000_000_000,
-        cachegate::entry::Freshness::ttl(60),
-        &tags,
-    );
+    let entry_of = |body_bytes: usize| {
+        CachedResponse::new(
+            StatusCode::OK,
+            &headers,
+            &vec![b'x'; body_bytes],
+            1_790_000_000_000,
+            cachegate::entry::Freshness::ttl(60),
+            &tags,
+        )
+    };
+    let entry = entry_of(2048);
     c.bench_function("entry/parts_for_a_hit", |b| {
         b.iter(|| black_box(&entry).parts())
     });
     let key = CacheKey([3; 32]);
-    for (mode, seal) in [("sealed", true), ("signed", false)] {
-        let keys = EnvelopeKeys::new(b"bench-secret", seal);
-        let encoded = keys.seal(&key, &entry.to_payload());
-        c.bench_function(&format!("envelope/encode_2k_{mode}"), |b| {
-            b.iter(|| keys.seal(&key, &black_box(&entry).to_payload()))
-        });
-        c.bench_function(&format!("envelope/decode_2k_{mode}"), |b| {
-            b.iter(|| {
-                CachedResponse::from_payload(keys.open(&key, black_box(&encoded)).unwrap()).unwrap()
-            })
-        });
+    // 2 KB and 64 bytes of body (hit_path.sh's response).
+    for (size, entry) in [
+        ("2k", &entry),
+        ("64b", &entry_of(64)),
+        ("256k", &entry_of(262144)),
+    ] {
+        for (mode, seal) in [("sealed", true), ("signed", false)] {
+            let keys = EnvelopeKeys::new(b"bench-secret", seal);
+            let encoded = keys.seal(&key, &entry.to_payload());
+            c.bench_function(&format!("envelope/encode_{size}_{mode}"), |b| {
+                b.iter(|| keys.seal(&key, &black_box(entry).to_payload()))
+            });
+            c.bench_function(&format!("envelope/decode_{size}_{mode}"), |b| {
+                b.iter(|| {
+                    CachedResponse::from_payload(keys.open(&key, black_box(&encoded)).unwrap())
+                        .unwrap()
+                })
+            });
+        }
     }
 }
 

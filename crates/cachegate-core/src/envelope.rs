@@ -18,6 +18,10 @@
 //! open: a miss, never a wrong answer. The version byte comes first so that a reader can
 //! tell an unknown format before anything else. What the payload holds is up to the
 //! stored type ([`crate::store::Storable`]).
+//!
+//! Speed: most envelopes are a few hundred bytes to a few KB, where Poly1305's AVX2
+//! backend costs more to set up than it saves; this workspace builds with the portable one
+//! (`--cfg poly1305_force_soft` in `.cargo/config.toml`; docs/benchmarks.md, "Sealing").
 
 use bytes::{BufMut, Bytes, BytesMut};
 use chacha20poly1305::aead::{Aead, AeadCore, AeadInPlace, KeyInit, OsRng, Payload};
