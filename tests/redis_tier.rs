@@ -356,8 +356,6 @@ async fn a_dead_connection_is_replaced_once_redis_can_be_reached_again() {
     );
     let gate = Gate::start_at(&up.url(), Some(table), ROUTES, "").await;
     assert_eq!(gate.get("/kpi/a").await.cache(), "MISS");
-    relay.refuse(true);
-    relay.sever();
     // A lookup of a new path: a Redis operation (while the breaker lets it through).
     let lookups = AtomicUsize::new(0);
     let breaker_after_lookup = || async {
@@ -365,6 +363,12 @@ async fn a_dead_connection_is_replaced_once_redis_can_be_reached_again() {
         gate.get(&format!("/kpi/n{n}")).await;
         gate.stats().await["redis"]["breaker_state"] == "closed"
     };
+    // The connection thread's own read connection is up too: it dies with the others.
+    let own_connection =
+        || async { breaker_after_lookup().await && thread_readers(&redis).await >= 1 };
+    assert!(eventually(Duration::from_secs(10), own_connection).await);
+    relay.refuse(true);
+    relay.sever();
     let opened = eventually(Duration::from_secs(10), || async {
         !breaker_after_lookup().await
     });
@@ -378,6 +382,62 @@ async fn a_dead_connection_is_replaced_once_redis_can_be_reached_again() {
     relay.refuse(false);
     let back = eventually(Duration::from_secs(10), breaker_after_lookup);
     assert!(back.await, "the Redis tier never came back");
+    // The thread's read connection was made again (the dead one only timed out).
+    assert!(
+        eventually(Duration::from_secs(10), own_connection).await,
+        "the thread's own connection was not replaced"
+    );
+}
+
+/// The connections reading for connection threads: `CLIENT LIST` entries named as
+/// cachegate names them whose last command was a `GET`.
+async fn thread_readers(redis: &Redis) -> usize {
+    let mut conn = redis.connection().await;
+    let list: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    list.lines()
+        .filter(|line| line.contains("name=cachegate-thread-read") && line.contains("cmd=get"))
+        .count()
+}
+
+/// Reads on connection threads go through a Redis connection of the thread's own (its
+/// driver on that thread: no hand-off to another thread per read), made in the
+/// background at the thread's first read; when Redis restarts they are made again, and
+/// meanwhile nothing fails.
+#[tokio::test]
+async fn connection_threads_read_through_redis_connections_of_their_own() {
+    let mut redis = Redis::start().await;
+    let up = Upstream::start().await;
+    let config = format!("{ROUTES}\n[cache]\nmemory_max_bytes = 0\n");
+    let gate = Gate::start(&up, Some(&redis), &config).await;
+    assert_eq!(gate.get("/kpi/a").await.cache(), "MISS");
+    // Every hit is a Redis hit (no memory tier); the first reads use the shared
+    // connection while the thread's own is made.
+    async fn redis_hit_on_own_connection(gate: &Gate, redis: &Redis) -> bool {
+        let response = gate.get("/kpi/a").await;
+        assert_eq!(response.status, 200);
+        response.cache() == "HIT" && thread_readers(redis).await >= 1
+    }
+    assert!(
+        eventually(Duration::from_secs(10), || redis_hit_on_own_connection(
+            &gate, &redis
+        ))
+        .await,
+        "no read went through a thread's own connection"
+    );
+    redis.restart().await;
+    // The restarted Redis is empty: a miss stores the entry again.
+    assert_eq!(gate.get("/kpi/a").await.status, 200);
+    assert!(
+        eventually(Duration::from_secs(10), || redis_hit_on_own_connection(
+            &gate, &redis
+        ))
+        .await,
+        "the thread's connection was not made again"
+    );
 }
 
 /// A Redis tier with a home runtime (as `cachegate serve` makes it: connection threads
@@ -419,5 +479,17 @@ fn a_redis_tier_at_home_outlives_the_runtimes_that_use_it() {
         "the connection ended with a runtime"
     );
     assert!(next.block_on(tier.ping()));
+    // Reads on a thread that is not lasting (a library's runtime) use the shared
+    // connection: none of the thread's own would outlive that runtime.
+    // (Each read is followed by a short wait in which a connection being made in the
+    // background, if any, would come up and be used by the next read.)
+    let key = cachegate_core::key::CacheKey([1; 32]);
+    for _ in 0..10 {
+        next.block_on(async {
+            assert_eq!(tier.get(&key).await, None);
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        });
+    }
+    assert_eq!(next.block_on(thread_readers(&redis)), 0);
     assert_eq!(metrics.redis_errors.get("get"), 0);
 }

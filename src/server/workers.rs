@@ -71,6 +71,9 @@ impl ConnThreads {
                         .build();
                     match runtime {
                         Ok(runtime) => {
+                            // This thread drives its runtime until the server stops: the
+                            // Redis tier keeps a read connection of its own here.
+                            cachegate_core::home::mark_thread_lasting();
                             let _ = made.send(Ok(runtime.handle().clone()));
                             // Ends when the sender is dropped; the runtime then drops its
                             // tasks.

@@ -7,7 +7,13 @@
 //! finish after its caller moved on) belongs on the runtime the component was made on, not
 //! on whichever thread happened to poll it first: there it is not held up by one busy
 //! connection thread, and it outlives the connection threads at shutdown.
+//!
+//! The other way round, a thread that drives a runtime of its own for as long as the
+//! components it uses live (a connection thread) can say so ([`mark_thread_lasting`]):
+//! a component may then keep per-thread state whose tasks run there, such as the Redis
+//! tier's per-thread read connections.
 
+use std::cell::Cell;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -58,6 +64,26 @@ impl Home {
             fut,
         }
     }
+}
+
+thread_local! {
+    static LASTING: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Marks the calling thread as *lasting*: it drives one current-thread Tokio runtime, the
+/// one it is on now, until the components it uses are dropped or no longer used from it
+/// (cachegate's connection threads). Tasks spawned from it then run on this thread, for as
+/// long as what spawned them is used from it; components may keep per-thread connections
+/// whose driver tasks run here (`RedisTier::get`). Never call it on a thread whose runtime
+/// may end before its components (a test's runtime, a library user's thread): their
+/// per-thread connections would end with it.
+pub fn mark_thread_lasting() {
+    LASTING.set(true);
+}
+
+/// Whether [`mark_thread_lasting`] was called on this thread.
+pub fn thread_is_lasting() -> bool {
+    LASTING.get()
 }
 
 pin_project_lite::pin_project! {

@@ -2,6 +2,7 @@
 //! waiting on Redis for a cool-down, then lets one probe through.
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::metrics::BreakerState;
@@ -15,9 +16,15 @@ enum State {
 
 /// The breaker. Every call that [`Breaker::allow`]s must report [`Breaker::success`] or
 /// [`Breaker::failure`]; a probe that never reports is replaced after one cool-down.
+///
+/// While closed without failures (the common case) allowing, reporting a success and
+/// reading the state take no lock and write nothing shared: one atomic read. A success
+/// racing with a failure may then leave that failure counted.
 #[derive(Debug)]
 pub struct Breaker {
     state: Mutex<State>,
+    /// `state` is `Closed { failures: 0 }` (written under its lock).
+    clean: AtomicBool,
     threshold: u32,
     cooldown: Duration,
 }
@@ -27,6 +34,7 @@ impl Breaker {
     pub fn new(threshold: u32, cooldown: Duration) -> Self {
         Breaker {
             state: Mutex::new(State::Closed { failures: 0 }),
+            clean: AtomicBool::new(true),
             threshold: threshold.max(1),
             cooldown,
         }
@@ -36,18 +44,35 @@ impl Breaker {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    fn is_clean(&self) -> bool {
+        self.clean.load(Ordering::Acquire)
+    }
+
+    /// Sets the state (under its lock) and the lock-free flag with it.
+    fn set(&self, state: &mut State, next: State) {
+        *state = next;
+        self.clean.store(
+            matches!(next, State::Closed { failures: 0 }),
+            Ordering::Release,
+        );
+    }
+
     /// Whether a call may go to Redis now. When the cool-down has passed, the first caller
     /// becomes the probe and the others are still refused until it reports.
     pub fn allow(&self) -> bool {
+        if self.is_clean() {
+            return true;
+        }
         let mut state = self.lock();
         let now = Instant::now();
         match *state {
             State::Closed { .. } => true,
             State::Open { until } | State::HalfOpen { since: until } if now < until => false,
             State::Open { .. } | State::HalfOpen { .. } => {
-                *state = State::HalfOpen {
+                let next = State::HalfOpen {
                     since: now + self.cooldown,
                 };
+                self.set(&mut state, next);
                 true
             }
         }
@@ -56,7 +81,12 @@ impl Breaker {
     /// Reports a successful call: the breaker closes. Returns whether it was not closed
     /// before (Redis has come back).
     pub fn success(&self) -> bool {
-        let previous = std::mem::replace(&mut *self.lock(), State::Closed { failures: 0 });
+        if self.is_clean() {
+            return false;
+        }
+        let mut state = self.lock();
+        let previous = *state;
+        self.set(&mut state, State::Closed { failures: 0 });
         !matches!(previous, State::Closed { .. })
     }
 
@@ -65,7 +95,7 @@ impl Breaker {
     pub fn failure(&self) -> bool {
         let mut state = self.lock();
         let was_closed = matches!(*state, State::Closed { .. });
-        *state = match *state {
+        let next = match *state {
             State::Closed { failures } if failures + 1 < self.threshold => State::Closed {
                 failures: failures + 1,
             },
@@ -73,11 +103,15 @@ impl Breaker {
                 until: Instant::now() + self.cooldown,
             },
         };
+        self.set(&mut state, next);
         was_closed && matches!(*state, State::Open { .. })
     }
 
     /// The current state, for metrics.
     pub fn state(&self) -> BreakerState {
+        if self.is_clean() {
+            return BreakerState::Closed;
+        }
         match *self.lock() {
             State::Closed { .. } => BreakerState::Closed,
             State::Open { .. } => BreakerState::Open,
@@ -103,6 +137,17 @@ mod tests {
         assert!(b.success(), "the probe's success closes it");
         assert_eq!(b.state(), BreakerState::Closed);
         assert!(!b.success());
+    }
+
+    #[test]
+    fn a_success_clears_the_failures() {
+        let b = Breaker::new(2, Duration::from_secs(60));
+        assert!(!b.failure());
+        assert!(!b.success(), "it was closed");
+        assert!(!b.failure(), "the count starts again");
+        assert_eq!(b.state(), BreakerState::Closed);
+        assert!(b.failure());
+        assert!(!b.allow());
     }
 
     #[test]

@@ -4,6 +4,7 @@
 pub mod breaker;
 pub mod memory;
 pub mod redis;
+mod thread_conns;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -4,6 +4,11 @@
 //! dead or slow Redis costs at most a few timeouts before it is skipped, and is probed
 //! again after the cool-down. redis-rs's `ConnectionManager` reconnects by itself, so the
 //! tier comes back when Redis does.
+//!
+//! Reads (`GET`) on a lasting thread ([`crate::home::mark_thread_lasting`], cachegate's
+//! connection threads) go through a connection of that thread's own while the breaker is
+//! closed ([`super::thread_conns`]); everything else, and reads elsewhere, through the
+//! shared connection.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,6 +20,7 @@ use redis::AsyncCommands;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use super::breaker::Breaker;
+use super::thread_conns::ThreadConnections;
 use crate::home::Home;
 use crate::key::CacheKey;
 use crate::metrics::{BreakerState, StoreMetrics};
@@ -83,6 +89,8 @@ pub struct RedisTier {
     manager_config: ConnectionManagerConfig,
     /// A replacement connection is being made.
     reconnecting: Arc<AtomicBool>,
+    /// The reads' per-thread connections on lasting threads.
+    thread_conns: ThreadConnections,
     op_timeout: Duration,
     connect_timeout: Duration,
     namespace: String,
@@ -126,14 +134,21 @@ impl RedisTier {
             .set_max_delay(Duration::from_millis(config.breaker_cooldown_ms.max(10)));
         let conn = ConnectionManager::new_lazy_with_config(client.clone(), manager_config.clone())
             .map_err(|e| RedisSetupError(e.to_string()))?;
+        let connect_timeout = Duration::from_millis(config.connect_timeout_ms.max(1));
         Ok(RedisTier {
             home: Home::none(),
+            thread_conns: ThreadConnections::new(
+                client.clone(),
+                op_timeout,
+                connect_timeout,
+                Duration::from_millis(config.breaker_cooldown_ms.max(10)),
+            ),
             client,
             conn: Arc::new(RwLock::new(conn)),
             manager_config,
             reconnecting: Arc::new(AtomicBool::new(false)),
             op_timeout,
-            connect_timeout: Duration::from_millis(config.connect_timeout_ms.max(1)),
+            connect_timeout,
             namespace: namespace.to_string(),
             breaker: Arc::new(Breaker::new(
                 config.breaker_failures,
@@ -224,10 +239,34 @@ impl RedisTier {
         }
         // On the home runtime: redis-rs spawns the connection's driver (and its reconnects)
         // where the first operation is polled.
-        let result = match tokio::time::timeout(self.op_timeout, self.home.run(f)).await {
+        let outcome = tokio::time::timeout(self.op_timeout, self.home.run(f)).await;
+        self.report(op, outcome, false)
+    }
+
+    /// [`RedisTier::guarded`] for an operation on this thread's own connection
+    /// ([`ThreadConnections::here`], taken while the breaker was closed): polled here, not
+    /// at home; an error (not a timeout) also retires the thread's connection for a while.
+    async fn guarded_here<T, F>(&self, op: &'static str, f: F) -> Option<T>
+    where
+        F: Future<Output = redis::RedisResult<T>>,
+    {
+        let outcome = tokio::time::timeout(self.op_timeout, f).await;
+        self.report(op, outcome, true)
+    }
+
+    /// Reports an operation's outcome to the breaker and the metrics.
+    fn report<T>(
+        &self,
+        op: &'static str,
+        outcome: Result<redis::RedisResult<T>, tokio::time::error::Elapsed>,
+        thread_conn: bool,
+    ) -> Option<T> {
+        match outcome {
             Ok(Ok(v)) => {
+                // Nothing shared is written while the breaker stays closed.
                 if self.breaker.success() {
                     tracing::info!("redis tier available again: circuit breaker closed");
+                    self.publish_state();
                 }
                 Some(v)
             }
@@ -236,6 +275,9 @@ impl RedisTier {
                     Ok(Err(e)) => tracing::debug!(op, error = %e, "redis operation failed"),
                     _ => tracing::debug!(op, "redis operation timed out"),
                 }
+                if thread_conn {
+                    self.thread_conns.failed_here();
+                }
                 self.metrics.redis_errors.inc(op);
                 if self.breaker.failure() {
                     tracing::warn!("redis tier unavailable: circuit breaker open");
@@ -243,11 +285,10 @@ impl RedisTier {
                 if self.breaker.state() == BreakerState::Open {
                     self.reconnect();
                 }
+                self.publish_state();
                 None
             }
-        };
-        self.publish_state();
-        result
+        }
     }
 
     fn publish_state(&self) {
@@ -272,10 +313,22 @@ impl RedisTier {
         .is_some()
     }
 
-    /// The stored envelope for `key`, or `None` on a miss, a failure or a timeout.
+    /// The stored envelope for `key`, or `None` on a miss, a failure or a timeout. On a
+    /// lasting thread, through the thread's own connection once it is up and while the
+    /// breaker is closed (see the module docs).
     pub async fn get(&self, key: &CacheKey) -> Option<Vec<u8>> {
-        let mut conn = self.connection();
         let redis_key = self.redis_key(key);
+        if self.breaker.state() == BreakerState::Closed
+            && let Some(mut conn) = self.thread_conns.here()
+        {
+            return self
+                .guarded_here("get", async move {
+                    conn.get::<_, Option<Vec<u8>>>(redis_key).await
+                })
+                .await
+                .flatten();
+        }
+        let mut conn = self.connection();
         self.guarded("get", async move {
             conn.get::<_, Option<Vec<u8>>>(redis_key).await
         })

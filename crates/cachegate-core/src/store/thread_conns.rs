@@ -1,0 +1,177 @@
+//! Per-thread Redis connections for the Redis tier's reads on lasting threads
+//! ([`crate::home::mark_thread_lasting`]: cachegate's connection threads).
+//!
+//! A read through the tier's shared connection crosses threads twice: the request's
+//! thread hands the command to the connection's driver task on the home runtime, and the
+//! driver hands the reply back, each a wake-up of another thread (on a 2-core machine
+//! measured at about a tenth of a Redis-tier hit's CPU time). A connection of the
+//! thread's own, whose driver runs on the same single-threaded runtime as the requests,
+//! costs neither, and pipelines the reads of that thread's connections.
+//!
+//! Such a connection is made in the background at a thread's first read (within the
+//! connect timeout); until it is up, reads use the shared connection. A thread's
+//! connection that fails an operation (an error or a timeout: it may have died without a
+//! reset) is dropped, reads go to the shared connection for a while (the breaker's
+//! cool-down), and then a new one is made.
+
+use std::cell::RefCell;
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::time::{Duration, Instant};
+
+use redis::AsyncConnectionConfig;
+use redis::aio::MultiplexedConnection;
+
+/// The name a per-thread read connection gives itself (`CLIENT SETNAME`), so that
+/// `CLIENT LIST` tells them from the tier's shared connection.
+pub const THREAD_CONNECTION_NAME: &str = "cachegate-thread-read";
+
+/// One tier's per-thread connections. Cloning shares them.
+#[derive(Clone)]
+pub(super) struct ThreadConnections {
+    /// Tells this tier's slots from other tiers' (and from those of tiers gone).
+    owner: Arc<()>,
+    client: redis::Client,
+    config: AsyncConnectionConfig,
+    connect_timeout: Duration,
+    /// How long after a failed connection a thread uses the shared one before trying again.
+    retry_after: Duration,
+}
+
+thread_local! {
+    /// This thread's connections, one per tier (usually one tier per process).
+    static SLOTS: RefCell<Vec<Slot>> = const { RefCell::new(Vec::new()) };
+}
+
+struct Slot {
+    /// The tier; a slot whose tier is gone is dropped when another is added.
+    owner: Weak<()>,
+    /// Shared with the task that connects.
+    state: Arc<Mutex<State>>,
+}
+
+enum State {
+    Connecting,
+    Ready(MultiplexedConnection),
+    Failed { retry_at: Instant },
+}
+
+impl ThreadConnections {
+    /// Connections to `client`'s server, each operation limited to `op_timeout`, each
+    /// connect to `connect_timeout`; a thread whose connection failed waits `retry_after`
+    /// before it tries again.
+    pub(super) fn new(
+        client: redis::Client,
+        op_timeout: Duration,
+        connect_timeout: Duration,
+        retry_after: Duration,
+    ) -> Self {
+        ThreadConnections {
+            owner: Arc::new(()),
+            client,
+            config: AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(connect_timeout))
+                .set_response_timeout(Some(op_timeout)),
+            connect_timeout,
+            retry_after,
+        }
+    }
+
+    /// The calling thread's connection, when the thread is lasting and its connection is
+    /// up. Otherwise `None` (use the shared connection); on a lasting thread without a
+    /// current connection, one is started in the background (unless one is being made, or
+    /// the last attempt failed less than `retry_after` ago).
+    pub(super) fn here(&self) -> Option<MultiplexedConnection> {
+        if !crate::home::thread_is_lasting() {
+            return None;
+        }
+        SLOTS.with_borrow_mut(|slots| {
+            let Some(at) = slots.iter().position(|slot| self.owns(slot)) else {
+                slots.retain(|slot| slot.owner.strong_count() > 0);
+                slots.push(self.connect());
+                return None;
+            };
+            let slot = &slots[at];
+            let mut state = slot.state.lock().unwrap_or_else(PoisonError::into_inner);
+            match &*state {
+                State::Ready(conn) => Some(conn.clone()),
+                State::Connecting => None,
+                State::Failed { retry_at } if Instant::now() < *retry_at => None,
+                State::Failed { .. } => {
+                    *state = State::Connecting;
+                    drop(state);
+                    self.spawn_connect(slots[at].state.clone());
+                    None
+                }
+            }
+        })
+    }
+
+    /// Reports that an operation on the calling thread's connection failed (an error or a
+    /// timeout): the connection is dropped, reads go to the shared connection for
+    /// `retry_after`, then a new connection is made.
+    pub(super) fn failed_here(&self) {
+        SLOTS.with_borrow_mut(|slots| {
+            if let Some(slot) = slots.iter().find(|slot| self.owns(slot)) {
+                *slot.state.lock().unwrap_or_else(PoisonError::into_inner) = State::Failed {
+                    retry_at: Instant::now() + self.retry_after,
+                };
+            }
+        });
+    }
+
+    fn owns(&self, slot: &Slot) -> bool {
+        std::ptr::eq(slot.owner.as_ptr(), Arc::as_ptr(&self.owner))
+    }
+
+    fn connect(&self) -> Slot {
+        let state = Arc::new(Mutex::new(State::Connecting));
+        self.spawn_connect(state.clone());
+        Slot {
+            owner: Arc::downgrade(&self.owner),
+            state,
+        }
+    }
+
+    /// Connects on this thread's runtime (a lasting thread has one; without one, the slot
+    /// is marked failed).
+    fn spawn_connect(&self, state: Arc<Mutex<State>>) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            *state.lock().unwrap_or_else(PoisonError::into_inner) = State::Failed {
+                retry_at: Instant::now() + self.retry_after,
+            };
+            return;
+        };
+        let (client, config) = (self.client.clone(), self.config.clone());
+        let (limit, retry_after) = (self.connect_timeout, self.retry_after);
+        runtime.spawn(async move {
+            let connect = async {
+                let mut conn = client
+                    .get_multiplexed_async_connection_with_config(&config)
+                    .await?;
+                // Named for `CLIENT LIST`; a server that refuses the name (an ACL) is no
+                // reason not to use the connection.
+                let _ = redis::cmd("CLIENT")
+                    .arg("SETNAME")
+                    .arg(THREAD_CONNECTION_NAME)
+                    .query_async::<()>(&mut conn)
+                    .await;
+                redis::RedisResult::Ok(conn)
+            };
+            let next = match tokio::time::timeout(limit, connect).await {
+                Ok(Ok(conn)) => State::Ready(conn),
+                failed => {
+                    match failed {
+                        Ok(Err(e)) => {
+                            tracing::debug!(error = %e, "redis tier: thread connection failed")
+                        }
+                        _ => tracing::debug!("redis tier: thread connection timed out"),
+                    }
+                    State::Failed {
+                        retry_at: Instant::now() + retry_after,
+                    }
+                }
+            };
+            *state.lock().unwrap_or_else(PoisonError::into_inner) = next;
+        });
+    }
+}
