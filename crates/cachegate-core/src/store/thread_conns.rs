@@ -13,8 +13,18 @@
 //! connection that fails an operation (an error or a timeout: it may have died without a
 //! reset) is dropped, reads go to the shared connection for a while (the breaker's
 //! cool-down), and then a new one is made.
+//!
+//! Each operation is bounded by the tier's timeout around it (one timer per operation;
+//! the connection has no response timeout of its own). Tokio's timer driver wakes its
+//! event loop (an `eventfd` write) whenever a timer is set to expire before the earliest
+//! one it knew of when the loop last went idle: a thread that went idle between requests
+//! with only far-off timers (header and send timeouts of seconds) would do so at nearly
+//! every read (measured: one extra system call per Redis-tier hit). A *pacer* on each
+//! reading thread, a timer re-armed every operation timeout for as long as reads go on
+//! (it stops after a period without any), keeps such an earlier timer in place.
 
 use std::cell::RefCell;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
@@ -32,6 +42,7 @@ pub(super) struct ThreadConnections {
     owner: Arc<()>,
     client: redis::Client,
     config: AsyncConnectionConfig,
+    op_timeout: Duration,
     connect_timeout: Duration,
     /// How long after a failed connection a thread uses the shared one before trying again.
     retry_after: Duration,
@@ -47,6 +58,14 @@ struct Slot {
     owner: Weak<()>,
     /// Shared with the task that connects.
     state: Arc<Mutex<State>>,
+    pacer: Arc<Pacer>,
+}
+
+/// The reads of a thread's connection and whether its pacer (see the module docs) runs.
+#[derive(Default)]
+struct Pacer {
+    reads: AtomicU64,
+    running: AtomicBool,
 }
 
 enum State {
@@ -56,9 +75,9 @@ enum State {
 }
 
 impl ThreadConnections {
-    /// Connections to `client`'s server, each operation limited to `op_timeout`, each
-    /// connect to `connect_timeout`; a thread whose connection failed waits `retry_after`
-    /// before it tries again.
+    /// Connections to `client`'s server whose operations the caller limits to
+    /// `op_timeout`, each connect limited to `connect_timeout`; a thread whose connection
+    /// failed waits `retry_after` before it tries again.
     pub(super) fn new(
         client: redis::Client,
         op_timeout: Duration,
@@ -68,9 +87,11 @@ impl ThreadConnections {
         ThreadConnections {
             owner: Arc::new(()),
             client,
+            // No response timeout: the caller's bounds each operation, sending included.
             config: AsyncConnectionConfig::new()
                 .set_connection_timeout(Some(connect_timeout))
-                .set_response_timeout(Some(op_timeout)),
+                .set_response_timeout(None),
+            op_timeout,
             connect_timeout,
             retry_after,
         }
@@ -93,7 +114,12 @@ impl ThreadConnections {
             let slot = &slots[at];
             let mut state = slot.state.lock().unwrap_or_else(PoisonError::into_inner);
             match &*state {
-                State::Ready(conn) => Some(conn.clone()),
+                State::Ready(conn) => {
+                    let conn = conn.clone();
+                    drop(state);
+                    self.pace(&slots[at].pacer);
+                    Some(conn)
+                }
                 State::Connecting => None,
                 State::Failed { retry_at } if Instant::now() < *retry_at => None,
                 State::Failed { .. } => {
@@ -129,7 +155,30 @@ impl ThreadConnections {
         Slot {
             owner: Arc::downgrade(&self.owner),
             state,
+            pacer: Arc::default(),
         }
+    }
+
+    /// Counts a read and starts the thread's pacer if it is not running.
+    fn pace(&self, pacer: &Arc<Pacer>) {
+        pacer.reads.fetch_add(1, Ordering::Relaxed);
+        if pacer.running.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let (pacer, period) = (pacer.clone(), self.op_timeout);
+        tokio::spawn(async move {
+            let mut seen = pacer.reads.load(Ordering::Relaxed);
+            loop {
+                tokio::time::sleep(period).await;
+                let reads = pacer.reads.load(Ordering::Relaxed);
+                if reads == seen {
+                    // A read from here on starts another.
+                    pacer.running.store(false, Ordering::Relaxed);
+                    return;
+                }
+                seen = reads;
+            }
+        });
     }
 
     /// Connects on this thread's runtime (a lasting thread has one; without one, the slot
