@@ -428,6 +428,13 @@ async fn connection_threads_read_through_redis_connections_of_their_own() {
         .await,
         "no read went through a thread's own connection"
     );
+    assert!(
+        gate.metrics()
+            .await
+            .lines()
+            .any(|l| l.starts_with("cachegate_redis_thread_connections ") && !l.ends_with(" 0")),
+        "the thread connection is not counted"
+    );
     redis.restart().await;
     // The restarted Redis is empty: a miss stores the entry again.
     assert_eq!(gate.get("/kpi/a").await.status, 200);
@@ -438,6 +445,56 @@ async fn connection_threads_read_through_redis_connections_of_their_own() {
         .await,
         "the thread's connection was not made again"
     );
+}
+
+/// With `thread_connections = false`, reads on connection threads go through the shared
+/// connection: no thread makes one of its own.
+#[tokio::test]
+async fn thread_connections_off_reads_through_the_shared_connection() {
+    let redis = Redis::start().await;
+    let up = Upstream::start().await;
+    let table = format!("{}thread_connections = false\n", redis.config_table());
+    let config = format!("{ROUTES}\n[cache]\nmemory_max_bytes = 0\n");
+    let gate = Gate::start_at(&up.url(), Some(table), &config, "").await;
+    assert_eq!(gate.get("/kpi/a").await.cache(), "MISS");
+    let hit = eventually(Duration::from_secs(10), || async {
+        gate.get("/kpi/a").await.cache() == "HIT"
+    });
+    assert!(hit.await);
+    for _ in 0..20 {
+        assert_eq!(gate.get("/kpi/a").await.cache(), "HIT");
+    }
+    assert_eq!(thread_readers(&redis).await, 0);
+}
+
+/// The shared connection goes silent (a relay forwards nothing more from it once it sent
+/// a `SETEX`, as a connection dropped without a reset) while the connection threads'
+/// reads keep succeeding and so keep the breaker closed: it is still replaced after
+/// `breaker_failures` failures of its own in a row, so that writes, purges and leases
+/// come back.
+#[tokio::test]
+async fn a_silent_shared_connection_is_replaced_while_thread_reads_succeed() {
+    let redis = Redis::start().await;
+    let relay = common::Relay::swallowing(redis.port, b"SETEX").await;
+    let up = Upstream::start().await;
+    let table = format!(
+        "url = \"{}\"\nbreaker_failures = 2\nbreaker_cooldown_ms = 60000\n",
+        relay.redis_url()
+    );
+    let gate = Gate::start_at(&up.url(), Some(table), ROUTES, "").await;
+    // Each new path: a read (on the thread's connection once it is up) and a write in
+    // the background on the shared connection, swallowed (it times out).
+    let paths = AtomicUsize::new(0);
+    let replaced = eventually(Duration::from_secs(10), || async {
+        let n = paths.fetch_add(1, Ordering::SeqCst);
+        assert_eq!(gate.get(&format!("/kpi/s{n}")).await.status, 200);
+        relay.swallowed() >= 2
+    });
+    assert!(
+        replaced.await,
+        "the silent shared connection was never replaced"
+    );
+    assert_eq!(gate.stats().await["redis"]["breaker_state"], "closed");
 }
 
 /// A Redis tier with a home runtime (as `cachegate serve` makes it: connection threads

@@ -255,6 +255,10 @@ pub struct RedisConfig {
     /// How long an open breaker skips Redis before probing it again, in milliseconds.
     /// Default 2000.
     pub breaker_cooldown_ms: u64,
+    /// Reads on connection threads go through a Redis connection of each thread's own
+    /// (up to `[server] connection_threads` connections besides the shared one). Default
+    /// `true`; `false`: all through the shared connection.
+    pub thread_connections: bool,
 }
 
 impl RedisConfig {
@@ -267,6 +271,7 @@ impl RedisConfig {
             connect_timeout_ms: self.connect_timeout_ms,
             breaker_failures: self.breaker_failures,
             breaker_cooldown_ms: self.breaker_cooldown_ms,
+            thread_connections: self.thread_connections,
         }
     }
 }
@@ -450,6 +455,7 @@ impl Default for RedisConfig {
             encrypt: true,
             breaker_failures: 3,
             breaker_cooldown_ms: 2000,
+            thread_connections: true,
         }
     }
 }

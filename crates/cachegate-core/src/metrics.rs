@@ -102,13 +102,17 @@ impl BreakerState {
 pub struct StoreMetrics {
     /// `stores_total{tier}`: entries written, by `tier` (`memory`, `redis`).
     pub stores: LabeledCounter,
-    /// `redis_errors_total{op}`: Redis failures and timeouts, by `op` (`get`, `set`, `del`).
+    /// `redis_errors_total{op}`: Redis failures and timeouts, by `op` (`get`, `set`, `del`;
+    /// `connect`: a connection thread's own read connection could not be made).
     pub redis_errors: LabeledCounter,
     /// `redis_rejected_entries_total`: Redis entries treated as misses because they failed
     /// authentication (forged, copied from another key, tampered) or decoding.
     pub redis_rejected_entries: Counter,
     /// `redis_breaker_state`: see [`BreakerState`].
     pub redis_breaker_state: Gauge,
+    /// `redis_thread_connections`: connection threads' own Redis read connections open now
+    /// (see `RedisTier::get`).
+    pub redis_thread_connections: Gauge,
     /// `memory_entries`: entries in the memory tier (refreshed on demand).
     pub memory_entries: Gauge,
     /// `memory_bytes`: weighted bytes in the memory tier (refreshed on demand).
@@ -135,9 +139,10 @@ impl Default for StoreMetrics {
     fn default() -> Self {
         StoreMetrics {
             stores: LabeledCounter::new("tier", TIERS),
-            redis_errors: LabeledCounter::new("op", &["get", "set", "del"]),
+            redis_errors: LabeledCounter::new("op", &["get", "set", "del", "connect"]),
             redis_rejected_entries: Counter::default(),
             redis_breaker_state: Gauge::default(),
+            redis_thread_connections: Gauge::default(),
             memory_entries: Gauge::default(),
             memory_bytes: Gauge::default(),
             purges: LabeledCounter::new("kind", &["tags", "paths", "keys", "all"]),
@@ -175,6 +180,11 @@ impl StoreMetrics {
             "redis_breaker_state",
             "Redis circuit breaker: 0 closed, 1 open, 2 half-open",
             m.redis_breaker_state.clone(),
+        );
+        registry.register(
+            "redis_thread_connections",
+            "Connection threads' own Redis read connections open now",
+            m.redis_thread_connections.clone(),
         );
         registry.register(
             "memory_entries",

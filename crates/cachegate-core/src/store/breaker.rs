@@ -3,6 +3,8 @@
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
+
+use prometheus_client::metrics::gauge::Gauge;
 use std::time::{Duration, Instant};
 
 use crate::metrics::BreakerState;
@@ -25,6 +27,8 @@ pub struct Breaker {
     state: Mutex<State>,
     /// `state` is `Closed { failures: 0 }` (written under its lock).
     clean: AtomicBool,
+    /// Follows the state ([`BreakerState`]), written under its lock.
+    gauge: Option<Gauge>,
     threshold: u32,
     cooldown: Duration,
 }
@@ -35,9 +39,17 @@ impl Breaker {
         Breaker {
             state: Mutex::new(State::Closed { failures: 0 }),
             clean: AtomicBool::new(true),
+            gauge: None,
             threshold: threshold.max(1),
             cooldown,
         }
+    }
+
+    /// The same, with `gauge` kept at the state (see [`BreakerState`]) as it changes.
+    pub fn with_gauge(mut self, gauge: Gauge) -> Self {
+        gauge.set(BreakerState::Closed as i64);
+        self.gauge = Some(gauge);
+        self
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -48,13 +60,24 @@ impl Breaker {
         self.clean.load(Ordering::Acquire)
     }
 
-    /// Sets the state (under its lock) and the lock-free flag with it.
+    /// Sets the state (under its lock) and the lock-free flag and the gauge with it.
     fn set(&self, state: &mut State, next: State) {
         *state = next;
         self.clean.store(
             matches!(next, State::Closed { failures: 0 }),
             Ordering::Release,
         );
+        if let Some(gauge) = &self.gauge {
+            gauge.set(Self::kind(&next) as i64);
+        }
+    }
+
+    fn kind(state: &State) -> BreakerState {
+        match state {
+            State::Closed { .. } => BreakerState::Closed,
+            State::Open { .. } => BreakerState::Open,
+            State::HalfOpen { .. } => BreakerState::HalfOpen,
+        }
     }
 
     /// Whether a call may go to Redis now. When the cool-down has passed, the first caller
@@ -112,11 +135,7 @@ impl Breaker {
         if self.is_clean() {
             return BreakerState::Closed;
         }
-        match *self.lock() {
-            State::Closed { .. } => BreakerState::Closed,
-            State::Open { .. } => BreakerState::Open,
-            State::HalfOpen { .. } => BreakerState::HalfOpen,
-        }
+        Self::kind(&self.lock())
     }
 }
 
@@ -148,6 +167,22 @@ mod tests {
         assert_eq!(b.state(), BreakerState::Closed);
         assert!(b.failure());
         assert!(!b.allow());
+    }
+
+    #[test]
+    fn the_gauge_follows_every_change() {
+        let gauge = Gauge::default();
+        let b = Breaker::new(1, Duration::from_millis(0)).with_gauge(gauge.clone());
+        assert_eq!(gauge.get(), BreakerState::Closed as i64);
+        b.failure();
+        assert_eq!(gauge.get(), BreakerState::Open as i64);
+        assert!(b.allow());
+        assert_eq!(gauge.get(), BreakerState::HalfOpen as i64);
+        b.failure();
+        assert_eq!(gauge.get(), BreakerState::Open as i64);
+        assert!(b.allow());
+        b.success();
+        assert_eq!(gauge.get(), BreakerState::Closed as i64);
     }
 
     #[test]

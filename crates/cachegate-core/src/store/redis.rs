@@ -11,7 +11,7 @@
 //! shared connection.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
@@ -20,7 +20,7 @@ use redis::AsyncCommands;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use super::breaker::Breaker;
-use super::thread_conns::ThreadConnections;
+use super::thread_conns::{ThreadConnections, ThreadFailure};
 use crate::home::Home;
 use crate::key::CacheKey;
 use crate::metrics::{BreakerState, StoreMetrics};
@@ -42,6 +42,10 @@ pub struct RedisOptions {
     /// How long an open breaker skips Redis before probing it again, in milliseconds.
     /// Default 2000.
     pub breaker_cooldown_ms: u64,
+    /// Reads on a lasting thread ([`crate::home::mark_thread_lasting`]) go through a
+    /// connection of that thread's own (see [`RedisTier::get`]). Default `true`; `false`
+    /// keeps one connection per tier, for a Redis whose connection limit is tight.
+    pub thread_connections: bool,
 }
 
 impl RedisOptions {
@@ -54,6 +58,7 @@ impl RedisOptions {
             connect_timeout_ms: 500,
             breaker_failures: 3,
             breaker_cooldown_ms: 2000,
+            thread_connections: true,
         }
     }
 }
@@ -91,6 +96,12 @@ pub struct RedisTier {
     reconnecting: Arc<AtomicBool>,
     /// The reads' per-thread connections on lasting threads.
     thread_conns: ThreadConnections,
+    /// Failures in a row of operations on the shared connection.
+    shared_failures: Arc<AtomicU32>,
+    /// `breaker_failures`.
+    breaker_failures: u32,
+    /// `thread_connections`.
+    thread_reads: bool,
     op_timeout: Duration,
     connect_timeout: Duration,
     namespace: String,
@@ -142,7 +153,11 @@ impl RedisTier {
                 op_timeout,
                 connect_timeout,
                 Duration::from_millis(config.breaker_cooldown_ms.max(10)),
+                metrics.clone(),
             ),
+            shared_failures: Arc::new(AtomicU32::new(0)),
+            breaker_failures: config.breaker_failures.max(1),
+            thread_reads: config.thread_connections,
             client,
             conn: Arc::new(RwLock::new(conn)),
             manager_config,
@@ -150,10 +165,13 @@ impl RedisTier {
             op_timeout,
             connect_timeout,
             namespace: namespace.to_string(),
-            breaker: Arc::new(Breaker::new(
-                config.breaker_failures,
-                Duration::from_millis(config.breaker_cooldown_ms),
-            )),
+            breaker: Arc::new(
+                Breaker::new(
+                    config.breaker_failures,
+                    Duration::from_millis(config.breaker_cooldown_ms),
+                )
+                .with_gauge(metrics.redis_breaker_state.clone()),
+            ),
             prefix: format!("{namespace}:v2:"),
             metrics,
         })
@@ -240,61 +258,75 @@ impl RedisTier {
         // On the home runtime: redis-rs spawns the connection's driver (and its reconnects)
         // where the first operation is polled.
         let outcome = tokio::time::timeout(self.op_timeout, self.home.run(f)).await;
-        self.report(op, outcome, false)
+        self.report(op, outcome, None)
     }
 
-    /// [`RedisTier::guarded`] for an operation on this thread's own connection
+    /// [`RedisTier::guarded`] for an operation on this thread's own connection `conn_id`
     /// ([`ThreadConnections::here`], taken while the breaker was closed): polled here, not
-    /// at home; an error (not a timeout) also retires the thread's connection for a while.
-    async fn guarded_here<T, F>(&self, op: &'static str, f: F) -> Option<T>
+    /// at home; a timeout or a connection's failure also retires the thread's connection
+    /// ([`ThreadConnections::failed_here`]).
+    async fn guarded_here<T, F>(&self, op: &'static str, conn_id: u64, f: F) -> Option<T>
     where
         F: Future<Output = redis::RedisResult<T>>,
     {
         let outcome = tokio::time::timeout(self.op_timeout, f).await;
-        self.report(op, outcome, true)
+        self.report(op, outcome, Some(conn_id))
     }
 
-    /// Reports an operation's outcome to the breaker and the metrics.
+    /// Reports an operation's outcome (on the shared connection, or on the calling
+    /// thread's connection `thread_conn`) to the breaker and the metrics. The shared
+    /// connection is replaced when the breaker opens or a probe fails, and after
+    /// `breaker_failures` failures of its own in a row even while reads on the threads'
+    /// connections keep the breaker closed (it may have died without a reset while they
+    /// did not). When the breaker opens, every thread's connection is replaced too.
     fn report<T>(
         &self,
         op: &'static str,
         outcome: Result<redis::RedisResult<T>, tokio::time::error::Elapsed>,
-        thread_conn: bool,
+        thread_conn: Option<u64>,
     ) -> Option<T> {
         match outcome {
             Ok(Ok(v)) => {
+                if thread_conn.is_none() && self.shared_failures.load(Ordering::Relaxed) != 0 {
+                    self.shared_failures.store(0, Ordering::Relaxed);
+                }
                 // Nothing shared is written while the breaker stays closed.
                 if self.breaker.success() {
                     tracing::info!("redis tier available again: circuit breaker closed");
-                    self.publish_state();
                 }
                 Some(v)
             }
             failed => {
-                match failed {
-                    Ok(Err(e)) => tracing::debug!(op, error = %e, "redis operation failed"),
-                    _ => tracing::debug!(op, "redis operation timed out"),
-                }
-                if thread_conn {
-                    self.thread_conns.failed_here();
+                let failure = match &failed {
+                    Ok(Err(e)) => {
+                        tracing::debug!(op, error = %e, "redis operation failed");
+                        ThreadFailure::Error(e)
+                    }
+                    _ => {
+                        tracing::debug!(op, "redis operation timed out");
+                        ThreadFailure::TimedOut
+                    }
+                };
+                if let Some(id) = thread_conn {
+                    self.thread_conns.failed_here(id, failure);
                 }
                 self.metrics.redis_errors.inc(op);
                 if self.breaker.failure() {
                     tracing::warn!("redis tier unavailable: circuit breaker open");
+                    self.thread_conns.replace_all();
                 }
-                if self.breaker.state() == BreakerState::Open {
-                    self.reconnect();
+                if thread_conn.is_none() {
+                    let in_a_row = self.shared_failures.fetch_add(1, Ordering::Relaxed) + 1;
+                    if in_a_row >= self.breaker_failures
+                        || self.breaker.state() == BreakerState::Open
+                    {
+                        self.shared_failures.store(0, Ordering::Relaxed);
+                        self.reconnect();
+                    }
                 }
-                self.publish_state();
                 None
             }
         }
-    }
-
-    fn publish_state(&self) {
-        self.metrics
-            .redis_breaker_state
-            .set(self.breaker.state() as i64);
     }
 
     /// Counts a write dropped before it was sent (its stripe's backlog was full, see
@@ -314,15 +346,17 @@ impl RedisTier {
     }
 
     /// The stored envelope for `key`, or `None` on a miss, a failure or a timeout. On a
-    /// lasting thread, through the thread's own connection once it is up and while the
-    /// breaker is closed (see the module docs).
+    /// lasting thread (with `thread_connections`), through the thread's own connection once
+    /// it is up and while the breaker is closed (see the module docs and
+    /// `store/thread_conns.rs`).
     pub async fn get(&self, key: &CacheKey) -> Option<Vec<u8>> {
         let redis_key = self.redis_key(key);
-        if self.breaker.state() == BreakerState::Closed
-            && let Some(mut conn) = self.thread_conns.here()
+        if self.thread_reads
+            && self.breaker.state() == BreakerState::Closed
+            && let Some((mut conn, id)) = self.thread_conns.here()
         {
             return self
-                .guarded_here("get", async move {
+                .guarded_here("get", id, async move {
                     conn.get::<_, Option<Vec<u8>>>(redis_key).await
                 })
                 .await

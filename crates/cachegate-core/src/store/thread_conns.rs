@@ -10,9 +10,14 @@
 //!
 //! Such a connection is made in the background at a thread's first read (within the
 //! connect timeout); until it is up, reads use the shared connection. A thread's
-//! connection that fails an operation (an error or a timeout: it may have died without a
-//! reset) is dropped, reads go to the shared connection for a while (the breaker's
-//! cool-down), and then a new one is made.
+//! connection is dropped, and its reads go to the shared connection for a while (the
+//! breaker's cool-down) before a new one is made, when it times out or fails as a
+//! connection (an I/O error, a dropped connection: it may have died without a reset); a
+//! server's error reply (`LOADING`, `NOPERM`) leaves it in place. Every thread's
+//! connection is also replaced after the breaker opened ([`ThreadConnections::replace_all`]):
+//! after Redis went away (restarted, failed over to another host) each thread starts
+//! afresh instead of finding out on its own, each with a failure that would count against
+//! the breaker.
 //!
 //! Each operation is bounded by the tier's timeout around it (one timer per operation;
 //! the connection has no response timeout of its own). Tokio's timer driver wakes its
@@ -28,8 +33,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
+use prometheus_client::metrics::gauge::Gauge;
 use redis::AsyncConnectionConfig;
 use redis::aio::MultiplexedConnection;
+
+use crate::metrics::StoreMetrics;
 
 /// The name a per-thread read connection gives itself (`CLIENT SETNAME`), so that
 /// `CLIENT LIST` tells them from the tier's shared connection.
@@ -38,14 +46,24 @@ pub const THREAD_CONNECTION_NAME: &str = "cachegate-thread-read";
 /// One tier's per-thread connections. Cloning shares them.
 #[derive(Clone)]
 pub(super) struct ThreadConnections {
-    /// Tells this tier's slots from other tiers' (and from those of tiers gone).
-    owner: Arc<()>,
+    /// Tells this tier's slots from other tiers' (and from those of tiers gone), and the
+    /// generation a slot's connection must be of.
+    shared: Arc<Shared>,
     client: redis::Client,
     config: AsyncConnectionConfig,
     op_timeout: Duration,
     connect_timeout: Duration,
     /// How long after a failed connection a thread uses the shared one before trying again.
     retry_after: Duration,
+    /// `redis_thread_connections`; failed connects in `redis_errors{op="connect"}`.
+    metrics: StoreMetrics,
+}
+
+struct Shared {
+    /// Bumped by [`ThreadConnections::replace_all`].
+    generation: AtomicU64,
+    /// Numbers the connections, so that a late failure of one retires no other.
+    next_id: AtomicU64,
 }
 
 thread_local! {
@@ -54,11 +72,31 @@ thread_local! {
 }
 
 struct Slot {
-    /// The tier; a slot whose tier is gone is dropped when another is added.
-    owner: Weak<()>,
+    /// The tier; a slot whose tier is gone is dropped at this thread's next read.
+    owner: Weak<Shared>,
+    generation: u64,
     /// Shared with the task that connects.
     state: Arc<Mutex<State>>,
     pacer: Arc<Pacer>,
+}
+
+enum State {
+    Connecting,
+    Ready(Open),
+    Failed { retry_at: Instant },
+}
+
+/// An open connection, counted in `redis_thread_connections` until dropped.
+struct Open {
+    conn: MultiplexedConnection,
+    id: u64,
+    open: Gauge,
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.open.dec();
+    }
 }
 
 /// The reads of a thread's connection and whether its pacer (see the module docs) runs.
@@ -68,24 +106,31 @@ struct Pacer {
     running: AtomicBool,
 }
 
-enum State {
-    Connecting,
-    Ready(MultiplexedConnection),
-    Failed { retry_at: Instant },
+/// What ended an operation on a thread's connection (see [`ThreadConnections::failed_here`]).
+pub(super) enum ThreadFailure<'a> {
+    /// No answer within the operation timeout.
+    TimedOut,
+    /// The operation failed.
+    Error(&'a redis::RedisError),
 }
 
 impl ThreadConnections {
     /// Connections to `client`'s server whose operations the caller limits to
     /// `op_timeout`, each connect limited to `connect_timeout`; a thread whose connection
-    /// failed waits `retry_after` before it tries again.
+    /// failed waits `retry_after` before it tries again. Open connections are counted in
+    /// `metrics.redis_thread_connections`, failed connects in `redis_errors{op="connect"}`.
     pub(super) fn new(
         client: redis::Client,
         op_timeout: Duration,
         connect_timeout: Duration,
         retry_after: Duration,
+        metrics: StoreMetrics,
     ) -> Self {
         ThreadConnections {
-            owner: Arc::new(()),
+            shared: Arc::new(Shared {
+                generation: AtomicU64::new(0),
+                next_id: AtomicU64::new(0),
+            }),
             client,
             // No response timeout: the caller's bounds each operation, sending included.
             config: AsyncConnectionConfig::new()
@@ -94,30 +139,43 @@ impl ThreadConnections {
             op_timeout,
             connect_timeout,
             retry_after,
+            metrics,
         }
     }
 
-    /// The calling thread's connection, when the thread is lasting and its connection is
-    /// up. Otherwise `None` (use the shared connection); on a lasting thread without a
-    /// current connection, one is started in the background (unless one is being made, or
-    /// the last attempt failed less than `retry_after` ago).
-    pub(super) fn here(&self) -> Option<MultiplexedConnection> {
+    /// The calling thread's connection and its id, when the thread is lasting and its
+    /// connection is up. Otherwise `None` (use the shared connection); on a lasting thread
+    /// without a current connection, one is started in the background (unless one is being
+    /// made, or the last attempt failed less than `retry_after` ago).
+    pub(super) fn here(&self) -> Option<(MultiplexedConnection, u64)> {
         if !crate::home::thread_is_lasting() {
             return None;
         }
+        let generation = self.shared.generation.load(Ordering::Acquire);
         SLOTS.with_borrow_mut(|slots| {
-            let Some(at) = slots.iter().position(|slot| self.owns(slot)) else {
+            if slots.len() > 1 {
                 slots.retain(|slot| slot.owner.strong_count() > 0);
-                slots.push(self.connect());
-                return None;
+            }
+            let at = match slots.iter().position(|slot| self.owns(slot)) {
+                Some(at) if slots[at].generation == generation => at,
+                Some(at) => {
+                    // Replaced: the old connection is dropped (its driver ends).
+                    slots[at] = self.connect(generation);
+                    return None;
+                }
+                None => {
+                    slots.retain(|slot| slot.owner.strong_count() > 0);
+                    slots.push(self.connect(generation));
+                    return None;
+                }
             };
             let slot = &slots[at];
             let mut state = slot.state.lock().unwrap_or_else(PoisonError::into_inner);
             match &*state {
-                State::Ready(conn) => {
-                    let conn = conn.clone();
+                State::Ready(open) => {
+                    let conn = (open.conn.clone(), open.id);
                     drop(state);
-                    self.pace(&slots[at].pacer);
+                    self.pace(&slot.pacer);
                     Some(conn)
                 }
                 State::Connecting => None,
@@ -125,35 +183,51 @@ impl ThreadConnections {
                 State::Failed { .. } => {
                     *state = State::Connecting;
                     drop(state);
-                    self.spawn_connect(slots[at].state.clone());
+                    self.spawn_connect(slot.state.clone());
                     None
                 }
             }
         })
     }
 
-    /// Reports that an operation on the calling thread's connection failed (an error or a
-    /// timeout): the connection is dropped, reads go to the shared connection for
-    /// `retry_after`, then a new connection is made.
-    pub(super) fn failed_here(&self) {
+    /// Reports that an operation on the calling thread's connection `id` failed: a
+    /// timeout or a connection's failure drops the connection (if it is still the
+    /// thread's), reads go to the shared connection for `retry_after`, then a new
+    /// connection is made. A server's error reply leaves it in place.
+    pub(super) fn failed_here(&self, id: u64, failure: ThreadFailure<'_>) {
+        if let ThreadFailure::Error(e) = failure
+            && !(e.is_io_error() || e.is_connection_dropped() || e.is_unrecoverable_error())
+        {
+            return;
+        }
         SLOTS.with_borrow_mut(|slots| {
             if let Some(slot) = slots.iter().find(|slot| self.owns(slot)) {
-                *slot.state.lock().unwrap_or_else(PoisonError::into_inner) = State::Failed {
-                    retry_at: Instant::now() + self.retry_after,
-                };
+                let mut state = slot.state.lock().unwrap_or_else(PoisonError::into_inner);
+                if matches!(&*state, State::Ready(open) if open.id == id) {
+                    *state = State::Failed {
+                        retry_at: Instant::now() + self.retry_after,
+                    };
+                }
             }
         });
     }
 
-    fn owns(&self, slot: &Slot) -> bool {
-        std::ptr::eq(slot.owner.as_ptr(), Arc::as_ptr(&self.owner))
+    /// Makes every thread replace its connection at its next read (called when the
+    /// breaker opens).
+    pub(super) fn replace_all(&self) {
+        self.shared.generation.fetch_add(1, Ordering::AcqRel);
     }
 
-    fn connect(&self) -> Slot {
+    fn owns(&self, slot: &Slot) -> bool {
+        std::ptr::eq(slot.owner.as_ptr(), Arc::as_ptr(&self.shared))
+    }
+
+    fn connect(&self, generation: u64) -> Slot {
         let state = Arc::new(Mutex::new(State::Connecting));
         self.spawn_connect(state.clone());
         Slot {
-            owner: Arc::downgrade(&self.owner),
+            owner: Arc::downgrade(&self.shared),
+            generation,
             state,
             pacer: Arc::default(),
         }
@@ -172,7 +246,8 @@ impl ThreadConnections {
                 tokio::time::sleep(period).await;
                 let reads = pacer.reads.load(Ordering::Relaxed);
                 if reads == seen {
-                    // A read from here on starts another.
+                    // A read from here on starts another (this runs on the reading
+                    // thread: no read comes between the load and the store).
                     pacer.running.store(false, Ordering::Relaxed);
                     return;
                 }
@@ -192,6 +267,8 @@ impl ThreadConnections {
         };
         let (client, config) = (self.client.clone(), self.config.clone());
         let (limit, retry_after) = (self.connect_timeout, self.retry_after);
+        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let metrics = self.metrics.clone();
         runtime.spawn(async move {
             let connect = async {
                 let mut conn = client
@@ -207,8 +284,13 @@ impl ThreadConnections {
                 redis::RedisResult::Ok(conn)
             };
             let next = match tokio::time::timeout(limit, connect).await {
-                Ok(Ok(conn)) => State::Ready(conn),
+                Ok(Ok(conn)) => {
+                    let open = metrics.redis_thread_connections.clone();
+                    open.inc();
+                    State::Ready(Open { conn, id, open })
+                }
                 failed => {
+                    metrics.redis_errors.inc("connect");
                     match failed {
                         Ok(Err(e)) => {
                             tracing::debug!(error = %e, "redis tier: thread connection failed")
@@ -220,7 +302,11 @@ impl ThreadConnections {
                     }
                 }
             };
-            *state.lock().unwrap_or_else(PoisonError::into_inner) = next;
+            let mut state = state.lock().unwrap_or_else(PoisonError::into_inner);
+            // Only the attempt this slot waits for fills it.
+            if matches!(*state, State::Connecting) {
+                *state = next;
+            }
         });
     }
 }
