@@ -36,6 +36,8 @@ const TYPICAL_ENTRY_BYTES: u64 = 2048;
 pub struct MemoryTier<V> {
     cache: Arc<Cache<CacheKey, V, EntryWeighter>>,
     max_entry_bytes: u64,
+    /// Made with `max_bytes` 0: holds nothing, and its lookups and stores touch no lock.
+    off: bool,
 }
 
 impl<V> Clone for MemoryTier<V> {
@@ -43,6 +45,7 @@ impl<V> Clone for MemoryTier<V> {
         MemoryTier {
             cache: self.cache.clone(),
             max_entry_bytes: self.max_entry_bytes,
+            off: self.off,
         }
     }
 }
@@ -55,8 +58,10 @@ impl<V: Storable> MemoryTier<V> {
     /// A tier holding at most `max_bytes`, counting each entry's
     /// [`Storable::size_bytes`], that holds entries of up to `max_entry_bytes` (or up to
     /// the whole budget, when smaller); entries seen once are evicted before entries seen
-    /// again (quick_cache's CLOCK-Pro / S3-FIFO policy).
+    /// again (quick_cache's CLOCK-Pro / S3-FIFO policy). `max_bytes` 0: a tier that holds
+    /// nothing (every lookup misses and every store is refused, without taking a lock).
     pub fn new(max_bytes: u64, max_entry_bytes: u64) -> Self {
+        let off = max_bytes == 0;
         let max_bytes = max_bytes.max(1);
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
         let fitting =
@@ -78,7 +83,8 @@ impl<V: Storable> MemoryTier<V> {
         let max_entry_bytes = (cache.shard_capacity() as f64 * ENTRY_SHARE_OF_SHARD) as u64;
         MemoryTier {
             cache: Arc::new(cache),
-            max_entry_bytes,
+            max_entry_bytes: if off { 0 } else { max_entry_bytes },
+            off,
         }
     }
 
@@ -90,6 +96,9 @@ impl<V: Storable> MemoryTier<V> {
     /// The entry for `key` if present and still kept (fresh, or stale within its grace).
     /// An entry no longer kept is removed.
     pub fn get(&self, key: &CacheKey) -> Option<V> {
+        if self.off {
+            return None;
+        }
         let entry = self.cache.get(key)?;
         if entry.is_kept(now_ms()) {
             return Some(entry);
@@ -105,6 +114,9 @@ impl<V: Storable> MemoryTier<V> {
     /// heavier than [`MemoryTier::max_entry_bytes`] is not held: what was stored under
     /// `key` is removed (it is older than `entry`) and `false` is returned.
     pub fn insert(&self, key: CacheKey, entry: V) -> bool {
+        if self.off {
+            return false;
+        }
         if entry.size_bytes() as u64 > self.max_entry_bytes {
             self.cache.remove(&key);
             return false;
@@ -182,6 +194,14 @@ mod tests {
             stored_at_ms,
             ttl_secs,
         }
+    }
+
+    #[test]
+    fn a_zero_budget_holds_nothing() {
+        let tier = MemoryTier::new(0, 1 << 16);
+        assert!(!tier.insert(CacheKey([1; 32]), entry(1, now_ms(), 60)));
+        assert!(tier.get(&CacheKey([1; 32])).is_none());
+        assert_eq!((tier.max_entry_bytes(), tier.usage()), (0, (0, 0)));
     }
 
     #[test]
