@@ -478,12 +478,23 @@ async fn a_silent_shared_connection_is_replaced_while_thread_reads_succeed() {
     let relay = common::Relay::swallowing(redis.port, b"SETEX").await;
     let up = Upstream::start().await;
     let table = format!(
-        "url = \"{}\"\nbreaker_failures = 2\nbreaker_cooldown_ms = 60000\n",
+        "url = \"{}\"\nbreaker_failures = 3\nbreaker_cooldown_ms = 60000\n",
         relay.redis_url()
     );
     let gate = Gate::start_at(&up.url(), Some(table), ROUTES, "").await;
-    // Each new path: a read (on the thread's connection once it is up) and a write in
-    // the background on the shared connection, swallowed (it times out).
+    // First the thread's own read connection, with reads that store nothing (a path no
+    // route caches, answered without a Cache-Control: looked up, never written), so
+    // that no read below waits on the shared connection once it is silent.
+    let warm = AtomicUsize::new(0);
+    let own_connection = eventually(Duration::from_secs(10), || async {
+        let n = warm.fetch_add(1, Ordering::SeqCst);
+        assert_eq!(gate.get(&format!("/warm/{n}")).await.status, 200);
+        thread_readers(&redis).await >= 1
+    });
+    assert!(own_connection.await, "no thread connection");
+    assert_eq!(relay.swallowed(), 0, "a write went out already");
+    // Each new path: a read on the thread's connection and a write in the background on
+    // the shared connection, swallowed (it times out).
     let paths = AtomicUsize::new(0);
     let replaced = eventually(Duration::from_secs(10), || async {
         let n = paths.fetch_add(1, Ordering::SeqCst);

@@ -11,7 +11,7 @@
 //! shared connection.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
@@ -20,7 +20,7 @@ use redis::AsyncCommands;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use super::breaker::Breaker;
-use super::thread_conns::{ThreadConnections, ThreadFailure};
+use super::thread_conns::{OpFailure, ThreadConnections};
 use crate::home::Home;
 use crate::key::CacheKey;
 use crate::metrics::{BreakerState, StoreMetrics};
@@ -75,6 +75,15 @@ impl std::fmt::Display for RedisSetupError {
 
 impl std::error::Error for RedisSetupError {}
 
+/// Which connection an operation went through.
+#[derive(Clone, Copy)]
+enum Via {
+    /// The shared connection, as of this epoch (`RedisTier::shared_epoch`).
+    Shared(u64),
+    /// The calling thread's connection with this id.
+    Thread(u64),
+}
+
 /// Key markers read per `ZSCAN` page by [`RedisTier::load_purges`].
 pub const MARKER_PAGE: usize = 5_000;
 
@@ -96,8 +105,12 @@ pub struct RedisTier {
     reconnecting: Arc<AtomicBool>,
     /// The reads' per-thread connections on lasting threads.
     thread_conns: ThreadConnections,
-    /// Failures in a row of operations on the shared connection.
+    /// Failures in a row of operations on the shared connection (timeouts and a
+    /// connection's failures), since it was last replaced.
     shared_failures: Arc<AtomicU32>,
+    /// Bumped each time the shared connection is replaced: late failures of the one
+    /// replaced are not counted against the new one.
+    shared_epoch: Arc<AtomicU64>,
     /// `breaker_failures`.
     breaker_failures: u32,
     /// `thread_connections`.
@@ -156,6 +169,7 @@ impl RedisTier {
                 metrics.clone(),
             ),
             shared_failures: Arc::new(AtomicU32::new(0)),
+            shared_epoch: Arc::new(AtomicU64::new(0)),
             breaker_failures: config.breaker_failures.max(1),
             thread_reads: config.thread_connections,
             client,
@@ -233,10 +247,15 @@ impl RedisTier {
         let (client, config) = (self.client.clone(), self.manager_config.clone());
         let (conn, limit) = (self.conn.clone(), self.connect_timeout);
         let reconnecting = self.reconnecting.clone();
+        let (epoch, failures) = (self.shared_epoch.clone(), self.shared_failures.clone());
         self.home.spawn(async move {
             let connect = ConnectionManager::new_with_config(client, config);
             match tokio::time::timeout(limit, connect).await {
-                Ok(Ok(fresh)) => *conn.write().unwrap_or_else(PoisonError::into_inner) = fresh,
+                Ok(Ok(fresh)) => {
+                    *conn.write().unwrap_or_else(PoisonError::into_inner) = fresh;
+                    epoch.fetch_add(1, Ordering::AcqRel);
+                    failures.store(0, Ordering::Relaxed);
+                }
                 Ok(Err(e)) => tracing::debug!(error = %e, "redis tier: new connection failed"),
                 Err(_) => tracing::debug!("redis tier: new connection timed out"),
             }
@@ -255,10 +274,12 @@ impl RedisTier {
         if !self.breaker.allow() {
             return None;
         }
+        // (The caller took the connection just before: this is its epoch.)
+        let epoch = self.shared_epoch.load(Ordering::Acquire);
         // On the home runtime: redis-rs spawns the connection's driver (and its reconnects)
         // where the first operation is polled.
         let outcome = tokio::time::timeout(self.op_timeout, self.home.run(f)).await;
-        self.report(op, outcome, None)
+        self.report(op, outcome, Via::Shared(epoch))
     }
 
     /// [`RedisTier::guarded`] for an operation on this thread's own connection `conn_id`
@@ -270,24 +291,26 @@ impl RedisTier {
         F: Future<Output = redis::RedisResult<T>>,
     {
         let outcome = tokio::time::timeout(self.op_timeout, f).await;
-        self.report(op, outcome, Some(conn_id))
+        self.report(op, outcome, Via::Thread(conn_id))
     }
 
-    /// Reports an operation's outcome (on the shared connection, or on the calling
-    /// thread's connection `thread_conn`) to the breaker and the metrics. The shared
-    /// connection is replaced when the breaker opens or a probe fails, and after
-    /// `breaker_failures` failures of its own in a row even while reads on the threads'
-    /// connections keep the breaker closed (it may have died without a reset while they
-    /// did not). When the breaker opens, every thread's connection is replaced too.
+    /// Reports an operation's outcome (`via` the shared connection or the calling
+    /// thread's) to the breaker and the metrics. When the breaker opens, the shared
+    /// connection and every thread's are replaced; the shared one also after a failed
+    /// probe, and after `breaker_failures` timeouts or connection failures of its own in a
+    /// row, even while reads on the threads' connections keep the breaker closed (it may
+    /// have died without a reset while they did not).
     fn report<T>(
         &self,
         op: &'static str,
         outcome: Result<redis::RedisResult<T>, tokio::time::error::Elapsed>,
-        thread_conn: Option<u64>,
+        via: Via,
     ) -> Option<T> {
         match outcome {
             Ok(Ok(v)) => {
-                if thread_conn.is_none() && self.shared_failures.load(Ordering::Relaxed) != 0 {
+                if matches!(via, Via::Shared(_))
+                    && self.shared_failures.load(Ordering::Relaxed) != 0
+                {
                     self.shared_failures.store(0, Ordering::Relaxed);
                 }
                 // Nothing shared is written while the breaker stays closed.
@@ -300,27 +323,35 @@ impl RedisTier {
                 let failure = match &failed {
                     Ok(Err(e)) => {
                         tracing::debug!(op, error = %e, "redis operation failed");
-                        ThreadFailure::Error(e)
+                        OpFailure::Error(e)
                     }
                     _ => {
                         tracing::debug!(op, "redis operation timed out");
-                        ThreadFailure::TimedOut
+                        OpFailure::TimedOut
                     }
                 };
-                if let Some(id) = thread_conn {
+                if let Via::Thread(id) = via {
                     self.thread_conns.failed_here(id, failure);
                 }
                 self.metrics.redis_errors.inc(op);
                 if self.breaker.failure() {
                     tracing::warn!("redis tier unavailable: circuit breaker open");
                     self.thread_conns.replace_all();
-                }
-                if thread_conn.is_none() {
-                    let in_a_row = self.shared_failures.fetch_add(1, Ordering::Relaxed) + 1;
+                    self.reconnect();
+                } else if let Via::Shared(epoch) = via
+                    && epoch == self.shared_epoch.load(Ordering::Acquire)
+                {
+                    // A failed probe; or failures of the shared connection in a row
+                    // (timeouts and a connection's failures: an error reply says nothing
+                    // about the connection) while reads elsewhere keep the breaker closed.
+                    let in_a_row = if failure.is_connection_failure() {
+                        self.shared_failures.fetch_add(1, Ordering::Relaxed) + 1
+                    } else {
+                        0
+                    };
                     if in_a_row >= self.breaker_failures
                         || self.breaker.state() == BreakerState::Open
                     {
-                        self.shared_failures.store(0, Ordering::Relaxed);
                         self.reconnect();
                     }
                 }

@@ -106,12 +106,27 @@ struct Pacer {
     running: AtomicBool,
 }
 
-/// What ended an operation on a thread's connection (see [`ThreadConnections::failed_here`]).
-pub(super) enum ThreadFailure<'a> {
+/// What ended a Redis operation that failed.
+#[derive(Clone, Copy)]
+pub(super) enum OpFailure<'a> {
     /// No answer within the operation timeout.
     TimedOut,
     /// The operation failed.
     Error(&'a redis::RedisError),
+}
+
+impl OpFailure<'_> {
+    /// Whether it says something about the connection: a timeout (it may have died
+    /// without a reset), an I/O error, a dropped or unusable connection; not an error reply
+    /// of a server that answered (`LOADING`, `NOPERM`, `OOM`).
+    pub(super) fn is_connection_failure(self) -> bool {
+        match self {
+            OpFailure::TimedOut => true,
+            OpFailure::Error(e) => {
+                e.is_io_error() || e.is_connection_dropped() || e.is_unrecoverable_error()
+            }
+        }
+    }
 }
 
 impl ThreadConnections {
@@ -194,10 +209,8 @@ impl ThreadConnections {
     /// timeout or a connection's failure drops the connection (if it is still the
     /// thread's), reads go to the shared connection for `retry_after`, then a new
     /// connection is made. A server's error reply leaves it in place.
-    pub(super) fn failed_here(&self, id: u64, failure: ThreadFailure<'_>) {
-        if let ThreadFailure::Error(e) = failure
-            && !(e.is_io_error() || e.is_connection_dropped() || e.is_unrecoverable_error())
-        {
+    pub(super) fn failed_here(&self, id: u64, failure: OpFailure<'_>) {
+        if !failure.is_connection_failure() {
             return;
         }
         SLOTS.with_borrow_mut(|slots| {
