@@ -313,6 +313,15 @@ async fn rediss_with_a_private_ca() {
         hit.headers
     );
     assert_eq!(up.hits(), 1);
+    // Reads on a connection thread go over a TLS connection of that thread's own.
+    let paths = AtomicUsize::new(0);
+    let own_connection = eventually(Duration::from_secs(5), || async {
+        let n = paths.fetch_add(1, Ordering::SeqCst);
+        assert_eq!(reader.get(&format!("/kpi/tls{n}")).await.status, 200);
+        reader.redis_thread_connections().await >= 1
+    });
+    assert!(own_connection.await, "no thread connection over TLS");
+    assert_eq!(reader.stats().await["redis"]["errors"]["connect"], 0);
 }
 
 /// A replica that acknowledges a purge late, but within the acknowledgement limit, is
@@ -429,10 +438,7 @@ async fn connection_threads_read_through_redis_connections_of_their_own() {
         "no read went through a thread's own connection"
     );
     assert!(
-        gate.metrics()
-            .await
-            .lines()
-            .any(|l| l.starts_with("cachegate_redis_thread_connections ") && !l.ends_with(" 0")),
+        gate.redis_thread_connections().await >= 1,
         "the thread connection is not counted"
     );
     redis.restart().await;

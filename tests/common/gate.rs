@@ -126,6 +126,16 @@ impl Gate {
             .collect()
     }
 
+    /// `cachegate_redis_thread_connections`: the connection threads' own Redis read
+    /// connections.
+    pub async fn redis_thread_connections(&self) -> i64 {
+        self.metrics()
+            .await
+            .lines()
+            .find_map(|l| l.strip_prefix("cachegate_redis_thread_connections "))
+            .map_or(0, |n| n.trim().parse().unwrap())
+    }
+
     pub async fn stats(&self) -> serde_json::Value {
         serde_json::from_str(&admin_text(&self.client, &self.admin, "/stats").await).unwrap()
     }
