@@ -35,9 +35,9 @@ const TYPICAL_ENTRY_BYTES: u64 = 2048;
 /// [`MemoryTier::insert`], never silently dropped.
 pub struct MemoryTier<V> {
     cache: Arc<Cache<CacheKey, V, EntryWeighter>>,
+    /// 0 (made with `max_bytes` 0): the tier holds nothing, and its lookups and stores
+    /// touch no lock.
     max_entry_bytes: u64,
-    /// Made with `max_bytes` 0: holds nothing, and its lookups and stores touch no lock.
-    off: bool,
 }
 
 impl<V> Clone for MemoryTier<V> {
@@ -45,7 +45,6 @@ impl<V> Clone for MemoryTier<V> {
         MemoryTier {
             cache: self.cache.clone(),
             max_entry_bytes: self.max_entry_bytes,
-            off: self.off,
         }
     }
 }
@@ -84,7 +83,6 @@ impl<V: Storable> MemoryTier<V> {
         MemoryTier {
             cache: Arc::new(cache),
             max_entry_bytes: if off { 0 } else { max_entry_bytes },
-            off,
         }
     }
 
@@ -96,7 +94,7 @@ impl<V: Storable> MemoryTier<V> {
     /// The entry for `key` if present and still kept (fresh, or stale within its grace).
     /// An entry no longer kept is removed.
     pub fn get(&self, key: &CacheKey) -> Option<V> {
-        if self.off {
+        if self.max_entry_bytes == 0 {
             return None;
         }
         let entry = self.cache.get(key)?;
@@ -114,7 +112,7 @@ impl<V: Storable> MemoryTier<V> {
     /// heavier than [`MemoryTier::max_entry_bytes`] is not held: what was stored under
     /// `key` is removed (it is older than `entry`) and `false` is returned.
     pub fn insert(&self, key: CacheKey, entry: V) -> bool {
-        if self.off {
+        if self.max_entry_bytes == 0 {
             return false;
         }
         if entry.size_bytes() as u64 > self.max_entry_bytes {

@@ -168,9 +168,8 @@ impl ThreadConnections {
         }
         let generation = self.shared.generation.load(Ordering::Acquire);
         SLOTS.with_borrow_mut(|slots| {
-            if slots.len() > 1 {
-                slots.retain(|slot| slot.owner.strong_count() > 0);
-            }
+            // Slots of tiers gone (usually there are none: one tier, one slot).
+            slots.retain(|slot| slot.owner.strong_count() > 0);
             let at = match slots.iter().position(|slot| self.owns(slot)) {
                 Some(at) if slots[at].generation == generation => at,
                 Some(at) => {
@@ -179,7 +178,6 @@ impl ThreadConnections {
                     return None;
                 }
                 None => {
-                    slots.retain(|slot| slot.owner.strong_count() > 0);
                     slots.push(self.connect(generation));
                     return None;
                 }
