@@ -397,7 +397,7 @@ impl CachedResponse {
     }
 
     /// Checks a payload's structure (every header, tag and length) and makes the entry.
-    fn decode_payload(payload: Vec<u8>) -> Option<CachedResponse> {
+    fn decode_payload(payload: &[u8]) -> Option<CachedResponse> {
         let r = &mut &payload[..];
         let _stored_at_ms = get_u64(r)?;
         let _ttl_secs = get_u32(r)?;
@@ -464,7 +464,7 @@ impl Storable for CachedResponse {
         self.data.to_vec()
     }
 
-    fn from_payload(payload: Vec<u8>) -> Option<Self> {
+    fn from_payload(payload: &[u8]) -> Option<Self> {
         Self::decode_payload(payload)
     }
 }
@@ -524,7 +524,7 @@ mod tests {
         for seal in [true, false] {
             let keys = EnvelopeKeys::new(b"secret", seal);
             let bytes = keys.seal(&key, &e.to_payload());
-            let d = CachedResponse::from_payload(keys.open(&key, &bytes).unwrap()).unwrap();
+            let d = CachedResponse::from_payload(&keys.open(&key, &bytes).unwrap()).unwrap();
             assert_eq!(d.status(), e.status());
             assert_eq!(d.headers(), e.headers());
             assert_eq!(d.headers()["content-type"], "application/json");
@@ -544,7 +544,7 @@ mod tests {
     fn freshness_never_overflows() {
         let mut payload = sample().to_payload();
         payload[..8].copy_from_slice(&u64::MAX.to_be_bytes());
-        let entry = CachedResponse::from_payload(payload).unwrap();
+        let entry = CachedResponse::from_payload(&payload).unwrap();
         assert!(entry.is_fresh(0) && entry.is_kept(u64::MAX - 1));
         assert_eq!(entry.age_secs(0), 0);
         assert_eq!(entry.current_age_secs(0), 7);
@@ -581,21 +581,18 @@ mod tests {
     fn truncated_or_padded_payloads_are_rejected() {
         let payload = sample().to_payload();
         for n in 0..payload.len() {
-            assert!(
-                CachedResponse::from_payload(payload[..n].to_vec()).is_none(),
-                "{n}"
-            );
+            assert!(CachedResponse::from_payload(&payload[..n]).is_none(), "{n}");
         }
         let mut longer = payload.clone();
         longer.push(0);
-        assert!(CachedResponse::from_payload(longer).is_none());
+        assert!(CachedResponse::from_payload(&longer).is_none());
     }
 
     proptest::proptest! {
         #[test]
         fn any_payload_decodes_or_is_rejected_never_panics(payload in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256)) {
             // Authenticated but malformed payloads (a writer with the secret and a bug).
-            if let Some(entry) = CachedResponse::from_payload(payload) {
+            if let Some(entry) = CachedResponse::from_payload(&payload) {
                 let _ = (entry.status(), entry.parts(), entry.tags().count());
                 // Freshness arithmetic on any stored time (u64::MAX included).
                 let _ = (entry.is_fresh(u64::MAX), entry.is_kept(0), entry.age_secs(0));

@@ -427,7 +427,9 @@ impl<O: Origin> Proxy<O> {
         // background request refreshes it (stale-while-revalidate), or kept to answer an
         // upstream error (stale-if-error), or ignored.
         let mut ctx = ctx;
-        let mut found = self.store.lookup_marked(&key).await;
+        // The request's time: what freshness is judged at (RFC 9111 §4.2.3), read once.
+        let now = now_ms();
+        let mut found = self.store.lookup_marked(&key, now).await;
         // Vary: the primary key holds a marker; the variant this request selects has its
         // own key. A soft-purged marker counts as none: the next answer stored starts a
         // new generation, so every variant is fetched again.
@@ -445,7 +447,7 @@ impl<O: Origin> Proxy<O> {
                     &parts.headers,
                 );
                 ctx.marker = Some(marker.clone());
-                found = self.store.lookup_marked(&ctx.key).await;
+                found = self.store.lookup_marked(&ctx.key, now).await;
             }
         }
         let key = ctx.key;
@@ -485,7 +487,7 @@ impl<O: Origin> Proxy<O> {
             && let Some((entry, tier, soft_purged)) = found
         {
             let replay = || replay().map(Arc::new);
-            let staleness = entry.staleness(now_ms());
+            let staleness = entry.staleness(now);
             if soft_purged {
                 // A soft purge marked it stale: served stale while one background request
                 // refreshes it (removed if that stores nothing); never when it must be

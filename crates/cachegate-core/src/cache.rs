@@ -1101,7 +1101,7 @@ where
             .unwrap_or_default()
     }
 
-    fn from_payload(payload: Vec<u8>) -> Option<Self> {
+    fn from_payload(payload: &[u8]) -> Option<Self> {
         let r = &mut &payload[..];
         let stored_at_ms = u64::from_be_bytes(take(r, 8)?.try_into().ok()?);
         let ttl_secs = u32::from_be_bytes(take(r, 4)?.try_into().ok()?);
@@ -1285,16 +1285,16 @@ mod tests {
             Stored::<String, Postcard>::new("chart".into(), 1_000, 30, 60, &["a".into()])
                 .ok()
                 .unwrap();
-        let back = Stored::<String, Postcard>::from_payload(payload.clone()).unwrap();
+        let back = Stored::<String, Postcard>::from_payload(&payload).unwrap();
         assert_eq!(back.value(), stored.value());
         assert_eq!((back.ttl_secs(), back.grace_secs()), (30, 60));
         assert_eq!(&*back.inner.tags, ["a".to_string()]);
         let mut older = payload.clone();
         let at = payload.len() - stored.value().len() - 2;
         older[at + 1] = Postcard::VERSION.wrapping_sub(1);
-        assert!(Stored::<String, Postcard>::from_payload(older).is_none());
+        assert!(Stored::<String, Postcard>::from_payload(&older).is_none());
         for n in 0..payload.len() {
-            assert!(Stored::<String, Postcard>::from_payload(payload[..n].to_vec()).is_none());
+            assert!(Stored::<String, Postcard>::from_payload(&payload[..n]).is_none());
         }
     }
 }

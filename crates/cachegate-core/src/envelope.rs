@@ -100,18 +100,19 @@ impl EnvelopeKeys {
     /// well-formed version-2 envelope written with these keys for that same key (another
     /// version, a foreign or copied envelope, a forged, truncated or altered one).
     pub fn open(&self, key: &CacheKey, data: &[u8]) -> Option<Vec<u8>> {
-        self.open_owned(key, data.to_vec())
+        let mut data = data.to_vec();
+        self.open_in_place(key, &mut data).map(<[u8]>::to_vec)
     }
 
-    /// [`EnvelopeKeys::open`] for an envelope already in a buffer of its own: the payload
-    /// is decrypted (or checked) in place and moved to the buffer's start (no new
-    /// allocation).
-    pub fn open_owned(&self, key: &CacheKey, mut data: Vec<u8>) -> Option<Vec<u8>> {
+    /// [`EnvelopeKeys::open`] without a copy: the payload is decrypted (or checked) where
+    /// it lies in `data`, and the part of `data` that holds it is returned. `None` as for
+    /// `open`; what `data` holds then is unspecified.
+    pub fn open_in_place<'a>(&self, key: &CacheKey, data: &'a mut [u8]) -> Option<&'a [u8]> {
         let header: [u8; 2] = data.get(..2)?.try_into().ok()?;
         if header[0] != VERSION {
             return None;
         }
-        let start = match header[1] {
+        match header[1] {
             MODE_SEALED => {
                 let tag_at = data.len().checked_sub(TAG_LEN)?;
                 if tag_at < 2 + NONCE_LEN {
@@ -128,8 +129,7 @@ impl EnvelopeKeys {
                         Tag::from_slice(tag),
                     )
                     .ok()?;
-                data.truncate(tag_at);
-                2 + NONCE_LEN
+                Some(&data[2 + NONCE_LEN..tag_at])
             }
             MODE_SIGNED => {
                 let split = data.len().checked_sub(MAC_LEN).filter(|&at| at >= 2)?;
@@ -140,13 +140,10 @@ impl EnvelopeKeys {
                 if expected != blake3::Hash::from_bytes(mac) {
                     return None;
                 }
-                data.truncate(split);
-                2
+                Some(&data[2..split])
             }
-            _ => return None,
-        };
-        data.drain(..start);
-        Some(data)
+            _ => None,
+        }
     }
 }
 

@@ -8,7 +8,6 @@ use quick_cache::{DefaultHashBuilder, OptionsBuilder, Weighter};
 
 use super::Storable;
 use crate::key::CacheKey;
-use crate::now_ms;
 
 /// Weighs an entry by the bytes it really holds ([`Storable::size_bytes`]).
 #[derive(Clone)]
@@ -91,19 +90,20 @@ impl<V: Storable> MemoryTier<V> {
         self.max_entry_bytes
     }
 
-    /// The entry for `key` if present and still kept (fresh, or stale within its grace).
-    /// An entry no longer kept is removed.
-    pub fn get(&self, key: &CacheKey) -> Option<V> {
+    /// The entry for `key` if present and still kept (fresh, or stale within its grace)
+    /// at `now_ms` (milliseconds since the Unix epoch, [`crate::now_ms`]). An entry no
+    /// longer kept is removed.
+    pub fn get(&self, key: &CacheKey, now_ms: u64) -> Option<V> {
         if self.max_entry_bytes == 0 {
             return None;
         }
         let entry = self.cache.get(key)?;
-        if entry.is_kept(now_ms()) {
+        if entry.is_kept(now_ms) {
             return Some(entry);
         }
         let stored_at = entry.stored_at_ms();
         self.cache.remove_if(key, |held| {
-            held.stored_at_ms() == stored_at && !held.is_kept(now_ms())
+            held.stored_at_ms() == stored_at && !held.is_kept(now_ms)
         });
         None
     }
@@ -159,6 +159,7 @@ fn prev_power_of_two(n: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::now_ms;
 
     /// A test entry: `bytes` of weight, stored at `stored_at_ms`, fresh for `ttl_secs`.
     #[derive(Clone)]
@@ -181,7 +182,7 @@ mod tests {
         fn to_payload(&self) -> Vec<u8> {
             Vec::new()
         }
-        fn from_payload(_: Vec<u8>) -> Option<Self> {
+        fn from_payload(_: &[u8]) -> Option<Self> {
             None
         }
     }
@@ -198,7 +199,7 @@ mod tests {
     fn a_zero_budget_holds_nothing() {
         let tier = MemoryTier::new(0, 1 << 16);
         assert!(!tier.insert(CacheKey([1; 32]), entry(1, now_ms(), 60)));
-        assert!(tier.get(&CacheKey([1; 32])).is_none());
+        assert!(tier.get(&CacheKey([1; 32]), now_ms()).is_none());
         assert_eq!((tier.max_entry_bytes(), tier.usage()), (0, (0, 0)));
     }
 
@@ -218,12 +219,12 @@ mod tests {
         let tier = MemoryTier::new(1 << 20, 1 << 16);
         tier.insert(CacheKey([1; 32]), entry(10, now_ms() - 5_000, 1));
         assert_eq!(tier.usage().0, 1);
-        assert!(tier.get(&CacheKey([1; 32])).is_none());
+        assert!(tier.get(&CacheKey([1; 32]), now_ms()).is_none());
         assert_eq!(tier.usage().0, 0);
         tier.insert(CacheKey([2; 32]), entry(10, now_ms(), 60));
-        assert!(tier.get(&CacheKey([2; 32])).is_some());
+        assert!(tier.get(&CacheKey([2; 32]), now_ms()).is_some());
         tier.remove(&CacheKey([2; 32]));
-        assert!(tier.get(&CacheKey([2; 32])).is_none());
+        assert!(tier.get(&CacheKey([2; 32]), now_ms()).is_none());
     }
 
     #[test]
@@ -238,7 +239,7 @@ mod tests {
             assert!(tier.max_entry_bytes() >= max_entry, "{budget} {max_entry}");
             assert!(tier.insert(CacheKey([4; 32]), entry(max_entry as usize, now_ms(), 60)));
             assert!(
-                tier.get(&CacheKey([4; 32])).is_some(),
+                tier.get(&CacheKey([4; 32]), now_ms()).is_some(),
                 "{budget} {max_entry}"
             );
         }
@@ -250,7 +251,7 @@ mod tests {
         assert!(tier.insert(CacheKey([3; 32]), entry(100, now_ms(), 60)));
         assert!(!tier.insert(CacheKey([3; 32]), entry(20_000, now_ms(), 60)));
         // The older, smaller entry is gone: a reader never gets it after a newer store.
-        assert!(tier.get(&CacheKey([3; 32])).is_none());
+        assert!(tier.get(&CacheKey([3; 32]), now_ms()).is_none());
         assert!(tier.usage().1 <= 10_000);
     }
 }

@@ -75,7 +75,7 @@ pub trait Storable: Clone + Send + Sync + 'static {
 
     /// The value back from [`Storable::to_payload`]'s bytes; `None` when they are not a
     /// well-formed payload of this type (another format version, for instance): a miss.
-    fn from_payload(payload: Vec<u8>) -> Option<Self>;
+    fn from_payload(payload: &[u8]) -> Option<Self>;
 
     /// Freshness left at `now_ms`; zero once stale.
     fn remaining_ttl(&self, now_ms: u64) -> Duration {
@@ -270,7 +270,7 @@ impl<V: Storable> TieredStore<V> {
     /// A stale memory entry does not hide Redis: another replica may have stored a fresh
     /// value there; the stale one is returned only when Redis has nothing fresher.
     pub async fn lookup(&self, key: &CacheKey) -> Option<(V, Tier)> {
-        match self.lookup_marked(key).await? {
+        match self.lookup_marked(key, now_ms()).await? {
             (_, _, true) => None,
             (entry, tier, false) => Some((entry, tier)),
         }
@@ -278,8 +278,11 @@ impl<V: Storable> TieredStore<V> {
 
     /// Like [`TieredStore::lookup`], and says whether a soft purge marked the entry stale
     /// ([`PurgeMode::Soft`]): the caller may serve it stale while it refreshes it.
-    pub async fn lookup_marked(&self, key: &CacheKey) -> Option<(V, Tier, bool)> {
-        let found = self.lookup_tiers(key).await?;
+    /// Freshness and grace are judged at `now_ms` (milliseconds since the Unix epoch,
+    /// [`crate::now_ms`]): the time the request was received (RFC 9111 §4.2.3's
+    /// `request_time`), read once by the caller for everything it decides.
+    pub async fn lookup_marked(&self, key: &CacheKey, now_ms: u64) -> Option<(V, Tier, bool)> {
+        let found = self.lookup_tiers(key, now_ms).await?;
         if self.is_purged(key, &found.0) {
             self.memory.remove(key);
             self.metrics.purged_entries.inc(found.1.as_str());
@@ -502,22 +505,22 @@ impl<V: Storable> TieredStore<V> {
         })
     }
 
-    async fn lookup_tiers(&self, key: &CacheKey) -> Option<(V, Tier)> {
-        let in_memory = self.memory.get(key);
+    async fn lookup_tiers(&self, key: &CacheKey, now_ms: u64) -> Option<(V, Tier)> {
+        let in_memory = self.memory.get(key, now_ms);
         if let Some(entry) = &in_memory
-            && (entry.is_fresh(now_ms()) || self.redis.is_none())
+            && (entry.is_fresh(now_ms) || self.redis.is_none())
         {
             return Some((entry.clone(), Tier::Memory));
         }
         // Until this replica has loaded the purge markers, a Redis entry may be one that
         // was purged: not served (a miss) until then.
         let from_redis = if self.purges.trusted() {
-            self.lookup_redis(key).await
+            self.lookup_redis(key, now_ms).await
         } else {
             None
         };
         match (from_redis, in_memory) {
-            (Some(entry), stale) if entry.is_fresh(now_ms()) || stale.is_none() => {
+            (Some(entry), stale) if entry.is_fresh(now_ms) || stale.is_none() => {
                 self.memory.insert(*key, entry.clone());
                 Some((entry, Tier::Redis))
             }
@@ -527,19 +530,19 @@ impl<V: Storable> TieredStore<V> {
     }
 
     /// The entry Redis holds for `key`, if kept; rejected envelopes are counted.
-    async fn lookup_redis(&self, key: &CacheKey) -> Option<V> {
+    async fn lookup_redis(&self, key: &CacheKey, now_ms: u64) -> Option<V> {
         let redis = self.redis.as_ref()?;
-        let bytes = redis.get(key).await?;
+        let mut bytes = redis.get(key).await?;
         let Some(entry) = self
             .envelope_keys
-            .open_owned(key, bytes)
+            .open_in_place(key, &mut bytes)
             .and_then(V::from_payload)
         else {
             self.metrics.redis_rejected_entries.inc();
             tracing::warn!(key = %key.short(), "unauthenticated or undecodable entry in redis treated as a miss");
             return None;
         };
-        entry.is_kept(now_ms()).then_some(entry)
+        entry.is_kept(now_ms).then_some(entry)
     }
 
     /// The entry Redis holds for `key` if it was stored after `newer_than_ms` (and is kept
@@ -549,7 +552,7 @@ impl<V: Storable> TieredStore<V> {
         if !self.purges.trusted() {
             return None;
         }
-        let entry = self.lookup_redis(key).await?;
+        let entry = self.lookup_redis(key, now_ms()).await?;
         if entry.stored_at_ms() <= newer_than_ms
             || self.is_purged(key, &entry)
             || covered(&self.soft, key, &entry)
@@ -564,7 +567,7 @@ impl<V: Storable> TieredStore<V> {
     /// misses).
     pub fn lookup_memory(&self, key: &CacheKey) -> Option<V> {
         self.memory
-            .get(key)
+            .get(key, now_ms())
             .filter(|entry| !self.is_purged(key, entry) && !covered(&self.soft, key, entry))
     }
 
