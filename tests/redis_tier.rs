@@ -453,6 +453,64 @@ async fn connection_threads_read_through_redis_connections_of_their_own() {
     );
 }
 
+/// A thread's own read connection that Redis closed (here `CLIENT KILL`; Redis's
+/// `timeout` for idle clients, a restart or a failover do the same) costs no hit: the read
+/// that finds it lost goes through the shared connection in the time left, and the
+/// upstream is not asked.
+#[tokio::test]
+async fn a_read_that_finds_its_thread_connection_lost_is_still_a_hit() {
+    let redis = Redis::start().await;
+    let up = Upstream::start().await;
+    let config = format!("{ROUTES}\n[cache]\nmemory_max_bytes = 0\n");
+    let gate = Gate::start(&up, Some(&redis), &config).await;
+    assert_eq!(gate.get("/kpi/a").await.cache(), "MISS");
+    // This client's connection thread reads through a connection of its own.
+    let own_connection = eventually(Duration::from_secs(10), || async {
+        gate.get("/kpi/a").await.cache() == "HIT" && thread_readers(&redis).await >= 1
+    });
+    assert!(
+        own_connection.await,
+        "no read went through a thread's own connection"
+    );
+    let mut admin = redis.connection().await;
+    let list: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let ids: Vec<&str> = list
+        .lines()
+        .filter(|line| line.contains("name=cachegate-thread-read"))
+        .filter_map(|line| line.strip_prefix("id=")?.split(' ').next())
+        .collect();
+    assert!(!ids.is_empty());
+    for id in ids {
+        let _: () = redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("ID")
+            .arg(id)
+            .query_async(&mut admin)
+            .await
+            .unwrap();
+    }
+    let upstream_before = up.hits();
+    for _ in 0..5 {
+        let response = gate.get("/kpi/a").await;
+        assert_eq!((response.status, response.cache()), (200, "HIT"));
+    }
+    assert_eq!(
+        up.hits(),
+        upstream_before,
+        "a lost connection sent reads upstream"
+    );
+    // The lost connection was counted.
+    let get_errors = gate.metrics().await.lines().find_map(|l| {
+        l.strip_prefix("cachegate_redis_errors_total{op=\"get\"} ")
+            .map(|n| n.trim().parse::<f64>().unwrap())
+    });
+    assert!(get_errors >= Some(1.0), "{get_errors:?}");
+}
+
 /// With `thread_connections = false`, reads on connection threads go through the shared
 /// connection: no thread makes one of its own.
 #[tokio::test]

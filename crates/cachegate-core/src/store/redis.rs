@@ -18,6 +18,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use redis::AsyncCommands;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tokio::time::Instant;
 
 use super::breaker::Breaker;
 use super::thread_conns::{OpFailure, ThreadConnections};
@@ -271,6 +272,15 @@ impl RedisTier {
     where
         F: Future<Output = redis::RedisResult<T>>,
     {
+        self.guarded_until(op, Instant::now() + self.op_timeout, f)
+            .await
+    }
+
+    /// [`RedisTier::guarded`] with the operation given up on at `deadline`.
+    async fn guarded_until<T, F>(&self, op: &'static str, deadline: Instant, f: F) -> Option<T>
+    where
+        F: Future<Output = redis::RedisResult<T>>,
+    {
         if !self.breaker.allow() {
             return None;
         }
@@ -278,20 +288,8 @@ impl RedisTier {
         let epoch = self.shared_epoch.load(Ordering::Acquire);
         // On the home runtime: redis-rs spawns the connection's driver (and its reconnects)
         // where the first operation is polled.
-        let outcome = tokio::time::timeout(self.op_timeout, self.home.run(f)).await;
+        let outcome = tokio::time::timeout_at(deadline, self.home.run(f)).await;
         self.report(op, outcome, Via::Shared(epoch))
-    }
-
-    /// [`RedisTier::guarded`] for an operation on this thread's own connection `conn_id`
-    /// ([`ThreadConnections::here`], taken while the breaker was closed): polled here, not
-    /// at home; a timeout or a connection's failure also retires the thread's connection
-    /// ([`ThreadConnections::failed_here`]).
-    async fn guarded_here<T, F>(&self, op: &'static str, conn_id: u64, f: F) -> Option<T>
-    where
-        F: Future<Output = redis::RedisResult<T>>,
-    {
-        let outcome = tokio::time::timeout(self.op_timeout, f).await;
-        self.report(op, outcome, Via::Thread(conn_id))
     }
 
     /// Reports an operation's outcome (`via` the shared connection or the calling
@@ -376,25 +374,32 @@ impl RedisTier {
         .is_some()
     }
 
-    /// The stored envelope for `key`, or `None` on a miss, a failure or a timeout. On a
-    /// lasting thread (with `thread_connections`), through the thread's own connection once
-    /// it is up and while the breaker is closed (see the module docs and
-    /// `store/thread_conns.rs`).
+    /// The stored envelope for `key`, or `None` on a miss, a failure or a timeout (within
+    /// `op_timeout_ms` in all). On a lasting thread (with `thread_connections`), through
+    /// the thread's own connection once it is up and while the breaker is closed (see the
+    /// module docs and `store/thread_conns.rs`). When that connection turns out to be lost
+    /// (closed by Redis, by its `timeout` for idle clients or a restart; not a timeout,
+    /// which has used the time up), it is retired and the read goes through the shared
+    /// connection in the time left: one read, one outcome for the breaker.
     pub async fn get(&self, key: &CacheKey) -> Option<Vec<u8>> {
         let redis_key = self.redis_key(key);
+        let deadline = Instant::now() + self.op_timeout;
         if self.thread_reads
             && self.breaker.state() == BreakerState::Closed
             && let Some((mut conn, id)) = self.thread_conns.here()
         {
-            return self
-                .guarded_here("get", id, async move {
-                    conn.get::<_, Option<Vec<u8>>>(redis_key).await
-                })
-                .await
-                .flatten();
+            let read = conn.get::<_, Option<Vec<u8>>>(&redis_key);
+            match tokio::time::timeout_at(deadline, read).await {
+                Ok(Err(e)) if OpFailure::Error(&e).is_connection_failure() => {
+                    tracing::debug!(error = %e, "redis thread connection lost; read on the shared one");
+                    self.thread_conns.failed_here(id, OpFailure::Error(&e));
+                    self.metrics.redis_errors.inc("get");
+                }
+                outcome => return self.report("get", outcome, Via::Thread(id)).flatten(),
+            }
         }
         let mut conn = self.connection();
-        self.guarded("get", async move {
+        self.guarded_until("get", deadline, async move {
             conn.get::<_, Option<Vec<u8>>>(redis_key).await
         })
         .await
