@@ -398,16 +398,22 @@ async fn a_dead_connection_is_replaced_once_redis_can_be_reached_again() {
     );
 }
 
-/// The connections reading for connection threads: `CLIENT LIST` entries named as
-/// cachegate names them whose last command was a `GET`.
-async fn thread_readers(redis: &Redis) -> usize {
+/// Redis's `CLIENT LIST`: one line per connection.
+async fn client_list(redis: &Redis) -> String {
     let mut conn = redis.connection().await;
-    let list: String = redis::cmd("CLIENT")
+    redis::cmd("CLIENT")
         .arg("LIST")
         .query_async(&mut conn)
         .await
-        .unwrap();
-    list.lines()
+        .unwrap()
+}
+
+/// The connections reading for connection threads: `CLIENT LIST` entries named as
+/// cachegate names them whose last command was a `GET`.
+async fn thread_readers(redis: &Redis) -> usize {
+    client_list(redis)
+        .await
+        .lines()
         .filter(|line| line.contains("name=cachegate-thread-read") && line.contains("cmd=get"))
         .count()
 }
@@ -472,12 +478,8 @@ async fn a_read_that_finds_its_thread_connection_lost_is_still_a_hit() {
         own_connection.await,
         "no read went through a thread's own connection"
     );
+    let list = client_list(&redis).await;
     let mut admin = redis.connection().await;
-    let list: String = redis::cmd("CLIENT")
-        .arg("LIST")
-        .query_async(&mut admin)
-        .await
-        .unwrap();
     let ids: Vec<&str> = list
         .lines()
         .filter(|line| line.contains("name=cachegate-thread-read"))
