@@ -513,6 +513,62 @@ async fn a_read_that_finds_its_thread_connection_lost_is_still_a_hit() {
     assert!(get_errors >= Some(1.0), "{get_errors:?}");
 }
 
+/// An entry that expires while Redis answers is judged when the answer is in, not when the
+/// request came: without a stale window it is a miss, with one it is served stale (and
+/// refreshed), never as a fresh hit with an `Age` past its freshness.
+#[tokio::test]
+async fn an_entry_that_expires_while_redis_answers_is_not_a_fresh_hit() {
+    let redis = Redis::start().await;
+    let relay = common::Relay::start(redis.port).await;
+    let up = Upstream::start().await;
+    let table = format!("url = \"{}\"\nop_timeout_ms = 5000\n", relay.redis_url());
+    let config = r#"
+[cache]
+memory_max_bytes = 0
+
+[[routes]]
+method = "GET"
+path = "/plain/*"
+ttl_secs = 2
+
+[[routes]]
+method = "GET"
+path = "/swr/*"
+ttl_secs = 2
+stale_while_revalidate_secs = 60
+"#;
+    let gate = Gate::start_at(&up.url(), Some(table), config, "").await;
+    let mut stored = Vec::new();
+    for path in ["/plain/a", "/swr/a"] {
+        assert_eq!(gate.get(path).await.cache(), "MISS");
+        // Stored at or before this moment: fresh until two seconds after it at most.
+        let stored_by = tokio::time::Instant::now();
+        // In Redis (the write goes in the background).
+        let in_redis = eventually(Duration::from_secs(1), || async {
+            gate.get(path).await.cache() == "HIT"
+        });
+        assert!(in_redis.await, "{path} never reached Redis");
+        stored.push((path, stored_by));
+    }
+    // Each asked 0.8 s after it was stored (fresh then), answered 2 s later (stale then),
+    // both at once.
+    relay.delay_replies(Duration::from_secs(2));
+    let ask = |(path, stored_by): (&'static str, tokio::time::Instant)| {
+        let gate = &gate;
+        async move {
+            tokio::time::sleep_until(stored_by + Duration::from_millis(800)).await;
+            let response = gate.get(path).await;
+            let age: u64 = response.header("age").parse().unwrap_or(0);
+            (path, response.cache().to_string(), age < 2)
+        }
+    };
+    let (plain, swr) = tokio::join!(ask(stored[0]), ask(stored[1]));
+    // Not kept past its freshness: a miss, fetched again.
+    assert_eq!(plain, ("/plain/a", "MISS".to_string(), true));
+    // Served stale while one background request refreshes it.
+    assert_eq!(swr.1, "STALE");
+}
+
 /// With `thread_connections = false`, reads on connection threads go through the shared
 /// connection: no thread makes one of its own.
 #[tokio::test]

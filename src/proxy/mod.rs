@@ -427,8 +427,9 @@ impl<O: Origin> Proxy<O> {
         // background request refreshes it (stale-while-revalidate), or kept to answer an
         // upstream error (stale-if-error), or ignored.
         let mut ctx = ctx;
-        // The request's time: what freshness is judged at (RFC 9111 §4.2.3), read once.
-        let now = now_ms();
+        // The request's time (RFC 9111 §4.2.3's `now`): what a memory-tier hit is judged
+        // at, one clock read; read again after whatever may have waited on Redis.
+        let mut now = now_ms();
         let mut found = self.store.lookup_marked(&key, now).await;
         // Vary: the primary key holds a marker; the variant this request selects has its
         // own key. A soft-purged marker counts as none: the next answer stored starts a
@@ -447,10 +448,12 @@ impl<O: Origin> Proxy<O> {
                     &parts.headers,
                 );
                 ctx.marker = Some(marker.clone());
+                now = judged_at(&found, now);
                 found = self.store.lookup_marked(&ctx.key, now).await;
             }
         }
         let key = ctx.key;
+        let now = judged_at(&found, now);
         // A refresh of this entry sends the keyed parts of this request, and the headers
         // its variant is selected by (in the variant key already). Made only when a
         // refresh is queued.
@@ -1461,6 +1464,17 @@ fn is_unsafe(method: &Method) -> bool {
         *method,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
     )
+}
+
+/// The time to judge a looked-up entry at: `now` (read before the lookup) for a
+/// memory-tier entry fresh then, which came without a round trip; the clock read again
+/// for anything else (from Redis, or a stale memory entry that made the lookup ask
+/// Redis), so that an entry that expired while Redis answered is not taken as fresh.
+fn judged_at(found: &Option<(CachedResponse, Tier, bool)>, now: u64) -> u64 {
+    match found {
+        Some((entry, Tier::Memory, _)) if entry.is_fresh(now) => now,
+        _ => now_ms(),
+    }
 }
 
 /// `OPTIONS *` (RFC 9112 §3.2.4).

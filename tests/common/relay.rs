@@ -1,9 +1,11 @@
 //! A TCP relay in front of a real server, for network faults no real server shows on
 //! demand: a connection dropped by a NAT or a firewall without a reset (the server side
-//! gone, the client side open and silent), or a server that goes silent after one command.
+//! gone, the client side open and silent), a server that goes silent after one command,
+//! or one that answers late.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -18,6 +20,8 @@ pub struct Relay {
     held: Arc<Mutex<Vec<TcpStream>>>,
     swallowed: Arc<AtomicUsize>,
     refusing: Arc<AtomicBool>,
+    /// Milliseconds each chunk of the server's bytes is held before it is forwarded.
+    reply_delay_ms: Arc<AtomicU64>,
     accept: tokio::task::JoinHandle<()>,
 }
 
@@ -42,7 +46,9 @@ impl Relay {
         let held = Arc::new(Mutex::new(Vec::new()));
         let swallowed = Arc::new(AtomicUsize::new(0));
         let refusing = Arc::new(AtomicBool::new(false));
+        let reply_delay_ms = Arc::new(AtomicU64::new(0));
         let (held2, swallowed2, refusing2) = (held.clone(), swallowed.clone(), refusing.clone());
+        let delay2 = reply_delay_ms.clone();
         let accept = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 if refusing2.load(Ordering::SeqCst) {
@@ -53,9 +59,15 @@ impl Relay {
                 };
                 let mut severed = severed.clone();
                 severed.mark_unchanged();
-                let (held, swallowed) = (held2.clone(), swallowed2.clone());
+                let (held, swallowed, delay) = (held2.clone(), swallowed2.clone(), delay2.clone());
                 tokio::spawn(async move {
-                    relay(client, server, needle, &mut severed, &held, &swallowed).await;
+                    let faults = Faults {
+                        needle,
+                        held: &held,
+                        swallowed: &swallowed,
+                        reply_delay_ms: &delay,
+                    };
+                    relay(client, server, &mut severed, faults).await;
                 });
             }
         });
@@ -65,8 +77,16 @@ impl Relay {
             held,
             swallowed,
             refusing,
+            reply_delay_ms,
             accept,
         }
+    }
+
+    /// From now on, every chunk of a server's reply is held for `delay` before it is
+    /// forwarded (a server answering late), on connections open now and later.
+    pub fn delay_replies(&self, delay: Duration) {
+        self.reply_delay_ms
+            .store(delay.as_millis() as u64, Ordering::SeqCst);
     }
 
     /// `redis://` URL of the relay.
@@ -103,14 +123,26 @@ impl Drop for Relay {
     }
 }
 
+/// What a relayed connection is told to do wrong.
+struct Faults<'a> {
+    needle: Option<&'static [u8]>,
+    held: &'a Mutex<Vec<TcpStream>>,
+    swallowed: &'a AtomicUsize,
+    reply_delay_ms: &'a AtomicU64,
+}
+
 async fn relay(
     mut client: TcpStream,
     mut server: TcpStream,
-    needle: Option<&'static [u8]>,
     severed: &mut watch::Receiver<u64>,
-    held: &Mutex<Vec<TcpStream>>,
-    swallowed: &AtomicUsize,
+    faults: Faults<'_>,
 ) {
+    let Faults {
+        needle,
+        held,
+        swallowed,
+        reply_delay_ms,
+    } = faults;
     let cut = {
         let (mut client_read, mut client_write) = client.split();
         let (mut server_read, mut server_write) = server.split();
@@ -135,6 +167,10 @@ async fn relay(
             let mut buf = vec![0u8; 16 * 1024];
             loop {
                 let n = server_read.read(&mut buf).await.unwrap_or(0);
+                let delay = reply_delay_ms.load(Ordering::SeqCst);
+                if n > 0 && delay > 0 {
+                    tokio::time::sleep(Duration::from_millis(delay)).await;
+                }
                 if n == 0 || client_write.write_all(&buf[..n]).await.is_err() {
                     return;
                 }

@@ -278,9 +278,11 @@ impl<V: Storable> TieredStore<V> {
 
     /// Like [`TieredStore::lookup`], and says whether a soft purge marked the entry stale
     /// ([`PurgeMode::Soft`]): the caller may serve it stale while it refreshes it.
-    /// Freshness and grace are judged at `now_ms` (milliseconds since the Unix epoch,
-    /// [`crate::now_ms`]): the time the request was received (RFC 9111 §4.2.3's
-    /// `request_time`), read once by the caller for everything it decides.
+    /// A memory-tier entry is judged at `now_ms` (milliseconds since the Unix epoch,
+    /// [`crate::now_ms`]: the caller's clock read for the request, RFC 9111 §4.2.3's
+    /// `now`, so that a memory-tier hit reads the clock once); after a Redis round trip
+    /// the clock is read again, and the caller should do the same for what it decides
+    /// about an entry from Redis or a stale one.
     pub async fn lookup_marked(&self, key: &CacheKey, now_ms: u64) -> Option<(V, Tier, bool)> {
         let found = self.lookup_tiers(key, now_ms).await?;
         if self.is_purged(key, &found.0) {
@@ -515,10 +517,12 @@ impl<V: Storable> TieredStore<V> {
         // Until this replica has loaded the purge markers, a Redis entry may be one that
         // was purged: not served (a miss) until then.
         let from_redis = if self.purges.trusted() {
-            self.lookup_redis(key, now_ms).await
+            self.lookup_redis(key).await
         } else {
             None
         };
+        // Time has passed (up to the operation timeout).
+        let now_ms = crate::now_ms();
         match (from_redis, in_memory) {
             (Some(entry), stale) if entry.is_fresh(now_ms) || stale.is_none() => {
                 self.memory.insert(*key, entry.clone());
@@ -530,7 +534,7 @@ impl<V: Storable> TieredStore<V> {
     }
 
     /// The entry Redis holds for `key`, if kept; rejected envelopes are counted.
-    async fn lookup_redis(&self, key: &CacheKey, now_ms: u64) -> Option<V> {
+    async fn lookup_redis(&self, key: &CacheKey) -> Option<V> {
         let redis = self.redis.as_ref()?;
         let mut bytes = redis.get(key).await?;
         let Some(entry) = self
@@ -542,7 +546,7 @@ impl<V: Storable> TieredStore<V> {
             tracing::warn!(key = %key.short(), "unauthenticated or undecodable entry in redis treated as a miss");
             return None;
         };
-        entry.is_kept(now_ms).then_some(entry)
+        entry.is_kept(now_ms()).then_some(entry)
     }
 
     /// The entry Redis holds for `key` if it was stored after `newer_than_ms` (and is kept
@@ -552,7 +556,7 @@ impl<V: Storable> TieredStore<V> {
         if !self.purges.trusted() {
             return None;
         }
-        let entry = self.lookup_redis(key, now_ms()).await?;
+        let entry = self.lookup_redis(key).await?;
         if entry.stored_at_ms() <= newer_than_ms
             || self.is_purged(key, &entry)
             || covered(&self.soft, key, &entry)

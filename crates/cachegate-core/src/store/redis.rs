@@ -379,8 +379,10 @@ impl RedisTier {
     /// the thread's own connection once it is up and while the breaker is closed (see the
     /// module docs and `store/thread_conns.rs`). When that connection turns out to be lost
     /// (closed by Redis, by its `timeout` for idle clients or a restart; not a timeout,
-    /// which has used the time up), it is retired and the read goes through the shared
-    /// connection in the time left: one read, one outcome for the breaker.
+    /// which has used the time up, nor an error reply), it is retired and, with at least a
+    /// quarter of the timeout left, the read goes through the shared connection in the
+    /// time left: one read, one outcome for the breaker (the lost connection is counted
+    /// in `redis_errors{op="get"}` either way).
     pub async fn get(&self, key: &CacheKey) -> Option<Vec<u8>> {
         let redis_key = self.redis_key(key);
         let deadline = Instant::now() + self.op_timeout;
@@ -390,7 +392,13 @@ impl RedisTier {
         {
             let read = conn.get::<_, Option<Vec<u8>>>(&redis_key);
             match tokio::time::timeout_at(deadline, read).await {
-                Ok(Err(e)) if OpFailure::Error(&e).is_connection_failure() => {
+                // Lost, with time left for the shared connection (a quarter of the
+                // timeout at least: not a read given up on as soon as it starts).
+                Ok(Err(e))
+                    if OpFailure::Error(&e).is_connection_failure()
+                        && deadline.saturating_duration_since(Instant::now())
+                            >= self.op_timeout / 4 =>
+                {
                     tracing::debug!(error = %e, "redis thread connection lost; read on the shared one");
                     self.thread_conns.failed_here(id, OpFailure::Error(&e));
                     self.metrics.redis_errors.inc("get");
