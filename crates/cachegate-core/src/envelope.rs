@@ -205,6 +205,22 @@ mod tests {
 
     proptest::proptest! {
         #[test]
+        fn any_payload_opens_in_place_to_itself_and_only_for_its_key(
+            payload in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..2048),
+            key in proptest::prelude::any::<[u8; 32]>(),
+            seal in proptest::prelude::any::<bool>(),
+        ) {
+            let k = keys(seal);
+            let envelope = k.seal(&CacheKey(key), &payload);
+            let mut buf = envelope.to_vec();
+            proptest::prop_assert_eq!(k.open_in_place(&CacheKey(key), &mut buf), Some(&payload[..]));
+            let mut other = key;
+            other[0] ^= 1;
+            let mut buf = envelope.to_vec();
+            proptest::prop_assert_eq!(k.open_in_place(&CacheKey(other), &mut buf), None);
+        }
+
+        #[test]
         fn any_bytes_open_to_none_never_a_panic(data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512), mode in 0u8..3) {
             let mut data = data;
             if data.len() >= 2 {
