@@ -194,15 +194,23 @@ impl Admin {
                 "unknown event: see [[events]] in the config",
             );
         };
-        let mut reports = Vec::with_capacity(event.scopes.len());
-        for scope in event.scopes {
-            let report = self.store.purge_as(scope, event.mode, self.ack_timeout);
-            reports.push(report.await);
-        }
+        let reports = self.purge_scopes(event.scopes, event.mode).await;
         let confirmed = reports.iter().all(PurgeReport::confirmed);
         tracing::info!(target: "audit", client = %peer, op = "event", event = %name, confirmed, "event");
         let soft = event.mode == PurgeMode::Soft;
         purge_reply(&reports, json!({"event": name, "soft": soft}))
+    }
+
+    /// Applies every scope of one purge here and spreads each to the other replicas, all
+    /// at once: the whole purge waits for acknowledgements `ack_timeout` at most, however
+    /// many scopes it has (tags, paths, requests). One report per scope, in order.
+    async fn purge_scopes(&self, scopes: Vec<PurgeScope>, mode: PurgeMode) -> Vec<PurgeReport> {
+        futures_util::future::join_all(
+            scopes
+                .into_iter()
+                .map(|scope| self.store.purge_as(scope, mode, self.ack_timeout)),
+        )
+        .await
     }
 
     /// `POST /admin/warm[?concurrency=N]`: replays the warm list in the body (see
@@ -350,10 +358,7 @@ impl Admin {
         } else {
             PurgeMode::Hard
         };
-        let mut reports: Vec<PurgeReport> = Vec::with_capacity(scopes.len());
-        for scope in scopes {
-            reports.push(self.store.purge_as(scope, mode, self.ack_timeout).await);
-        }
+        let reports = self.purge_scopes(scopes, mode).await;
         if reports.is_empty() {
             return plain(
                 StatusCode::BAD_REQUEST,

@@ -712,3 +712,30 @@ async fn a_replica_subscribes_with_the_most_key_markers_recorded() {
     let b = Gate::start_at(&up.url(), Some(redis_table), CONFIG, "").await;
     purged_on_both(&a, &b).await;
 }
+
+/// A purge of several parts (tags, paths, requests) that one subscriber never
+/// acknowledges waits `ack_timeout_ms` once, not once per part, and says it is not
+/// confirmed.
+#[tokio::test]
+async fn a_purge_of_several_parts_waits_for_acknowledgements_once() {
+    let (up, redis) = (Upstream::start().await, Redis::start().await);
+    let config = CONFIG.replace("[admin]\n", "[admin]\nack_timeout_ms = 1000\n");
+    let gate = Gate::start(&up, Some(&redis), &config).await;
+    // Counted by PUBLISH, silent after.
+    let mut silent = redis.client().get_async_pubsub().await.unwrap();
+    silent.subscribe("cachegate:invalidate").await.unwrap();
+    both_subscribed(&redis).await;
+    let started = std::time::Instant::now();
+    let body = r#"{"tags": ["kpi"], "paths": ["/profile/*"], "requests": [{"url": "/api/x"}]}"#;
+    let (status, reply) = purge(&gate, Some("purge-token"), body).await;
+    let waited = started.elapsed();
+    assert_eq!(
+        (status, reply["confirmed"].as_bool()),
+        (200, Some(false)),
+        "{reply}"
+    );
+    // It did wait for the silent subscriber, and only once (one wait per part: 3 s).
+    assert!(waited >= Duration::from_millis(1000), "{waited:?}");
+    assert!(waited < Duration::from_millis(2500), "waited {waited:?}");
+    drop(silent);
+}
