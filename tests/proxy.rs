@@ -630,15 +630,23 @@ async fn connection_threads_or_the_shared_runtime_serve_alike() {
 }
 
 #[test]
-fn too_many_connection_threads_is_a_config_error() {
-    let toml = "[server]\nconnection_threads = 1025\n[upstream]\nurl = \"http://127.0.0.1:1\"\n";
-    let err = cachegate::config::Config::from_toml(toml, None)
-        .unwrap()
-        .finish(&Default::default(), |_| None)
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("server.connection_threads: at most 1024"),
-        "{err}"
-    );
+fn settings_past_their_bounds_are_config_errors() {
+    for (setting, expected) in [
+        (
+            "[server]\nconnection_threads = 1025\n",
+            "server.connection_threads: at most 1024",
+        ),
+        (
+            "[admin]\nack_timeout_ms = 60001\n",
+            "admin.ack_timeout_ms: at most 60000, found 60001",
+        ),
+    ] {
+        let toml = format!("{setting}[upstream]\nurl = \"http://127.0.0.1:1\"\n");
+        let err = cachegate::config::Config::from_toml(&toml, None)
+            .unwrap()
+            .finish(&Default::default(), |_| None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(expected), "{err}");
+    }
 }

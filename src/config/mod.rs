@@ -101,7 +101,7 @@ pub struct AdminConfig {
     /// also `CACHEGATE_ADMIN_TOKEN`. Absent: those endpoints answer 403.
     pub token: Option<String>,
     /// How long a purge waits for the other replicas' acknowledgements, in milliseconds.
-    /// Default 1000.
+    /// Default 1000; at most [`MAX_ACK_TIMEOUT_MS`] (an admin call is answered within it).
     pub ack_timeout_ms: u64,
 }
 
@@ -391,6 +391,9 @@ impl Default for UpstreamConfig {
 /// The most `[server] connection_threads` allowed.
 pub const MAX_CONNECTION_THREADS: usize = 1024;
 
+/// The longest `[admin] ack_timeout_ms` a config may give: one minute.
+pub const MAX_ACK_TIMEOUT_MS: u64 = 60_000;
+
 impl ServerConfig {
     /// The number of connection threads: `connection_threads`, or two per CPU the process
     /// may use (`std::thread::available_parallelism`, 1 CPU when unknown); at most
@@ -563,6 +566,12 @@ impl Config {
         {
             return Err(ConfigError::plain(format!(
                 "server.connection_threads: at most {MAX_CONNECTION_THREADS}, found {n}"
+            )));
+        }
+        if self.admin.ack_timeout_ms > MAX_ACK_TIMEOUT_MS {
+            return Err(ConfigError::plain(format!(
+                "admin.ack_timeout_ms: at most {MAX_ACK_TIMEOUT_MS}, found {}",
+                self.admin.ack_timeout_ms
             )));
         }
         if self.upstream.url.is_none() {
