@@ -505,7 +505,7 @@ impl<O: Origin> Proxy<O> {
                         Staleness::Fresh { .. } => 0,
                     };
                     let outcome = stale(StaleReason::SoftPurge, tier, secs, None);
-                    return self.serve_entry(&entry, &ctx, outcome);
+                    return self.serve_entry(&entry, &ctx, outcome, now);
                 }
             } else {
                 match staleness {
@@ -520,14 +520,14 @@ impl<O: Origin> Proxy<O> {
                             && directives.max_stale.is_some_and(|max| secs <= max) =>
                     {
                         let outcome = stale(StaleReason::MaxStale, tier, secs, None);
-                        return self.serve_entry(&entry, &ctx, outcome);
+                        return self.serve_entry(&entry, &ctx, outcome, now);
                     }
                     Staleness::Fresh { left } => {
                         if refresh_ahead_due(route, &entry, left) {
                             self.refresher
                                 .request(&key, entry.stored_at_ms(), replay, None);
                         }
-                        return self.serve_entry(&entry, &ctx, hit(&entry, tier));
+                        return self.serve_entry(&entry, &ctx, hit(&entry, tier, now), now);
                     }
                     Staleness::Stale { secs } => {
                         let f = entry.freshness();
@@ -537,7 +537,7 @@ impl<O: Origin> Proxy<O> {
                                 .request(&key, entry.stored_at_ms(), replay, None)
                         {
                             let outcome = stale(StaleReason::Revalidating, tier, secs, None);
-                            return self.serve_entry(&entry, &ctx, outcome);
+                            return self.serve_entry(&entry, &ctx, outcome, now);
                         }
                         let can_revalidate = secs <= u64::from(f.revalidate_secs)
                             && (ctx.method == Method::GET || ctx.method == Method::HEAD);
@@ -608,7 +608,7 @@ impl<O: Origin> Proxy<O> {
                                 waits.inc("served");
                                 let outcome =
                                     miss(CachePhase::Collapsed, Some(found.status().as_u16()));
-                                return self.serve_entry(&found, &ctx, outcome);
+                                return self.serve_entry(&found, &ctx, outcome, now_ms());
                             }
                             continue;
                         }
@@ -625,7 +625,7 @@ impl<O: Origin> Proxy<O> {
                         return resp;
                     }
                     let outcome = miss(CachePhase::Collapsed, Some(status));
-                    return self.serve_entry(&entry, &ctx, outcome);
+                    return self.serve_entry(&entry, &ctx, outcome, now_ms());
                 }
                 WaitOutcome::Released => {
                     waits.inc("released");
@@ -660,15 +660,16 @@ impl<O: Origin> Proxy<O> {
     ) -> Response<ProxyBody> {
         let key = &ctx.key;
         // A flight that ended between our lookup and our join has just stored its entry.
+        let now = now_ms();
         if !ctx.refresh
             && let Some(entry) = self.store.lookup_memory(key)
-            && entry.is_fresh(now_ms())
+            && entry.is_fresh(now)
             && !entry.is_vary_marker()
         {
             if let Some(leader) = leader {
                 leader.share(entry.clone());
             }
-            return self.serve_entry(&entry, ctx, hit(&entry, Tier::Memory));
+            return self.serve_entry(&entry, ctx, hit(&entry, Tier::Memory, now), now);
         }
         // Kept to select the variant a response that varies is stored as.
         let request_headers = parts.headers.clone();
@@ -797,7 +798,7 @@ impl<O: Origin> Proxy<O> {
             None => {}
         }
         let outcome = miss(CachePhase::Miss(decision.map(|_| ())), fwd_status);
-        self.serve_entry(&entry, ctx, outcome)
+        self.serve_entry(&entry, ctx, outcome, now_ms())
     }
 
     /// Stores `entry`, the response to the request of `ctx` (whose headers are
@@ -891,7 +892,7 @@ impl<O: Origin> Proxy<O> {
             ttl_secs: None,
             fwd_status: Some(304),
         };
-        self.serve_entry(&entry, ctx, outcome)
+        self.serve_entry(&entry, ctx, outcome, now_ms())
     }
 
     /// Passes a request through to the upstream, streaming both ways, without the cache.
@@ -1099,7 +1100,7 @@ impl<O: Origin> Proxy<O> {
     ) -> Option<Response<ProxyBody>> {
         let (entry, secs, tier) = ctx.stale.as_ref()?;
         let outcome = stale(StaleReason::IfError, *tier, *secs, fwd_status);
-        Some(self.serve_entry(entry, ctx, outcome))
+        Some(self.serve_entry(entry, ctx, outcome, now_ms()))
     }
 
     /// Removes the targeted cache-control fields (RFC 9213) meant for cachegate from a
@@ -1325,12 +1326,14 @@ impl<O: Origin> Proxy<O> {
     }
 
     /// Builds the response for a stored or shared entry: the entry itself, or `304 Not
-    /// Modified` when the client's conditions say it has it already.
+    /// Modified` when the client's conditions say it has it already. Its `Age` is the
+    /// entry's age at `now_ms` (the time the serving decision was made at).
     fn serve_entry(
         &self,
         entry: &CachedResponse,
         ctx: &Ctx,
         outcome: Outcome,
+        now_ms: u64,
     ) -> Response<ProxyBody> {
         let is_get = ctx.method == Method::GET || ctx.method == Method::HEAD;
         let (headers, stored_body) = entry.parts();
@@ -1359,7 +1362,7 @@ impl<O: Origin> Proxy<O> {
             // RFC 9111 §5.1: the current age, the age it arrived with included.
             resp.headers_mut().insert(
                 header::AGE,
-                HeaderValue::from(entry.current_age_secs(now_ms())),
+                HeaderValue::from(entry.current_age_secs(now_ms)),
             );
         }
         // Stored with the entry (a revalidation recomputes freshness from them), never
@@ -1511,10 +1514,12 @@ fn request_body_fault(e: &BoxError) -> ClientFault {
     }
 }
 
-fn hit(entry: &CachedResponse, tier: Tier) -> Outcome {
+/// A hit on `entry` from `tier`, with the freshness it has left at `now_ms` (when it was
+/// judged fresh).
+fn hit(entry: &CachedResponse, tier: Tier, now_ms: u64) -> Outcome {
     Outcome {
         phase: CachePhase::Hit(tier),
-        ttl_secs: Some(entry.remaining_ttl(now_ms()).as_secs() as i64),
+        ttl_secs: Some(entry.remaining_ttl(now_ms).as_secs() as i64),
         fwd_status: None,
     }
 }
