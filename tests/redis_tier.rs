@@ -521,7 +521,7 @@ async fn an_entry_that_expires_while_redis_answers_is_not_a_fresh_hit() {
     let redis = Redis::start().await;
     let relay = common::Relay::start(redis.port).await;
     let up = Upstream::start().await;
-    let table = format!("url = \"{}\"\nop_timeout_ms = 5000\n", relay.redis_url());
+    let table = format!("url = \"{}\"\nop_timeout_ms = 8000\n", relay.redis_url());
     let config = r#"
 [cache]
 memory_max_bytes = 0
@@ -559,14 +559,15 @@ stale_while_revalidate_secs = 60
             tokio::time::sleep_until(stored_by + Duration::from_millis(800)).await;
             let response = gate.get(path).await;
             let age: u64 = response.header("age").parse().unwrap_or(0);
-            (path, response.cache().to_string(), age < 2)
+            (response.cache().to_string(), age)
         }
     };
     let (plain, swr) = tokio::join!(ask(stored[0]), ask(stored[1]));
     // Not kept past its freshness: a miss, fetched again.
-    assert_eq!(plain, ("/plain/a", "MISS".to_string(), true));
-    // Served stale while one background request refreshes it.
-    assert_eq!(swr.1, "STALE");
+    assert_eq!(plain.0, "MISS");
+    // Served stale while one background request refreshes it, with its age then.
+    assert_eq!(swr.0, "STALE");
+    assert!(swr.1 >= 2, "Age {}", swr.1);
 }
 
 /// With `thread_connections = false`, reads on connection threads go through the shared

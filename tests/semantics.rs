@@ -303,6 +303,32 @@ async fn stale_if_error_answers_upstream_errors_with_the_stale_entry() {
     assert_eq!((r.status, r.cache()), (503, "MISS"));
 }
 
+/// The stale-if-error window is judged when the error is answered, not when the request
+/// came: an upstream that takes its whole timeout to fail may carry the entry past it.
+#[tokio::test]
+async fn stale_if_error_is_judged_when_the_error_arrives() {
+    let (up, _) = scripted(|n| match n {
+        // Stale by 10 s when it arrives, usable for 12 s past its freshness.
+        0 => reply(
+            200,
+            &[
+                ("cache-control", "max-age=10, stale-if-error=12"),
+                ("age", "20"),
+            ],
+            "last good",
+        ),
+        // No answer: the upstream's response timeout (3 s) runs out.
+        _ => Script::Stall(Vec::new()),
+    })
+    .await;
+    let gate = Gate::start_at(&up.url(), None, "", "").await;
+    assert_eq!(gate.get("/report").await.body, "last good");
+    // Within the window when looked up (about 10 s stale), past it (13 s) when the
+    // timeout ends: the error goes through.
+    let r = gate.get("/report").await;
+    assert_eq!(r.status, 504, "{} {}", r.cache(), r.body);
+}
+
 // 6. Route options: stale windows set by the route, whatever the response says.
 #[tokio::test]
 async fn route_stale_options_apply_without_response_directives() {

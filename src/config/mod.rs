@@ -101,7 +101,8 @@ pub struct AdminConfig {
     /// also `CACHEGATE_ADMIN_TOKEN`. Absent: those endpoints answer 403.
     pub token: Option<String>,
     /// How long a purge waits for the other replicas' acknowledgements, in milliseconds.
-    /// Default 1000; at most [`MAX_ACK_TIMEOUT_MS`] (an admin call is answered within it).
+    /// Default 1000; at most [`MAX_ACK_TIMEOUT_MS`] (a purge's reply waits about this
+    /// long at most, plus its Redis round trips).
     pub ack_timeout_ms: u64,
 }
 
@@ -518,7 +519,9 @@ impl Config {
     /// `CACHEGATE_ROLLOUT_PERCENT`, `CACHEGATE_KEY_SECRET`), then checks the result.
     ///
     /// Errors: an override or environment value is malformed, the upstream URL is
-    /// missing, or Redis is configured without a key secret.
+    /// missing, Redis is configured without a key secret, or a setting is past its bound
+    /// (`server.connection_threads` over [`MAX_CONNECTION_THREADS`], `admin.ack_timeout_ms`
+    /// over [`MAX_ACK_TIMEOUT_MS`], the checks of [`Config::check_cache`]).
     pub fn finish(
         mut self,
         overrides: &Overrides,

@@ -133,9 +133,10 @@ struct Ctx {
     tags: Vec<String>,
     /// A refresh ([`Refresh`]): fetched from the upstream even when an entry is stored.
     refresh: bool,
-    /// A stale entry to serve instead of an upstream error (stale-if-error), how stale it
-    /// is in seconds, and where it was found.
-    stale: Option<(CachedResponse, u64, Tier)>,
+    /// A stale entry to serve instead of an upstream error (stale-if-error), and where it
+    /// was found (how stale it is, and whether still within its window, is judged when it
+    /// is served).
+    stale: Option<(CachedResponse, Tier)>,
     /// A stale entry to revalidate with its validators (RFC 9111 §4.3): the upstream gets
     /// a conditional request, and a `304` refreshes the entry.
     revalidate: Option<CachedResponse>,
@@ -545,7 +546,7 @@ impl<O: Origin> Proxy<O> {
                             ctx.revalidate = Some(entry.clone());
                         }
                         if secs <= u64::from(f.stale_if_error_secs) {
-                            ctx.stale = Some((entry, secs, tier));
+                            ctx.stale = Some((entry, tier));
                         }
                     }
                 }
@@ -1098,9 +1099,18 @@ impl<O: Origin> Proxy<O> {
         ctx: &Ctx,
         fwd_status: Option<u16>,
     ) -> Option<Response<ProxyBody>> {
-        let (entry, secs, tier) = ctx.stale.as_ref()?;
-        let outcome = stale(StaleReason::IfError, *tier, *secs, fwd_status);
-        Some(self.serve_entry(entry, ctx, outcome, now_ms()))
+        let (entry, tier) = ctx.stale.as_ref()?;
+        // Judged again now: the upstream may have taken its whole timeout to fail.
+        let now = now_ms();
+        let secs = match entry.staleness(now) {
+            Staleness::Stale { secs } => secs,
+            Staleness::Fresh { .. } => 0,
+        };
+        if secs > u64::from(entry.freshness().stale_if_error_secs) {
+            return None;
+        }
+        let outcome = stale(StaleReason::IfError, *tier, secs, fwd_status);
+        Some(self.serve_entry(entry, ctx, outcome, now))
     }
 
     /// Removes the targeted cache-control fields (RFC 9213) meant for cachegate from a
@@ -1327,7 +1337,8 @@ impl<O: Origin> Proxy<O> {
 
     /// Builds the response for a stored or shared entry: the entry itself, or `304 Not
     /// Modified` when the client's conditions say it has it already. Its `Age` is the
-    /// entry's age at `now_ms` (the time the serving decision was made at).
+    /// entry's age at `now_ms`: the time it is served at (for an entry served straight
+    /// from the lookup, the time it was judged at, a moment before).
     fn serve_entry(
         &self,
         entry: &CachedResponse,

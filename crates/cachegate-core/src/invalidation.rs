@@ -3,7 +3,7 @@
 //!
 //! A purge ([`crate::store::TieredStore::purge`]) applies at once on this replica, records
 //! its markers in the Redis hash `{namespace}:purges`, and publishes a message on
-//! `{namespace}:invalidate`. Every replica's subscriber ([`subscribe`]) applies it and
+//! `{namespace}:invalidate`. Every replica's subscriber (`subscribe`) applies it and
 //! acknowledges on `{namespace}:acks:{id}`; the purge waits for as many acknowledgements
 //! as `PUBLISH` reported subscribers, up to a time limit, and reports what it got
 //! ([`PurgeReport`]). A replica that (re)subscribes loads every marker from the hash

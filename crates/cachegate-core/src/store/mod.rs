@@ -133,7 +133,7 @@ struct Stripe {
     lock: tokio::sync::Mutex<()>,
 }
 
-/// Most writes one stripe of [`WriteOrder`] holds (256 stripes).
+/// Most writes one stripe of `WriteOrder` holds (256 stripes).
 pub const MAX_PENDING_WRITES: usize = 8;
 
 /// A write counted in its stripe's backlog until dropped.

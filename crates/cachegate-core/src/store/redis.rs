@@ -7,7 +7,7 @@
 //!
 //! Reads (`GET`) on a lasting thread ([`crate::home::mark_thread_lasting`], cachegate's
 //! connection threads) go through a connection of that thread's own while the breaker is
-//! closed ([`super::thread_conns`]); everything else, and reads elsewhere, through the
+//! closed (`store/thread_conns.rs`); everything else, and reads elsewhere, through the
 //! shared connection.
 
 use std::path::PathBuf;

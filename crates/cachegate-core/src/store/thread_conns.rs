@@ -15,8 +15,8 @@
 //! connection (an I/O error, a dropped connection: it may have died without a reset); a
 //! server's error reply (`LOADING`, `NOPERM`) leaves it in place. A read that found its
 //! connection lost (a connection's failure; not a timeout, not an error reply) is made
-//! again through the shared connection within the same deadline
-//! ([`crate::store::RedisTier::get`]). Every thread's
+//! again through the shared connection within the same deadline, when a quarter of it is
+//! left ([`crate::store::RedisTier::get`]). Every thread's
 //! connection is also replaced after the breaker opened ([`ThreadConnections::replace_all`]):
 //! after Redis went away (restarted, failed over to another host) each thread starts
 //! afresh instead of finding out on its own, each with a failure that would count against
