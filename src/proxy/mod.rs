@@ -605,11 +605,17 @@ impl<O: Origin> Proxy<O> {
                                 return self.fetch(parts, body, route, &ctx, None).await;
                             }
                             ctx.key = variant;
-                            if let Some(found) = self.store.lookup_memory(&ctx.key) {
+                            // Fresh only (not one kept stale for its grace).
+                            let now = now_ms();
+                            if let Some(found) = self
+                                .store
+                                .lookup_memory(&ctx.key)
+                                .filter(|found| found.is_fresh(now))
+                            {
                                 waits.inc("served");
                                 let outcome =
                                     miss(CachePhase::Collapsed, Some(found.status().as_u16()));
-                                return self.serve_entry(&found, &ctx, outcome, now_ms());
+                                return self.serve_entry(&found, &ctx, outcome, now);
                             }
                             continue;
                         }
