@@ -1144,18 +1144,18 @@ impl<O: Origin> Proxy<O> {
     /// an entry another replica stored since is copied into memory, and the key is due only
     /// if that one is too.
     pub async fn refresh_due(&self, key: &CacheKey, lead: impl Fn(Duration) -> Duration) -> bool {
-        let now = now_ms();
-        let due = |entry: &CachedResponse| {
+        let due = |entry: &CachedResponse, now: u64| {
             let ttl = Duration::from_secs(entry.ttl_secs().into());
             entry.remaining_ttl(now) <= lead(ttl)
         };
         let local = self.store.lookup_memory(key);
-        if local.as_ref().is_some_and(|e| !due(e)) {
+        if local.as_ref().is_some_and(|e| !due(e, now_ms())) {
             return false;
         }
         let newer_than = local.as_ref().map_or(0, CachedResponse::stored_at_ms);
         match self.store.newer_from_redis(key, newer_than).await {
-            Some(entry) => due(&entry),
+            // Judged after the round trip.
+            Some(entry) => due(&entry, now_ms()),
             None => true,
         }
     }
