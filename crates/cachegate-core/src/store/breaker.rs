@@ -3,9 +3,9 @@
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use prometheus_client::metrics::gauge::Gauge;
-use std::time::{Duration, Instant};
 
 use crate::metrics::BreakerState;
 

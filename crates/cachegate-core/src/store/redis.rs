@@ -149,24 +149,24 @@ impl RedisTier {
         }
         .map_err(|e| RedisSetupError(e.to_string()))?;
         let op_timeout = Duration::from_millis(config.op_timeout_ms.max(1));
+        let connect_timeout = Duration::from_millis(config.connect_timeout_ms.max(1));
+        // The longest wait before connecting again, the shared connection's and a thread's.
+        let reconnect_after = Duration::from_millis(config.breaker_cooldown_ms.max(10));
         let manager_config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_millis(
-                config.connect_timeout_ms.max(1),
-            )))
+            .set_connection_timeout(Some(connect_timeout))
             .set_response_timeout(Some(op_timeout))
             .set_number_of_retries(1)
             .set_min_delay(Duration::from_millis(10))
-            .set_max_delay(Duration::from_millis(config.breaker_cooldown_ms.max(10)));
+            .set_max_delay(reconnect_after);
         let conn = ConnectionManager::new_lazy_with_config(client.clone(), manager_config.clone())
             .map_err(|e| RedisSetupError(e.to_string()))?;
-        let connect_timeout = Duration::from_millis(config.connect_timeout_ms.max(1));
         Ok(RedisTier {
             home: Home::none(),
             thread_conns: ThreadConnections::new(
                 client.clone(),
                 op_timeout,
                 connect_timeout,
-                Duration::from_millis(config.breaker_cooldown_ms.max(10)),
+                reconnect_after,
                 metrics.clone(),
             ),
             shared_failures: Arc::new(AtomicU32::new(0)),
@@ -328,10 +328,7 @@ impl RedisTier {
                         OpFailure::TimedOut
                     }
                 };
-                if let Via::Thread(id) = via {
-                    self.thread_conns.failed_here(id, failure);
-                }
-                self.metrics.redis_errors.inc(op);
+                self.count_failure(op, failure, via);
                 if self.breaker.failure() {
                     tracing::warn!("redis tier unavailable: circuit breaker open");
                     self.thread_conns.replace_all();
@@ -356,6 +353,16 @@ impl RedisTier {
                 None
             }
         }
+    }
+
+    /// Counts a failed operation in `redis_errors{op}`, and retires the thread's connection
+    /// it went through when the failure was the connection's (the breaker is told by the
+    /// caller).
+    fn count_failure(&self, op: &'static str, failure: OpFailure<'_>, via: Via) {
+        if let Via::Thread(id) = via {
+            self.thread_conns.failed_here(id, failure);
+        }
+        self.metrics.redis_errors.inc(op);
     }
 
     /// Counts a write dropped before it was sent (its stripe's backlog was full, see
@@ -400,8 +407,7 @@ impl RedisTier {
                             >= self.op_timeout / 4 =>
                 {
                     tracing::debug!(error = %e, "redis thread connection lost; read on the shared one");
-                    self.thread_conns.failed_here(id, OpFailure::Error(&e));
-                    self.metrics.redis_errors.inc("get");
+                    self.count_failure("get", OpFailure::Error(&e), Via::Thread(id));
                 }
                 outcome => return self.report("get", outcome, Via::Thread(id)).flatten(),
             }

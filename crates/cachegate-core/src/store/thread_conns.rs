@@ -89,6 +89,15 @@ enum State {
     Failed { retry_at: Instant },
 }
 
+impl State {
+    /// Failed now: tried again `retry_after` from now.
+    fn failed_for(retry_after: Duration) -> Self {
+        State::Failed {
+            retry_at: Instant::now() + retry_after,
+        }
+    }
+}
+
 /// An open connection, counted in `redis_thread_connections` until dropped.
 struct Open {
     conn: MultiplexedConnection,
@@ -218,9 +227,7 @@ impl ThreadConnections {
             if let Some(slot) = slots.iter().find(|slot| self.owns(slot)) {
                 let mut state = slot.state.lock().unwrap_or_else(PoisonError::into_inner);
                 if matches!(&*state, State::Ready(open) if open.id == id) {
-                    *state = State::Failed {
-                        retry_at: Instant::now() + self.retry_after,
-                    };
+                    *state = State::failed_for(self.retry_after);
                 }
             }
         });
@@ -274,9 +281,8 @@ impl ThreadConnections {
     /// is marked failed).
     fn spawn_connect(&self, state: Arc<Mutex<State>>) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            *state.lock().unwrap_or_else(PoisonError::into_inner) = State::Failed {
-                retry_at: Instant::now() + self.retry_after,
-            };
+            *state.lock().unwrap_or_else(PoisonError::into_inner) =
+                State::failed_for(self.retry_after);
             return;
         };
         let (client, config) = (self.client.clone(), self.config.clone());
@@ -311,9 +317,7 @@ impl ThreadConnections {
                         }
                         _ => tracing::debug!("redis tier: thread connection timed out"),
                     }
-                    State::Failed {
-                        retry_at: Instant::now() + retry_after,
-                    }
+                    State::failed_for(retry_after)
                 }
             };
             let mut state = state.lock().unwrap_or_else(PoisonError::into_inner);
