@@ -6,8 +6,11 @@
 # wrk for the given seconds against every size in turn, so that the box's drift between
 # runs falls on all sizes alike. In every round the same Zipf script also runs against the
 # origin itself (the bare hyper server, no per-key work): what wrk's own key table costs
-# at each size. Prints, per size, the median requests/s and p50/p99 over the rounds (and
-# the p99 range), the share of hits, the ratios to the first size (1 key by default), and
+# at each size. Every round also loads each size paced (PACE_MS, default 1: each
+# connection waits that long between requests, a fraction of the saturating rate), so that
+# the tail is also seen below saturation. Prints, per size, the median requests/s and
+# p50/p99 over the rounds (and the p99 range), the share of hits, the ratios to the first
+# size (1 key by default), the paced requests/s, p99 and p99 ratio, and
 # memory per entry: the process's resident memory after filling minus before, divided by
 # the entries held (shown from 100 k entries on: below, the allocator's fixed costs
 # dominate), and the memory tier's own count (`memory_max_bytes` is counted in these bytes).
@@ -21,7 +24,8 @@
 # path with bench/upstream.py's 66-byte response (fetched once), so that filling a million
 # keys takes seconds. With SCALE_TSV=FILE, the table is also written to FILE
 # (tab-separated: keys, requests/s, p50 ms, p99 ms, hit share, RSS and weighed bytes per
-# entry, origin requests/s, origin p99 ms; medians).
+# entry, origin requests/s, origin p99 ms, paced requests/s, paced p99 ms; medians).
+# PACE_MS=0 leaves the paced runs out.
 # Everything listens on 127.0.0.1; every process started here is stopped by its PID.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,6 +33,7 @@ DURATION="${1:-10}"
 CONNECTIONS="${2:-50}"
 SIZES="${3:-1 1000 100000 1000000}"
 ROUNDS="${ROUNDS:-3}"
+PACE_MS="${PACE_MS:-1}"
 command -v wrk >/dev/null || { SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"; DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq wrk; }
 
 cargo build --release --locked -q --bin cachegate --example bare_hyper
@@ -42,10 +47,11 @@ hits_of() { stat_of "$1" 's["requests"]["by_status"].get("hit",{}).get("total",0
 total_of() { stat_of "$1" 's["requests"]["total"]'; }
 # median of the numbers on stdin
 median() { sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
-# load KEYS URL: one wrk run; prints "requests/s p50_ms p99_ms"
+# load KEYS URL [PACE_MS]: one wrk run (paced when PACE_MS is given); prints
+# "requests/s p50_ms p99_ms"
 load() {
   local out
-  out=$(ZIPF_KEYS=$1 wrk -t2 -c"$CONNECTIONS" -d"${DURATION}s" --latency -s bench/zipf.lua "$2")
+  out=$(ZIPF_KEYS=$1 ZIPF_DELAY_MS=${3:-0} wrk -t2 -c"$CONNECTIONS" -d"${DURATION}s" --latency -s bench/zipf.lua "$2")
   echo "$(awk '/^Requests\/sec:/ {printf "%.0f", $2}' <<<"$out")" \
     "$(awk '$1=="50%"{print $2}' <<<"$out" | to_ms)" "$(awk '$1=="99%"{print $2}' <<<"$out" | to_ms)"
 }
@@ -99,14 +105,19 @@ for round in $(seq "$ROUNDS"); do
     hits1=$(hits_of "$admin"); total1=$(total_of "$admin")
     echo $((hits1 - hits0)) $((total1 - total0)) >> "$WORK/hits.$keys"
     load "$keys" "http://127.0.0.1:$ORIGIN/" >> "$WORK/origin.$keys"
+    if [ "$PACE_MS" != 0 ]; then
+      load "$keys" "http://127.0.0.1:${CG_PORT[$keys]}/" "$PACE_MS" >> "$WORK/paced.$keys"
+    fi
   done
 done
 
 echo "keys, $(nproc) cores, wrk -t2 -c$CONNECTIONS -d${DURATION}s x $ROUNDS rounds (medians), Zipf 0.99 ($(date -u +%Y-%m-%d))"
-printf '| %9s | %10s | %7s | %7s | %13s | %8s | %12s | %10s | %12s | %10s | %11s | %15s |\n' "keys" "requests/s" "p50 ms" "p99 ms" "p99 range" "hits" "req/s vs 1st" "p99 vs 1st" "origin req/s" "origin p99" "RSS B/entry" "weighed B/entry"
-printf '|%s|%s|%s|%s|%s|%s|%s|%s|%s|%s|%s|%s|\n' "-----------" "------------" "---------" "---------" "---------------" "----------" "--------------" "------------" "--------------" "------------" "-------------" "-----------------"
+printf '| %9s | %10s | %7s | %7s | %13s | %8s | %12s | %10s | %12s | %10s | %11s | %15s | %12s | %10s | %16s |\n' "keys" "requests/s" "p50 ms" "p99 ms" "p99 range" "hits" "req/s vs 1st" "p99 vs 1st" "origin req/s" "origin p99" "RSS B/entry" "weighed B/entry" \
+  "paced req/s" "paced p99" "paced p99 vs 1st"
+printf '|%s|%s|%s|%s|%s|%s|%s|%s|%s|%s|%s|%s|%s|%s|%s|\n' "-----------" "------------" "---------" "---------" "---------------" "----------" "--------------" "------------" "--------------" "------------" "-------------" "-----------------" \
+  "--------------" "------------" "------------------"
 [ -n "${SCALE_TSV:-}" ] && : > "$SCALE_TSV"
-BASE_RPS=""; BASE_P99=""
+BASE_RPS=""; BASE_P99=""; BASE_PACED_P99=""
 for keys in $SIZES; do
   rps=$(awk '{print $1}' "$WORK/cachegate.$keys" | median)
   p50=$(awk '{print $2}' "$WORK/cachegate.$keys" | median)
@@ -116,11 +127,19 @@ for keys in $SIZES; do
   origin_rps=$(awk '{print $1}' "$WORK/origin.$keys" | median)
   origin_p99=$(awk '{print $3}' "$WORK/origin.$keys" | median)
   [ -z "$BASE_RPS" ] && { BASE_RPS=$rps; BASE_P99=$p99; }
-  printf '| %9s | %10.0f | %7.3f | %7.3f | %13s | %7.2f%% | %11.2fx | %9.2fx | %12.0f | %10.3f | %11s | %15s |\n' "$keys" "$rps" "$p50" "$p99" "$range" \
+  paced_rps="-"; paced_p99="-"; paced_ratio="-"
+  if [ -s "$WORK/paced.$keys" ]; then
+    paced_rps=$(awk '{print $1}' "$WORK/paced.$keys" | median)
+    paced_p99=$(awk '{print $3}' "$WORK/paced.$keys" | median)
+    [ -z "$BASE_PACED_P99" ] && BASE_PACED_P99=$paced_p99
+    paced_ratio="$(awk -v a="$paced_p99" -v b="$BASE_PACED_P99" 'BEGIN{printf "%.2fx", a/b}')"
+  fi
+  printf '| %9s | %10.0f | %7.3f | %7.3f | %13s | %7.2f%% | %11.2fx | %9.2fx | %12.0f | %10.3f | %11s | %15s | %12s | %10s | %16s |\n' "$keys" "$rps" "$p50" "$p99" "$range" \
     "$(awk -v h="$hits" 'BEGIN{print h*100}')" "$(awk -v a="$rps" -v b="$BASE_RPS" 'BEGIN{print a/b}')" \
     "$(awk -v a="$p99" -v b="$BASE_P99" 'BEGIN{print a/b}')" "$origin_rps" "$origin_p99" \
-    "$([ "$keys" -ge 100000 ] && echo "${PER_ENTRY[$keys]}" || echo "-")" "${WEIGHED[$keys]}"
+    "$([ "$keys" -ge 100000 ] && echo "${PER_ENTRY[$keys]}" || echo "-")" "${WEIGHED[$keys]}" \
+    "$paced_rps" "$paced_p99" "$paced_ratio"
   if [ -n "${SCALE_TSV:-}" ]; then
-    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$keys" "$rps" "$p50" "$p99" "$hits" "${PER_ENTRY[$keys]}" "${WEIGHED[$keys]}" "$origin_rps" "$origin_p99" >> "$SCALE_TSV"
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$keys" "$rps" "$p50" "$p99" "$hits" "${PER_ENTRY[$keys]}" "${WEIGHED[$keys]}" "$origin_rps" "$origin_p99" "$paced_rps" "$paced_p99" >> "$SCALE_TSV"
   fi
 done

@@ -6,6 +6,8 @@
 -- spends per request does not grow with the number of keys: the run's latency is the
 -- server's, whatever the size. (Formatting per request, or looking up a path string per
 -- request, made wrk itself 8-15% slower at 1 M keys than at 1.)
+-- With ZIPF_DELAY_MS=N (N > 0), each connection waits N milliseconds after each response
+-- before its next request (wrk's `delay`): a paced load, below saturation.
 local n = tonumber(os.getenv("ZIPF_KEYS") or "1")
 local s = tonumber(os.getenv("ZIPF_S") or "0.99")
 local draws = tonumber(os.getenv("ZIPF_DRAWS") or "1000000")
@@ -40,4 +42,13 @@ function request()
   local request = requests[next_draw]
   next_draw = next_draw % draws + 1
   return request
+end
+
+local pause_ms = tonumber(os.getenv("ZIPF_DELAY_MS") or "0")
+if pause_ms > 0 then
+  -- Defined only when asked for: with `delay` defined, wrk goes through a timer for
+  -- every request.
+  function delay()
+    return pause_ms
+  end
 end
