@@ -392,8 +392,9 @@ impl Default for UpstreamConfig {
 /// The most `[server] connection_threads` allowed.
 pub const MAX_CONNECTION_THREADS: usize = 1024;
 
-/// The longest `[admin] ack_timeout_ms` a config may give: one minute.
-pub const MAX_ACK_TIMEOUT_MS: u64 = 60_000;
+/// The longest `[admin] ack_timeout_ms` a config may give: one minute, the engine's bound
+/// ([`cachegate_core::store::MAX_ACK_TIMEOUT`]).
+pub const MAX_ACK_TIMEOUT_MS: u64 = cachegate_core::store::MAX_ACK_TIMEOUT.as_millis() as u64;
 
 impl ServerConfig {
     /// The number of connection threads: `connection_threads`, or two per CPU the process

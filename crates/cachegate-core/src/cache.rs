@@ -397,9 +397,10 @@ impl CacheBuilder {
         self
     }
 
-    /// How long a purge waits for the other replicas' acknowledgements. Default 1 s.
+    /// How long a purge waits for the other replicas' acknowledgements. Default 1 s; at
+    /// most [`crate::store::MAX_ACK_TIMEOUT`] (one minute: a longer one is cut to it).
     pub fn ack_timeout(mut self, timeout: Duration) -> Self {
-        self.ack_timeout = timeout;
+        self.ack_timeout = timeout.min(crate::store::MAX_ACK_TIMEOUT);
         self
     }
 
@@ -1146,6 +1147,14 @@ mod tests {
 
     fn cache() -> Cache<String> {
         Cache::builder().key_secret(b"test").build().unwrap()
+    }
+
+    #[test]
+    fn an_ack_timeout_past_the_bound_is_cut_to_it() {
+        let builder = Cache::builder().ack_timeout(Duration::MAX);
+        assert_eq!(builder.ack_timeout, crate::store::MAX_ACK_TIMEOUT);
+        let builder = Cache::builder().ack_timeout(Duration::from_secs(2));
+        assert_eq!(builder.ack_timeout, Duration::from_secs(2));
     }
 
     #[tokio::test]

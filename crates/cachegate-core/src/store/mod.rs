@@ -136,6 +136,11 @@ struct Stripe {
 /// Most writes one stripe of `WriteOrder` holds (256 stripes).
 pub const MAX_PENDING_WRITES: usize = 8;
 
+/// The longest a purge waits for the other replicas' acknowledgements: one minute. A
+/// longer `ack_timeout` given to [`TieredStore::purge`] (or
+/// [`crate::CacheBuilder::ack_timeout`]) is cut to this, so that no purge waits unbounded.
+pub const MAX_ACK_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// A write counted in its stripe's backlog until dropped.
 struct PendingWrite<'a>(&'a Stripe);
 
@@ -304,8 +309,8 @@ impl<V: Storable> TieredStore<V> {
     }
 
     /// Purges what `scope` covers on this replica at once, then on every replica through
-    /// Redis (see [`crate::invalidation`]), waiting up to `ack_timeout` for their
-    /// acknowledgements. From then on the purged entries are misses: each replica removes
+    /// Redis (see [`crate::invalidation`]), waiting up to `ack_timeout` (at most
+    /// [`MAX_ACK_TIMEOUT`]) for their acknowledgements. From then on the purged entries are misses: each replica removes
     /// them from its memory tier (a visit of every entry it holds, on a blocking thread;
     /// a purge by key removes just those keys), and Redis entries are covered by a purge
     /// marker checked at lookup (never a keyspace scan). Never fails: the report says what
@@ -386,6 +391,7 @@ impl<V: Storable> TieredStore<V> {
     /// Sweeps this replica's memory tier and reaches the others (see
     /// [`TieredStore::purge`]).
     async fn spread_purge(&self, message: PurgeMessage, ack_timeout: Duration) -> PurgeReport {
+        let ack_timeout = ack_timeout.min(MAX_ACK_TIMEOUT);
         // The other replicas are reached while this one sweeps its memory tier.
         let sweep = async {
             match message.mode {
