@@ -34,6 +34,7 @@ CONNECTIONS="${2:-50}"
 SIZES="${3:-1 1000 100000 1000000}"
 ROUNDS="${ROUNDS:-3}"
 PACE_MS="${PACE_MS:-1}"
+[[ $PACE_MS =~ ^[0-9]+$ ]] || { echo "PACE_MS: whole milliseconds, 0 for none; found '$PACE_MS'" >&2; exit 2; }
 command -v wrk >/dev/null || { SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"; DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq wrk; }
 
 cargo build --release --locked -q --bin cachegate --example bare_hyper
@@ -105,7 +106,7 @@ for round in $(seq "$ROUNDS"); do
     hits1=$(hits_of "$admin"); total1=$(total_of "$admin")
     echo $((hits1 - hits0)) $((total1 - total0)) >> "$WORK/hits.$keys"
     load "$keys" "http://127.0.0.1:$ORIGIN/" >> "$WORK/origin.$keys"
-    if [ "$PACE_MS" != 0 ]; then
+    if [ "$PACE_MS" -gt 0 ]; then
       load "$keys" "http://127.0.0.1:${CG_PORT[$keys]}/" "$PACE_MS" >> "$WORK/paced.$keys"
     fi
   done
@@ -129,8 +130,8 @@ for keys in $SIZES; do
   [ -z "$BASE_RPS" ] && { BASE_RPS=$rps; BASE_P99=$p99; }
   paced_rps="-"; paced_p99="-"; paced_ratio="-"
   if [ -s "$WORK/paced.$keys" ]; then
-    paced_rps=$(awk '{print $1}' "$WORK/paced.$keys" | median)
-    paced_p99=$(awk '{print $3}' "$WORK/paced.$keys" | median)
+    paced_rps=$(awk '{print $1}' "$WORK/paced.$keys" | median | xargs printf '%.0f')
+    paced_p99=$(awk '{print $3}' "$WORK/paced.$keys" | median | xargs printf '%.3f')
     [ -z "$BASE_PACED_P99" ] && BASE_PACED_P99=$paced_p99
     paced_ratio="$(awk -v a="$paced_p99" -v b="$BASE_PACED_P99" 'BEGIN{printf "%.2fx", a/b}')"
   fi
