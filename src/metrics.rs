@@ -48,6 +48,9 @@ pub struct Metrics {
     pub upstream_duration: Histogram,
     /// Upstream failures by `kind`: `unreachable`, `timeout`, `body`.
     pub upstream_errors: LabeledCounter,
+    /// Idempotent requests sent to the upstream again because a reused connection closed
+    /// under them ([`crate::proxy::upstream::Upstream::send`]).
+    pub upstream_retries: Counter,
     /// Client faults, by `kind`: `host`, `target`, `method`, `body`, `body-timeout`
     /// (requests refused),
     /// `send-timeout` (connections closed because the client stopped reading).
@@ -161,6 +164,7 @@ impl Metrics {
             coalesced_waits,
             upstream_duration,
             upstream_errors,
+            upstream_retries: Counter::default(),
             client_errors,
             panics,
             open_connections,
@@ -202,6 +206,11 @@ impl Metrics {
         );
         self.upstream_errors
             .register(r, "upstream_errors", "Upstream failures by kind");
+        r.register(
+            "upstream_retries",
+            "Idempotent requests sent to the upstream again after a reused connection closed under them",
+            self.upstream_retries.clone(),
+        );
         self.client_errors.register(
             r,
             "client_errors",
@@ -317,6 +326,7 @@ impl Metrics {
             stores_by_tier: counts(&self.store.stores),
             coalesced_waits: counts(&self.coalesced_waits),
             upstream_errors: counts(&self.upstream_errors),
+            upstream_retries: self.upstream_retries.get(),
             client_errors: counts(&self.client_errors),
             panics: self.panics.get(),
             redis: RedisStats {
@@ -366,6 +376,9 @@ pub struct Stats {
     pub coalesced_waits: BTreeMap<&'static str, u64>,
     /// Upstream failures by kind.
     pub upstream_errors: BTreeMap<&'static str, u64>,
+    /// Idempotent requests sent to the upstream again after a reused connection closed
+    /// under them.
+    pub upstream_retries: u64,
     /// Client faults by kind.
     pub client_errors: BTreeMap<&'static str, u64>,
     /// Request handlers that panicked.

@@ -179,7 +179,11 @@ impl Proxy<Upstream> {
     /// [`Config::finish`]), with the upstream pool's connections on `home` (see
     /// [`Upstream::new`]).
     pub fn new(config: &Config, shared: Shared, home: Home) -> Self {
-        let upstream = Upstream::new(&config.upstream, home);
+        let upstream = Upstream::new(
+            &config.upstream,
+            home,
+            shared.metrics.upstream_retries.clone(),
+        );
         let forwarding = Forwarding {
             trusted_proxies: config.server.trusted_proxies.iter().map(|n| n.0).collect(),
             upstream_host: (!config.upstream.preserve_host)

@@ -2,9 +2,11 @@
 
 use std::time::Duration;
 
-use http::{HeaderValue, Request, Response, Uri};
+use http::{HeaderValue, Method, Request, Response, Uri};
+use http_body::Body as _;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
+use prometheus_client::metrics::counter::Counter;
 use tokio::time::Instant;
 
 use super::body::{ProxyBody, Side, Timed, body_error};
@@ -50,15 +52,18 @@ pub struct Upstream {
     response_timeout: Duration,
     body_timeout: Duration,
     total_timeout: Duration,
+    /// Requests sent again after a reused connection closed under them.
+    retries: Counter,
 }
 
 impl Upstream {
     /// A client for `config.url` with the configured connect and response timeouts, whose
     /// connections are opened and driven on `home` (see [`Home`]; it must outlive the
-    /// client), whichever runtime sends a request.
+    /// client), whichever runtime sends a request; requests sent again (see
+    /// [`Upstream::send`]) are counted in `retries`.
     ///
     /// Panics if `config.url` is `None`; [`crate::config::Config::finish`] rules that out.
-    pub fn new(config: &UpstreamConfig, home: Home) -> Self {
+    pub fn new(config: &UpstreamConfig, home: Home, retries: Counter) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(Duration::from_millis(
             config.connect_timeout_ms.max(1),
@@ -79,6 +84,7 @@ impl Upstream {
             response_timeout: Duration::from_millis(config.response_timeout_ms.max(1)),
             body_timeout: Duration::from_millis(config.body_timeout_ms.max(1)),
             total_timeout: Duration::from_millis(config.total_timeout_ms.max(1)),
+            retries,
         }
     }
 
@@ -109,6 +115,13 @@ impl Upstream {
     /// whose body is limited to `body_timeout_ms` between chunks and to the rest of
     /// `total_timeout_ms`, and how long the head took.
     ///
+    /// An idempotent request without a body (RFC 9110 §9.2.2) whose connection closes
+    /// before any of the response arrives (a pooled connection the origin closed as it was
+    /// reused: its keep-alive timeout ran out while the request was on its way) is sent
+    /// once more, on another connection, within the same limits, and counted in
+    /// `upstream_retries`. Any other request is sent once: its body is gone, or sending it
+    /// twice could do twice what it asks.
+    ///
     /// Errors: [`UpstreamError::Unreachable`] when the connection or the exchange fails,
     /// [`UpstreamError::Timeout`] when a limit passes first, [`UpstreamError::ClientBody`]
     /// when it failed because the client's request body did.
@@ -121,9 +134,20 @@ impl Upstream {
             .map_err(|e| UpstreamError::Unreachable(format!("bad upstream URI: {e}")))?;
         let started = Instant::now();
         let deadline = started + self.total_timeout;
-        let head_limit = self.response_timeout.min(self.total_timeout);
-        let sent = self.home.run(self.client.request(req));
-        match tokio::time::timeout(head_limit, sent).await {
+        let head_deadline = started + self.response_timeout.min(self.total_timeout);
+        let again = replayable(&req).then(|| copy_without_body(&req));
+        let mut outcome =
+            tokio::time::timeout_at(head_deadline, self.home.run(self.client.request(req))).await;
+        if let (Some(again), Ok(Err(e))) = (again, &outcome)
+            && closed_before_response(e)
+        {
+            tracing::debug!(error = %error_chain(e), "upstream connection closed under a request; sending it again");
+            self.retries.inc();
+            outcome =
+                tokio::time::timeout_at(head_deadline, self.home.run(self.client.request(again)))
+                    .await;
+        }
+        match outcome {
             Ok(Ok(resp)) => {
                 let elapsed = started.elapsed();
                 let body_timeout = self.body_timeout;
@@ -141,6 +165,52 @@ impl Upstream {
             Err(_) => Err(UpstreamError::Timeout),
         }
     }
+}
+
+/// Whether `req` may be sent twice: an idempotent method (RFC 9110 §9.2.2) and no body.
+fn replayable(req: &Request<ProxyBody>) -> bool {
+    matches!(
+        *req.method(),
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    ) && req.body().is_end_stream()
+}
+
+/// The same request (method, target, version, headers), with an empty body.
+fn copy_without_body(req: &Request<ProxyBody>) -> Request<ProxyBody> {
+    let mut copy = Request::new(super::body::empty());
+    *copy.method_mut() = req.method().clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.version_mut() = req.version();
+    *copy.headers_mut() = req.headers().clone();
+    copy
+}
+
+/// Whether the exchange failed because the connection closed (or was reset) after the
+/// request was handed to it and before any of the response arrived; not a failure to
+/// connect, not a malformed response.
+fn closed_before_response(e: &hyper_util::client::legacy::Error) -> bool {
+    if e.is_connect() {
+        return false;
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(inner) = source {
+        if let Some(h) = inner.downcast_ref::<hyper::Error>() {
+            if h.is_incomplete_message() || h.is_canceled() {
+                return true;
+            }
+        } else if let Some(io) = inner.downcast_ref::<std::io::Error>()
+            && matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::ConnectionAborted
+                    | std::io::ErrorKind::BrokenPipe
+            )
+        {
+            return true;
+        }
+        source = inner.source();
+    }
+    false
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -214,6 +284,115 @@ mod tests {
         addr
     }
 
+    /// An origin whose connections each answer their first request (with the connection's
+    /// number, from 1, kept alive) and close at their second, unanswered: the origin's
+    /// keep-alive timeout running out while a request is on its way.
+    async fn closing_origin() -> std::net::SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut accepted = 0usize;
+            while let Ok((mut conn, _)) = listener.accept().await {
+                accepted += 1;
+                let number = accepted;
+                tokio::spawn(async move {
+                    let (mut seen, mut heads, mut buf) = (Vec::new(), 0, [0u8; 1024]);
+                    while let Ok(n @ 1..) = conn.read(&mut buf).await {
+                        seen.extend_from_slice(&buf[..n]);
+                        while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                            seen.drain(..end + 4);
+                            heads += 1;
+                            if heads > 1 {
+                                return;
+                            }
+                            let body = number.to_string();
+                            let reply = format!(
+                                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                                body.len()
+                            );
+                            if conn.write_all(reply.as_bytes()).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    /// Sends `method /x` (no body) through `upstream` until one goes over a reused
+    /// connection (the retry counter moves, or the request fails; at most 50 requests);
+    /// returns the outcomes.
+    async fn until_reused(
+        upstream: &Upstream,
+        method: Method,
+        retries: &Counter,
+    ) -> Vec<Result<String, String>> {
+        let mut outcomes = Vec::new();
+        for _ in 0..50 {
+            let req = Request::builder()
+                .method(method.clone())
+                .uri("/x")
+                .body(super::super::body::empty())
+                .unwrap();
+            let outcome = match upstream.send(req).await {
+                Ok((resp, _)) => {
+                    let body = resp.into_body().collect().await.unwrap().to_bytes();
+                    Ok(String::from_utf8(body.to_vec()).unwrap())
+                }
+                Err(e) => Err(format!("{e:?}")),
+            };
+            let failed = outcome.is_err();
+            outcomes.push(outcome);
+            if failed || retries.get() > 0 {
+                break;
+            }
+            // Let the connection go back to the pool.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        outcomes
+    }
+
+    fn upstream_at(addr: std::net::SocketAddr, retries: &Counter) -> Upstream {
+        let config = UpstreamConfig {
+            url: Some(format!("http://{addr}").parse().unwrap()),
+            ..UpstreamConfig::default()
+        };
+        Upstream::new(&config, Home::current(), retries.clone())
+    }
+
+    /// A GET that finds its pooled connection closed by the origin is sent again on a new
+    /// one: the client gets the response, not a 502.
+    #[tokio::test]
+    async fn an_idempotent_request_on_a_connection_closed_under_it_is_sent_again() {
+        let retries = Counter::default();
+        let upstream = upstream_at(closing_origin().await, &retries);
+        let outcomes = until_reused(&upstream, Method::GET, &retries).await;
+        assert!(
+            outcomes.iter().all(Result::is_ok),
+            "a request failed: {outcomes:?}"
+        );
+        assert_eq!(
+            retries.get(),
+            1,
+            "no request went over a reused connection: {outcomes:?}"
+        );
+    }
+
+    /// A POST is never sent twice: on a connection closed under it, it fails (a 502).
+    #[tokio::test]
+    async fn a_post_on_a_connection_closed_under_it_is_not_sent_again() {
+        let retries = Counter::default();
+        let upstream = upstream_at(closing_origin().await, &retries);
+        let outcomes = until_reused(&upstream, Method::POST, &retries).await;
+        assert!(
+            outcomes.last().is_some_and(Result::is_err),
+            "no POST went over a reused connection: {outcomes:?}"
+        );
+        assert_eq!(retries.get(), 0);
+    }
+
     /// The pool's connections are opened and driven on the client's home runtime: one
     /// opened for a request sent from a runtime that has ended since (a connection thread
     /// at shutdown) is still there for the next requests, from another runtime.
@@ -229,7 +408,8 @@ mod tests {
             url: Some(format!("http://{addr}").parse().unwrap()),
             ..UpstreamConfig::default()
         };
-        let upstream = home.block_on(async { Upstream::new(&config, Home::current()) });
+        let upstream =
+            home.block_on(async { Upstream::new(&config, Home::current(), Counter::default()) });
         // The number of the origin connection a request went over.
         let send = |rt: &Runtime| {
             rt.block_on(async {
