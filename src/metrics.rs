@@ -48,8 +48,8 @@ pub struct Metrics {
     pub upstream_duration: Histogram,
     /// Upstream failures by `kind`: `unreachable`, `timeout`, `body`.
     pub upstream_errors: LabeledCounter,
-    /// Safe requests sent to the upstream again because their connection closed before a
-    /// response head ([`crate::proxy::upstream::Upstream::send`]).
+    /// Safe requests sent to the upstream again because their reused connection closed
+    /// before a response head ([`crate::proxy::upstream::Upstream::send`]).
     pub upstream_retries: Counter,
     /// Client faults, by `kind`: `host`, `target`, `method`, `body`, `body-timeout`
     /// (requests refused),
@@ -208,7 +208,7 @@ impl Metrics {
             .register(r, "upstream_errors", "Upstream failures by kind");
         r.register(
             "upstream_retries",
-            "Safe requests sent to the upstream again after their connection closed before a response head",
+            "Safe requests sent to the upstream again after their reused connection closed before a response head",
             self.upstream_retries.clone(),
         );
         self.client_errors.register(
@@ -376,8 +376,8 @@ pub struct Stats {
     pub coalesced_waits: BTreeMap<&'static str, u64>,
     /// Upstream failures by kind.
     pub upstream_errors: BTreeMap<&'static str, u64>,
-    /// Safe requests sent to the upstream again after their connection closed before a
-    /// response head.
+    /// Safe requests sent to the upstream again after their reused connection closed
+    /// before a response head.
     pub upstream_retries: u64,
     /// Client faults by kind.
     pub client_errors: BTreeMap<&'static str, u64>,

@@ -273,15 +273,16 @@ async fn stale_if_error_answers_upstream_errors_with_the_stale_entry() {
     let status = r.header("cache-status");
     assert!(status.contains("fwd-status=503"), "{status}");
     assert!(status.contains("detail=stale-if-error"), "{status}");
-    // No answer at all: the stale entry again (the GET is sent twice: a connection closed
-    // before any of the response is taken for one the upstream closed as it was reused).
+    // No answer at all: the stale entry again (when the GET went over the pooled
+    // connection, it was sent once more on a new one, which closed too).
     let r = gate.get("/report").await;
     assert_eq!(
         (r.status, r.cache(), r.body.as_str()),
         (200, "STALE", "last good")
     );
-    assert_eq!(up.requests(), 4);
-    assert_eq!(gate.stats().await["upstream_retries"], 1);
+    let retries = gate.stats().await["upstream_retries"].as_u64().unwrap();
+    assert!(retries <= 1, "{retries}");
+    assert_eq!(up.requests(), 3 + retries as usize);
 
     // must-revalidate forbids serving it stale: the error goes through.
     let (up, _) = scripted(|n| match n {

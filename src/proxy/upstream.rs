@@ -1,11 +1,14 @@
 //! The pooled HTTP/1.1 client that sends requests to the origin.
 
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::{HeaderValue, Method, Request, Response, Uri};
 use http_body::Body as _;
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
+use hyper_util::rt::TokioIo;
 use prometheus_client::metrics::counter::Counter;
 use tokio::time::Instant;
 
@@ -42,10 +45,93 @@ where
     }
 }
 
+/// The HTTP connector, with each connection stamped with the time it was opened
+/// ([`OpenedAt`], in its `Connected` extras), so that a failed request can tell a reused
+/// connection from a new one.
+#[derive(Clone)]
+struct StampingConnector(HttpConnector);
+
+/// When an upstream connection was opened.
+#[derive(Clone, Copy, Debug)]
+struct OpenedAt(Instant);
+
+/// An upstream connection and when it was opened.
+struct StampedConnection {
+    io: TokioIo<tokio::net::TcpStream>,
+    opened_at: Instant,
+}
+
+impl tower::Service<Uri> for StampingConnector {
+    type Response = StampedConnection;
+    type Error = <HttpConnector as tower::Service<Uri>>::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<StampedConnection, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, dst: Uri) -> Self::Future {
+        let connecting = self.0.call(dst);
+        Box::pin(async move {
+            let io = connecting.await?;
+            Ok(StampedConnection {
+                io,
+                opened_at: Instant::now(),
+            })
+        })
+    }
+}
+
+impl Connection for StampedConnection {
+    fn connected(&self) -> Connected {
+        self.io.connected().extra(OpenedAt(self.opened_at))
+    }
+}
+
+impl hyper::rt::Read for StampedConnection {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for StampedConnection {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
 /// The origin and a connection pool to it.
 #[derive(Clone)]
 pub struct Upstream {
-    client: Client<HttpConnector, ProxyBody>,
+    client: Client<StampingConnector, ProxyBody>,
     /// Where the pool's connections are opened and driven (see [`Home`]).
     home: Home,
     base: UpstreamUrl,
@@ -73,7 +159,7 @@ impl Upstream {
         let client = Client::builder(AtHomeExecutor(home.clone()))
             .pool_idle_timeout(Duration::from_secs(30))
             .pool_max_idle_per_host(256)
-            .build(connector);
+            .build(StampingConnector(connector));
         Upstream {
             client,
             home,
@@ -116,15 +202,15 @@ impl Upstream {
     /// `total_timeout_ms`, and how long the head took.
     ///
     /// A request with a safe method (`GET`, `HEAD`, `OPTIONS`, `TRACE`; RFC 9110 §9.2.1)
-    /// and no body whose connection closes or is reset before a whole response head
-    /// arrives is sent once more (RFC 9112 §9.3.1.1), within the same head deadline and
-    /// only while a quarter of it is left, and counted in `upstream_retries`: typically a
-    /// pooled connection the origin closed as it was reused (its keep-alive timeout ran out
-    /// while the request was on its way). The retry also follows a new connection closed
-    /// that way (an origin that drops a request gets it twice). Any other request is sent
-    /// once: its body is gone, or sending it twice could do twice what it asks (a `DELETE`
-    /// applied once would answer 404 the second time). The returned duration is that of
-    /// the attempt that answered.
+    /// and no body whose pooled, reused connection closes or is reset before a whole
+    /// response head arrives (the origin's keep-alive timeout ran out while the request was
+    /// on its way) is sent once more (RFC 9112 §9.3.1.1), within the same head deadline and
+    /// only while a quarter of it is left, and counted in `upstream_retries`. On a
+    /// connection opened for it, such a failure is the origin's answer (it drops the
+    /// request, or sheds load): not retried, as Go's HTTP client does. Any other request is
+    /// sent once: its body is gone, or sending it twice could do twice what it asks (a
+    /// `DELETE` applied once would answer 404 the second time). The returned duration is
+    /// that of the attempt that answered.
     ///
     /// Errors: [`UpstreamError::Unreachable`] when the connection or the exchange fails,
     /// [`UpstreamError::Timeout`] when a limit passes first, [`UpstreamError::ClientBody`]
@@ -146,6 +232,7 @@ impl Upstream {
             tokio::time::timeout_at(head_deadline, self.home.run(self.client.request(req))).await;
         if let (Some(again), Ok(Err(e))) = (again, &outcome)
             && closed_before_response(e)
+            && opened_before(e, started)
             && head_deadline.saturating_duration_since(Instant::now()) >= head_limit / 4
         {
             tracing::debug!(error = %error_chain(e), "upstream connection closed under a request; sending it again");
@@ -173,6 +260,19 @@ impl Upstream {
             Err(_) => Err(UpstreamError::Timeout),
         }
     }
+}
+
+/// Whether the connection `e` happened on was opened before `started`: a pooled
+/// connection reused for this request, not one opened for it.
+fn opened_before(e: &hyper_util::client::legacy::Error, started: Instant) -> bool {
+    let Some(connected) = e.connect_info() else {
+        return false;
+    };
+    let mut extras = http::Extensions::new();
+    connected.get_extras(&mut extras);
+    extras
+        .get::<OpenedAt>()
+        .is_some_and(|opened| opened.0 < started)
 }
 
 /// Whether `req` may be sent twice: a safe method (RFC 9110 §9.2.1) and no body.
@@ -363,6 +463,37 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         outcomes
+    }
+
+    /// A GET on a connection opened for it that closes unanswered is not sent again: the
+    /// origin dropped it.
+    #[tokio::test]
+    async fn a_request_dropped_on_a_new_connection_is_not_sent_again() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counted = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                counted.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let (mut seen, mut buf) = (Vec::new(), [0u8; 1024]);
+                    while let Ok(n @ 1..) = conn.read(&mut buf).await {
+                        seen.extend_from_slice(&buf[..n]);
+                        if seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        let retries = Counter::default();
+        let upstream = upstream_at(addr, &retries);
+        let outcomes = until_reused(&upstream, Method::GET, &retries).await;
+        assert_eq!(outcomes.len(), 1);
+        assert!(outcomes[0].is_err(), "{outcomes:?}");
+        assert_eq!(retries.get(), 0);
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
     }
 
     fn upstream_at(addr: std::net::SocketAddr, retries: &Counter) -> Upstream {
