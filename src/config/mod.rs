@@ -132,6 +132,12 @@ pub struct UpstreamConfig {
     /// Limit on one whole upstream exchange, from sending the request to the last byte of
     /// the response body, in milliseconds. Default 120000.
     pub total_timeout_ms: u64,
+    /// How long an idle pooled connection to the origin is kept for reuse, in milliseconds
+    /// (at least 1). Default 30000. Set it below the origin's own keep-alive timeout (Node
+    /// 5 s, gunicorn 2 s) so that cachegate stops reusing a connection before the origin
+    /// closes it; a safe request caught by that race is sent again anyway
+    /// ([`crate::proxy::upstream::Upstream::send`]).
+    pub pool_idle_timeout_ms: u64,
     /// `true` forwards the client's `Host` and puts it in the cache key; `false` (default)
     /// sends the upstream URL's host, so that a client cannot steer the upstream with it.
     pub preserve_host: bool,
@@ -384,6 +390,7 @@ impl Default for UpstreamConfig {
             response_timeout_ms: 30_000,
             body_timeout_ms: 30_000,
             total_timeout_ms: 120_000,
+            pool_idle_timeout_ms: 30_000,
             preserve_host: false,
         }
     }

@@ -143,7 +143,8 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    /// A client for `config.url` with the configured connect and response timeouts, whose
+    /// A client for `config.url` with the configured connect and response timeouts and
+    /// pool idle timeout, whose
     /// connections are opened and driven on `home` (see [`Home`]; it must outlive the
     /// client), whichever runtime sends a request; requests sent again (see
     /// [`Upstream::send`]) are counted in `retries`.
@@ -157,7 +158,7 @@ impl Upstream {
         connector.set_nodelay(true);
         connector.set_keepalive(Some(Duration::from_secs(60)));
         let client = Client::builder(AtHomeExecutor(home.clone()))
-            .pool_idle_timeout(Duration::from_secs(30))
+            .pool_idle_timeout(Duration::from_millis(config.pool_idle_timeout_ms.max(1)))
             .pool_max_idle_per_host(256)
             .build(StampingConnector(connector));
         Upstream {
@@ -536,6 +537,40 @@ mod tests {
             );
             assert_eq!(retries.get(), 0, "{method}");
         }
+    }
+
+    /// An idle pooled connection is reused within `pool_idle_timeout_ms`, and not after.
+    #[test]
+    fn an_idle_connection_is_not_reused_past_the_pool_idle_timeout() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        // The connection each of two requests 300 ms apart went over.
+        let numbers = |pool_idle_timeout_ms| {
+            rt.block_on(async {
+                let config = UpstreamConfig {
+                    url: Some(format!("http://{}", origin().await).parse().unwrap()),
+                    pool_idle_timeout_ms,
+                    ..UpstreamConfig::default()
+                };
+                let upstream = Upstream::new(&config, Home::current(), Counter::default());
+                let mut numbers = Vec::new();
+                for _ in 0..2 {
+                    let req = Request::get("/x")
+                        .body(super::super::body::empty())
+                        .unwrap();
+                    let (resp, _) = upstream.send(req).await.unwrap();
+                    let body = resp.into_body().collect().await.unwrap().to_bytes();
+                    numbers.push(String::from_utf8(body.to_vec()).unwrap());
+                    // Idle time is what is tested here: it can only be waited out.
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+                numbers
+            })
+        };
+        assert_eq!(numbers(30_000), ["1", "1"]);
+        assert_eq!(numbers(100), ["1", "2"]);
     }
 
     /// The pool's connections are opened and driven on the client's home runtime: one
