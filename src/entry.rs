@@ -111,6 +111,16 @@ pub enum Staleness {
     },
 }
 
+impl Staleness {
+    /// Whole seconds past its freshness: 0 while fresh.
+    pub fn stale_secs(self) -> u64 {
+        match self {
+            Staleness::Stale { secs } => secs,
+            Staleness::Fresh { .. } => 0,
+        }
+    }
+}
+
 /// Bytes the memory tier really spends on one entry besides its buffer: the cache's slot
 /// (the 32-byte key, the buffer's pointer and length, the eviction policy's state), its
 /// hash-table slot, the buffer's reference counts and the allocator's rounding, with the

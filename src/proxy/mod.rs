@@ -505,11 +505,7 @@ impl<O: Origin> Proxy<O> {
                         .refresher
                         .request_after_soft_purge(&key, entry.stored_at_ms(), replay)
                 {
-                    let secs = match staleness {
-                        Staleness::Stale { secs } => secs,
-                        Staleness::Fresh { .. } => 0,
-                    };
-                    let outcome = stale(StaleReason::SoftPurge, tier, secs, None);
+                    let outcome = stale(StaleReason::SoftPurge, tier, staleness.stale_secs(), None);
                     return self.serve_entry(&entry, &ctx, outcome, now);
                 }
             } else {
@@ -1112,10 +1108,7 @@ impl<O: Origin> Proxy<O> {
         let (entry, tier) = ctx.stale.as_ref()?;
         // Judged again now: the upstream may have taken its whole timeout to fail.
         let now = now_ms();
-        let secs = match entry.staleness(now) {
-            Staleness::Stale { secs } => secs,
-            Staleness::Fresh { .. } => 0,
-        };
+        let secs = entry.staleness(now).stale_secs();
         if secs > u64::from(entry.freshness().stale_if_error_secs) {
             return None;
         }

@@ -303,34 +303,34 @@ fn closed_before_response(e: &hyper_util::client::legacy::Error) -> bool {
     if e.is_connect() {
         return false;
     }
-    let mut source = std::error::Error::source(e);
-    while let Some(inner) = source {
+    sources(e).any(|inner| {
         if let Some(h) = inner.downcast_ref::<hyper::Error>() {
-            if h.is_incomplete_message() {
-                return true;
-            }
-        } else if let Some(io) = inner.downcast_ref::<std::io::Error>()
-            && matches!(
+            h.is_incomplete_message()
+        } else if let Some(io) = inner.downcast_ref::<std::io::Error>() {
+            matches!(
                 io.kind(),
                 std::io::ErrorKind::ConnectionReset
                     | std::io::ErrorKind::ConnectionAborted
                     | std::io::ErrorKind::BrokenPipe
             )
-        {
-            return true;
+        } else {
+            false
         }
-        source = inner.source();
-    }
-    false
+    })
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
+/// The errors `e` was caused by, nearest first (not `e` itself).
+fn sources<'a>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
+    std::iter::successors(e.source(), |inner| inner.source())
+}
+
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(inner) = source {
+    for inner in sources(e) {
         s.push_str(": ");
         s.push_str(&inner.to_string());
-        source = inner.source();
     }
     s
 }
@@ -358,55 +358,30 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::runtime::Runtime;
 
-    /// An origin that answers every request with its connection's number (from 1), and
-    /// keeps only the first connection open.
-    async fn origin() -> std::net::SocketAddr {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            let accepted = Arc::new(AtomicUsize::new(0));
-            while let Ok((mut conn, _)) = listener.accept().await {
-                let number = accepted.fetch_add(1, Ordering::SeqCst) + 1;
-                tokio::spawn(async move {
-                    let mut seen = Vec::new();
-                    let mut buf = [0u8; 1024];
-                    while let Ok(n @ 1..) = conn.read(&mut buf).await {
-                        seen.extend_from_slice(&buf[..n]);
-                        while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
-                            seen.drain(..end + 4);
-                            let close = if number == 1 {
-                                ""
-                            } else {
-                                "connection: close\r\n"
-                            };
-                            let body = number.to_string();
-                            let reply = format!(
-                                "HTTP/1.1 200 OK\r\n{close}content-length: {}\r\n\r\n{body}",
-                                body.len()
-                            );
-                            if conn.write_all(reply.as_bytes()).await.is_err() || number > 1 {
-                                return;
-                            }
-                        }
-                    }
-                });
-            }
-        });
-        addr
+    /// What a test origin does with a request head.
+    #[derive(Clone, Copy)]
+    enum Reply {
+        /// Answers with its connection's number and keeps the connection.
+        KeepAlive,
+        /// Answers with its connection's number and closes the connection.
+        Close,
+        /// Closes the connection unanswered.
+        Drop,
     }
 
-    /// An origin that answers every request with its connection's number (from 1), kept
-    /// alive, except the second request on the first connection: that connection closes
-    /// then, unanswered (the origin's keep-alive timeout running out while a request is on
-    /// its way).
-    async fn closing_origin() -> std::net::SocketAddr {
+    /// An origin that numbers its connections from 1 and does with the `head`-th request
+    /// head (from 1) of connection `number` what `script(number, head)` says; returns its
+    /// address and the count of connections it accepted.
+    async fn scripted_origin(
+        script: fn(usize, usize) -> Reply,
+    ) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counted = accepted.clone();
         tokio::spawn(async move {
-            let mut accepted = 0usize;
             while let Ok((mut conn, _)) = listener.accept().await {
-                accepted += 1;
-                let number = accepted;
+                let number = counted.fetch_add(1, Ordering::SeqCst) + 1;
                 tokio::spawn(async move {
                     let (mut seen, mut heads, mut buf) = (Vec::new(), 0, [0u8; 1024]);
                     while let Ok(n @ 1..) = conn.read(&mut buf).await {
@@ -414,15 +389,20 @@ mod tests {
                         while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
                             seen.drain(..end + 4);
                             heads += 1;
-                            if number == 1 && heads > 1 {
-                                return;
-                            }
+                            let reply = script(number, heads);
+                            let close = match reply {
+                                Reply::Drop => return,
+                                Reply::Close => "connection: close\r\n",
+                                Reply::KeepAlive => "",
+                            };
                             let body = number.to_string();
-                            let reply = format!(
-                                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                            let answer = format!(
+                                "HTTP/1.1 200 OK\r\n{close}content-length: {}\r\n\r\n{body}",
                                 body.len()
                             );
-                            if conn.write_all(reply.as_bytes()).await.is_err() {
+                            if conn.write_all(answer.as_bytes()).await.is_err()
+                                || matches!(reply, Reply::Close)
+                            {
                                 return;
                             }
                         }
@@ -430,7 +410,35 @@ mod tests {
                 });
             }
         });
-        addr
+        (addr, accepted)
+    }
+
+    /// An origin that answers every request with its connection's number (from 1), and
+    /// keeps only the first connection open.
+    async fn origin() -> std::net::SocketAddr {
+        let script = |number, _| {
+            if number == 1 {
+                Reply::KeepAlive
+            } else {
+                Reply::Close
+            }
+        };
+        scripted_origin(script).await.0
+    }
+
+    /// An origin that answers every request with its connection's number (from 1), kept
+    /// alive, except the second request on the first connection: that connection closes
+    /// then, unanswered (the origin's keep-alive timeout running out while a request is on
+    /// its way).
+    async fn closing_origin() -> std::net::SocketAddr {
+        let script = |number, head| {
+            if number == 1 && head > 1 {
+                Reply::Drop
+            } else {
+                Reply::KeepAlive
+            }
+        };
+        scripted_origin(script).await.0
     }
 
     /// Sends `method /x` (no body) through `upstream` until one goes over a reused
@@ -470,24 +478,7 @@ mod tests {
     /// origin dropped it.
     #[tokio::test]
     async fn a_request_dropped_on_a_new_connection_is_not_sent_again() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let counted = accepted.clone();
-        tokio::spawn(async move {
-            while let Ok((mut conn, _)) = listener.accept().await {
-                counted.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let (mut seen, mut buf) = (Vec::new(), [0u8; 1024]);
-                    while let Ok(n @ 1..) = conn.read(&mut buf).await {
-                        seen.extend_from_slice(&buf[..n]);
-                        if seen.windows(4).any(|w| w == b"\r\n\r\n") {
-                            return;
-                        }
-                    }
-                });
-            }
-        });
+        let (addr, accepted) = scripted_origin(|_, _| Reply::Drop).await;
         let retries = Counter::default();
         let upstream = upstream_at(addr, &retries);
         let outcomes = until_reused(&upstream, Method::GET, &retries).await;

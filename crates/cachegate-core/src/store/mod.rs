@@ -310,12 +310,12 @@ impl<V: Storable> TieredStore<V> {
 
     /// Purges what `scope` covers on this replica at once, then on every replica through
     /// Redis (see [`crate::invalidation`]), waiting up to `ack_timeout` (at most
-    /// [`MAX_ACK_TIMEOUT`]) for their acknowledgements. From then on the purged entries are misses: each replica removes
-    /// them from its memory tier (a visit of every entry it holds, on a blocking thread;
-    /// a purge by key removes just those keys), and Redis entries are covered by a purge
-    /// marker checked at lookup (never a keyspace scan). Never fails: the report says what
-    /// was reached, and how many memory-tier entries this replica and the acknowledging
-    /// ones removed.
+    /// [`MAX_ACK_TIMEOUT`]) for their acknowledgements. From then on the purged entries
+    /// are misses: each replica removes them from its memory tier (a visit of every entry
+    /// it holds, on a blocking thread; a purge by key removes just those keys), and Redis
+    /// entries are covered by a purge marker checked at lookup (never a keyspace scan).
+    /// Never fails: the report says what was reached, and how many memory-tier entries
+    /// this replica and the acknowledging ones removed.
     pub async fn purge(&self, scope: PurgeScope, ack_timeout: Duration) -> PurgeReport {
         self.purge_as(scope, PurgeMode::Hard, ack_timeout).await
     }
