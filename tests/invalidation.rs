@@ -739,3 +739,86 @@ async fn a_purge_of_several_parts_waits_for_acknowledgements_once() {
     assert!(waited < Duration::from_millis(2500), "waited {waited:?}");
     drop(silent);
 }
+
+/// Tag and path markers recorded in Redis are capped
+/// (`cachegate_core::purge::MAX_SHARED_MARKERS`): beyond, the oldest are removed and folded
+/// into the namespace marker, so that what they purged stays purged, on a replica that
+/// loads the markers afterwards too, and the hash a replica loads stays bounded.
+#[tokio::test]
+async fn the_oldest_tag_markers_in_redis_fold_into_a_purge_of_what_was_stored_by_then() {
+    use cachegate_core::purge::MAX_SHARED_MARKERS;
+    let (up, redis) = (Upstream::start().await, Redis::start().await);
+    let a = Gate::start(&up, Some(&redis), CONFIG).await;
+    assert_eq!(a.get("/kpi/leads").await.cache(), "MISS");
+    let mut conn = redis.connection().await;
+    // The entry (tagged `kpi` by its route) reaches Redis in the background.
+    let entry_pattern = format!("cachegate:v2:{}", "?".repeat(64));
+    let stored = eventually(Duration::from_secs(5), || {
+        let (mut conn, pattern) = (conn.clone(), entry_pattern.clone());
+        async move {
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg(pattern)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            !keys.is_empty()
+        }
+    });
+    assert!(stored.await, "the entry reached Redis");
+    // History: `kpi` purged after the entry was stored, then as many newer tag purges as
+    // Redis keeps, recorded as a replica records them.
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let mut seed = redis::pipe();
+    seed.cmd("HSET")
+        .arg("cachegate:purges")
+        .arg("tag:kpi")
+        .arg(now_ms);
+    seed.cmd("ZADD")
+        .arg("cachegate:purge-order")
+        .arg(now_ms)
+        .arg("tag:kpi");
+    for batch in 0..(MAX_SHARED_MARKERS / 1000) {
+        let (mut hset, mut zadd) = (redis::cmd("HSET"), redis::cmd("ZADD"));
+        hset.arg("cachegate:purges");
+        zadd.arg("cachegate:purge-order");
+        for i in 0..1000 {
+            let field = format!("tag:user:{}", batch * 1000 + i);
+            hset.arg(&field).arg(now_ms + 1);
+            zadd.arg(now_ms + 1).arg(&field);
+        }
+        seed.add_command(hset).add_command(zadd);
+    }
+    seed.query_async::<()>(&mut conn).await.unwrap();
+    // One more purge: the oldest quarter and more fold, `tag:kpi` with them.
+    let (status, reply) = purge(&a, Some("purge-token"), r#"{"tags": ["fresh"]}"#).await;
+    assert_eq!(status, 200, "{reply}");
+    let (fields, ranked, all): (usize, usize, Option<u64>) = redis::pipe()
+        .hlen("cachegate:purges")
+        .zcard("cachegate:purge-order")
+        .hget("cachegate:purges", "all")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let keep = MAX_SHARED_MARKERS / 4 * 3;
+    assert_eq!(ranked, keep);
+    assert_eq!(
+        fields,
+        keep + 1,
+        "the kept markers and the namespace marker"
+    );
+    assert_eq!(all, Some(now_ms + 1));
+    let kpi: Option<u64> = redis::cmd("HGET")
+        .arg("cachegate:purges")
+        .arg("tag:kpi")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(kpi, None, "folded");
+    // A replica that starts now loads the markers: the entry is purged for it.
+    let before = up.hits();
+    let b = Gate::start(&up, Some(&redis), CONFIG).await;
+    assert!(computed_after(&b.get("/kpi/leads").await, before));
+}

@@ -25,6 +25,17 @@ pub struct Purges {
     state: RwLock<State>,
     /// The ids of the last purges this replica published ([`Purges::note_own`]).
     own: std::sync::Mutex<std::collections::VecDeque<u64>>,
+    /// Times markers were folded into the namespace marker ([`MAX_TAG_MARKERS`]).
+    folds: std::sync::atomic::AtomicU64,
+}
+
+/// The time to fold at so that at most `keep` of the marker times in `times` stay (those
+/// strictly newer): the newest of the oldest `times.len() - keep`. Markers sharing that
+/// time fold together, so fewer may stay.
+fn fold_floor(times: &mut [u64], keep: usize) -> u64 {
+    let cut = times.len().saturating_sub(keep).max(1);
+    let (_, floor, _) = times.select_nth_unstable(cut - 1);
+    *floor
 }
 
 /// How many of its own purge ids a replica remembers.
@@ -37,8 +48,9 @@ struct State {
     /// Per tag: entries with the tag stored at or before this time are purged.
     tags: HashMap<String, u64>,
     /// Per path pattern: entries whose path (their `path:` tag, see [`PATH_TAG_PREFIX`])
-    /// matches, stored at or before this time, are purged.
-    patterns: HashMap<String, u64>,
+    /// matches, stored at or before this time, are purged. Newest first, so that a lookup
+    /// stops at the first marker older than its entry.
+    patterns: Vec<(String, u64)>,
     /// Per cache key: the entry stored under it at or before this time is purged.
     keys: HashMap<[u8; 32], u64>,
 }
@@ -54,6 +66,23 @@ pub const KEY_MARKER_RETENTION_MS: u64 = 24 * 3600 * 1000;
 /// dropped, then the oldest, down to three quarters. (A replica that missed a purge by key
 /// whose marker was dropped may serve that entry until it expires.)
 pub const MAX_KEY_MARKERS: usize = 100_000;
+
+/// Tag markers held at most: beyond, the oldest are folded into the namespace marker
+/// ([`Purges::purge_all`] at the newest folded marker's time), down to three quarters.
+/// Folding never serves a purged entry again: every entry stored at or before that time
+/// becomes a miss (for soft markers, stale), whatever its tags. Operators that purge by
+/// per-entity tags (`user:123`) would otherwise grow the markers, and the time a replica
+/// takes to load them, without end.
+pub const MAX_TAG_MARKERS: usize = 50_000;
+
+/// Path-pattern markers held at most; beyond, folded as tag markers are
+/// ([`MAX_TAG_MARKERS`]). A lookup checks the patterns newer than its entry.
+pub const MAX_PATTERN_MARKERS: usize = 1_000;
+
+/// Tag and path markers recorded in Redis at most (the hash `{namespace}:purges`, hard and
+/// soft together); beyond, the oldest are folded into its namespace markers there the same
+/// way ([`MAX_TAG_MARKERS`]).
+pub const MAX_SHARED_MARKERS: usize = 50_000;
 
 /// The prefix of the tag an entry's request path is stored in, for purges by path
 /// pattern: `path:/kpi/leads`.
@@ -101,6 +130,12 @@ impl Purges {
             let at = state.tags.entry(tag.as_ref().to_string()).or_default();
             *at = (*at).max(at_ms);
         }
+        if state.tags.len() > MAX_TAG_MARKERS {
+            let mut markers: Vec<u64> = state.tags.values().copied().collect();
+            let floor = fold_floor(&mut markers, MAX_TAG_MARKERS / 4 * 3);
+            state.tags.retain(|_, at| *at > floor);
+            self.fold(&mut state, floor, "tag");
+        }
         self.active.store(true, Ordering::Release);
     }
 
@@ -109,13 +144,37 @@ impl Purges {
     pub fn purge_paths<S: AsRef<str>>(&self, patterns: &[S], at_ms: u64) {
         let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
         for pattern in patterns {
-            let at = state
-                .patterns
-                .entry(pattern.as_ref().to_string())
-                .or_default();
-            *at = (*at).max(at_ms);
+            let pattern = pattern.as_ref();
+            match state.patterns.iter_mut().find(|(p, _)| p == pattern) {
+                Some((_, at)) => *at = (*at).max(at_ms),
+                None => state.patterns.push((pattern.to_string(), at_ms)),
+            }
+        }
+        state.patterns.sort_by_key(|(_, at)| std::cmp::Reverse(*at));
+        if state.patterns.len() > MAX_PATTERN_MARKERS {
+            let mut markers: Vec<u64> = state.patterns.iter().map(|(_, at)| *at).collect();
+            let floor = fold_floor(&mut markers, MAX_PATTERN_MARKERS / 4 * 3);
+            state.patterns.retain(|(_, at)| *at > floor);
+            self.fold(&mut state, floor, "path");
         }
         self.active.store(true, Ordering::Release);
+    }
+
+    /// Folds markers at or before `floor` (already removed from `state`) into the
+    /// namespace marker.
+    fn fold(&self, state: &mut State, floor: u64, kind: &'static str) {
+        state.all_at_ms = state.all_at_ms.max(floor);
+        self.folds.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            kind,
+            floor_ms = floor,
+            "too many purge markers: the oldest folded into a purge of every entry stored by then"
+        );
+    }
+
+    /// How many times markers were folded into the namespace marker ([`MAX_TAG_MARKERS`]).
+    pub fn folds(&self) -> u64 {
+        self.folds.load(Ordering::Relaxed)
     }
 
     /// Records a purge of the entries stored under `keys`, at `at_ms`. Key markers older
@@ -191,7 +250,8 @@ impl Purges {
             state
                 .patterns
                 .iter()
-                .any(|(pattern, &at)| stored_at_ms <= at && glob_matches(pattern, path))
+                .take_while(|(_, at)| stored_at_ms <= *at)
+                .any(|(pattern, _)| glob_matches(pattern, path))
         })
     }
 
@@ -234,7 +294,7 @@ impl Purges {
     pub fn prune(&self, before_ms: u64) {
         let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
         state.tags.retain(|_, at| *at >= before_ms);
-        state.patterns.retain(|_, at| *at >= before_ms);
+        state.patterns.retain(|(_, at)| *at >= before_ms);
         state.keys.retain(|_, at| *at >= before_ms);
     }
 
@@ -278,6 +338,71 @@ mod tests {
             let prefix = format!("{a}*");
             proptest::prop_assert_eq!(glob_matches(&prefix, &b), b.starts_with(&a));
         }
+    }
+
+    proptest::proptest! {
+        /// Patterns kept newest first and checked until the first older than the entry
+        /// answer as every pattern's latest purge checked one by one would.
+        #[test]
+        fn path_markers_cover_as_their_latest_purge_says(
+            purges in proptest::collection::vec((0..4usize, 0..100u64), 0..12),
+            path in 0..4usize,
+            stored_at in 1..110u64,
+        ) {
+            const PATTERNS: [&str; 4] = ["/a/*", "/a/b/*", "/*/c", "/d"];
+            const PATHS: [&str; 4] = ["/a/x", "/a/b/c", "/d", "/e/c"];
+            let p = Purges::default();
+            let mut latest = [None::<u64>; 4];
+            for &(i, at) in &purges {
+                p.purge_paths(&[PATTERNS[i]], at);
+                latest[i] = Some(latest[i].map_or(at, |l| l.max(at)));
+            }
+            let expected = (0..4).any(|i| {
+                latest[i].is_some_and(|at| stored_at <= at && glob_matches(PATTERNS[i], PATHS[path]))
+            });
+            let tag = format!("{PATH_TAG_PREFIX}{}", PATHS[path]);
+            proptest::prop_assert_eq!(p.covers(stored_at, tagged(&[tag.as_str()])), expected);
+        }
+    }
+
+    #[test]
+    fn tag_markers_beyond_the_cap_fold_into_the_namespace_marker() {
+        let p = Purges::default();
+        let n = MAX_TAG_MARKERS as u64;
+        for i in 0..n {
+            p.purge_tags(&[format!("t{i}")], 1_000 + i);
+        }
+        assert_eq!((p.tag_markers(), p.folds()), (MAX_TAG_MARKERS, 0));
+        p.purge_tags(&["newest"], 1_000 + n);
+        assert_eq!(p.folds(), 1);
+        let kept = p.tag_markers();
+        assert!(kept <= MAX_TAG_MARKERS / 4 * 3, "{kept}");
+        let floor = 1_000 + n - kept as u64;
+        // What was folded stays purged, with every other entry stored by then.
+        assert!(p.covers(1_000, tagged(&["t0"])));
+        assert!(p.covers(floor, tagged(&["never-purged"])));
+        assert!(!p.covers(floor + 1, tagged(&["never-purged"])));
+        // What was kept still covers exactly what it did.
+        assert!(p.covers(1_000 + n, tagged(&["newest"])));
+        assert!(p.covers(floor + 1, tagged(&[format!("t{}", n - 1).as_str()])));
+        assert!(!p.covers(1_001 + n, tagged(&["newest"])));
+    }
+
+    #[test]
+    fn path_markers_beyond_the_cap_fold_into_the_namespace_marker() {
+        let p = Purges::default();
+        let n = MAX_PATTERN_MARKERS as u64;
+        for i in 0..=n {
+            p.purge_paths(&[format!("/p/{i}/*")], 1_000 + i);
+        }
+        assert_eq!(p.folds(), 1);
+        assert!(p.covers(1_000, tagged(&["path:/p/0/x"])), "folded");
+        assert!(p.covers(1_000 + n, tagged(&["path:/p/1000/x"])), "kept");
+        assert!(!p.covers(1_001 + n, tagged(&["path:/p/1000/x"])));
+        assert!(
+            !p.covers(1_000 + n, tagged(&["path:/q"])),
+            "newer than the floor"
+        );
     }
 
     #[test]

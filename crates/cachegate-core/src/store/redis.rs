@@ -85,11 +85,11 @@ enum Via {
     Thread(u64),
 }
 
-/// Key markers read per `ZSCAN` page by [`RedisTier::load_purges`].
+/// Markers read per `ZSCAN` or `HSCAN` page by [`RedisTier::load_purges`].
 pub const MARKER_PAGE: usize = 5_000;
 
-/// The most `ZSCAN` pages [`RedisTier::load_purges`] reads: far more than
-/// [`crate::purge::MAX_KEY_MARKERS`] need.
+/// The most `ZSCAN` (or `HSCAN`) pages [`RedisTier::load_purges`] reads per set: far more
+/// than [`crate::purge::MAX_KEY_MARKERS`] (or [`crate::purge::MAX_SHARED_MARKERS`]) need.
 const MAX_MARKER_PAGES: usize = 4 * crate::purge::MAX_KEY_MARKERS / MARKER_PAGE + 16;
 
 /// The shared tier. Cloning shares the connection and the breaker.
@@ -452,6 +452,12 @@ impl RedisTier {
         format!("{}:purged-keys", self.namespace)
     }
 
+    /// The tag and path markers of `{namespace}:purges` ranked by time, for folding the
+    /// oldest ([`crate::purge::MAX_SHARED_MARKERS`]): `{namespace}:purge-order`.
+    fn purge_order_key(&self) -> String {
+        format!("{}:purge-order", self.namespace)
+    }
+
     fn acks_key(&self, id: u64) -> String {
         format!("{}:acks:{id:016x}", self.namespace)
     }
@@ -464,12 +470,16 @@ impl RedisTier {
     /// [`crate::purge::MAX_KEY_MARKERS`] at most. The entries of purged keys are deleted
     /// (`UNLINK`) at once, so that a key marker dropped later uncovers nothing in Redis
     /// (the script touches entry keys it does not declare: standalone Redis, not Cluster).
-    /// Returns whether Redis confirmed.
+    /// The hash's tag and path markers are also ranked by time in the sorted set
+    /// `{namespace}:purge-order`; beyond [`crate::purge::MAX_SHARED_MARKERS`], the oldest
+    /// are removed, down to three quarters, and folded into the namespace marker of their
+    /// mode (`all`, `soft:all`): every entry stored by then stays purged. Returns whether
+    /// Redis confirmed.
     pub async fn record_purges(&self, markers: &[(String, u64)]) -> bool {
         let mut conn = self.connection();
         let key = self.purges_key();
         let script = redis::Script::new(
-            "for i = 4, #ARGV, 2 do \
+            "for i = 6, #ARGV, 2 do \
                local at = tonumber(ARGV[i + 1]) \
                if string.sub(ARGV[i], 1, 4) == 'key:' then \
                  redis.call('ZADD', KEYS[2], 'GT', at, string.sub(ARGV[i], 5)) \
@@ -479,19 +489,46 @@ impl RedisTier {
                  if not cur or tonumber(cur) < at then \
                    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) \
                  end \
+                 if ARGV[i] ~= 'all' and ARGV[i] ~= 'soft:all' then \
+                   redis.call('ZADD', KEYS[3], 'GT', at, ARGV[i]) \
+                 end \
                end \
              end \
              redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[1]) \
              redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -(tonumber(ARGV[2]) + 1)) \
+             local n = redis.call('ZCARD', KEYS[3]) \
+             if n > tonumber(ARGV[4]) then \
+               local cut = n - tonumber(ARGV[5]) \
+               local old = redis.call('ZRANGE', KEYS[3], 0, cut - 1, 'WITHSCORES') \
+               local floors = {} \
+               for j = 1, #old, 2 do \
+                 redis.call('HDEL', KEYS[1], old[j]) \
+                 local all = 'all' \
+                 if string.sub(old[j], 1, 5) == 'soft:' then all = 'soft:all' end \
+                 if not floors[all] or tonumber(floors[all]) < tonumber(old[j + 1]) then \
+                   floors[all] = old[j + 1] \
+                 end \
+               end \
+               redis.call('ZREMRANGEBYRANK', KEYS[3], 0, cut - 1) \
+               for all, at in pairs(floors) do \
+                 local cur = redis.call('HGET', KEYS[1], all) \
+                 if not cur or tonumber(cur) < tonumber(at) then \
+                   redis.call('HSET', KEYS[1], all, at) \
+                 end \
+               end \
+             end \
              return 1",
         );
         let cutoff = crate::now_ms().saturating_sub(crate::purge::KEY_MARKER_RETENTION_MS);
         let mut invocation = script.key(key);
         invocation
             .key(self.purged_keys_key())
+            .key(self.purge_order_key())
             .arg(cutoff)
             .arg(crate::purge::MAX_KEY_MARKERS)
-            .arg(&self.prefix);
+            .arg(&self.prefix)
+            .arg(crate::purge::MAX_SHARED_MARKERS)
+            .arg(crate::purge::MAX_SHARED_MARKERS / 4 * 3);
         for (field, at_ms) in markers {
             invocation.arg(field).arg(*at_ms);
         }
@@ -503,33 +540,51 @@ impl RedisTier {
     }
 
     /// Every purge marker recorded in Redis (the hash and the key markers), or `None`
-    /// when Redis fails. The key markers (up to [`crate::purge::MAX_KEY_MARKERS`], about
-    /// 9 MB, and any client can cause them with unsafe requests) are read in pages of
-    /// [`MARKER_PAGE`] (`ZSCAN`), each within the operation timeout and none holding the
-    /// shared connection for long; a marker added or dropped meanwhile may be missed or
-    /// read twice, which the subscription's messages make up for.
+    /// when Redis fails. Both are read in pages of [`MARKER_PAGE`] (`HSCAN`, `ZSCAN`),
+    /// each within the operation timeout and none holding the shared connection for long
+    /// (the key markers: up to [`crate::purge::MAX_KEY_MARKERS`], about 9 MB, and any
+    /// client can cause them with unsafe requests); a marker added or dropped meanwhile
+    /// may be missed or read twice, which the subscription's messages make up for, and the
+    /// namespace markers are read once more at the end, for markers folded meanwhile.
     pub async fn load_purges(&self) -> Option<Vec<(String, u64)>> {
-        let mut conn = self.connection();
         let hash = self.purges_key();
-        let mut markers = self
+        let mut markers = self.scan_markers("HSCAN", &hash).await?;
+        // Read again after the scan: markers folded while it ran (removed before the scan
+        // reached them) are in these (`record_purges`).
+        let mut conn = self.connection();
+        let mut hmget = redis::cmd("HMGET");
+        hmget.arg(&hash).arg("all").arg("soft:all");
+        let folded = self
             .guarded("get", async move {
-                conn.hgetall::<_, Vec<(String, u64)>>(hash).await
+                hmget.query_async::<Vec<Option<u64>>>(&mut conn).await
             })
             .await?;
-        let keys = self.purged_keys_key();
+        for (field, at) in ["all", "soft:all"].into_iter().zip(folded) {
+            markers.extend(at.map(|at| (field.to_string(), at)));
+        }
+        let keys = self.scan_markers("ZSCAN", &self.purged_keys_key()).await?;
+        markers.extend(keys.into_iter().map(|(hex, at)| (format!("key:{hex}"), at)));
+        Some(markers)
+    }
+
+    /// Every `(field, time)` pair of the hash (`HSCAN`) or sorted set (`ZSCAN`) at `key`,
+    /// read in pages of [`MARKER_PAGE`], each within the operation timeout; `None` when
+    /// Redis fails or the scan does not end within [`MAX_MARKER_PAGES`] pages.
+    async fn scan_markers(&self, scan_cmd: &str, key: &str) -> Option<Vec<(String, u64)>> {
+        let mut markers = Vec::new();
         let mut cursor = 0u64;
         // A scan ends; the cap keeps this wait bounded whatever Redis answers.
         for _ in 0..MAX_MARKER_PAGES {
             let mut conn = self.connection();
-            let mut scan = redis::cmd("ZSCAN");
-            scan.arg(&keys).arg(cursor).arg("COUNT").arg(MARKER_PAGE);
+            let mut scan = redis::cmd(scan_cmd);
+            scan.arg(key).arg(cursor).arg("COUNT").arg(MARKER_PAGE);
             let (next, page) = self
                 .guarded("get", async move {
                     scan.query_async::<(u64, Vec<(String, u64)>)>(&mut conn)
                         .await
                 })
                 .await?;
-            markers.extend(page.into_iter().map(|(hex, at)| (format!("key:{hex}"), at)));
+            markers.extend(page);
             if next == 0 {
                 return Some(markers);
             }
