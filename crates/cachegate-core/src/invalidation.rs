@@ -204,21 +204,28 @@ impl Markers {
     }
 }
 
-/// Applies markers loaded from Redis (`soft:`-prefixed ones to the soft markers).
+/// Applies markers loaded from Redis (`soft:`-prefixed ones to the soft markers); path
+/// patterns in one pass per mode.
 fn apply_markers(markers: &Markers, loaded: &[(String, u64)]) {
+    let (mut hard_paths, mut soft_paths) = (Vec::new(), Vec::new());
     for (field, at_ms) in loaded {
-        let (purges, field) = match field.strip_prefix("soft:") {
-            Some(field) => (&*markers.soft, field),
-            None => (&*markers.hard, field.as_str()),
+        let (purges, paths, field) = match field.strip_prefix("soft:") {
+            Some(field) => (&*markers.soft, &mut soft_paths, field),
+            None => (&*markers.hard, &mut hard_paths, field.as_str()),
         };
         if field == "all" {
             purges.purge_all(*at_ms);
         } else if let Some(tag) = field.strip_prefix("tag:") {
             purges.purge_tags(&[tag], *at_ms);
         } else if let Some(pattern) = field.strip_prefix("path:") {
-            purges.purge_paths(&[pattern], *at_ms);
+            paths.push((pattern, *at_ms));
         } else if let Some(key) = field.strip_prefix("key:").and_then(key_from_hex) {
             purges.purge_keys(&[key], *at_ms);
+        }
+    }
+    for (purges, paths) in [(&markers.hard, hard_paths), (&markers.soft, soft_paths)] {
+        if !paths.is_empty() {
+            purges.purge_paths_at(paths);
         }
     }
 }
@@ -419,6 +426,35 @@ async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn loaded_markers_apply_to_their_mode() {
+        let markers = Markers {
+            hard: Arc::new(Purges::default()),
+            soft: Arc::new(Purges::default()),
+        };
+        let loaded: Vec<(String, u64)> = [
+            ("path:/kpi/*", 200),
+            ("path:/kpi/*", 100),
+            ("soft:path:/api/*", 300),
+            ("tag:leads", 400),
+            ("soft:all", 50),
+        ]
+        .into_iter()
+        .map(|(f, at)| (f.to_string(), at))
+        .collect();
+        apply_markers(&markers, &loaded);
+        let covers = |purges: &Purges, at: u64, tag: &str| {
+            purges.covers(at, |pred: &mut dyn FnMut(&str) -> bool| pred(tag))
+        };
+        assert!(covers(&markers.hard, 200, "path:/kpi/x"), "the later time");
+        assert!(!covers(&markers.hard, 201, "path:/kpi/x"));
+        assert!(!covers(&markers.hard, 100, "path:/api/x"), "soft only");
+        assert!(covers(&markers.soft, 300, "path:/api/x"));
+        assert!(covers(&markers.hard, 400, "leads"));
+        assert!(covers(&markers.soft, 50, "anything"));
+        assert!(!covers(&markers.hard, 50, "anything"));
+    }
 
     #[test]
     fn messages_round_trip_and_reject_garbage() {

@@ -142,15 +142,23 @@ impl Purges {
     /// Records a purge of every entry whose path matches any of `patterns`
     /// ([`glob_matches`]), at `at_ms`.
     pub fn purge_paths<S: AsRef<str>>(&self, patterns: &[S], at_ms: u64) {
+        self.purge_paths_at(patterns.iter().map(|p| (p.as_ref(), at_ms)));
+    }
+
+    /// Records purges by path pattern, each at its own time (`(pattern, at_ms)`), as
+    /// [`Purges::purge_paths`] does: one pass whatever their number (markers loaded from
+    /// a shared store come this way).
+    pub fn purge_paths_at<'a>(&self, purges: impl IntoIterator<Item = (&'a str, u64)>) {
         let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
-        for pattern in patterns {
-            let pattern = pattern.as_ref();
-            match state.patterns.iter_mut().find(|(p, _)| p == pattern) {
-                Some((_, at)) => *at = (*at).max(at_ms),
-                None => state.patterns.push((pattern.to_string(), at_ms)),
-            }
+        let mut latest: HashMap<String, u64> = state.patterns.drain(..).collect();
+        for (pattern, at_ms) in purges {
+            let at = latest.entry(pattern.to_string()).or_default();
+            *at = (*at).max(at_ms);
         }
-        state.patterns.sort_by_key(|(_, at)| std::cmp::Reverse(*at));
+        state.patterns = latest.into_iter().collect();
+        state
+            .patterns
+            .sort_unstable_by_key(|(_, at)| std::cmp::Reverse(*at));
         if state.patterns.len() > MAX_PATTERN_MARKERS {
             let mut markers: Vec<u64> = state.patterns.iter().map(|(_, at)| *at).collect();
             let floor = fold_floor(&mut markers, MAX_PATTERN_MARKERS / 4 * 3);

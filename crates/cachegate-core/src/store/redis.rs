@@ -470,11 +470,13 @@ impl RedisTier {
     /// [`crate::purge::MAX_KEY_MARKERS`] at most. The entries of purged keys are deleted
     /// (`UNLINK`) at once, so that a key marker dropped later uncovers nothing in Redis
     /// (the script touches entry keys it does not declare: standalone Redis, not Cluster).
-    /// The hash's tag and path markers are also ranked by time in the sorted set
-    /// `{namespace}:purge-order`; beyond [`crate::purge::MAX_SHARED_MARKERS`], the oldest
-    /// are removed, down to three quarters, and folded into the namespace marker of their
-    /// mode (`all`, `soft:all`): every entry stored by then stays purged. Returns whether
-    /// Redis confirmed.
+    /// The hash's other markers (tags, paths, soft purges by key) are also ranked by time
+    /// in the sorted set `{namespace}:purge-order`; beyond
+    /// [`crate::purge::MAX_SHARED_MARKERS`], the oldest are removed, down to three
+    /// quarters, and folded into the namespace marker of their mode (`all`, `soft:all`):
+    /// every entry stored by then stays purged (logged as a warning). Markers recorded
+    /// before this ranking existed are ranked when recorded again, never removed
+    /// otherwise. Returns whether Redis confirmed.
     pub async fn record_purges(&self, markers: &[(String, u64)]) -> bool {
         let mut conn = self.connection();
         let key = self.purges_key();
@@ -486,11 +488,14 @@ impl RedisTier {
                  redis.call('UNLINK', ARGV[3] .. string.sub(ARGV[i], 5)) \
                else \
                  local cur = redis.call('HGET', KEYS[1], ARGV[i]) \
+                 local latest = ARGV[i + 1] \
                  if not cur or tonumber(cur) < at then \
-                   redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) \
+                   redis.call('HSET', KEYS[1], ARGV[i], latest) \
+                 else \
+                   latest = cur \
                  end \
                  if ARGV[i] ~= 'all' and ARGV[i] ~= 'soft:all' then \
-                   redis.call('ZADD', KEYS[3], 'GT', at, ARGV[i]) \
+                   redis.call('ZADD', KEYS[3], 'GT', latest, ARGV[i]) \
                  end \
                end \
              end \
@@ -502,11 +507,14 @@ impl RedisTier {
                local old = redis.call('ZRANGE', KEYS[3], 0, cut - 1, 'WITHSCORES') \
                local floors = {} \
                for j = 1, #old, 2 do \
+                 local at = old[j + 1] \
+                 local cur = redis.call('HGET', KEYS[1], old[j]) \
+                 if cur and tonumber(cur) > tonumber(at) then at = cur end \
                  redis.call('HDEL', KEYS[1], old[j]) \
                  local all = 'all' \
                  if string.sub(old[j], 1, 5) == 'soft:' then all = 'soft:all' end \
-                 if not floors[all] or tonumber(floors[all]) < tonumber(old[j + 1]) then \
-                   floors[all] = old[j + 1] \
+                 if not floors[all] or tonumber(floors[all]) < tonumber(at) then \
+                   floors[all] = at \
                  end \
                end \
                redis.call('ZREMRANGEBYRANK', KEYS[3], 0, cut - 1) \
@@ -516,8 +524,9 @@ impl RedisTier {
                    redis.call('HSET', KEYS[1], all, at) \
                  end \
                end \
+               return cut \
              end \
-             return 1",
+             return 0",
         );
         let cutoff = crate::now_ms().saturating_sub(crate::purge::KEY_MARKER_RETENTION_MS);
         let mut invocation = script.key(key);
@@ -532,11 +541,18 @@ impl RedisTier {
         for (field, at_ms) in markers {
             invocation.arg(field).arg(*at_ms);
         }
-        self.guarded("set", async move {
-            invocation.invoke_async::<i64>(&mut conn).await
-        })
-        .await
-        .is_some()
+        let folded = self
+            .guarded("set", async move {
+                invocation.invoke_async::<i64>(&mut conn).await
+            })
+            .await;
+        if let Some(n @ 1..) = folded {
+            tracing::warn!(
+                folded = n,
+                "too many purge markers in Redis: the oldest folded into a purge of every entry stored by then"
+            );
+        }
+        folded.is_some()
     }
 
     /// Every purge marker recorded in Redis (the hash and the key markers), or `None`
