@@ -922,3 +922,31 @@ async fn background_refreshes_revalidate_entries_with_validators() {
     assert!(second.contains("if-none-match: \"e1\""), "{second}");
     assert_eq!(gate.stats().await["background_refreshes"]["stored"], 1);
 }
+
+/// RFC 9211 §2: cachegate's `Cache-Status` member goes after every member the upstream's
+/// caches sent, from every line they came in (RFC 9110 §5.3), in one field.
+#[tokio::test]
+async fn cache_status_follows_every_upstream_member() {
+    let (up, _) = scripted(|_| {
+        reply(
+            200,
+            &[
+                ("cache-control", "max-age=600"),
+                ("cache-status", "OriginCache; fwd=uri-miss"),
+                ("cache-status", "ShieldCache; hit, EdgeCache; fwd=miss"),
+            ],
+            "x",
+        )
+    })
+    .await;
+    let gate = Gate::start_at(&up.url(), None, "", "").await;
+    let upstream = "OriginCache; fwd=uri-miss, ShieldCache; hit, EdgeCache; fwd=miss, cachegate;";
+    for expected in ["MISS", "HIT"] {
+        let r = gate.get("/x").await;
+        assert_eq!(r.cache(), expected);
+        let lines: Vec<_> = r.headers.get_all("cache-status").iter().collect();
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        let value = lines[0].to_str().unwrap();
+        assert!(value.starts_with(upstream), "{value}");
+    }
+}

@@ -1395,11 +1395,15 @@ impl<O: Origin> Proxy<O> {
     ) -> Response<ProxyBody> {
         let phase = outcome.phase;
         let headers = resp.headers_mut();
-        // An upstream cache's members come first (RFC 9211 §2).
-        let mut value = match headers.get(&CACHE_STATUS).and_then(|v| v.to_str().ok()) {
-            Some(prev) => format!("{prev}, "),
-            None => String::with_capacity(64),
-        };
+        // The upstream's caches' members come first, in order, from every line they came
+        // in (RFC 9211 §2; RFC 9110 §5.3: lines of a list field combine with commas).
+        let mut value = String::with_capacity(64);
+        for prev in headers.get_all(&CACHE_STATUS) {
+            if let Ok(prev) = prev.to_str() {
+                value.push_str(prev);
+                value.push_str(", ");
+            }
+        }
         phase.write_cache_status(&mut value, outcome.ttl_secs, outcome.fwd_status);
         if let Ok(v) = HeaderValue::try_from(value) {
             headers.insert(CACHE_STATUS, v);
