@@ -13,6 +13,10 @@
 #
 #   bench/hit_path.sh [seconds per run, default 10] [connections, default 50]
 #
+# ROUNDS=N (default 3): rounds; the table shows their means, and the targets' ratios are
+# also printed per round (each from runs of the same round), so that a round disturbed by
+# the machine's other work shows.
+#
 # With HIT_PATH_TSV=FILE, the table is also written to FILE (tab-separated: name,
 # requests/s, p50 ms, p99 ms), the input of bench/chart.sh.
 #
@@ -22,7 +26,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION="${1:-10}"
 CONNECTIONS="${2:-50}"
-ROUNDS=3
+ROUNDS="${ROUNDS:-3}"
 
 missing=()
 command -v wrk >/dev/null || missing+=(wrk)
@@ -187,12 +191,13 @@ for name in cachegate-redis cachegate-signed; do
     || { echo "the $name instance does not answer from redis" >&2; exit 1; }
 done
 
-declare -A RPS P50 P99
+declare -A RPS P50 P99 ROUND_RPS
 run() { # name url
   local out script=()
   [ -n "${SCRIPT[$1]:-}" ] && script=(-s "${SCRIPT[$1]}")
   out=$(wrk -t2 -c"$CONNECTIONS" -d"${DURATION}s" --latency "${script[@]}" "$2")
   RPS[$1]=$(awk -v a="${RPS[$1]:-0}" '/^Requests\/sec:/ { printf "%.0f", a + $2 }' <<<"$out")
+  ROUND_RPS[$1]+="$(awk '/^Requests\/sec:/ { printf "%.0f", $2 }' <<<"$out") "
   P50[$1]=$(awk -v a="${P50[$1]:-0}" -v x="$(awk '$1=="50%"{print $2}' <<<"$out" | to_ms)" 'BEGIN{printf "%.3f", a + x}')
   P99[$1]=$(awk -v a="${P99[$1]:-0}" -v x="$(awk '$1=="99%"{print $2}' <<<"$out" | to_ms)" 'BEGIN{printf "%.3f", a + x}')
   if grep -q "Non-2xx\|Socket errors" <<<"$out"; then echo "$1: errors during load:" >&2; grep "Non-2xx\|Socket errors" <<<"$out" >&2; fi
@@ -234,3 +239,12 @@ for ours in cachegate cachegate-shared cachegate-redis cachegate-signed; do
 done
 awk -v a="${RPS[cachegate-post]}" -v b="${RPS[cachegate]}" -v a9="${P99[cachegate-post]}" -v b9="${P99[cachegate]}" \
   'BEGIN { printf "cachegate POST (body key) / cachegate GET: throughput %.2fx, p99 latency %.2fx\n", a/b, a9/b9 }'
+echo
+echo "per round (throughput ratios, each from the same round):"
+for pair in "cachegate bare-hyper" "cachegate bare-hyper-pinned" "cachegate nginx" \
+            "cachegate-redis nginx" "cachegate-signed nginx" "cachegate-post cachegate"; do
+  read -r ours peer <<<"$pair"
+  awk -v o="${LABEL[$ours]}" -v p="${LABEL[$peer]}" -v a="${ROUND_RPS[$ours]}" -v b="${ROUND_RPS[$peer]}" \
+    'BEGIN { n = split(a, x, " "); split(b, y, " "); printf "%s / %s:", o, p
+             for (i = 1; i <= n; i++) printf " %.3f", x[i] / y[i]; printf "\n" }'
+done
