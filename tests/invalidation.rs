@@ -830,3 +830,23 @@ async fn the_oldest_tag_markers_in_redis_fold_into_a_purge_of_what_was_stored_by
     assert!(computed_after(&b.get("/kpi/leads").await, before));
     assert_eq!(b.get("/kpi/leads").await.cache(), "HIT");
 }
+
+/// A purge of many tags is recorded in Redis whole (in parts, so that no script holds
+/// Redis for long).
+#[tokio::test]
+async fn a_purge_of_thousands_of_tags_is_recorded_whole() {
+    let (up, redis) = (Upstream::start().await, Redis::start().await);
+    let a = Gate::start(&up, Some(&redis), CONFIG).await;
+    let mut tags: Vec<String> = (0..2_499).map(|i| format!("user:{i}")).collect();
+    tags.push("kpi".into());
+    let body = serde_json::json!({ "tags": tags }).to_string();
+    let (status, reply) = purge(&a, Some("purge-token"), &body).await;
+    assert_eq!(status, 200, "{reply}");
+    let mut conn = redis.connection().await;
+    let fields: usize = redis::cmd("HLEN")
+        .arg("cachegate:purges")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(fields, 2_500);
+}

@@ -85,6 +85,9 @@ enum Via {
     Thread(u64),
 }
 
+/// Markers recorded per script call by [`RedisTier::record_purges`].
+const MARKERS_PER_SCRIPT: usize = 1_000;
+
 /// Markers read per `ZSCAN` or `HSCAN` page by [`RedisTier::load_purges`].
 pub const MARKER_PAGE: usize = 5_000;
 
@@ -476,9 +479,11 @@ impl RedisTier {
     /// quarters, and folded into the namespace marker of their mode (`all`, `soft:all`):
     /// every entry stored by then stays purged (logged as a warning). Markers recorded
     /// before this ranking existed are ranked when recorded again, never removed
-    /// otherwise. Returns whether Redis confirmed.
+    /// otherwise. Recorded in parts of 1 000 markers, each within the
+    /// operation timeout. Returns whether Redis confirmed every part (a part that failed
+    /// leaves those before it recorded).
     pub async fn record_purges(&self, markers: &[(String, u64)]) -> bool {
-        let mut conn = self.connection();
+        let conn = self.connection();
         let key = self.purges_key();
         let script = redis::Script::new(
             "for i = 6, #ARGV, 2 do \
@@ -529,30 +534,37 @@ impl RedisTier {
              return 0",
         );
         let cutoff = crate::now_ms().saturating_sub(crate::purge::KEY_MARKER_RETENTION_MS);
-        let mut invocation = script.key(key);
-        invocation
-            .key(self.purged_keys_key())
-            .key(self.purge_order_key())
-            .arg(cutoff)
-            .arg(crate::purge::MAX_KEY_MARKERS)
-            .arg(&self.prefix)
-            .arg(crate::purge::MAX_SHARED_MARKERS)
-            .arg(crate::purge::MAX_SHARED_MARKERS / 4 * 3);
-        for (field, at_ms) in markers {
-            invocation.arg(field).arg(*at_ms);
+        // In parts, so that no script holds Redis (single-threaded) for long, whatever the
+        // purge's size.
+        for part in markers.chunks(MARKERS_PER_SCRIPT) {
+            let mut invocation = script.key(&key);
+            invocation
+                .key(self.purged_keys_key())
+                .key(self.purge_order_key())
+                .arg(cutoff)
+                .arg(crate::purge::MAX_KEY_MARKERS)
+                .arg(&self.prefix)
+                .arg(crate::purge::MAX_SHARED_MARKERS)
+                .arg(crate::purge::MAX_SHARED_MARKERS / 4 * 3);
+            for (field, at_ms) in part {
+                invocation.arg(field).arg(*at_ms);
+            }
+            let mut conn = conn.clone();
+            let folded = self
+                .guarded("set", async move {
+                    invocation.invoke_async::<i64>(&mut conn).await
+                })
+                .await;
+            match folded {
+                None => return false,
+                Some(n @ 1..) => tracing::warn!(
+                    folded = n,
+                    "too many purge markers in Redis: the oldest folded into a purge of every entry stored by then"
+                ),
+                Some(_) => {}
+            }
         }
-        let folded = self
-            .guarded("set", async move {
-                invocation.invoke_async::<i64>(&mut conn).await
-            })
-            .await;
-        if let Some(n @ 1..) = folded {
-            tracing::warn!(
-                folded = n,
-                "too many purge markers in Redis: the oldest folded into a purge of every entry stored by then"
-            );
-        }
-        folded.is_some()
+        true
     }
 
     /// Every purge marker recorded in Redis (the hash and the key markers), or `None`
