@@ -347,6 +347,7 @@ impl Metrics {
                 by_kind: counts(&self.store.purges),
                 outcomes: counts(&self.store.purge_outcomes),
                 received: self.store.purges_received.get(),
+                marker_folds: counts(&self.store.purge_marker_folds),
             },
             warm: WarmStats {
                 requests: counts(&self.warm_requests),
@@ -415,6 +416,9 @@ pub struct PurgeStats {
     pub outcomes: BTreeMap<&'static str, u64>,
     /// Applied here from other replicas or events.
     pub received: u64,
+    /// Times the oldest purge markers were folded into a purge of everything stored by
+    /// then, in this replica's markers (`local`) or in Redis's (`redis`).
+    pub marker_folds: BTreeMap<&'static str, u64>,
 }
 
 /// Requests, in all and by status.

@@ -819,6 +819,8 @@ async fn the_oldest_tag_markers_in_redis_fold_into_a_purge_of_what_was_stored_by
         .await
         .unwrap();
     assert_eq!(kpi, None, "folded");
+    let folds = &a.stats().await["purges"]["marker_folds"];
+    assert_eq!((&folds["redis"], &folds["local"]), (&1.into(), &0.into()));
     // A replica that starts now loads the markers: the entry is purged for it; the one
     // it stores instead is newer than the fold and served.
     let before = up.hits();
@@ -849,4 +851,25 @@ async fn a_purge_of_thousands_of_tags_is_recorded_whole() {
         .await
         .unwrap();
     assert_eq!(fields, 2_500);
+}
+
+/// One purge of more distinct tags than a replica and Redis keep folds the oldest on
+/// both, and says so in the metrics.
+#[tokio::test]
+async fn folds_are_counted_where_they_happen() {
+    use cachegate_core::purge::{MAX_SHARED_MARKERS, MAX_TAG_MARKERS};
+    let (up, redis) = (Upstream::start().await, Redis::start().await);
+    let a = Gate::start(&up, Some(&redis), CONFIG).await;
+    let n = MAX_TAG_MARKERS.max(MAX_SHARED_MARKERS) + 1;
+    let tags: Vec<String> = (0..n).map(|i| format!("u{i}")).collect();
+    let body = serde_json::json!({ "tags": tags }).to_string();
+    let (status, reply) = purge(&a, Some("purge-token"), &body).await;
+    assert_eq!(status, 200, "{reply}");
+    let folds = &a.stats().await["purges"]["marker_folds"];
+    assert_eq!((&folds["local"], &folds["redis"]), (&1.into(), &1.into()));
+    let metrics = a.metrics().await;
+    assert!(
+        metrics.contains("cachegate_purge_marker_folds_total{store=\"local\"} 1"),
+        "{metrics}"
+    );
 }

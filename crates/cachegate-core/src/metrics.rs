@@ -130,6 +130,11 @@ pub struct StoreMetrics {
     /// memory tier when the purge is applied, and (`redis`) Redis entries found purged at
     /// lookup (a purge never scans Redis, so those are counted as they are met).
     pub purged_entries: LabeledCounter,
+    /// `purge_marker_folds_total{store}`: times the oldest purge markers were folded into a
+    /// purge of every entry stored by then ([`crate::purge::MAX_TAG_MARKERS`]): in this
+    /// replica's markers (`local`), or in Redis's as this replica recorded a purge
+    /// (`redis`).
+    pub purge_marker_folds: LabeledCounter,
 }
 
 /// Tier labels.
@@ -149,6 +154,7 @@ impl Default for StoreMetrics {
             purge_outcomes: LabeledCounter::new("outcome", &["confirmed", "unconfirmed", "local"]),
             purges_received: Counter::default(),
             purged_entries: LabeledCounter::new("tier", TIERS),
+            purge_marker_folds: LabeledCounter::new("store", &["local", "redis"]),
         }
     }
 }
@@ -215,6 +221,11 @@ impl StoreMetrics {
             registry,
             "purged_entries",
             "Entries removed because a purge covers them, by tier (redis: as met at lookup)",
+        );
+        m.purge_marker_folds.register(
+            registry,
+            "purge_marker_folds",
+            "Times the oldest purge markers were folded into a purge of every entry stored by then",
         );
     }
 }

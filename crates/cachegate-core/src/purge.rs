@@ -26,7 +26,7 @@ pub struct Purges {
     /// The ids of the last purges this replica published ([`Purges::note_own`]).
     own: std::sync::Mutex<std::collections::VecDeque<u64>>,
     /// Times markers were folded into the namespace marker ([`MAX_TAG_MARKERS`]).
-    folds: std::sync::atomic::AtomicU64,
+    folds: prometheus_client::metrics::counter::Counter,
 }
 
 /// The time to fold at so that at most `keep` of the marker times in `times` stay (those
@@ -172,7 +172,7 @@ impl Purges {
     /// namespace marker.
     fn fold(&self, state: &mut State, floor: u64, kind: &'static str) {
         state.all_at_ms = state.all_at_ms.max(floor);
-        self.folds.fetch_add(1, Ordering::Relaxed);
+        self.folds.inc();
         tracing::warn!(
             kind,
             floor_ms = floor,
@@ -180,9 +180,17 @@ impl Purges {
         );
     }
 
+    /// Markers that count their folds into `folds` (which keeps counting where it is).
+    pub fn counting_folds(folds: prometheus_client::metrics::counter::Counter) -> Self {
+        Purges {
+            folds,
+            ..Purges::default()
+        }
+    }
+
     /// How many times markers were folded into the namespace marker ([`MAX_TAG_MARKERS`]).
     pub fn folds(&self) -> u64 {
-        self.folds.load(Ordering::Relaxed)
+        self.folds.get()
     }
 
     /// Records a purge of the entries stored under `keys`, at `at_ms`. Key markers older

@@ -244,14 +244,15 @@ impl<V: Storable> TieredStore<V> {
         envelope_keys: EnvelopeKeys,
         metrics: StoreMetrics,
     ) -> Self {
+        let folds = metrics.purge_marker_folds.handle("local");
         TieredStore {
             memory,
             redis,
             envelope_keys,
-            metrics,
             order: WriteOrder::new(),
-            purges: Arc::default(),
-            soft: Arc::default(),
+            purges: Arc::new(Purges::counting_folds(folds.clone())),
+            soft: Arc::new(Purges::counting_folds(folds)),
+            metrics,
             invalidations: Arc::default(),
         }
     }

@@ -557,10 +557,13 @@ impl RedisTier {
                 .await;
             match folded {
                 None => return false,
-                Some(n @ 1..) => tracing::warn!(
-                    folded = n,
-                    "too many purge markers in Redis: the oldest folded into a purge of every entry stored by then"
-                ),
+                Some(n @ 1..) => {
+                    self.metrics.purge_marker_folds.inc("redis");
+                    tracing::warn!(
+                        folded = n,
+                        "too many purge markers in Redis: the oldest folded into a purge of every entry stored by then"
+                    );
+                }
                 Some(_) => {}
             }
         }
