@@ -12,6 +12,9 @@
 //! connection is served on one thread with its own event loop, as many threads as
 //! cachegate starts by default (the thread set its proxy listener uses,
 //! [`cachegate::server::ConnThreads`]), instead of Tokio's shared work-stealing runtime.
+//! With `--work-ns=N`, each request first keeps its thread busy for N nanoseconds (a
+//! spin), standing in for a handler's own work: how much each runtime model loses to
+//! per-request work on this machine (see docs/benchmarks.md).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -28,11 +31,15 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let mut args = std::env::args().skip(1);
     let (Some(listen), Some(origin)) = (args.next(), args.next()) else {
-        eprintln!("usage: bare_hyper LISTEN_ADDR ORIGIN_URL [--origin] [--pinned]");
+        eprintln!("usage: bare_hyper LISTEN_ADDR ORIGIN_URL [--origin] [--pinned] [--work-ns=N]");
         std::process::exit(2);
     };
     let flags: Vec<String> = args.collect();
     let as_origin = flags.iter().any(|f| f == "--origin");
+    let work_ns: u64 = match flags.iter().find_map(|f| f.strip_prefix("--work-ns=")) {
+        Some(n) => n.parse()?,
+        None => 0,
+    };
     let pinned = flags.iter().any(|f| f == "--pinned").then(|| {
         let n = cachegate::config::ServerConfig::default().connection_threads() as u32;
         cachegate::server::ConnThreads::start(n, |_| Default::default())
@@ -68,6 +75,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         let serve = move |stream, slot| async move {
             let _slot = slot;
             let service = service_fn(move |_req| {
+                if work_ns > 0 {
+                    let start = std::time::Instant::now();
+                    while start.elapsed().as_nanos() < u128::from(work_ns) {
+                        std::hint::spin_loop();
+                    }
+                }
                 let mut resp = Response::new(Full::new(body.clone()));
                 *resp.status_mut() = status;
                 *resp.headers_mut() = headers.clone();
