@@ -27,6 +27,7 @@ cd "$(dirname "$0")/.."
 DURATION="${1:-10}"
 CONNECTIONS="${2:-50}"
 ROUNDS="${ROUNDS:-3}"
+[[ "$ROUNDS" =~ ^[1-9][0-9]*$ ]] || { echo "ROUNDS must be a whole number from 1" >&2; exit 1; }
 
 missing=()
 command -v wrk >/dev/null || missing+=(wrk)
@@ -197,7 +198,7 @@ run() { # name url
   [ -n "${SCRIPT[$1]:-}" ] && script=(-s "${SCRIPT[$1]}")
   out=$(wrk -t2 -c"$CONNECTIONS" -d"${DURATION}s" --latency "${script[@]}" "$2")
   RPS[$1]=$(awk -v a="${RPS[$1]:-0}" '/^Requests\/sec:/ { printf "%.0f", a + $2 }' <<<"$out")
-  ROUND_RPS[$1]+="$(awk '/^Requests\/sec:/ { printf "%.0f", $2 }' <<<"$out") "
+  ROUND_RPS[$1]+="$(awk '/^Requests\/sec:/ { r = $2 } END { printf "%.0f", r + 0 }' <<<"$out") "
   P50[$1]=$(awk -v a="${P50[$1]:-0}" -v x="$(awk '$1=="50%"{print $2}' <<<"$out" | to_ms)" 'BEGIN{printf "%.3f", a + x}')
   P99[$1]=$(awk -v a="${P99[$1]:-0}" -v x="$(awk '$1=="99%"{print $2}' <<<"$out" | to_ms)" 'BEGIN{printf "%.3f", a + x}')
   if grep -q "Non-2xx\|Socket errors" <<<"$out"; then echo "$1: errors during load:" >&2; grep "Non-2xx\|Socket errors" <<<"$out" >&2; fi
@@ -246,5 +247,6 @@ for pair in "cachegate bare-hyper" "cachegate bare-hyper-pinned" "cachegate ngin
   read -r ours peer <<<"$pair"
   awk -v o="${LABEL[$ours]}" -v p="${LABEL[$peer]}" -v a="${ROUND_RPS[$ours]}" -v b="${ROUND_RPS[$peer]}" \
     'BEGIN { n = split(a, x, " "); split(b, y, " "); printf "%s / %s:", o, p
-             for (i = 1; i <= n; i++) printf " %.3f", x[i] / y[i]; printf "\n" }'
+             for (i = 1; i <= n; i++) if (x[i] > 0 && y[i] > 0) printf " %.3f", x[i] / y[i]; else printf " NA"
+             printf "\n" }'
 done

@@ -933,6 +933,7 @@ async fn cache_status_follows_every_upstream_member() {
             &[
                 ("cache-control", "max-age=600"),
                 ("cache-status", "OriginCache; fwd=uri-miss"),
+                ("cache-status", ""),
                 ("cache-status", "ShieldCache; hit, EdgeCache; fwd=miss"),
             ],
             "x",
@@ -940,13 +941,23 @@ async fn cache_status_follows_every_upstream_member() {
     })
     .await;
     let gate = Gate::start_at(&up.url(), None, "", "").await;
-    let upstream = "OriginCache; fwd=uri-miss, ShieldCache; hit, EdgeCache; fwd=miss, cachegate;";
-    for expected in ["MISS", "HIT"] {
+    let upstream = "OriginCache; fwd=uri-miss, ShieldCache; hit, EdgeCache; fwd=miss, ";
+    for (expected, ours) in [
+        ("MISS", "cachegate; fwd=miss; fwd-status=200; stored"),
+        ("HIT", "cachegate; hit; ttl=*; detail=memory"),
+    ] {
         let r = gate.get("/x").await;
         assert_eq!(r.cache(), expected);
         let lines: Vec<_> = r.headers.get_all("cache-status").iter().collect();
         assert_eq!(lines.len(), 1, "{lines:?}");
         let value = lines[0].to_str().unwrap();
-        assert!(value.starts_with(upstream), "{value}");
+        let member = value
+            .strip_prefix(upstream)
+            .unwrap_or_else(|| panic!("{value}"));
+        let (before, after) = ours.split_once('*').unwrap_or((ours, ""));
+        assert!(
+            member.starts_with(before) && member.ends_with(after) && !member.contains(','),
+            "{value}"
+        );
     }
 }

@@ -1395,18 +1395,31 @@ impl<O: Origin> Proxy<O> {
     ) -> Response<ProxyBody> {
         let phase = outcome.phase;
         let headers = resp.headers_mut();
+        let mut ours = String::with_capacity(64);
+        phase.write_cache_status(&mut ours, outcome.ttl_secs, outcome.fwd_status);
         // The upstream's caches' members come first, in order, from every line they came
-        // in (RFC 9211 §2; RFC 9110 §5.3: lines of a list field combine with commas).
-        let mut value = String::with_capacity(64);
-        for prev in headers.get_all(&CACHE_STATUS) {
-            if let Ok(prev) = prev.to_str() {
-                value.push_str(prev);
-                value.push_str(", ");
+        // in, as bytes (RFC 9211 §2; RFC 9110 §5.3: lines of a list field combine with
+        // commas; empty ones add nothing).
+        let upstream = headers.get_all(&CACHE_STATUS);
+        let value = if upstream.iter().next().is_none() {
+            HeaderValue::try_from(ours).ok()
+        } else {
+            let lines: Vec<&[u8]> = upstream
+                .iter()
+                .map(|v| v.as_bytes().trim_ascii())
+                .filter(|v| !v.is_empty())
+                .collect();
+            let mut joined =
+                Vec::with_capacity(lines.iter().map(|l| l.len() + 2).sum::<usize>() + ours.len());
+            for line in lines {
+                joined.extend_from_slice(line);
+                joined.extend_from_slice(b", ");
             }
-        }
-        phase.write_cache_status(&mut value, outcome.ttl_secs, outcome.fwd_status);
-        if let Ok(v) = HeaderValue::try_from(value) {
-            headers.insert(CACHE_STATUS, v);
+            joined.extend_from_slice(ours.as_bytes());
+            HeaderValue::from_bytes(&joined).ok()
+        };
+        if let Some(value) = value {
+            headers.insert(CACHE_STATUS, value);
         }
         headers.insert(
             X_CACHE_STATUS,

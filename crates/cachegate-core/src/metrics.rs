@@ -131,9 +131,11 @@ pub struct StoreMetrics {
     /// lookup (a purge never scans Redis, so those are counted as they are met).
     pub purged_entries: LabeledCounter,
     /// `purge_marker_folds_total{store}`: times the oldest purge markers were folded into a
-    /// purge of every entry stored by then ([`crate::purge::MAX_TAG_MARKERS`]): in this
-    /// replica's markers (`local`), or in Redis's as this replica recorded a purge
-    /// (`redis`).
+    /// purge of every entry stored by then: in this replica's markers (`local`: beyond
+    /// [`crate::purge::MAX_TAG_MARKERS`] tags or [`crate::purge::MAX_PATTERN_MARKERS`]
+    /// patterns), or in Redis's as this replica recorded a purge (`redis`: beyond
+    /// [`crate::purge::MAX_SHARED_MARKERS`]; a large purge is recorded in parts, each of
+    /// which may fold).
     pub purge_marker_folds: LabeledCounter,
 }
 

@@ -481,9 +481,9 @@ impl RedisTier {
     /// before this ranking existed are ranked when recorded again, never removed
     /// otherwise. Recorded in parts of 1 000 markers, each within the
     /// operation timeout. Returns whether Redis confirmed every part (a part that failed
-    /// leaves those before it recorded).
+    /// leaves those before it recorded: a replica loading the markers later applies them,
+    /// the others do not hear of the purge; recording it again is harmless).
     pub async fn record_purges(&self, markers: &[(String, u64)]) -> bool {
-        let conn = self.connection();
         let key = self.purges_key();
         let script = redis::Script::new(
             "for i = 6, #ARGV, 2 do \
@@ -536,7 +536,7 @@ impl RedisTier {
         let cutoff = crate::now_ms().saturating_sub(crate::purge::KEY_MARKER_RETENTION_MS);
         // In parts, so that no script holds Redis (single-threaded) for long, whatever the
         // purge's size.
-        for part in markers.chunks(MARKERS_PER_SCRIPT) {
+        for (recorded, part) in markers.chunks(MARKERS_PER_SCRIPT).enumerate() {
             let mut invocation = script.key(&key);
             invocation
                 .key(self.purged_keys_key())
@@ -549,14 +549,22 @@ impl RedisTier {
             for (field, at_ms) in part {
                 invocation.arg(field).arg(*at_ms);
             }
-            let mut conn = conn.clone();
+            let mut conn = self.connection();
             let folded = self
                 .guarded("set", async move {
                     invocation.invoke_async::<i64>(&mut conn).await
                 })
                 .await;
             match folded {
-                None => return false,
+                None => {
+                    if recorded > 0 {
+                        tracing::warn!(
+                            recorded_parts = recorded,
+                            "purge recorded in Redis in part only: retry it"
+                        );
+                    }
+                    return false;
+                }
                 Some(n @ 1..) => {
                     self.metrics.purge_marker_folds.inc("redis");
                     tracing::warn!(
