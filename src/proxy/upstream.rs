@@ -159,6 +159,10 @@ impl Upstream {
         connector.set_keepalive(Some(Duration::from_secs(60)));
         let client = Client::builder(AtHomeExecutor(home.clone()))
             .pool_idle_timeout(Duration::from_millis(config.pool_idle_timeout_ms.max(1)))
+            // Idle connections past the timeout are closed by a background task, not only
+            // found expired at the next checkout (an upstream without a keep-alive timeout
+            // would otherwise keep a burst's connections open).
+            .pool_timer(hyper_util::rt::TokioTimer::new())
             .pool_max_idle_per_host(256)
             .build(StampingConnector(connector));
         Upstream {
@@ -562,6 +566,48 @@ mod tests {
         };
         assert_eq!(numbers(30_000), ["1", "1"]);
         assert_eq!(numbers(100), ["1", "2"]);
+    }
+
+    /// An idle pooled connection is closed once `pool_idle_timeout_ms` has passed, without
+    /// waiting for another request to find it expired.
+    #[test]
+    fn an_idle_connection_is_closed_past_the_pool_idle_timeout() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let (closed, on_close) = tokio::sync::oneshot::channel();
+            tokio::spawn(async move {
+                let (mut conn, _) = listener.accept().await.unwrap();
+                let mut buf = [0u8; 1024];
+                let mut answered = false;
+                while let Ok(n @ 1..) = conn.read(&mut buf).await {
+                    if !answered && buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                        answered = true;
+                        let answer = "HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\n1";
+                        conn.write_all(answer.as_bytes()).await.unwrap();
+                    }
+                }
+                let _ = closed.send(());
+            });
+            let config = UpstreamConfig {
+                url: Some(format!("http://{addr}").parse().unwrap()),
+                pool_idle_timeout_ms: 100,
+                ..UpstreamConfig::default()
+            };
+            let upstream = Upstream::new(&config, Home::current(), Counter::default());
+            let req = Request::get("/x")
+                .body(super::super::body::empty())
+                .unwrap();
+            let (resp, _) = upstream.send(req).await.unwrap();
+            resp.into_body().collect().await.unwrap();
+            let closed = tokio::time::timeout(Duration::from_secs(5), on_close).await;
+            assert!(closed.is_ok(), "the idle connection was never closed");
+            drop(upstream);
+        });
     }
 
     /// The pool's connections are opened and driven on the client's home runtime: one
