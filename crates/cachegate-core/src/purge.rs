@@ -79,9 +79,9 @@ pub const MAX_TAG_MARKERS: usize = 50_000;
 /// ([`MAX_TAG_MARKERS`]). A lookup checks the patterns newer than its entry.
 pub const MAX_PATTERN_MARKERS: usize = 1_000;
 
-/// Tag and path markers recorded in Redis at most (the hash `{namespace}:purges`, hard and
-/// soft together); beyond, the oldest are folded into its namespace markers there the same
-/// way ([`MAX_TAG_MARKERS`]).
+/// Tag, path and soft key markers recorded in Redis at most (the hash
+/// `{namespace}:purges`, hard and soft together); beyond, the oldest are folded into its
+/// namespace markers there the same way ([`MAX_TAG_MARKERS`]).
 pub const MAX_SHARED_MARKERS: usize = 50_000;
 
 /// The prefix of the tag an entry's request path is stored in, for purges by path

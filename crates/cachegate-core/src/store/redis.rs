@@ -455,8 +455,9 @@ impl RedisTier {
         format!("{}:purged-keys", self.namespace)
     }
 
-    /// The tag and path markers of `{namespace}:purges` ranked by time, for folding the
-    /// oldest ([`crate::purge::MAX_SHARED_MARKERS`]): `{namespace}:purge-order`.
+    /// The markers of `{namespace}:purges` other than the namespace ones (tags, paths, soft
+    /// purges by key) ranked by time, for folding the oldest
+    /// ([`crate::purge::MAX_SHARED_MARKERS`]): `{namespace}:purge-order`.
     fn purge_order_key(&self) -> String {
         format!("{}:purge-order", self.namespace)
     }
