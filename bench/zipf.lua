@@ -8,6 +8,12 @@
 -- request, made wrk itself 8-15% slower at 1 M keys than at 1.)
 -- With ZIPF_DELAY_MS=N (N > 0), each connection waits N milliseconds after each response
 -- before its next request (wrk's `delay`): a paced load, below saturation.
+-- With ZIPF_BARRIER=DIR, ZIPF_PARTY=I and ZIPF_PARTIES=N, init ends only once all N wrk
+-- processes (each `-t1`) have finished theirs (a file per party in DIR; at most 120 s), so
+-- that they start loading together. wrk runs a thread's init on its main thread just
+-- before starting that thread: with `-t2`, the second thread's init (over a second at 1 M
+-- keys) ran while the first thread already loaded the server alone, on the same cores,
+-- and those requests counted against a duration that starts after it.
 local n = tonumber(os.getenv("ZIPF_KEYS") or "1")
 local s = tonumber(os.getenv("ZIPF_S") or "0.99")
 local draws = tonumber(os.getenv("ZIPF_DRAWS") or "1000000")
@@ -35,6 +41,28 @@ function init(args)
       formatted[lo] = request
     end
     requests[i] = request
+  end
+  local barrier = os.getenv("ZIPF_BARRIER")
+  if barrier then
+    local party = os.getenv("ZIPF_PARTY") or "1"
+    local parties = tonumber(os.getenv("ZIPF_PARTIES") or "1")
+    local mark = assert(io.open(barrier .. "/ready." .. party, "w"))
+    mark:close()
+    local deadline = os.time() + 120
+    while os.time() <= deadline do
+      local ready = 0
+      for j = 1, parties do
+        local f = io.open(barrier .. "/ready." .. j)
+        if f then
+          f:close()
+          ready = ready + 1
+        end
+      end
+      if ready >= parties then
+        break
+      end
+      os.execute("sleep 0.01")
+    end
   end
 end
 
