@@ -3,7 +3,8 @@
 # 1 k, 100 k and 1 M entries, loaded with Zipf-distributed requests over all of them
 # (bench/zipf.lua, exponent 0.99). One fresh cachegate per size, each filled once with
 # every key (bench/fill.lua) and kept running; then ROUNDS rounds (default 3), each running
-# wrk for the given seconds against every size in turn, so that the box's drift between
+# wrk (two one-thread processes that start together once both have drawn their keys) for
+# the given seconds against every size in turn, so that the box's drift between
 # runs falls on all sizes alike. In every round the same Zipf script also runs against the
 # origin itself (the bare hyper server, no per-key work): what wrk's own key table costs
 # at each size. Every round also loads each size paced (PACE_MS, default 1: each
