@@ -1399,24 +1399,20 @@ impl<O: Origin> Proxy<O> {
         phase.write_cache_status(&mut ours, outcome.ttl_secs, outcome.fwd_status);
         // The upstream's caches' members come first, in order, from every line they came
         // in, as bytes (RFC 9211 §2; RFC 9110 §5.3: lines of a list field combine with
-        // commas; empty ones add nothing).
-        let upstream = headers.get_all(&CACHE_STATUS);
-        let value = if upstream.iter().next().is_none() {
+        // commas; empty ones add nothing). Without any, nothing is allocated here.
+        let mut upstream = Vec::new();
+        for line in headers.get_all(&CACHE_STATUS) {
+            let line = line.as_bytes().trim_ascii();
+            if !line.is_empty() {
+                upstream.extend_from_slice(line);
+                upstream.extend_from_slice(b", ");
+            }
+        }
+        let value = if upstream.is_empty() {
             HeaderValue::try_from(ours).ok()
         } else {
-            let lines: Vec<&[u8]> = upstream
-                .iter()
-                .map(|v| v.as_bytes().trim_ascii())
-                .filter(|v| !v.is_empty())
-                .collect();
-            let mut joined =
-                Vec::with_capacity(lines.iter().map(|l| l.len() + 2).sum::<usize>() + ours.len());
-            for line in lines {
-                joined.extend_from_slice(line);
-                joined.extend_from_slice(b", ");
-            }
-            joined.extend_from_slice(ours.as_bytes());
-            HeaderValue::from_bytes(&joined).ok()
+            upstream.extend_from_slice(ours.as_bytes());
+            HeaderValue::from_bytes(&upstream).ok()
         };
         if let Some(value) = value {
             headers.insert(CACHE_STATUS, value);

@@ -29,15 +29,6 @@ pub struct Purges {
     folds: prometheus_client::metrics::counter::Counter,
 }
 
-/// The time to fold at so that at most `keep` of the marker times in `times` stay (those
-/// strictly newer): the newest of the oldest `times.len() - keep`. Markers sharing that
-/// time fold together, so fewer may stay.
-fn fold_floor(times: &mut [u64], keep: usize) -> u64 {
-    let cut = times.len().saturating_sub(keep).max(1);
-    let (_, floor, _) = times.select_nth_unstable(cut - 1);
-    *floor
-}
-
 /// How many of its own purge ids a replica remembers.
 const OWN_IDS: usize = 64;
 
@@ -119,6 +110,15 @@ pub fn glob_matches(pattern: &str, path: &str) -> bool {
         }
     }
     p[pi..].iter().all(|&c| c == b'*')
+}
+
+/// The time to fold at so that at most `keep` of the marker times in `times` stay (those
+/// strictly newer): the newest of the oldest `times.len() - keep`. Markers sharing that
+/// time fold together, so fewer may stay.
+fn fold_floor(times: &mut [u64], keep: usize) -> u64 {
+    let cut = times.len().saturating_sub(keep).max(1);
+    let (_, floor, _) = times.select_nth_unstable(cut - 1);
+    *floor
 }
 
 impl Purges {
