@@ -401,6 +401,22 @@ impl Received {
             response_delay,
         }
     }
+
+    /// When its request was sent (RFC 9111 §4.2.3 `request_time`): `at` less the response
+    /// delay. Entries are stamped with it, so that a purge made while the request was in
+    /// flight covers the answer it brings (a purge's markers cover what was stored at or
+    /// before their time).
+    pub fn requested_at(&self) -> SystemTime {
+        self.at.checked_sub(self.response_delay).unwrap_or(self.at)
+    }
+
+    /// [`Received::requested_at`] in milliseconds since the Unix epoch: what an entry made
+    /// from this response is stamped with.
+    pub fn requested_at_ms(&self) -> u64 {
+        self.requested_at()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64)
+    }
 }
 
 /// The longest heuristic freshness lifetime, in seconds (a day).
@@ -620,15 +636,16 @@ fn targeted_directives(headers: &HeaderMap, name: &HeaderName) -> Option<CacheCo
     Some(cc)
 }
 
-/// The response's age when it arrived, in seconds (RFC 9111 §4.2.3
-/// `corrected_initial_age`): the larger of `response_time - Date` and `Age` plus the
-/// response delay.
+/// The response's age when its request was sent, in seconds: RFC 9111 §4.2.3's
+/// `corrected_initial_age` less the response delay, that is the larger of
+/// `request_time - Date` and `Age`. Entries age from `request_time`
+/// ([`Received::requested_at`]), so that their age at any later time is the RFC's
+/// `current_age` (the response delay counted once).
 fn corrected_initial_age(headers: &HeaderMap, received: Received) -> u64 {
     let apparent_age = http_date(headers, header::DATE)
-        .and_then(|date| received.at.duration_since(date).ok())
+        .and_then(|date| received.requested_at().duration_since(date).ok())
         .map_or(0, |d| d.as_secs());
-    let corrected_age_value = upstream_age(headers) + received.response_delay.as_secs();
-    apparent_age.max(corrected_age_value)
+    apparent_age.max(upstream_age(headers))
 }
 
 /// Heuristic freshness (RFC 9111 §4.2.2): a tenth of the time since `Last-Modified`
@@ -696,6 +713,37 @@ mod tests {
     ) -> Result<u32, NoStoreReason> {
         let received = Received::now(Duration::ZERO);
         storable(route, status, headers, received, &StoreRules::default()).map(|f| f.ttl_secs)
+    }
+
+    /// An answer that took 3 s is stamped when its request was sent and counts its age
+    /// from then: its `Age` is RFC 9111 §4.2.3's `current_age` (the delay counted once),
+    /// and it expires when the RFC says, neither earlier nor later.
+    #[test]
+    fn entries_age_from_when_their_request_was_sent() {
+        let at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let received = Received {
+            at,
+            response_delay: Duration::from_millis(3_000),
+        };
+        assert_eq!(received.requested_at_ms(), 999_997_000);
+        let date = |t| http::HeaderValue::from_str(&httpdate::fmt_http_date(t)).unwrap();
+        let rules = StoreRules::default();
+        // `Age: 10`: 10 s old when sent, 13 s old on arrival (corrected_initial_age).
+        let aged = headers(&[("cache-control", "max-age=60"), ("age", "10")]);
+        let f = storable(None, StatusCode::OK, &aged, received, &rules).unwrap();
+        assert_eq!((f.initial_age_secs, f.ttl_secs), (10, 50));
+        // `Date` 5 s before the request was sent: apparent age 5 s then.
+        let mut dated = headers(&[("cache-control", "max-age=60")]);
+        dated.insert(header::DATE, date(at - Duration::from_secs(8)));
+        let f = storable(None, StatusCode::OK, &dated, received, &rules).unwrap();
+        assert_eq!((f.initial_age_secs, f.ttl_secs), (5, 55));
+        // A clock ahead of ours, or no delay at all: no age below `Age`.
+        let instant = Received {
+            at,
+            response_delay: Duration::ZERO,
+        };
+        let f = storable(None, StatusCode::OK, &aged, instant, &rules).unwrap();
+        assert_eq!((f.initial_age_secs, f.ttl_secs), (10, 50));
     }
 
     #[test]

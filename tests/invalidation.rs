@@ -122,6 +122,50 @@ async fn a_tag_purge_on_one_replica_is_confirmed_by_both_and_neither_hits_afterw
     }
 }
 
+/// A purge (or an unsafe request to the same target, RFC 9111 §4.4) made while a miss
+/// waits on the upstream covers the answer that miss brings back: the entry is stamped
+/// with the time its request was sent, not the time its answer arrived.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purge_made_while_a_miss_is_in_flight_covers_its_answer() {
+    let up = Upstream::start().await;
+    let gate = Gate::start(&up, None, CONFIG).await;
+    let cases: [(&str, Option<&str>); 4] = [
+        ("/kpi/tag", Some(r#"{"tags": ["kpi"]}"#)),
+        ("/kpi/path", Some(r#"{"paths": ["/kpi/path"]}"#)),
+        ("/kpi/all", Some(r#"{"all": true}"#)),
+        ("/kpi/unsafe", None),
+    ];
+    for (path, purge_body) in cases {
+        let slow = gate
+            .client
+            .get(gate.url(path))
+            .header("x-test-delay-ms", "400")
+            .send();
+        let slow = tokio::spawn(slow);
+        let reached = eventually(Duration::from_secs(5), || async { up.in_flight() == 1 });
+        assert!(reached.await, "{path}: the miss never reached the upstream");
+        match purge_body {
+            Some(body) => {
+                let (status, reply) = purge(&gate, Some("purge-token"), body).await;
+                assert_eq!(status, 200, "{path}: {reply}");
+            }
+            None => {
+                let post = gate.client.post(gate.url(path)).send().await.unwrap();
+                assert_eq!(post.status(), 200, "{path}");
+            }
+        }
+        let first = common::Reply::from(slow.await.unwrap().unwrap()).await;
+        assert_eq!(first.cache(), "MISS", "{path}");
+        let after = gate.get(path).await;
+        assert_eq!(
+            after.cache(),
+            "MISS",
+            "{path}: the answer from before the purge is served"
+        );
+        assert_eq!(gate.get(path).await.cache(), "HIT", "{path}");
+    }
+}
+
 #[tokio::test]
 async fn unauthorized_or_malformed_purges_purge_nothing() {
     let up = Upstream::start().await;

@@ -787,7 +787,8 @@ impl<O: Origin> Proxy<O> {
             head.status,
             &head.headers,
             &bytes,
-            now_ms(),
+            // Stamped when its request was sent: a purge made meanwhile covers it.
+            received.requested_at_ms(),
             decision.unwrap_or_default(),
             &[&ctx.tags[..], &response_tags[..]].concat(),
         );
@@ -883,7 +884,7 @@ impl<O: Origin> Proxy<O> {
             stored.status(),
             &headers,
             &body,
-            now_ms(),
+            received.requested_at_ms(),
             decision.unwrap_or_default(),
             &tags,
         );

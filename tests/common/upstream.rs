@@ -70,6 +70,11 @@ impl Upstream {
         }
     }
 
+    /// Requests the upstream is answering now.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.0.load(Ordering::SeqCst)
+    }
+
     /// The most requests the upstream was answering at once.
     pub fn max_in_flight(&self) -> usize {
         self.in_flight.1.load(Ordering::SeqCst)

@@ -165,8 +165,9 @@ pub struct Options {
 }
 
 impl Options {
-    /// Freshness lifetime of a value stored by this call (whole seconds, at least 1);
-    /// default: the cache's [`CacheBuilder::default_ttl`].
+    /// Freshness lifetime of a value stored by this call (whole seconds, at least 1),
+    /// counted from when its computation started (so that a purge made while it ran
+    /// covers it); default: the cache's [`CacheBuilder::default_ttl`].
     ///
     /// ```
     /// # use std::time::Duration;
@@ -775,6 +776,9 @@ where
         E: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let metrics = &self.inner.metrics;
+        // The value is stamped with when its computation started, so that a purge made
+        // while it ran covers it (a purge covers what was stored at or before it).
+        let started_ms = now_ms();
         // A panic is caught so that the flight ends with an error for every waiter (one
         // panic, not one per waiter); the caller resumes it.
         let outcome = match std::panic::AssertUnwindSafe(compute()).catch_unwind().await {
@@ -787,7 +791,7 @@ where
         Ok(match outcome {
             Ok(value) => {
                 metrics.computations.inc("ok");
-                Ok(self.store_value(key, value, options))
+                Ok(self.store_value(key, value, started_ms, options))
             }
             Err(e) => {
                 metrics.computations.inc("error");
@@ -797,12 +801,18 @@ where
         })
     }
 
-    /// Wraps `value` into an entry and stores it; a value that cannot be encoded is
-    /// returned but not stored (logged).
-    fn store_value(&self, key: CacheKey, value: V, options: &Options) -> Stored<V, C> {
+    /// Wraps `value` into an entry stamped `stored_at_ms` (its TTL counts from then) and
+    /// stores it; a value that cannot be encoded is returned but not stored (logged).
+    fn store_value(
+        &self,
+        key: CacheKey,
+        value: V,
+        stored_at_ms: u64,
+        options: &Options,
+    ) -> Stored<V, C> {
         let ttl = options.ttl.unwrap_or(self.inner.default_ttl);
         let grace = options.stale_if_error.unwrap_or_default();
-        match Stored::new(value, now_ms(), secs(ttl), secs(grace), &options.tags) {
+        match Stored::new(value, stored_at_ms, secs(ttl), secs(grace), &options.tags) {
             Ok((stored, payload)) => {
                 self.inner
                     .store
@@ -1264,6 +1274,38 @@ mod tests {
         for key in ["leads:eu", "leads:us", "profile"] {
             assert_eq!(cache.get(key).await, None, "{key}");
         }
+    }
+
+    /// A purge made while a value is being computed covers that value: it is stamped
+    /// with when its computation started.
+    #[tokio::test]
+    async fn a_purge_made_while_a_value_is_computed_covers_it() {
+        let cache = cache();
+        let (started_tx, started) = tokio::sync::oneshot::channel();
+        let (finish, finish_rx) = tokio::sync::oneshot::channel::<()>();
+        let computing = {
+            let cache = cache.clone();
+            tokio::spawn(async move {
+                let options = Options::default().tags(["kpi"]);
+                cache
+                    .get_or_set("leads", &options, || async move {
+                        let _ = started_tx.send(());
+                        let _ = finish_rx.await;
+                        Ok::<_, std::io::Error>("old".to_string())
+                    })
+                    .await
+            })
+        };
+        started.await.unwrap();
+        let report = cache.invalidate_tags(&["kpi"]).await;
+        assert!(report.confirmed(), "{report:?}");
+        finish.send(()).unwrap();
+        let computed = computing.await.unwrap().unwrap();
+        assert_eq!(
+            (computed.value.as_str(), computed.source),
+            ("old", Source::Computed)
+        );
+        assert_eq!(cache.get("leads").await, None, "kept past the purge");
     }
 
     #[tokio::test]
