@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 pub use self::error::ConfigError;
-use self::error::{field_at, line_col};
+use self::error::{Source, field_at, line_col};
 pub use self::values::{MethodName, PathPattern, Percent, ProxyNet, RedisUrl, UpstreamUrl};
 
 /// The whole configuration of one `cachegate serve` process.
@@ -42,6 +42,9 @@ pub struct Config {
     pub admin: AdminConfig,
     /// Named events (e.g. an ETL import) and what each purges.
     pub events: Vec<EventConfig>,
+    /// The file and text it was parsed from, for errors found by [`Config::finish`].
+    #[serde(skip)]
+    source: Option<Source>,
 }
 
 /// One `[[events]]` entry: an event name and what it purges on every replica. An event is
@@ -378,6 +381,7 @@ impl Default for Config {
             routes: Vec::new(),
             admin: AdminConfig::default(),
             events: Vec::new(),
+            source: None,
         }
     }
 }
@@ -490,7 +494,7 @@ impl Config {
     ///
     /// Errors: a [`ConfigError`] with the line, column and field of the first problem.
     pub fn from_toml(text: &str, file: Option<&Path>) -> Result<Config, ConfigError> {
-        toml::from_str::<Config>(text).map_err(|e| {
+        let mut config = toml::from_str::<Config>(text).map_err(|e| {
             let position = e.span().map(|span| line_col(text, span.start));
             let message = e.message().trim_end();
             let message = match e.span().and_then(|span| field_at(text, span.start)) {
@@ -503,22 +507,22 @@ impl Config {
                 Some(field) => format!("field `{field}`: {}", plain_words(&field, message)),
                 None => message.to_string(),
             };
-            ConfigError {
-                file: file.map(Path::to_path_buf),
-                position,
-                message,
-            }
-        })
+            ConfigError::in_file(file.map(Path::to_path_buf), position, message)
+        })?;
+        config.source = Some(Source {
+            file: file.map(Path::to_path_buf),
+            text: text.into(),
+        });
+        Ok(config)
     }
 
     /// Reads and parses a config file.
     ///
     /// Errors: the file cannot be read, or [`Config::from_toml`] fails.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-            file: Some(path.to_path_buf()),
-            position: None,
-            message: format!("cannot read config file: {e}"),
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            let message = format!("cannot read config file: {e}");
+            ConfigError::in_file(Some(path.to_path_buf()), None, message)
         })?;
         Config::from_toml(&text, Some(path))
     }
@@ -531,6 +535,19 @@ impl Config {
     /// (`server.connection_threads` over [`MAX_CONNECTION_THREADS`], `admin.ack_timeout_ms`
     /// over [`MAX_ACK_TIMEOUT_MS`], the checks of [`Config::check_cache`]).
     pub fn finish(
+        self,
+        overrides: &Overrides,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let source = self.source.clone();
+        self.apply_and_check(overrides, env)
+            .map_err(|e| match &source {
+                Some(source) => e.located(source),
+                None => e,
+            })
+    }
+
+    fn apply_and_check(
         mut self,
         overrides: &Overrides,
         env: impl Fn(&str) -> Option<String>,
@@ -575,15 +592,19 @@ impl Config {
         if let Some(n) = self.server.connection_threads
             && n > MAX_CONNECTION_THREADS
         {
-            return Err(ConfigError::plain(format!(
-                "server.connection_threads: at most {MAX_CONNECTION_THREADS}, found {n}"
-            )));
+            return Err(ConfigError::at_field(
+                "server.connection_threads",
+                format!("at most {MAX_CONNECTION_THREADS}, found {n}"),
+            ));
         }
         if self.admin.ack_timeout_ms > MAX_ACK_TIMEOUT_MS {
-            return Err(ConfigError::plain(format!(
-                "admin.ack_timeout_ms: at most {MAX_ACK_TIMEOUT_MS}, found {}",
-                self.admin.ack_timeout_ms
-            )));
+            return Err(ConfigError::at_field(
+                "admin.ack_timeout_ms",
+                format!(
+                    "at most {MAX_ACK_TIMEOUT_MS}, found {}",
+                    self.admin.ack_timeout_ms
+                ),
+            ));
         }
         if self.upstream.url.is_none() {
             return Err(ConfigError::plain(
@@ -601,51 +622,62 @@ impl Config {
     pub fn check_cache(&self) -> Result<(), ConfigError> {
         for name in &self.cache.targeted_cache_control {
             if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
-                return Err(ConfigError::plain(format!(
-                    "cache.targeted_cache_control: {name:?} is not a header name"
-                )));
+                return Err(ConfigError::at_field(
+                    "cache.targeted_cache_control",
+                    format!("{name:?} is not a header name"),
+                ));
             }
         }
         for (i, route) in self.routes.iter().enumerate() {
             if route.warm_hot_keys > crate::warm::MAX_HOT_KEYS {
-                return Err(ConfigError::plain(format!(
-                    "routes[{i}].warm_hot_keys: at most {}, found {}",
-                    crate::warm::MAX_HOT_KEYS,
-                    route.warm_hot_keys
-                )));
+                return Err(ConfigError::at_field(
+                    format!("routes[{i}].warm_hot_keys"),
+                    format!(
+                        "at most {}, found {}",
+                        crate::warm::MAX_HOT_KEYS,
+                        route.warm_hot_keys
+                    ),
+                ));
             }
             if route
                 .refresh_ahead
                 .is_some_and(|share| !(share > 0.0 && share < 1.0))
             {
-                return Err(ConfigError::plain(format!(
-                    "routes[{i}].refresh_ahead: a share of the TTL between 0 and 1 (exclusive), e.g. 0.5"
-                )));
+                return Err(ConfigError::at_field(
+                    format!("routes[{i}].refresh_ahead"),
+                    "a share of the TTL between 0 and 1 (exclusive), e.g. 0.5",
+                ));
             }
             if let Some(unknown) = route.request_cache_control.iter().find(|d| {
                 !crate::policy::REQUEST_DIRECTIVES.contains(&d.to_ascii_lowercase().as_str())
             }) {
-                return Err(ConfigError::plain(format!(
-                    "routes[{i}].request_cache_control: {unknown:?} is not one of no-cache, only-if-cached, max-stale, min-fresh"
-                )));
+                return Err(ConfigError::at_field(
+                    format!("routes[{i}].request_cache_control"),
+                    format!(
+                        "{unknown:?} is not one of no-cache, only-if-cached, max-stale, min-fresh"
+                    ),
+                ));
             }
             if route.warm_interval_secs == 0 {
-                return Err(ConfigError::plain(format!(
-                    "routes[{i}].warm_interval_secs: at least 1 second"
-                )));
+                return Err(ConfigError::at_field(
+                    format!("routes[{i}].warm_interval_secs"),
+                    "at least 1 second",
+                ));
             }
         }
         if let Some(redis) = &self.redis
             && redis.tls_ca_file.is_some()
             && !redis.url.0.starts_with("rediss://")
         {
-            return Err(ConfigError::plain(
-                "redis.tls_ca_file: only used with a rediss:// URL",
+            return Err(ConfigError::at_field(
+                "redis.tls_ca_file",
+                "only used with a rediss:// URL",
             ));
         }
         if self.redis.is_some() && self.cache.key_secret.as_deref().unwrap_or("").is_empty() {
-            return Err(ConfigError::plain(
-                "cache.key_secret: required when Redis is configured (replicas must derive the same cache keys); set it in [cache] or CACHEGATE_KEY_SECRET",
+            return Err(ConfigError::at_field(
+                "cache.key_secret",
+                "required when Redis is configured (replicas must derive the same cache keys); set it in [cache] or CACHEGATE_KEY_SECRET",
             ));
         }
         Ok(())
@@ -704,25 +736,29 @@ mod tests {
 
     #[test]
     fn error_names_line_and_field() {
-        let text = "[cache]\nrollout_percent = 150\n";
-        let err = Config::from_toml(text, Some(Path::new("c.toml"))).unwrap_err();
-        let shown = err.to_string();
+        let shown_for = |text: &str| {
+            Config::from_toml(text, Some(Path::new("c.toml")))
+                .unwrap_err()
+                .to_string()
+        };
+        let shown = shown_for("[cache]\nrollout_percent = 150\n");
         assert!(shown.starts_with("c.toml:2:"), "{shown}");
         assert!(shown.contains("0 to 100"), "{shown}");
 
         let text = "[[routes]]\nmethod = \"GET\"\npath = \"/kpi/*\"\nttl = 30\n";
-        let shown = Config::from_toml(text, Some(Path::new("c.toml")))
-            .unwrap_err()
-            .to_string();
+        let shown = shown_for(text);
         assert!(shown.contains("ttl"), "{shown}");
         assert!(shown.contains("c.toml:"), "{shown}");
 
         // A table missing a required field is named by its own line, with the field.
         let text = "[[routes]]\nmethod = \"GET\"\npath = \"/a\"\nttl_secs = 5\n\n[[routes]]\nmethod = \"GET\"\npath = \"/b\"\n";
-        let shown = Config::from_toml(text, Some(Path::new("c.toml")))
-            .unwrap_err()
-            .to_string();
+        let shown = shown_for(text);
         assert!(shown.starts_with("c.toml:6:"), "{shown}");
+        assert!(shown.contains("`routes.ttl_secs`: missing"), "{shown}");
+        // Named by that table, not the one before it.
+        let text = "[upstream]\nurl = \"http://127.0.0.1:1\"\n\n[[routes]]\nmethod = \"GET\"\npath = \"/b\"\n";
+        let shown = shown_for(text);
+        assert!(shown.starts_with("c.toml:4:"), "{shown}");
         assert!(shown.contains("`routes.ttl_secs`: missing"), "{shown}");
 
         let text = "[cache]\nmemory_max_bytes = \"lots\"\n";
@@ -737,6 +773,54 @@ mod tests {
             shown.contains("http://127.0.0.1:8000") && !shown.contains("TLS"),
             "{shown}"
         );
+    }
+
+    /// Errors found after parsing (ranges, checks across fields) name the file, the line
+    /// of the field at fault and the field; a field the file lacks, its table's line.
+    #[test]
+    fn checks_after_parsing_name_file_line_and_field() {
+        let check = |text: &str| {
+            Config::from_toml(text, Some(Path::new("c.toml")))
+                .unwrap()
+                .finish(&Overrides::default(), |_| None)
+                .unwrap_err()
+                .to_string()
+        };
+        let up = "[upstream]\nurl = \"http://127.0.0.1:1\"\n";
+        let routes = "[[routes]]\nmethod = \"GET\"\npath = \"/a\"\nttl_secs = 5\n\n[[routes]]\nmethod = \"GET\"\npath = \"/b\"\nttl_secs = 5\nrefresh_ahead = 1.5\n";
+        let shown = check(&format!("{up}{routes}"));
+        assert!(
+            shown.starts_with("c.toml:12:17: routes[1].refresh_ahead: "),
+            "{shown}"
+        );
+        let shown = check(&format!("{up}[admin]\nack_timeout_ms = 99999999\n"));
+        assert!(
+            shown.starts_with("c.toml:4:18: admin.ack_timeout_ms: at most"),
+            "{shown}"
+        );
+        // Missing in the file: its table's line, or the file alone without the table.
+        let shown = check(&format!(
+            "{up}[cache]\nenabled = true\n[redis]\nurl = \"redis://127.0.0.1:2\"\n"
+        ));
+        assert!(
+            shown.starts_with("c.toml:3:1: cache.key_secret: required"),
+            "{shown}"
+        );
+        assert!(shown.ends_with("(not set in this table)"), "{shown}");
+        let shown = check(&format!("{up}[redis]\nurl = \"redis://127.0.0.1:2\"\n"));
+        assert!(
+            shown.starts_with("c.toml: cache.key_secret: required"),
+            "{shown}"
+        );
+        // Set by the environment, not the file: no file named.
+        let shown = Config::from_toml(up, Some(Path::new("c.toml")))
+            .unwrap()
+            .finish(&Overrides::default(), |name| {
+                (name == "CACHEGATE_ROLLOUT_PERCENT").then(|| "x".to_string())
+            })
+            .unwrap_err()
+            .to_string();
+        assert!(shown.starts_with("CACHEGATE_ROLLOUT_PERCENT"), "{shown}");
     }
 
     #[test]
