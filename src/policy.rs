@@ -61,10 +61,7 @@ impl Policy {
                             Duration::from_secs(r.warm_interval_secs),
                         ))
                     }),
-                    name: r
-                        .name
-                        .clone()
-                        .unwrap_or_else(|| format!("{} {}", r.method, r.path)),
+                    name: r.display_name(),
                     config,
                 }
             })

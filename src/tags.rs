@@ -80,6 +80,32 @@ pub fn route_tags(templates: &[String], path: &str, query: &[QueryParam<'_>]) ->
         .collect()
 }
 
+/// Checks a route tag template: every `{` closed by a `}` around `query.NAME` (a
+/// non-empty name) or `path.N` (N from 1).
+///
+/// Errors: what is wrong, for the config error.
+pub fn check_template(template: &str) -> Result<(), String> {
+    let mut rest = template;
+    while let Some(open) = rest.find('{') {
+        let Some(close) = rest[open..].find('}').map(|i| i + open) else {
+            return Err(format!("{template:?}: a `{{` without its `}}`"));
+        };
+        let name = &rest[open + 1..close];
+        let valid = match (name.strip_prefix("query."), name.strip_prefix("path.")) {
+            (Some(param), _) => !param.is_empty() && !param.contains('{'),
+            (_, Some(n)) => n.parse::<usize>().is_ok_and(|n| n >= 1),
+            _ => false,
+        };
+        if !valid {
+            return Err(format!(
+                "{template:?}: `{{{name}}}` is neither {{query.NAME}} nor {{path.N}} (N from 1)"
+            ));
+        }
+        rest = &rest[close + 1..];
+    }
+    Ok(())
+}
+
 fn expand(template: &str, path: &str, query: &[QueryParam<'_>]) -> Option<String> {
     let mut out = String::with_capacity(template.len());
     let mut rest = template;

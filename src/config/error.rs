@@ -92,8 +92,8 @@ impl ConfigError {
             Some((offset, exact)) => {
                 self.position = Some(line_col(&source.text, offset));
                 self.file = source.file.clone();
-                if !exact {
-                    self.message.push_str(" (not set in this table)");
+                if !exact && let Some(detail) = self.message.strip_prefix(&format!("{field}: ")) {
+                    self.message = format!("{field} (not set in this table): {detail}");
                 }
             }
             None => self.file = source.file.clone(),

@@ -361,6 +361,16 @@ pub struct RouteConfig {
     pub refresh_ahead: Option<f64>,
 }
 
+impl RouteConfig {
+    /// The route's name: `name`, else `METHOD path` (what logs, `/stats`, purges by route
+    /// and `[[events]] routes` call it).
+    pub fn display_name(&self) -> String {
+        self.name
+            .clone()
+            .unwrap_or_else(|| format!("{} {}", self.method, self.path))
+    }
+}
+
 fn sixty() -> u64 {
     60
 }
@@ -658,10 +668,59 @@ impl Config {
                     ),
                 ));
             }
+            let headers = route.vary_headers.iter().flatten();
+            if let Some(bad) = route
+                .key_headers
+                .iter()
+                .chain(headers)
+                .find(|name| http::HeaderName::from_bytes(name.as_bytes()).is_err())
+            {
+                let field = if route.key_headers.contains(bad) {
+                    "key_headers"
+                } else {
+                    "vary_headers"
+                };
+                return Err(ConfigError::at_field(
+                    format!("routes[{i}].{field}"),
+                    format!("{bad:?} is not a header name"),
+                ));
+            }
+            if let Some(bad) = route
+                .cache_statuses
+                .iter()
+                .flatten()
+                .find(|&&status| !(200..=599).contains(&status) || status == 206)
+            {
+                return Err(ConfigError::at_field(
+                    format!("routes[{i}].cache_statuses"),
+                    format!(
+                        "{bad} cannot be stored: statuses from 200 to 599, 206 (a partial response) aside"
+                    ),
+                ));
+            }
+            if let Some(Err(e)) = route
+                .tags
+                .iter()
+                .map(|t| crate::tags::check_template(t))
+                .find(Result::is_err)
+            {
+                return Err(ConfigError::at_field(format!("routes[{i}].tags"), e));
+            }
             if route.warm_interval_secs == 0 {
                 return Err(ConfigError::at_field(
                     format!("routes[{i}].warm_interval_secs"),
                     "at least 1 second",
+                ));
+            }
+        }
+        let route_names: Vec<String> = self.routes.iter().map(RouteConfig::display_name).collect();
+        for (i, event) in self.events.iter().enumerate() {
+            if let Some(unknown) = event.routes.iter().find(|r| !route_names.contains(r)) {
+                return Err(ConfigError::at_field(
+                    format!("events[{i}].routes"),
+                    format!(
+                        "no route is named {unknown:?} (a route's `name`, else \"METHOD path\")"
+                    ),
                 ));
             }
         }
@@ -803,10 +862,9 @@ mod tests {
             "{up}[cache]\nenabled = true\n[redis]\nurl = \"redis://127.0.0.1:2\"\n"
         ));
         assert!(
-            shown.starts_with("c.toml:3:1: cache.key_secret: required"),
+            shown.starts_with("c.toml:3:1: cache.key_secret (not set in this table): required"),
             "{shown}"
         );
-        assert!(shown.ends_with("(not set in this table)"), "{shown}");
         let shown = check(&format!("{up}[redis]\nurl = \"redis://127.0.0.1:2\"\n"));
         assert!(
             shown.starts_with("c.toml: cache.key_secret: required"),
@@ -821,6 +879,75 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(shown.starts_with("CACHEGATE_ROLLOUT_PERCENT"), "{shown}");
+    }
+
+    /// Values that would never match or never work are refused at start-up, not ignored.
+    #[test]
+    fn values_that_cannot_work_are_refused() {
+        let check = |route: &str, events: &str| {
+            let text = format!(
+                "[upstream]\nurl = \"http://127.0.0.1:1\"\n[[routes]]\nname = \"kpi\"\nmethod = \"GET\"\npath = \"/kpi/*\"\nttl_secs = 5\n{route}\n[[routes]]\nmethod = \"GET\"\npath = \"/b\"\nttl_secs = 5\n{events}"
+            );
+            Config::from_toml(&text, Some(Path::new("c.toml")))
+                .unwrap()
+                .finish(&Overrides::default(), |_| None)
+                .err()
+                .map(|e| e.to_string())
+        };
+        let refused = [
+            (
+                "key_headers = [\"bad header\"]",
+                "",
+                "c.toml:8:15: routes[0].key_headers: ",
+            ),
+            (
+                "vary_headers = [\"a:b\"]",
+                "",
+                "c.toml:8:16: routes[0].vary_headers: ",
+            ),
+            (
+                "cache_statuses = [200, 999]",
+                "",
+                "c.toml:8:18: routes[0].cache_statuses: 999",
+            ),
+            (
+                "cache_statuses = [206]",
+                "",
+                "routes[0].cache_statuses: 206",
+            ),
+            (
+                "cache_statuses = [101]",
+                "",
+                "routes[0].cache_statuses: 101",
+            ),
+            (
+                "tags = [\"kpi:{query.region\"]",
+                "",
+                "routes[0].tags: \"kpi:{query.region\": a `{` without",
+            ),
+            (
+                "tags = [\"{path.0}\"]",
+                "",
+                "routes[0].tags: \"{path.0}\": `{path.0}` is neither",
+            ),
+            ("tags = [\"{host}\"]", "", "`{host}` is neither"),
+            (
+                "",
+                "[[events]]\nname = \"etl\"\nroutes = [\"kpi\", \"nope\"]\n",
+                "c.toml:15:10: events[0].routes: no route is named \"nope\"",
+            ),
+        ];
+        for (route, events, expected) in refused {
+            let shown = check(route, events).unwrap_or_default();
+            assert!(shown.contains(expected), "{route}{events}: {shown}");
+        }
+        let accepted = [(
+            "key_headers = [\"X-Tenant\"]\ncache_statuses = [200, 404, 503]\ntags = [\"kpi\", \"kpi:{query.region}\", \"{path.2}\"]",
+            "[[events]]\nname = \"etl\"\nroutes = [\"kpi\", \"GET /b\"]\n",
+        )];
+        for (route, events) in accepted {
+            assert_eq!(check(route, events), None, "{route}{events}");
+        }
     }
 
     #[test]
