@@ -37,6 +37,11 @@ pub fn variant_names(response: &HeaderMap, key_headers: &[String]) -> Vec<String
     names
 }
 
+/// The generation no `Vary` marker has (markers take the time they were made): the
+/// flights of requests that select the same variant of an answer that was not stored are
+/// keyed under it ([`variant_key`]).
+pub const UNSTORED_GENERATION: u64 = u64::MAX;
+
 /// The key of the variant of `primary` that a request with `headers` selects, under the
 /// marker of generation `generation_ms` naming `names`.
 pub fn variant_key(

@@ -683,6 +683,42 @@ async fn concurrent_requests_get_their_own_variant() {
     assert_eq!(up.hits(), 2);
 }
 
+// 3. An answer that varies but is not stored (an error, no freshness) leaves its waiters
+// to one flight per variant: one upstream request per variant after the first, not one per
+// waiter, when an upstream in trouble says `Vary: Accept-Encoding` on its 503s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_share_an_unstored_varying_answer_per_variant() {
+    let up = common::Upstream::start().await;
+    let gate = Gate::start(&up, None, "").await;
+    // A 503, and a 200 without freshness: neither stored.
+    for (path, status) in [("/down", 503), ("/nofresh", 200)] {
+        let before = up.hits();
+        let requests = (0..20).map(|i| {
+            let encoding = if i % 2 == 0 { "gzip" } else { "br" };
+            let req = gate
+                .client
+                .get(gate.url(path))
+                .header("accept-encoding", encoding)
+                .header("x-test-vary", "accept-encoding")
+                .header("x-test-status", status.to_string())
+                .header("x-test-delay-ms", "300");
+            async move { (encoding, Reply::from(req.send().await.unwrap()).await) }
+        });
+        for (encoding, reply) in futures_util::future::join_all(requests).await {
+            assert_eq!(reply.status, status, "{path}");
+            assert_eq!(
+                seen_by_upstream(&reply, "accept-encoding"),
+                encoding,
+                "{path}"
+            );
+        }
+        // The first request, then one per variant (the waiters cannot tell which variant
+        // the first one selected): 3, not 20.
+        let sent = up.hits() - before;
+        assert!(sent <= 3, "{path}: {sent} upstream requests");
+    }
+}
+
 // 3 and 6. A background refresh of a variant refreshes that variant.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stale_variant_is_refreshed_as_that_variant() {

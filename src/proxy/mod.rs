@@ -567,8 +567,13 @@ impl<O: Origin> Proxy<O> {
         // Miss: one request per key goes to the upstream. A follower whose leader failed
         // joins again, so that one of them leads the next attempt.
         let deadline = Instant::now() + self.limits.coalesce_wait;
+        // The flight joined: the key's, or one of the requests that select the same
+        // variant of an answer that varies and was not stored (`selected_by`: the names it
+        // varies on).
+        let mut flight = ctx.key;
+        let mut selected_by: Option<Vec<String>> = None;
         loop {
-            let follower = match self.coalescer.join(&ctx.key) {
+            let follower = match self.coalescer.join(&flight) {
                 Role::Leader(leader) => {
                     return self.fetch(parts, body, route, &ctx, Some(leader)).await;
                 }
@@ -580,12 +585,14 @@ impl<O: Origin> Proxy<O> {
                 .await
             {
                 WaitOutcome::Shared(entry)
-                    if vary::variant_names(&entry.headers(), key_headers)
-                        != ctx
-                            .marker
-                            .as_ref()
-                            .map(CachedResponse::vary_names)
-                            .unwrap_or_default() =>
+                    if let names = vary::variant_names(&entry.headers(), key_headers)
+                        && names
+                            != ctx
+                                .marker
+                                .as_ref()
+                                .map(CachedResponse::vary_names)
+                                .unwrap_or_default()
+                        && selected_by.as_ref() != Some(&names) =>
                 {
                     // The leader's answer varies on headers this request was not selected
                     // by: it may not share it. It takes the variant it selects (stored by
@@ -605,6 +612,7 @@ impl<O: Origin> Proxy<O> {
                                 return self.fetch(parts, body, route, &ctx, None).await;
                             }
                             ctx.key = variant;
+                            flight = variant;
                             // Fresh only (not one kept stale for its grace).
                             let now = now_ms();
                             if let Some(found) = self
@@ -619,7 +627,27 @@ impl<O: Origin> Proxy<O> {
                             }
                             continue;
                         }
-                        _ => return self.fetch(parts, body, route, &ctx, None).await,
+                        // Nothing stored to select a variant by (the answer was not
+                        // stored: an error, no freshness): the requests that select the
+                        // same variant of it share one flight of their own, keyed by their
+                        // values of the headers it varies on under a generation no marker
+                        // has, so that an upstream in trouble gets one request per variant,
+                        // not one per waiter.
+                        _ if selected_by.is_none() => {
+                            flight = vary::variant_key(
+                                &self.keys,
+                                &primary,
+                                vary::UNSTORED_GENERATION,
+                                &names,
+                                &headers,
+                            );
+                            selected_by = Some(names);
+                            continue;
+                        }
+                        _ => {
+                            waits.inc("released");
+                            return self.fetch(parts, body, route, &ctx, None).await;
+                        }
                     }
                 }
                 WaitOutcome::Shared(entry) => {
