@@ -107,6 +107,52 @@ pub struct QueryParam<'a> {
     pub value: Option<Cow<'a, str>>,
 }
 
+/// A relative reference (RFC 3986 §4.2: no scheme, no authority, e.g. `item-2?x=1`,
+/// `../b`, `?page=2`) resolved against a request target's `base_path` and `base_query`
+/// (§5.2.2, with the merge of §5.2.3; dot segments are left to [`normalize_path`]): the
+/// path and query it names. `None` for a reference that is not relative (a scheme, `//`)
+/// or starts with `/` (already a path). A fragment is dropped.
+///
+/// ```
+/// use cachegate::uri::resolve_relative;
+/// assert_eq!(resolve_relative("/items/1", Some("a=1"), "2?x=1").as_deref(), Some("/items/2?x=1"));
+/// assert_eq!(resolve_relative("/items/1", Some("a=1"), "").as_deref(), Some("/items/1?a=1"));
+/// assert_eq!(resolve_relative("/items/1", None, "?page=2").as_deref(), Some("/items/1?page=2"));
+/// assert_eq!(resolve_relative("/items/1", None, "../b#top").as_deref(), Some("/items/../b"));
+/// assert_eq!(resolve_relative("/items/1", None, "https://x/"), None);
+/// ```
+pub fn resolve_relative(
+    base_path: &str,
+    base_query: Option<&str>,
+    reference: &str,
+) -> Option<String> {
+    let reference = reference.split('#').next().unwrap_or("");
+    let scheme = reference
+        .split_once(':')
+        .is_some_and(|(s, _)| !s.contains(['/', '?']));
+    if scheme || reference.starts_with('/') {
+        return None;
+    }
+    let (path, query) = match reference.split_once('?') {
+        Some((path, query)) => (path, Some(query)),
+        None => (reference, None),
+    };
+    let mut out = if path.is_empty() {
+        base_path.to_string()
+    } else {
+        let directory = base_path.rfind('/').map_or("/", |i| &base_path[..=i]);
+        format!("{directory}{path}")
+    };
+    match (path.is_empty(), query, base_query) {
+        (_, Some(query), _) | (true, None, Some(query)) => {
+            out.push('?');
+            out.push_str(query);
+        }
+        _ => {}
+    }
+    Some(out)
+}
+
 /// Splits a query string on `&` into its non-empty pairs, in the client's order.
 ///
 /// ```

@@ -383,6 +383,9 @@ async fn unsafe_methods_invalidate_their_target_on_every_replica() {
             reply(200, &[("cache-control", "max-age=600")], &format!("v{n}"))
         } else if head.starts_with("PUT /items/1") {
             reply(500, &[], "failed")
+        } else if head.starts_with("POST /items/5") {
+            // A relative reference (RFC 3986 §4.2), resolved against /items/5.
+            reply(201, &[("location", "4?x=1")], "")
         } else {
             reply(201, &[("location", "/items/2")], "")
         }
@@ -417,6 +420,12 @@ async fn unsafe_methods_invalidate_their_target_on_every_replica() {
     });
     assert!(reached_b.await);
     assert_eq!(b.get("/items/3").await.cache(), "HIT");
+    a.get("/items/4?x=1").await;
+    assert_eq!(a.get("/items/4?x=1").await.cache(), "HIT");
+    let post = a.client.post(a.url("/items/5")).send().await.unwrap();
+    assert_eq!(post.status(), 201);
+    assert_eq!(a.get("/items/4?x=1").await.cache(), "MISS");
+    assert_eq!(a.get("/items/3").await.cache(), "HIT");
 }
 
 // Route POST caching by body is a lookup, not an invalidation.

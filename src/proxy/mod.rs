@@ -54,7 +54,7 @@ use crate::metrics::Metrics;
 use crate::policy::{self, Policy, Received, RequestDirectives, RequestShape, Route, StoreRules};
 use crate::status::{BypassReason, CachePhase, NoStoreReason, StaleReason, Tier};
 use crate::tags;
-use crate::uri::{has_invalid_escape, normalize_path, parse_query};
+use crate::uri::{has_invalid_escape, normalize_path, parse_query, resolve_relative};
 use crate::vary;
 use crate::warm::HotKeys;
 
@@ -978,11 +978,19 @@ impl<O: Origin> Proxy<O> {
         let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
         let mut targets = vec![target.to_string()];
         for name in [header::LOCATION, header::CONTENT_LOCATION] {
-            let Some(uri) = response
-                .get(&name)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse::<http::Uri>().ok())
-            else {
+            let Some(value) = response.get(&name).and_then(|v| v.to_str().ok()) else {
+                continue;
+            };
+            // A relative reference (`item-2`, `?page=2`): resolved against the target.
+            let (base_path, base_query) = match target.split_once('?') {
+                Some((path, query)) => (path, Some(query)),
+                None => (target, None),
+            };
+            if let Some(pq) = resolve_relative(base_path, base_query, value) {
+                targets.push(pq);
+                continue;
+            }
+            let Ok(uri) = value.parse::<http::Uri>() else {
                 continue;
             };
             let same_origin = match uri.authority() {
