@@ -67,9 +67,11 @@ const GENERATION: &str = "x-cachegate-vary-generation";
 /// long it may be served stale (RFC 9111 §4.2, RFC 5861).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Freshness {
-    /// Seconds the response stays fresh from the moment it is stored.
+    /// Seconds the response stays fresh from its stamp (`stored_at_ms`: when its request
+    /// was sent).
     pub ttl_secs: u32,
-    /// Its age when it was received (RFC 9111 §4.2.3 `corrected_initial_age`), in
+    /// Its age when its request was sent (RFC 9111 §4.2.3 `corrected_initial_age` less the
+    /// response delay), in
     /// seconds: the `Age` sent with it is this plus the time it has been stored.
     pub initial_age_secs: u32,
     /// Seconds past its freshness during which it is served stale while one background
@@ -166,9 +168,9 @@ fn check_header_block(r: &mut &[u8]) -> Option<usize> {
 }
 
 impl CachedResponse {
-    /// An entry for a response with `status`, `headers` and `body`, received at
-    /// `stored_at_ms` (milliseconds since the Unix epoch), aging as `freshness` says,
-    /// tagged with `tags` for later purges. At most `u16::MAX` headers and tags are kept; a
+    /// An entry for a response with `status`, `headers` and `body`, stamped
+    /// `stored_at_ms` (milliseconds since the Unix epoch; the proxy gives the time its
+    /// request was sent), aging as `freshness` says, tagged with `tags` for later purges. At most `u16::MAX` headers and tags are kept; a
     /// body or header value over 4 GiB is cut (the proxy never stores one: routes cap
     /// bodies).
     pub fn new<T: AsRef<str>>(
@@ -224,8 +226,9 @@ impl CachedResponse {
         StatusCode::from_u16(self.u16_at(STATUS)).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
     }
 
-    /// When the response was received from the upstream, in milliseconds since the Unix
-    /// epoch.
+    /// The entry's stamp: when its upstream request was sent (RFC 9111 §4.2.3
+    /// `request_time`), in milliseconds since the Unix epoch. It ages, and purges cover
+    /// it, from then.
     pub fn stored_at_ms(&self) -> u64 {
         let mut r = &self.data[STORED_AT..TTL];
         r.get_u64()
@@ -332,7 +335,7 @@ impl CachedResponse {
     }
 
     /// The entry's current age at `now_ms` (RFC 9111 §4.2.3 `current_age`), in whole
-    /// seconds: its age when received plus the time it has been stored. What `Age` says.
+    /// seconds: its age when its request was sent plus the time since. What `Age` says.
     pub fn current_age_secs(&self, now_ms: u64) -> u64 {
         u64::from(self.u32_at(INITIAL_AGE)) + now_ms.saturating_sub(self.stored_at_ms()) / 1000
     }

@@ -439,7 +439,9 @@ fn heuristically_cacheable(status: StatusCode) -> bool {
 /// The directives are those of the first targeted field in `rules` with a valid value
 /// (RFC 9213: `Cache-Control` and `Expires` are then ignored), else `Cache-Control`.
 ///
-/// With a route, its `ttl_secs` is the lifetime from storage, statuses are the route's
+/// With a route, its `ttl_secs` is the lifetime from the answer's arrival (the entry is
+/// stamped when its request was sent, [`Received::requested_at`], so the response delay,
+/// rounded up to a second, is added to the TTL counted from that stamp), statuses are the route's
 /// (default any 2xx), and its `stale_*_secs` (else the response's `stale-while-revalidate`
 /// / `stale-if-error`, RFC 5861) the stale windows. Without one, RFC 9111 as a shared
 /// cache: the explicit freshness (`s-maxage`, `max-age`, then `Expires` minus `Date`,
@@ -520,7 +522,14 @@ pub fn storable(
                 } else {
                     stale_windows(None, None)
                 };
-            (cfg.ttl_secs, 0, windows)
+            // The route's TTL runs from the answer's arrival: the entry is stamped when its
+            // request was sent, so the response delay (whole seconds, rounded up) is added.
+            let delay_ms = received.response_delay.as_millis() as u64;
+            (
+                cfg.ttl_secs.saturating_add(delay_ms.div_ceil(1000)),
+                0,
+                windows,
+            )
         }
         None => {
             // `no-cache`: never fresh (revalidated on every use), whatever else it says.
@@ -734,13 +743,25 @@ mod tests {
         dated.insert(header::DATE, date(at - Duration::from_secs(8)));
         let f = storable(None, StatusCode::OK, &dated, received, &rules).unwrap();
         assert_eq!((f.initial_age_secs, f.ttl_secs), (5, 55));
-        // A clock ahead of ours, or no delay at all: no age below `Age`.
+        // No response delay: the age is `Age`, the TTL what is left of `max-age`.
         let instant = Received {
             at,
             response_delay: Duration::ZERO,
         };
         let f = storable(None, StatusCode::OK, &aged, instant, &rules).unwrap();
         assert_eq!((f.initial_age_secs, f.ttl_secs), (10, 50));
+        // A route's TTL runs from the answer's arrival: from the stamp, plus the delay
+        // rounded up (3 s here), so a slow upstream's entry is not stale on arrival.
+        let cfg: crate::config::Config =
+            toml::from_str("[[routes]]\nmethod='GET'\npath='/*'\nttl_secs=5\n").unwrap();
+        let policy = Policy::new(&cfg.routes);
+        let route = policy.route_for(&Method::GET, "/x");
+        let slow = Received {
+            at,
+            response_delay: Duration::from_millis(2_500),
+        };
+        let f = storable(route, StatusCode::OK, &headers(&[]), slow, &rules).unwrap();
+        assert_eq!((f.initial_age_secs, f.ttl_secs), (0, 8));
     }
 
     #[test]

@@ -129,17 +129,27 @@ async fn a_tag_purge_on_one_replica_is_confirmed_by_both_and_neither_hits_afterw
 async fn a_purge_made_while_a_miss_is_in_flight_covers_its_answer() {
     let up = Upstream::start().await;
     let gate = Gate::start(&up, None, CONFIG).await;
-    let cases: [(&str, Option<&str>); 4] = [
+    // The last two answer with `Vary`: their variant is stored under a `Vary` marker at
+    // the primary key, which a purge by key (here an unsafe request) must cover too.
+    let cases: [(&str, Option<&str>); 6] = [
         ("/kpi/tag", Some(r#"{"tags": ["kpi"]}"#)),
         ("/kpi/path", Some(r#"{"paths": ["/kpi/path"]}"#)),
         ("/kpi/all", Some(r#"{"all": true}"#)),
         ("/kpi/unsafe", None),
+        ("/kpi/vary-tag", Some(r#"{"tags": ["kpi"]}"#)),
+        ("/kpi/vary-unsafe", None),
     ];
     for (path, purge_body) in cases {
+        let vary = if path.contains("vary") {
+            "accept-language"
+        } else {
+            ""
+        };
         let slow = gate
             .client
             .get(gate.url(path))
             .header("x-test-delay-ms", "400")
+            .header("x-test-vary", vary)
             .send();
         let slow = tokio::spawn(slow);
         let reached = eventually(Duration::from_secs(5), || async { up.in_flight() == 1 });

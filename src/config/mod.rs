@@ -550,11 +550,15 @@ impl Config {
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigError> {
         let source = self.source.clone();
-        self.apply_and_check(overrides, env)
+        let mut config = self
+            .apply_and_check(overrides, env)
             .map_err(|e| match &source {
                 Some(source) => e.located(source),
                 None => e,
-            })
+            })?;
+        // Its text may hold secrets: not kept for the life of the process.
+        config.source = None;
+        Ok(config)
     }
 
     fn apply_and_check(

@@ -571,7 +571,15 @@ impl<O: Origin> Proxy<O> {
         // variant of an answer that varies and was not stored (`selected_by`: the names it
         // varies on).
         let mut flight = ctx.key;
-        let mut selected_by: Option<Vec<String>> = None;
+        // The headers the joined flight's requests all have the same values of: an answer
+        // that varies on exactly these may be shared. At most one hop to a flight of an
+        // unstored answer's variant.
+        let mut flight_names = ctx
+            .marker
+            .as_ref()
+            .map(CachedResponse::vary_names)
+            .unwrap_or_default();
+        let mut hopped = false;
         loop {
             let follower = match self.coalescer.join(&flight) {
                 Role::Leader(leader) => {
@@ -586,13 +594,7 @@ impl<O: Origin> Proxy<O> {
             {
                 WaitOutcome::Shared(entry)
                     if let names = vary::variant_names(&entry.headers(), key_headers)
-                        && names
-                            != ctx
-                                .marker
-                                .as_ref()
-                                .map(CachedResponse::vary_names)
-                                .unwrap_or_default()
-                        && selected_by.as_ref() != Some(&names) =>
+                        && names != flight_names =>
                 {
                     // The leader's answer varies on headers this request was not selected
                     // by: it may not share it. It takes the variant it selects (stored by
@@ -613,6 +615,7 @@ impl<O: Origin> Proxy<O> {
                             }
                             ctx.key = variant;
                             flight = variant;
+                            flight_names = names;
                             // Fresh only (not one kept stale for its grace).
                             let now = now_ms();
                             if let Some(found) = self
@@ -633,7 +636,7 @@ impl<O: Origin> Proxy<O> {
                         // values of the headers it varies on under a generation no marker
                         // has, so that an upstream in trouble gets one request per variant,
                         // not one per waiter.
-                        _ if selected_by.is_none() => {
+                        _ if !hopped => {
                             flight = vary::variant_key(
                                 &self.keys,
                                 &primary,
@@ -641,7 +644,7 @@ impl<O: Origin> Proxy<O> {
                                 &names,
                                 &headers,
                             );
-                            selected_by = Some(names);
+                            (flight_names, hopped) = (names, true);
                             continue;
                         }
                         _ => {
@@ -855,6 +858,10 @@ impl<O: Origin> Proxy<O> {
             return self.store.store(ctx.primary, entry.clone());
         }
         let now = now_ms();
+        // Stamped like the entry (when its request was sent), so that a purge of the
+        // primary key made while it was in flight covers the marker too; the generation
+        // (the time now) only tells generations apart.
+        let stamp = entry.stored_at_ms();
         // The marker lives at least as long as the variants (and is stored again, same
         // generation, once half its life has passed, so that they stay reachable).
         let lifetime = entry.ttl_secs().saturating_add(entry.grace_secs());
@@ -865,13 +872,13 @@ impl<O: Origin> Proxy<O> {
                 if now.saturating_sub(marker.stored_at_ms()) > half_life
                     || marker.ttl_secs() < lifetime
                 {
-                    let again = CachedResponse::vary_marker(&names, generation, now, lifetime);
+                    let again = CachedResponse::vary_marker(&names, generation, stamp, lifetime);
                     self.store.store(ctx.primary, again);
                 }
                 generation
             }
             _ => {
-                let marker = CachedResponse::vary_marker(&names, now, now, lifetime);
+                let marker = CachedResponse::vary_marker(&names, now, stamp, lifetime);
                 self.store.store(ctx.primary, marker);
                 now
             }
@@ -994,7 +1001,9 @@ impl<O: Origin> Proxy<O> {
                 continue;
             };
             let same_origin = match uri.authority() {
-                None => uri.path().starts_with('/'),
+                // `//host/p` is a network-path reference, not a path: never ours without
+                // the authority check.
+                None => uri.path().starts_with('/') && !value.starts_with("//"),
                 Some(authority) => host.is_some_and(|h| h.eq_ignore_ascii_case(authority.as_str())),
             };
             if same_origin && let Some(pq) = uri.path_and_query() {

@@ -165,9 +165,10 @@ pub struct Options {
 }
 
 impl Options {
-    /// Freshness lifetime of a value stored by this call (whole seconds, at least 1),
-    /// counted from when its computation started (so that a purge made while it ran
-    /// covers it); default: the cache's [`CacheBuilder::default_ttl`].
+    /// Freshness lifetime of a value stored by this call (whole seconds, at least 1), from
+    /// when it was computed (it is stamped with when its computation started, so that a
+    /// purge made while it ran covers it); default: the cache's
+    /// [`CacheBuilder::default_ttl`].
     ///
     /// ```
     /// # use std::time::Duration;
@@ -801,8 +802,8 @@ where
         })
     }
 
-    /// Wraps `value` into an entry stamped `stored_at_ms` (its TTL counts from then) and
-    /// stores it; a value that cannot be encoded is returned but not stored (logged).
+    /// Wraps `value` into an entry stamped `stored_at_ms` (when its computation started;
+    /// purges cover it from then, its TTL still runs from now) and stores it; a value that cannot be encoded is returned but not stored (logged).
     fn store_value(
         &self,
         key: CacheKey,
@@ -810,7 +811,10 @@ where
         stored_at_ms: u64,
         options: &Options,
     ) -> Stored<V, C> {
-        let ttl = options.ttl.unwrap_or(self.inner.default_ttl);
+        // The TTL runs from when the value was ready: the time the computation took is
+        // added to the TTL counted from the stamp.
+        let computing = Duration::from_millis(now_ms().saturating_sub(stored_at_ms));
+        let ttl = options.ttl.unwrap_or(self.inner.default_ttl) + computing;
         let grace = options.stale_if_error.unwrap_or_default();
         match Stored::new(value, stored_at_ms, secs(ttl), secs(grace), &options.tags) {
             Ok((stored, payload)) => {
