@@ -710,7 +710,7 @@ async fn waiters_share_an_unstored_varying_answer_per_variant() {
                 .header("accept-encoding", encoding)
                 .header("x-test-vary", "accept-encoding")
                 .header("x-test-status", status.to_string())
-                .header("x-test-delay-ms", "300");
+                .header("x-test-delay-ms", "1000");
             async move { (encoding, Reply::from(req.send().await.unwrap()).await) }
         });
         for (encoding, reply) in futures_util::future::join_all(requests).await {
