@@ -439,9 +439,10 @@ fn heuristically_cacheable(status: StatusCode) -> bool {
 /// The directives are those of the first targeted field in `rules` with a valid value
 /// (RFC 9213: `Cache-Control` and `Expires` are then ignored), else `Cache-Control`.
 ///
-/// With a route, its `ttl_secs` is the lifetime from the answer's arrival (the entry is
-/// stamped when its request was sent, [`Received::requested_at`], so the response delay,
-/// rounded up to a second, is added to the TTL counted from that stamp), statuses are the route's
+/// With a route, its `ttl_secs` is the lifetime from the answer's arrival, to the second
+/// below (the entry is stamped when its request was sent, [`Received::requested_at`], so
+/// the response delay's whole seconds are added to the TTL counted from that stamp),
+/// statuses are the route's
 /// (default any 2xx), and its `stale_*_secs` (else the response's `stale-while-revalidate`
 /// / `stale-if-error`, RFC 5861) the stale windows. Without one, RFC 9111 as a shared
 /// cache: the explicit freshness (`s-maxage`, `max-age`, then `Expires` minus `Date`,
@@ -522,14 +523,11 @@ pub fn storable(
                 } else {
                     stale_windows(None, None)
                 };
-            // The route's TTL runs from the answer's arrival: the entry is stamped when its
-            // request was sent, so the response delay (whole seconds, rounded up) is added.
-            let delay_ms = received.response_delay.as_millis() as u64;
-            (
-                cfg.ttl_secs.saturating_add(delay_ms.div_ceil(1000)),
-                0,
-                windows,
-            )
+            // The route's TTL runs from about the answer's arrival: the entry is stamped
+            // when its request was sent, so the response delay's whole seconds are added
+            // (never fresher than the route says; at most a second less).
+            let delay_secs = received.response_delay.as_secs();
+            (cfg.ttl_secs.saturating_add(delay_secs), 0, windows)
         }
         None => {
             // `no-cache`: never fresh (revalidated on every use), whatever else it says.
@@ -750,8 +748,9 @@ mod tests {
         };
         let f = storable(None, StatusCode::OK, &aged, instant, &rules).unwrap();
         assert_eq!((f.initial_age_secs, f.ttl_secs), (10, 50));
-        // A route's TTL runs from the answer's arrival: from the stamp, plus the delay
-        // rounded up (3 s here), so a slow upstream's entry is not stale on arrival.
+        // A route's TTL runs from about the answer's arrival: from the stamp, plus the
+        // delay's whole seconds (2 s here), so a slow upstream's entry is not stale on
+        // arrival, and never fresher than the route says.
         let cfg: crate::config::Config =
             toml::from_str("[[routes]]\nmethod='GET'\npath='/*'\nttl_secs=5\n").unwrap();
         let policy = Policy::new(&cfg.routes);
@@ -761,7 +760,7 @@ mod tests {
             response_delay: Duration::from_millis(2_500),
         };
         let f = storable(route, StatusCode::OK, &headers(&[]), slow, &rules).unwrap();
-        assert_eq!((f.initial_age_secs, f.ttl_secs), (0, 8));
+        assert_eq!((f.initial_age_secs, f.ttl_secs), (0, 7));
     }
 
     #[test]
