@@ -122,6 +122,9 @@ struct Ctx {
     primary: CacheKey,
     /// The `Vary` marker found under `primary`, if any.
     marker: Option<CachedResponse>,
+    /// When that marker was looked up (ms since the epoch): a re-store of its generation
+    /// is stamped no later, so that a purge of `primary` made since covers it.
+    marker_read_ms: u64,
     client: SocketAddr,
     method: Method,
     /// The request carries credentials: its answer is never handed to another request.
@@ -402,6 +405,7 @@ impl<O: Origin> Proxy<O> {
             key,
             primary: key,
             marker: None,
+            marker_read_ms: 0,
             client,
             method: parts.method.clone(),
             credentialed: policy::credentialed(&parts.headers),
@@ -453,6 +457,7 @@ impl<O: Origin> Proxy<O> {
                     &parts.headers,
                 );
                 ctx.marker = Some(marker.clone());
+                ctx.marker_read_ms = now;
                 now = judged_at(&found, now);
                 found = self.store.lookup_marked(&ctx.key, now).await;
             }
@@ -601,6 +606,7 @@ impl<O: Origin> Proxy<O> {
                     // now if it is the leader's), else waits on, or leads, that variant's
                     // own flight.
                     let (primary, headers) = (ctx.primary, parts.headers.clone());
+                    let read_ms = now_ms();
                     match self.store.lookup(&primary).await {
                         Some((marker, _)) if marker.is_vary_marker() => {
                             let names = marker.vary_names();
@@ -609,6 +615,7 @@ impl<O: Origin> Proxy<O> {
                                 &self.keys, &primary, generation, &names, &headers,
                             );
                             ctx.marker = Some(marker);
+                            ctx.marker_read_ms = read_ms;
                             if variant == ctx.key {
                                 // The same marker it had: not shareable after all.
                                 return self.fetch(parts, body, route, &ctx, None).await;
@@ -872,6 +879,9 @@ impl<O: Origin> Proxy<O> {
                 if now.saturating_sub(marker.stored_at_ms()) > half_life
                     || marker.ttl_secs() < lifetime
                 {
+                    // Its generation was read before this request waited and was sent: a
+                    // purge made since must cover the re-stored marker too.
+                    let stamp = stamp.min(ctx.marker_read_ms);
                     let again = CachedResponse::vary_marker(&names, generation, stamp, lifetime);
                     self.store.store(ctx.primary, again);
                 }

@@ -814,7 +814,10 @@ where
         // The TTL runs from about when the value was ready: the computation's whole
         // seconds are added to the TTL counted from the stamp (never fresher than asked).
         let computing = Duration::from_secs(now_ms().saturating_sub(stored_at_ms) / 1000);
-        let ttl = options.ttl.unwrap_or(self.inner.default_ttl) + computing;
+        let ttl = options
+            .ttl
+            .unwrap_or(self.inner.default_ttl)
+            .saturating_add(computing);
         let grace = options.stale_if_error.unwrap_or_default();
         match Stored::new(value, stored_at_ms, secs(ttl), secs(grace), &options.tags) {
             Ok((stored, payload)) => {
