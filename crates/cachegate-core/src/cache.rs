@@ -962,7 +962,7 @@ fn panicked() -> SharedError {
 
 /// Whole seconds of `d`, at least 1 when `d` is not zero, at most `u32::MAX`.
 fn secs(d: Duration) -> u32 {
-    let s = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+    let s = d.as_secs().saturating_add(u64::from(d.subsec_nanos() > 0));
     u32::try_from(s).unwrap_or(u32::MAX)
 }
 
@@ -1313,6 +1313,23 @@ mod tests {
             ("old", Source::Computed)
         );
         assert_eq!(cache.get("leads").await, None, "kept past the purge");
+    }
+
+    /// A TTL of `Duration::MAX` ("forever") works, also when the computation takes
+    /// seconds (the time it took is added to the TTL; both saturate).
+    #[tokio::test]
+    async fn a_forever_ttl_survives_a_slow_computation() {
+        let cache = cache();
+        let forever = Options::default().ttl(Duration::MAX);
+        let computed = cache
+            .get_or_set("k", &forever, || async {
+                tokio::time::sleep(Duration::from_millis(1_100)).await;
+                Ok::<_, std::io::Error>("v".to_string())
+            })
+            .await
+            .unwrap();
+        assert_eq!(computed.value, "v");
+        assert_eq!(cache.get("k").await.as_deref(), Some("v"));
     }
 
     #[tokio::test]
