@@ -572,13 +572,11 @@ impl<O: Origin> Proxy<O> {
         // Miss: one request per key goes to the upstream. A follower whose leader failed
         // joins again, so that one of them leads the next attempt.
         let deadline = Instant::now() + self.limits.coalesce_wait;
-        // The flight joined: the key's, or one of the requests that select the same
-        // variant of an answer that varies and was not stored (`selected_by`: the names it
-        // varies on).
+        // The flight joined: the key's, a variant's, or that of the requests that select
+        // the same variant of an answer that varied and was not stored (one hop at most).
+        // `flight_names`: the headers its requests all have the same values of; an answer
+        // that varies on exactly these may be shared.
         let mut flight = ctx.key;
-        // The headers the joined flight's requests all have the same values of: an answer
-        // that varies on exactly these may be shared. At most one hop to a flight of an
-        // unstored answer's variant.
         let mut flight_names = ctx
             .marker
             .as_ref()
