@@ -410,9 +410,7 @@ impl Received {
     /// [`Received::requested_at`] in milliseconds since the Unix epoch: what an entry made
     /// from this response is stamped with.
     pub fn requested_at_ms(&self) -> u64 {
-        self.requested_at()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64)
+        cachegate_core::ms_since_epoch(self.requested_at())
     }
 }
 

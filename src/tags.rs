@@ -91,12 +91,7 @@ pub fn check_template(template: &str) -> Result<(), String> {
             return Err(format!("{template:?}: a `{{` without its `}}`"));
         };
         let name = &rest[open + 1..close];
-        let valid = match (name.strip_prefix("query."), name.strip_prefix("path.")) {
-            (Some(param), _) => !param.is_empty() && !param.contains('{'),
-            (_, Some(n)) => n.parse::<usize>().is_ok_and(|n| n >= 1),
-            _ => false,
-        };
-        if !valid {
+        if Placeholder::parse(name).is_none() {
             return Err(format!(
                 "{template:?}: `{{{name}}}` is neither {{query.NAME}} nor {{path.N}} (N from 1)"
             ));
@@ -106,6 +101,26 @@ pub fn check_template(template: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// A tag template's placeholder: `{query.NAME}` or `{path.N}`.
+enum Placeholder<'a> {
+    /// The first value of query parameter `NAME` (not empty, no `{`).
+    Query(&'a str),
+    /// The `N`th segment of the path (from 1).
+    Path(usize),
+}
+
+impl<'a> Placeholder<'a> {
+    /// The placeholder between `{` and `}`; `None` for anything else.
+    fn parse(name: &'a str) -> Option<Self> {
+        if let Some(param) = name.strip_prefix("query.") {
+            return (!param.is_empty() && !param.contains('{'))
+                .then_some(Placeholder::Query(param));
+        }
+        let n: usize = name.strip_prefix("path.")?.parse().ok()?;
+        (n >= 1).then_some(Placeholder::Path(n))
+    }
+}
+
 fn expand(template: &str, path: &str, query: &[QueryParam<'_>]) -> Option<String> {
     let mut out = String::with_capacity(template.len());
     let mut rest = template;
@@ -113,20 +128,17 @@ fn expand(template: &str, path: &str, query: &[QueryParam<'_>]) -> Option<String
         out.push_str(&rest[..open]);
         let close = rest[open..].find('}')? + open;
         let name = &rest[open + 1..close];
-        let value = if let Some(param) = name.strip_prefix("query.") {
-            query
+        let value = match Placeholder::parse(name)? {
+            Placeholder::Query(param) => query
                 .iter()
                 .find(|p| p.name == param)
                 .and_then(|p| p.value.as_deref())
-                .map(str::to_string)?
-        } else if let Some(n) = name.strip_prefix("path.") {
-            let n: usize = n.parse().ok()?;
-            path.split('/')
+                .map(str::to_string)?,
+            Placeholder::Path(n) => path
+                .split('/')
                 .filter(|s| !s.is_empty())
-                .nth(n.checked_sub(1)?)?
-                .to_string()
-        } else {
-            return None;
+                .nth(n - 1)?
+                .to_string(),
         };
         if value.is_empty() {
             return None;

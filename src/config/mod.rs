@@ -851,29 +851,26 @@ mod tests {
         };
         let up = "[upstream]\nurl = \"http://127.0.0.1:1\"\n";
         let routes = "[[routes]]\nmethod = \"GET\"\npath = \"/a\"\nttl_secs = 5\n\n[[routes]]\nmethod = \"GET\"\npath = \"/b\"\nttl_secs = 5\nrefresh_ahead = 1.5\n";
-        let shown = check(&format!("{up}{routes}"));
-        assert!(
-            shown.starts_with("c.toml:12:17: routes[1].refresh_ahead: "),
-            "{shown}"
-        );
-        let shown = check(&format!("{up}[admin]\nack_timeout_ms = 99999999\n"));
-        assert!(
-            shown.starts_with("c.toml:4:18: admin.ack_timeout_ms: at most"),
-            "{shown}"
-        );
-        // Missing in the file: its table's line, or the file alone without the table.
-        let shown = check(&format!(
-            "{up}[cache]\nenabled = true\n[redis]\nurl = \"redis://127.0.0.1:2\"\n"
-        ));
-        assert!(
-            shown.starts_with("c.toml:3:1: cache.key_secret (not set in this table): required"),
-            "{shown}"
-        );
-        let shown = check(&format!("{up}[redis]\nurl = \"redis://127.0.0.1:2\"\n"));
-        assert!(
-            shown.starts_with("c.toml: cache.key_secret: required"),
-            "{shown}"
-        );
+        let cases = [
+            (routes, "c.toml:12:17: routes[1].refresh_ahead: "),
+            (
+                "[admin]\nack_timeout_ms = 99999999\n",
+                "c.toml:4:18: admin.ack_timeout_ms: at most",
+            ),
+            // Missing in the file: its table's line, or the file alone without the table.
+            (
+                "[cache]\nenabled = true\n[redis]\nurl = \"redis://127.0.0.1:2\"\n",
+                "c.toml:3:1: cache.key_secret (not set in this table): required",
+            ),
+            (
+                "[redis]\nurl = \"redis://127.0.0.1:2\"\n",
+                "c.toml: cache.key_secret: required",
+            ),
+        ];
+        for (rest, expected) in cases {
+            let shown = check(&format!("{up}{rest}"));
+            assert!(shown.starts_with(expected), "{shown}");
+        }
         // Set by the environment, not the file: no file named.
         let shown = Config::from_toml(up, Some(Path::new("c.toml")))
             .unwrap()
