@@ -43,12 +43,7 @@ impl std::error::Error for ConfigError {}
 
 impl ConfigError {
     pub(super) fn plain(message: impl Into<String>) -> Self {
-        ConfigError {
-            file: None,
-            position: None,
-            message: message.into(),
-            field: None,
-        }
+        ConfigError::in_file(None, None, message.into())
     }
 
     /// An error at `position` (1-based line and column) of `file`.

@@ -803,7 +803,8 @@ where
     }
 
     /// Wraps `value` into an entry stamped `stored_at_ms` (when its computation started;
-    /// purges cover it from then, its TTL still runs from now) and stores it; a value that cannot be encoded is returned but not stored (logged).
+    /// purges cover it from then, its TTL still runs from about now) and stores it; a
+    /// value that cannot be encoded is returned but not stored (logged).
     fn store_value(
         &self,
         key: CacheKey,
