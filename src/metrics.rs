@@ -41,8 +41,9 @@ pub struct Metrics {
     /// The tiers' own metrics: stores by tier, Redis errors, rejected entries, breaker
     /// state, memory-tier size.
     pub store: StoreMetrics,
-    /// Coalesced waits by `outcome`: `served`, `timeout`, `retried` (the leader's response
-    /// could not be shared or the leader went away).
+    /// Coalesced waits by `outcome`: `served`, `timeout`, `retried` (the leader went
+    /// away), `released` (the leader's response could not be shared), `purged` (a purge
+    /// made while it was in flight covers it: the waiter joined again).
     pub coalesced_waits: LabeledCounter,
     /// Upstream response-head latency, in seconds.
     pub upstream_duration: Histogram,
@@ -126,8 +127,10 @@ impl Metrics {
             })
             .collect();
         let hits_by_tier = [hits.handle("memory"), hits.handle("redis")];
-        let coalesced_waits =
-            LabeledCounter::new("outcome", &["served", "timeout", "retried", "released"]);
+        let coalesced_waits = LabeledCounter::new(
+            "outcome",
+            &["served", "timeout", "retried", "released", "purged"],
+        );
         let upstream_duration = Histogram::new(exponential_buckets(0.001, 2.0, 16));
         let upstream_errors =
             LabeledCounter::new("kind", &["unreachable", "timeout", "body", "body-timeout"]);

@@ -164,16 +164,30 @@ async fn a_purge_made_while_a_miss_is_in_flight_covers_its_answer() {
                 assert_eq!(post.status(), 200, "{path}");
             }
         }
+        // A request made after the purge waits on the same flight; the answer it brings
+        // is purged already, so the request goes to the upstream again.
+        let waiting = gate
+            .client
+            .get(gate.url(path))
+            .header("x-test-vary", vary)
+            .send();
+        let waiting = tokio::spawn(waiting);
         let first = common::Reply::from(slow.await.unwrap().unwrap()).await;
         assert_eq!(first.cache(), "MISS", "{path}");
-        let after = gate.get(path).await;
-        assert_eq!(
-            after.cache(),
-            "MISS",
-            "{path}: the answer from before the purge is served"
+        let waited = common::Reply::from(waiting.await.unwrap().unwrap()).await;
+        assert_eq!(waited.cache(), "MISS", "{path}");
+        assert!(
+            waited.n() > first.n(),
+            "{path}: a request made after the purge got the answer from before it"
         );
-        assert_eq!(gate.get(path).await.cache(), "HIT", "{path}");
+        let after = gate.get(path).await;
+        assert_eq!((after.cache(), after.n()), ("HIT", waited.n()), "{path}");
     }
+    let metrics = gate.metrics().await;
+    assert!(
+        metrics.contains(r#"cachegate_coalesced_waits_total{outcome="purged"} 6"#),
+        "the requests made after the purges did not wait on the flights: {metrics}"
+    );
 }
 
 #[tokio::test]

@@ -596,6 +596,18 @@ impl<O: Origin> Proxy<O> {
                 .await
             {
                 WaitOutcome::Shared(entry)
+                    if self.store.is_purged(&ctx.primary, &entry)
+                        || (ctx.key != ctx.primary && self.store.is_purged(&ctx.key, &entry)) =>
+                {
+                    // A purge, or an unsafe request to the target (RFC 9111 §4.4), made
+                    // since the leader's request was sent covers its answer: served to the
+                    // leader's own requester only. The waiters join again (one of them
+                    // leads a new request), so that none gets from the cache what a purge
+                    // confirmed before it was served.
+                    waits.inc("purged");
+                    continue;
+                }
+                WaitOutcome::Shared(entry)
                     if let names = vary::variant_names(&entry.headers(), key_headers)
                         && names != flight_names =>
                 {

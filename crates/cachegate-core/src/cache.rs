@@ -12,7 +12,9 @@
 //! 3. Otherwise one caller per key (the leader) runs the computation; the others wait for
 //!    it (at most [`CacheBuilder::coalesce_wait`], then they compute themselves) and get
 //!    its value, or its error. A leader that goes away (its future dropped) hands over to
-//!    one of the waiters.
+//!    one of the waiters. A value that a purge made while it was computed covers (it is
+//!    stamped with when its computation started) goes to the leader only: the waiters
+//!    join again, and one of them computes anew.
 //! 4. A value is stored in the memory tier at once and in Redis in the background. An
 //!    error is never stored; with a stale fallback within `stale_if_error`, the stale value
 //!    is returned instead (marked [`Source::Stale`]).
@@ -473,7 +475,8 @@ pub struct CacheMetrics {
     /// `outcome` (`ok`, `error`).
     pub computations: LabeledCounter,
     /// `coalesced_waits_total{outcome}`: calls that waited on another's computation, by
-    /// `outcome` (`served`, `error`, `retried`, `timeout`).
+    /// `outcome` (`served`, `error`, `retried`, `timeout`, `purged`: a purge made while it
+    /// was computed covers the value, and the call joined again).
     pub coalesced_waits: LabeledCounter,
     /// `stale_served_total`: stale values returned after a failed computation.
     pub stale_served: Counter,
@@ -491,7 +494,7 @@ impl Default for CacheMetrics {
             computations: LabeledCounter::new("outcome", &["ok", "error"]),
             coalesced_waits: LabeledCounter::new(
                 "outcome",
-                &["served", "error", "retried", "timeout"],
+                &["served", "error", "retried", "timeout", "purged"],
             ),
             stale_served: Counter::default(),
             background_refreshes: LabeledCounter::new("outcome", &["started", "skipped"]),
@@ -739,6 +742,13 @@ where
             };
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             match follower.wait(left).await {
+                WaitOutcome::Shared(Ok(stored)) if inner.store.is_purged(&key, &stored) => {
+                    // A purge made since the computation started covers its value: given
+                    // to the caller that computed it only. The waiters join again (one of
+                    // them computes anew), so that none gets a value a purge confirmed
+                    // before it was handed over.
+                    waits.inc("purged");
+                }
                 WaitOutcome::Shared(Ok(stored)) => {
                     waits.inc("served");
                     return Ok(stored.fetched(Source::Coalesced));
@@ -1307,13 +1317,41 @@ mod tests {
         started.await.unwrap();
         let report = cache.invalidate_tags(&["kpi"]).await;
         assert!(report.confirmed(), "{report:?}");
+        // A call made after the purge waits on the same flight; the value it brings is
+        // purged already, so the call computes anew rather than take it.
+        let waiting = {
+            let cache = cache.clone();
+            tokio::spawn(async move {
+                let options = Options::default().tags(["kpi"]);
+                cache
+                    .get_or_set("leads", &options, || async {
+                        Ok::<_, std::io::Error>("new".to_string())
+                    })
+                    .await
+            })
+        };
+        // This test's runtime has one thread: the call runs up to its wait here.
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
         finish.send(()).unwrap();
         let computed = computing.await.unwrap().unwrap();
         assert_eq!(
             (computed.value.as_str(), computed.source),
             ("old", Source::Computed)
         );
-        assert_eq!(cache.get("leads").await, None, "kept past the purge");
+        let waited = waiting.await.unwrap().unwrap();
+        assert_eq!(
+            (waited.value.as_str(), waited.source),
+            ("new", Source::Computed),
+            "a waiter got a value purged before it was handed over"
+        );
+        let waits = &cache.metrics().coalesced_waits;
+        assert_eq!(
+            waits.get("purged"),
+            1,
+            "the call did not wait on the flight"
+        );
     }
 
     /// A TTL of `Duration::MAX` ("forever") works, also when the computation takes

@@ -304,8 +304,12 @@ impl<V: Storable> TieredStore<V> {
         Some((found.0, found.1, soft))
     }
 
-    /// Whether a purge covers `entry` ([`TieredStore::purge`]).
-    fn is_purged(&self, key: &CacheKey, entry: &V) -> bool {
+    /// Whether a (hard) purge made on this replica or received from another covers
+    /// `entry`, stored (or to be stored) under `key`: a purge by `key`, by one of its tags
+    /// or its path, or of everything, made at or after the entry's stamp
+    /// ([`Storable::stored_at_ms`]). For an answer handed over outside the tiers (a
+    /// coalesced flight's), which a lookup would have judged.
+    pub fn is_purged(&self, key: &CacheKey, entry: &V) -> bool {
         covered(&self.purges, key, entry)
     }
 
