@@ -323,6 +323,15 @@ impl Admin {
                 "a tag, path or route may not contain a line break",
             );
         }
+        if let Some(Err(e)) = request
+            .paths
+            .iter()
+            .map(|p| crate::tags::check_path_pattern(p))
+            .find(Result::is_err)
+        {
+            let text = format!("paths: {e}");
+            return generated(StatusCode::BAD_REQUEST, text, "text/plain; charset=utf-8");
+        }
         // Every part is checked before anything is purged: a bad one purges nothing.
         // `all` together with tags or paths: the tags and paths are covered by `all`.
         let mut scopes =

@@ -29,6 +29,22 @@ pub fn entry_tags(route: Option<&Route>, path: &str, query: &[QueryParam<'_>]) -
     tags
 }
 
+/// Checks a purge's path pattern (`*` matching any run of characters): it starts with
+/// `/` or `*` and holds no query, as the paths it is matched with.
+///
+/// Errors: what is wrong with it, naming it.
+pub fn check_path_pattern(pattern: &str) -> Result<(), String> {
+    if !pattern.starts_with(['/', '*']) {
+        return Err(format!(
+            "{pattern:?}: a path pattern starts with '/' (or '*')"
+        ));
+    }
+    if pattern.contains('?') {
+        return Err(format!("{pattern:?}: a path pattern holds no query ('?')"));
+    }
+    Ok(())
+}
+
 /// The implicit tag of the entries a route stores: `route:{name}`.
 pub fn route_tag(name: &str) -> String {
     format!("route:{name}")
@@ -54,7 +70,9 @@ pub fn purge_scopes(
         scopes.push(PurgeScope::Tags(tags));
     }
     if !paths.is_empty() {
-        scopes.push(PurgeScope::Paths(paths.to_vec()));
+        // Entries are tagged with their normalized path: patterns spelled the same way.
+        let paths = paths.iter().map(|p| crate::uri::normalize_pattern(p));
+        scopes.push(PurgeScope::Paths(paths.collect()));
     }
     scopes
 }

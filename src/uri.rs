@@ -49,6 +49,58 @@ pub fn normalize_path(raw: &str) -> NormalPath {
     normalize_slowly(raw)
 }
 
+/// A path pattern (`*` matching any run of characters) in the spelling [`normalize_path`]
+/// gives request paths, so that it matches however it was written: bytes a path may not
+/// hold as they are (beyond ASCII, spaces, controls, `"`, `<`, `>`, `^`, `{`, `|`, `}`,
+/// the backquote) are percent-encoded as UTF-8, then the pattern is normalized like a path (`*` an ordinary character there).
+/// Used for route patterns and purges by path, which are compared with normalized paths.
+///
+/// ```
+/// use cachegate::uri::normalize_pattern;
+/// assert_eq!(normalize_pattern("/api/caf%c3%a9/*"), "/api/caf%C3%A9/*");
+/// assert_eq!(normalize_pattern("/api/café/*"), "/api/caf%C3%A9/*");
+/// assert_eq!(normalize_pattern("/%7Eu//a/./b*"), "/~u/a/b*");
+/// ```
+pub fn normalize_pattern(raw: &str) -> String {
+    let mut encoded = String::with_capacity(raw.len());
+    for &b in raw.as_bytes() {
+        if is_path_byte(b) {
+            encoded.push(char::from(b));
+        } else {
+            encoded.push_str(&format!("%{b:02X}"));
+        }
+    }
+    normalize_path(&encoded).path
+}
+
+/// Whether `b` may stand as it is in a request path (RFC 3986 §3.3 `pchar`, `/`, `%`),
+/// or in a request target as hyper accepts it (`\`, which [`normalize_path`] judges).
+fn is_path_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric()
+        || matches!(
+            b,
+            b'-' | b'.'
+                | b'_'
+                | b'~'
+                | b'!'
+                | b'$'
+                | b'&'
+                | b'\''
+                | b'('
+                | b')'
+                | b'*'
+                | b'+'
+                | b','
+                | b';'
+                | b'='
+                | b':'
+                | b'@'
+                | b'/'
+                | b'%'
+                | b'\\'
+        )
+}
+
 /// Whether `raw` is its own normal form: starts with `/`, holds no `%`, `\` or `;`, no
 /// empty segment but a trailing one, and no dot segment.
 fn is_normal(raw: &str) -> bool {

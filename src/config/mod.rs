@@ -727,6 +727,14 @@ impl Config {
                     ),
                 ));
             }
+            if let Some(Err(e)) = event
+                .paths
+                .iter()
+                .map(|p| crate::tags::check_path_pattern(p))
+                .find(Result::is_err)
+            {
+                return Err(ConfigError::at_field(format!("events[{i}].paths"), e));
+            }
         }
         if let Some(redis) = &self.redis
             && redis.tls_ca_file.is_some()
@@ -936,6 +944,11 @@ mod tests {
                 "",
                 "[[events]]\nname = \"etl\"\nroutes = [\"kpi\", \"nope\"]\n",
                 "c.toml:15:10: events[0].routes: no route is named \"nope\"",
+            ),
+            (
+                "",
+                "[[events]]\nname = \"etl\"\npaths = [\"/kpi/*\", \"kpi/*\"]\n",
+                "c.toml:15:9: events[0].paths: \"kpi/*\": a path pattern starts with '/'",
             ),
         ];
         for (route, events, expected) in refused {

@@ -147,7 +147,9 @@ impl fmt::Display for MethodName {
 string_value!(MethodName);
 
 /// A path pattern: a literal path where `*` matches any run of characters, `/` included.
-/// `/api/natal/chart` matches only itself; `/kpi/*` matches `/kpi/revenue/daily`.
+/// `/api/natal/chart` matches only itself; `/kpi/*` matches `/kpi/revenue/daily`. Held in
+/// the spelling request paths are matched in ([`crate::uri::normalize_pattern`]):
+/// `/caf%c3%a9/*` and `/café/*` both match a request for `/caf%C3%A9/x`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PathPattern(String);
 
@@ -193,7 +195,8 @@ impl FromStr for PathPattern {
                 "a path pattern must not contain a query (use key_query): {s:?}"
             ));
         }
-        Ok(PathPattern(s.to_string()))
+        // Compared with normalized request paths: spelled the same way.
+        Ok(PathPattern(crate::uri::normalize_pattern(s)))
     }
 }
 
