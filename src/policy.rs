@@ -257,17 +257,28 @@ impl CacheControl {
                     "no-store" => cc.no_store = true,
                     "no-cache" => cc.no_cache = true,
                     "private" => cc.private = true,
-                    "max-age" => cc.max_age = Some(secs()?),
-                    "s-maxage" => cc.s_maxage = Some(secs()?),
+                    "max-age" => once(&mut cc.max_age, secs()?),
+                    "s-maxage" => once(&mut cc.s_maxage, secs()?),
                     "must-revalidate" | "proxy-revalidate" => cc.must_revalidate = true,
-                    "stale-while-revalidate" => cc.stale_while_revalidate = Some(secs()?),
-                    "stale-if-error" => cc.stale_if_error = Some(secs()?),
+                    "stale-while-revalidate" => once(&mut cc.stale_while_revalidate, secs()?),
+                    "stale-if-error" => once(&mut cc.stale_if_error, secs()?),
                     _ => {}
                 }
             }
         }
         Ok(cc)
     }
+}
+
+/// Records `secs` for a directive that may appear once. Given again with another value
+/// (`max-age=0, max-age=600`, in one field line or across lines), it is 0: RFC 9111
+/// §4.2.1 lets a cache use the first or consider the response stale, and stale is what a
+/// header appended by another layer (often to stop caching) most likely meant.
+fn once(slot: &mut Option<u64>, secs: u64) {
+    *slot = Some(match *slot {
+        Some(before) if before != secs => 0,
+        _ => secs,
+    });
 }
 
 /// `1*DIGIT` (RFC 9111 §1.2.2); values past 2^31 are capped there, as the RFC allows.
@@ -844,6 +855,37 @@ mod tests {
             ),
             Ok(60)
         );
+    }
+
+    /// A directive given twice with two values makes the response stale (RFC 9111
+    /// §4.2.1): a `max-age=0` appended by another layer is not outvoted.
+    #[test]
+    fn a_directive_given_twice_with_two_values_is_zero() {
+        let parse =
+            |pairs: &[(&'static str, &'static str)]| CacheControl::parse(&headers(pairs)).unwrap();
+        for pairs in [
+            &[("cache-control", "max-age=0, max-age=600")][..],
+            &[("cache-control", "max-age=600, max-age=0")],
+            &[
+                ("cache-control", "max-age=600"),
+                ("cache-control", "max-age=0"),
+            ],
+            &[("cache-control", "max-age=5, max-age=6, max-age=7")],
+        ] {
+            assert_eq!(parse(pairs).max_age, Some(0), "{pairs:?}");
+            let ttl = storable_ttl(None, StatusCode::OK, &headers(pairs));
+            assert_eq!(ttl, Err(NoStoreReason::NoFreshness), "{pairs:?}");
+        }
+        let cc = parse(&[(
+            "cache-control",
+            "s-maxage=60, s-maxage=1, stale-while-revalidate=30, stale-while-revalidate=5, stale-if-error=9, stale-if-error=10",
+        )]);
+        assert_eq!(cc.s_maxage, Some(0));
+        assert_eq!(cc.stale_while_revalidate, Some(0));
+        assert_eq!(cc.stale_if_error, Some(0));
+        // The same value twice is that value.
+        let cc = parse(&[("cache-control", "max-age=60, s-maxage=30, max-age=60")]);
+        assert_eq!((cc.max_age, cc.s_maxage), (Some(60), Some(30)));
     }
 
     #[test]
