@@ -76,29 +76,48 @@ pub fn normalize_pattern(raw: &str) -> String {
 /// Whether `b` may stand as it is in a request path (RFC 3986 §3.3 `pchar`, `/`, `%`),
 /// or in a request target as hyper accepts it (`\`, which [`normalize_path`] judges).
 fn is_path_byte(b: u8) -> bool {
-    b.is_ascii_alphanumeric()
-        || matches!(
-            b,
-            b'-' | b'.'
-                | b'_'
-                | b'~'
-                | b'!'
-                | b'$'
-                | b'&'
-                | b'\''
-                | b'('
-                | b')'
-                | b'*'
-                | b'+'
-                | b','
-                | b';'
-                | b'='
-                | b':'
-                | b'@'
-                | b'/'
-                | b'%'
-                | b'\\'
-        )
+    unreserved(b) || sub_delim(b) || matches!(b, b':' | b'@' | b'/' | b'%' | b'\\')
+}
+
+/// Whether `value` is a `Host` header value RFC 9112 §3.2 allows: empty, or
+/// `uri-host [ ":" port ]` (RFC 3986 §3.2.2): an IP literal in brackets, or a name of
+/// unreserved characters, percent-escapes and sub-delimiters (an IPv4 address is one);
+/// no user information (`@`), path, space or control.
+///
+/// ```
+/// use cachegate::uri::is_host_value;
+/// assert!(is_host_value(b"api.example:8080") && is_host_value(b"[::1]:80") && is_host_value(b""));
+/// assert!(!is_host_value(b"user@victim.example") && !is_host_value(b"a b") && !is_host_value(b"a:b"));
+/// ```
+pub fn is_host_value(value: &[u8]) -> bool {
+    let (host, port): (&[u8], &[u8]) = if value.first() == Some(&b'[') {
+        let Some(end) = value.iter().position(|&b| b == b']') else {
+            return false;
+        };
+        let literal = &value[1..end];
+        // IPv6 or IPvFuture, with an RFC 6874 zone (`%25eth0`).
+        if literal.is_empty()
+            || !literal.iter().all(|&b| {
+                b.is_ascii_alphanumeric() || matches!(b, b':' | b'.' | b'%' | b'-' | b'_' | b'~')
+            })
+        {
+            return false;
+        }
+        match &value[end + 1..] {
+            [] => (&[], &[]),
+            [b':', port @ ..] => (&[], port),
+            _ => return false,
+        }
+    } else {
+        match value.iter().rposition(|&b| b == b':') {
+            Some(colon) => (&value[..colon], &value[colon + 1..]),
+            None => (value, &[]),
+        }
+    };
+    port.iter().all(u8::is_ascii_digit)
+        && host
+            .iter()
+            .all(|&b| unreserved(b) || sub_delim(b) || b == b'%')
 }
 
 /// Whether `raw` is its own normal form: starts with `/`, holds no `%`, `\` or `;`, no
@@ -256,6 +275,14 @@ pub fn has_invalid_escape(s: &str) -> bool {
 /// Whether `b` is an RFC 3986 unreserved character.
 fn unreserved(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
+}
+
+/// `sub-delims` of RFC 3986 §2.2.
+fn sub_delim(b: u8) -> bool {
+    matches!(
+        b,
+        b'!' | b'$' | b'&' | b'\'' | b'(' | b')' | b'*' | b'+' | b',' | b';' | b'='
+    )
 }
 
 fn hex_value(b: u8) -> Option<u8> {

@@ -241,16 +241,42 @@ key_query = ["from"]
             .ends_with("detail=request-body")
     );
 
-    // Two Host headers, or none on HTTP/1.1: 400, nothing forwarded.
+    // Two Host headers, none on HTTP/1.1, or one that is not host[:port]: 400, nothing
+    // forwarded.
     let before = up.hits();
-    for request in [
-        "GET /page HTTP/1.1\r\nHost: a\r\nHost: evil.example\r\nConnection: close\r\n\r\n",
-        "GET /page HTTP/1.1\r\nConnection: close\r\n\r\n",
+    let mut requests = vec![
+        "GET /page HTTP/1.1\r\nHost: a\r\nHost: evil.example\r\nConnection: close\r\n\r\n"
+            .to_string(),
+        "GET /page HTTP/1.1\r\nConnection: close\r\n\r\n".to_string(),
+    ];
+    for host in [
+        "a b",
+        "user@victim.example",
+        "a/b",
+        "a:b",
+        "[::1",
+        "[::1]x",
+        "a?b",
     ] {
+        requests.push(format!(
+            "GET /page HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+        ));
+    }
+    for request in &requests {
         let responses = parse_responses(&exchange(&gate.addr(), request.as_bytes(), LIMIT).await);
         assert_eq!(responses[0].status, 400, "{request:?}");
     }
     assert_eq!(up.hits(), before);
+    for host in [
+        "a.example:8080",
+        "[::1]:80",
+        "10.0.0.1",
+        "xn--caf-dma.example",
+    ] {
+        let request = format!("GET /page HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+        let responses = parse_responses(&exchange(&gate.addr(), request.as_bytes(), LIMIT).await);
+        assert_eq!(responses[0].status, 200, "{request:?}");
+    }
     let http10 = exchange(&gate.addr(), b"GET /page?x=3 HTTP/1.0\r\n\r\n", LIMIT).await;
     let http10 = String::from_utf8_lossy(&http10);
     assert!(

@@ -199,6 +199,19 @@ async fn unauthorized_or_malformed_purges_purge_nothing() {
         let (status, _) = purge(&gate, token, r#"{"tags": ["kpi"]}"#).await;
         assert_eq!(status, 401);
     }
+    // The scheme is case-insensitive (RFC 9110 §11.1); another scheme is not a token.
+    for (authorization, expected) in [("bearer purge-token", 200), ("Basic purge-token", 401)] {
+        let status = gate
+            .client
+            .post(format!("{}/admin/purge", gate.admin))
+            .header("authorization", authorization)
+            .body(r#"{"tags": ["none"]}"#)
+            .send()
+            .await
+            .unwrap()
+            .status();
+        assert_eq!(status, expected, "{authorization}");
+    }
     let (status, reply) = purge(&gate, Some("purge-token"), r#"{"urls": ["/kpi/leads"]}"#).await;
     assert_eq!(status, 400, "{reply}");
     assert!(reply.as_str().unwrap_or("").contains("urls"), "{reply}");

@@ -54,7 +54,7 @@ use crate::metrics::Metrics;
 use crate::policy::{self, Policy, Received, RequestDirectives, RequestShape, Route, StoreRules};
 use crate::status::{BypassReason, CachePhase, NoStoreReason, StaleReason, Tier};
 use crate::tags;
-use crate::uri::{has_invalid_escape, normalize_path, parse_query, resolve_relative};
+use crate::uri::{self, has_invalid_escape, normalize_path, parse_query, resolve_relative};
 use crate::vary;
 use crate::warm::HotKeys;
 
@@ -1511,13 +1511,22 @@ const BODY_TIMEOUT: ClientFault = ClientFault {
     kind: "body-timeout",
 };
 
-/// RFC 9112 §3.2: an HTTP/1.1 request has exactly one `Host`; no request has two.
+/// RFC 9112 §3.2: an HTTP/1.1 request has exactly one `Host`; no request has two; its
+/// value is `uri-host [ ":" port ]` (RFC 3986 §3.2.2), or empty.
 fn check_host(parts: &Parts) -> Result<(), ClientFault> {
-    let hosts = parts.headers.get_all(header::HOST).iter().count();
-    if hosts > 1 || (hosts == 0 && parts.version == Version::HTTP_11) {
+    let mut hosts = parts.headers.get_all(header::HOST).iter();
+    let (first, second) = (hosts.next(), hosts.next());
+    if second.is_some() || (first.is_none() && parts.version == Version::HTTP_11) {
         return Err(ClientFault {
             status: StatusCode::BAD_REQUEST,
             reason: "a request needs exactly one Host header",
+            kind: "host",
+        });
+    }
+    if first.is_some_and(|host| !uri::is_host_value(host.as_bytes())) {
+        return Err(ClientFault {
+            status: StatusCode::BAD_REQUEST,
+            reason: "the Host header is not a host[:port]",
             kind: "host",
         });
     }
