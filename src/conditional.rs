@@ -100,6 +100,25 @@ pub fn same_version(stored: &HeaderMap, not_modified: &HeaderMap) -> bool {
     }
 }
 
+/// Whether a `200` answer to a `HEAD` request (`head`) shows that a stored `GET` response
+/// of the same target (`stored`, whose body is `stored_body_len` bytes) is of another
+/// version (RFC 9111 §4.3.5): an `ETag` or `Last-Modified` both have and that differs, or
+/// a `Content-Length` other than the stored body's. Without such evidence (no validator
+/// in common, no length) the stored response is left as it is.
+pub fn head_contradicts(stored: &HeaderMap, stored_body_len: usize, head: &HeaderMap) -> bool {
+    let differs = |name: &header::HeaderName| match (stored.get(name), head.get(name)) {
+        (Some(a), Some(b)) => a != b,
+        _ => false,
+    };
+    let length = head
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<usize>().ok());
+    differs(&header::ETAG)
+        || differs(&header::LAST_MODIFIED)
+        || length.is_some_and(|len| len != stored_body_len)
+}
+
 /// Updates a stored response's headers with those of a `304` that revalidated it
 /// (RFC 9111 §4.3.4, §3.2): each field the 304 carries replaces the stored one, except the
 /// framing and content-coding fields (`Content-Length`, `Content-Encoding`,

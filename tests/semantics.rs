@@ -512,6 +512,69 @@ async fn stale_entries_are_revalidated_and_304_updates_them() {
     assert_eq!(up.requests(), 2);
 }
 
+/// The answer to a `HEAD` request: the head of a `length`-byte body, without it.
+fn head_reply(headers: &[(&str, &str)], length: usize) -> Script {
+    let mut s = format!("HTTP/1.1 200 Scripted\r\nContent-Length: {length}\r\n");
+    for (name, value) in headers {
+        s.push_str(&format!("{name}: {value}\r\n"));
+    }
+    s.push_str("\r\n");
+    Script::Reply(s.into_bytes())
+}
+
+/// RFC 9111 §4.3.5: a `200` answer to a `HEAD` request whose `ETag`, `Last-Modified` or
+/// `Content-Length` contradicts the stored `GET` response of the target makes that
+/// entry a miss (on every replica); one that agrees with it leaves it a hit.
+#[tokio::test]
+async fn a_head_answer_showing_another_version_invalidates_the_stored_get() {
+    const V1: &str = "version one";
+    let cc = ("cache-control", "max-age=600");
+    let (up, _) = scripted(move |n| match n {
+        // /same: the HEAD answer agrees.
+        0 => reply(200, &[cc, ("etag", "\"v1\"")], V1),
+        1 => head_reply(&[cc, ("etag", "\"v1\"")], V1.len()),
+        // /etag: another ETag.
+        2 => reply(200, &[cc, ("etag", "\"v1\"")], V1),
+        3 => head_reply(&[cc, ("etag", "\"v2\"")], V1.len()),
+        // /modified: another Last-Modified.
+        5 => reply(
+            200,
+            &[cc, ("last-modified", "Mon, 02 Nov 2026 10:00:00 GMT")],
+            V1,
+        ),
+        6 => head_reply(
+            &[cc, ("last-modified", "Tue, 03 Nov 2026 10:00:00 GMT")],
+            V1.len(),
+        ),
+        // /length: no validators, another length.
+        8 => reply(200, &[cc], V1),
+        9 => head_reply(&[cc], V1.len() + 1),
+        _ => reply(200, &[cc, ("etag", "\"v2\"")], "version two"),
+    })
+    .await;
+    let gate = Gate::start_at(&up.url(), None, "", "").await;
+    let head = |path: &'static str| {
+        let req = gate.client.head(gate.url(path));
+        async move { Reply::from(req.send().await.unwrap()).await }
+    };
+    assert_eq!(gate.get("/same").await.cache(), "MISS");
+    assert_eq!(head("/same").await.status, 200);
+    assert_eq!(gate.get("/same").await.body, V1);
+    assert_eq!(gate.get("/same").await.cache(), "HIT");
+    assert_eq!(up.requests(), 2);
+    for path in ["/etag", "/modified", "/length"] {
+        assert_eq!(gate.get(path).await.cache(), "MISS", "{path}");
+        assert_eq!(gate.get(path).await.cache(), "HIT", "{path}");
+        assert_eq!(head(path).await.status, 200, "{path}");
+        let after = gate.get(path).await;
+        assert_eq!(
+            (after.cache(), after.body.as_str()),
+            ("MISS", "version two"),
+            "{path}: the GET entry outlived a HEAD answer about another version"
+        );
+    }
+}
+
 // 2. `no-cache` with a validator: stored, revalidated on every use.
 #[tokio::test]
 async fn no_cache_responses_are_revalidated_on_every_use() {

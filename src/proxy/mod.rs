@@ -740,6 +740,13 @@ impl<O: Origin> Proxy<O> {
             unconditional = Some(again.into_parts().0);
             conditional::add_validators(&mut parts.headers, &stored.headers());
         }
+        // RFC 9111 §4.3.5: a HEAD answer may show the GET entry of the target outdated.
+        let get_key = (parts.method == Method::HEAD).then(|| {
+            parts.method = Method::GET;
+            let key = self.key_for_parts(&parts, &Bytes::new(), ctx.client).ok();
+            parts.method = Method::HEAD;
+            key
+        });
         let mut sent = self.send(parts, body, ctx.client).await;
         if let (Ok((head, ..)), Some(stored)) = (&sent, &ctx.revalidate)
             && head.status == StatusCode::NOT_MODIFIED
@@ -766,6 +773,12 @@ impl<O: Origin> Proxy<O> {
             }
         };
         let fwd_status = Some(head.status.as_u16());
+        if let Some(Some(get_key)) = get_key
+            && head.status == StatusCode::OK
+        {
+            self.judge_stored_get(get_key, &request_headers, &head.headers)
+                .await;
+        }
         // RFC 5861 §4: an error is a 500, 502, 503 or 504.
         if matches!(head.status.as_u16(), 500 | 502 | 503 | 504)
             && let Some(resp) = self.serve_stale_if_error(ctx, fwd_status)
@@ -855,6 +868,38 @@ impl<O: Origin> Proxy<O> {
         }
         let outcome = miss(CachePhase::Miss(decision.map(|_| ())), fwd_status);
         self.serve_entry(&entry, ctx, outcome, now_ms())
+    }
+
+    /// Purges, on every replica, the `GET` entry stored under `get_key` (or the variant of
+    /// it that `request_headers` select) when a `200` answer to a `HEAD` request for the
+    /// same target, with headers `head`, shows it is of another version
+    /// ([`conditional::head_contradicts`]; RFC 9111 §4.3.5).
+    async fn judge_stored_get(
+        &self,
+        get_key: CacheKey,
+        request_headers: &http::HeaderMap,
+        head: &http::HeaderMap,
+    ) {
+        let Some((mut stored, _)) = self.store.lookup(&get_key).await else {
+            return;
+        };
+        if stored.is_vary_marker() {
+            let variant = vary::variant_key(
+                &self.keys,
+                &get_key,
+                stored.vary_generation(),
+                &stored.vary_names(),
+                request_headers,
+            );
+            match self.store.lookup(&variant).await {
+                Some((entry, _)) => stored = entry,
+                None => return,
+            }
+        }
+        if conditional::head_contradicts(&stored.headers(), stored.body().len(), head) {
+            // The primary key: a purge of it covers its variants too.
+            self.store.purge_keys_in_background(vec![get_key]);
+        }
     }
 
     /// Stores `entry`, the response to the request of `ctx` (whose headers are
@@ -1095,7 +1140,7 @@ impl<O: Origin> Proxy<O> {
     /// Errors: a body a `key_body` route cannot key (not JSON, not I-JSON).
     pub fn key_for_purge(&self, request: Request<Bytes>) -> Result<CacheKey, &'static str> {
         let (parts, body) = request.into_parts();
-        self.key_for_parts(&parts, &body)
+        self.key_for_parts(&parts, &body, NO_CLIENT)
     }
 
     /// The keys a purge by request covers: [`Proxy::key_for_purge`]'s, and for a `GET`,
@@ -1104,15 +1149,22 @@ impl<O: Origin> Proxy<O> {
     /// Errors: as [`Proxy::key_for_purge`].
     pub fn keys_for_purge(&self, request: Request<Bytes>) -> Result<Vec<CacheKey>, &'static str> {
         let (mut parts, body) = request.into_parts();
-        let mut keys = vec![self.key_for_parts(&parts, &body)?];
+        let mut keys = vec![self.key_for_parts(&parts, &body, NO_CLIENT)?];
         if parts.method == Method::GET {
             parts.method = Method::HEAD;
-            keys.push(self.key_for_parts(&parts, &body)?);
+            keys.push(self.key_for_parts(&parts, &body, NO_CLIENT)?);
         }
         Ok(keys)
     }
 
-    fn key_for_parts(&self, parts: &Parts, body: &Bytes) -> Result<CacheKey, &'static str> {
+    /// The key of the request `parts` with `body`, made by `client` (a purge by request:
+    /// no client, so no forwarded origin is trusted).
+    fn key_for_parts(
+        &self,
+        parts: &Parts,
+        body: &Bytes,
+        client: SocketAddr,
+    ) -> Result<CacheKey, &'static str> {
         let target = normalize_path(parts.uri.path());
         let params = parse_query(parts.uri.query().unwrap_or(""));
         let route = self.policy.route_for(&parts.method, &target.path);
@@ -1120,7 +1172,6 @@ impl<O: Origin> Proxy<O> {
             Some(_) => Some(canonical_json(body).map_err(|_| "the body is not I-JSON")?),
             None => None,
         };
-        let client = SocketAddr::from(([0, 0, 0, 0], 0));
         Ok(self.key_of(
             parts,
             &target.path,
@@ -1510,6 +1561,11 @@ const BODY_TIMEOUT: ClientFault = ClientFault {
     reason: "request body timed out",
     kind: "body-timeout",
 };
+
+/// The client of a request made by cachegate itself (a purge by request): no address,
+/// so never a trusted proxy.
+const NO_CLIENT: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0);
 
 /// RFC 9112 §3.2: an HTTP/1.1 request has exactly one `Host`; no request has two; its
 /// value is `uri-host [ ":" port ]` (RFC 3986 §3.2.2), or empty.
