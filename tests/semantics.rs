@@ -575,6 +575,56 @@ async fn a_head_answer_showing_another_version_invalidates_the_stored_get() {
     }
 }
 
+/// A response whose `Connection` names `Cache-Control`, `Set-Cookie` or another field a
+/// cache decides by loses that field as hop-by-hop (RFC 9110 §7.6.1), and is therefore
+/// neither stored nor shared, even on a route with its own TTL: it may have said
+/// `private`. Naming another field changes nothing.
+#[tokio::test]
+async fn a_response_naming_its_cache_fields_hop_by_hop_is_not_stored() {
+    let (up, _) = scripted(|n| match n {
+        0 | 1 => reply(
+            200,
+            &[
+                ("connection", "cache-control"),
+                ("cache-control", "private, max-age=600"),
+            ],
+            "private",
+        ),
+        2 | 3 => reply(
+            200,
+            &[("connection", "x-trace, Set-Cookie"), ("set-cookie", "s=1")],
+            "cookie",
+        ),
+        4 | 5 => reply(
+            200,
+            &[
+                ("connection", "cdn-cache-control"),
+                ("cdn-cache-control", "no-store"),
+            ],
+            "cdn",
+        ),
+        _ => reply(200, &[("connection", "x-trace"), ("x-trace", "1")], "plain"),
+    })
+    .await;
+    let route = "[[routes]]\nmethod = \"GET\"\npath = \"/r/*\"\nttl_secs = 600\n";
+    let gate = Gate::start_at(&up.url(), None, route, "").await;
+    for path in ["/r/private", "/r/cookie", "/r/cdn"] {
+        let first = gate.get(path).await;
+        assert!(first.header("cache-control").is_empty(), "{path}");
+        assert!(first.header("set-cookie").is_empty(), "{path}");
+        let second = gate.get(path).await;
+        assert_eq!(second.cache(), "MISS", "{path}: stored");
+        assert!(
+            second.header("cache-status").contains("detail=unparsable"),
+            "{path}: {}",
+            second.header("cache-status")
+        );
+    }
+    assert_eq!(up.requests(), 6);
+    assert_eq!(gate.get("/r/plain").await.cache(), "MISS");
+    assert_eq!(gate.get("/r/plain").await.cache(), "HIT");
+}
+
 // 2. `no-cache` with a validator: stored, revalidated on every use.
 #[tokio::test]
 async fn no_cache_responses_are_revalidated_on_every_use() {

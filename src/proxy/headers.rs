@@ -62,11 +62,15 @@ const CLIENT_ADDRESS: [&str; 8] = [
 ];
 
 /// Removes hop-by-hop headers, including `Upgrade` and every header named in
-/// `Connection`. Upgrades are tunnelled separately ([`super::upgrade`]).
-pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+/// `Connection`. Upgrades are tunnelled separately ([`super::upgrade`]). Returns whether
+/// `Connection` named a field a cache decides by (`Cache-Control` or a targeted one such
+/// as `CDN-Cache-Control`, `Pragma`, `Expires`, `Set-Cookie`, `Vary`,
+/// `Surrogate-Control`): removed as RFC 9110 §7.6.1 requires, so that a response so sent
+/// must not be stored (it may have said `private`).
+pub fn remove_hop_by_hop(headers: &mut HeaderMap) -> bool {
     // Most messages hold none: one pass over the names is cheaper than ten removals.
     if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
-        return;
+        return false;
     }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
@@ -75,9 +79,18 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
         .flat_map(|v| v.split(','))
         .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
         .collect();
+    let policy_named = named.iter().any(|name| {
+        let name = name.as_str();
+        name.ends_with("cache-control")
+            || matches!(
+                name,
+                "pragma" | "expires" | "set-cookie" | "vary" | "surrogate-control"
+            )
+    });
     for name in named.iter().chain(HOP_BY_HOP.iter()) {
         headers.remove(name);
     }
+    policy_named
 }
 
 /// Whether a request asks for a WebSocket upgrade and nothing else: every protocol its
@@ -259,10 +272,11 @@ fn forwarded_pairs(value: &[u8]) -> Option<Vec<(&[u8], &[u8])>> {
 /// `Transfer-Encoding`) and `Content-Length` are removed, so the length a client gets is
 /// always the length of the body it gets (RFC 9112 §6.3: a message with both is suspect).
 /// The one exception is the `Content-Length` of a response to `HEAD`, which frames nothing
-/// and is kept when it is a single well-formed number.
-pub fn own_response_framing(headers: &mut HeaderMap, head_request: bool) {
+/// and is kept when it is a single well-formed number. Returns whether `Connection` named
+/// a field a cache decides by ([`remove_hop_by_hop`]): such a response is not stored.
+pub fn own_response_framing(headers: &mut HeaderMap, head_request: bool) -> bool {
     let had_transfer_encoding = headers.contains_key(header::TRANSFER_ENCODING);
-    remove_hop_by_hop(headers);
+    let policy_named = remove_hop_by_hop(headers);
     let mut lengths = headers.get_all(header::CONTENT_LENGTH).iter();
     let keep = head_request
         && !had_transfer_encoding
@@ -273,6 +287,7 @@ pub fn own_response_framing(headers: &mut HeaderMap, head_request: bool) {
     if !keep {
         headers.remove(header::CONTENT_LENGTH);
     }
+    policy_named
 }
 
 #[cfg(test)]
@@ -289,9 +304,13 @@ mod tests {
             ("upgrade", "websocket"),
             ("content-type", "text/plain"),
         ]);
-        remove_hop_by_hop(&mut h);
+        assert!(!remove_hop_by_hop(&mut h), "names no cache field");
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("content-type"));
+        for named in ["Cache-Control", "cdn-cache-control", "pragma, x", "x, set-cookie"] {
+            let mut h = header_map(&[("connection", named)]);
+            assert!(remove_hop_by_hop(&mut h), "{named}");
+        }
     }
 
     #[test]

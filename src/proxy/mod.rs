@@ -785,13 +785,18 @@ impl<O: Origin> Proxy<O> {
         {
             return resp;
         }
-        let decision = policy::storable(
-            route,
-            head.status,
-            &head.headers,
-            received,
-            &self.store_rules,
-        );
+        let decision = if head.extensions.get::<PolicyFieldsRemoved>().is_some() {
+            // What it said about caching was removed on the way: fail closed.
+            Err(NoStoreReason::Unparsable)
+        } else {
+            policy::storable(
+                route,
+                head.status,
+                &head.headers,
+                received,
+                &self.store_rules,
+            )
+        };
         // May another request have this answer? Never when it is private to its requester
         // (whatever its status) or the request was credentialed, even on a per-credential key.
         let shareable = !ctx.credentialed && decision.as_ref().err().is_none_or(|r| r.shareable());
@@ -1404,7 +1409,9 @@ impl<O: Origin> Proxy<O> {
                     .upstream_duration
                     .observe(elapsed.as_secs_f64());
                 let (mut head, body) = resp.into_parts();
-                headers::own_response_framing(&mut head.headers, head_request);
+                if headers::own_response_framing(&mut head.headers, head_request) {
+                    head.extensions.insert(PolicyFieldsRemoved);
+                }
                 let tags = tags::take_response_tags(
                     &mut head.headers,
                     &self.tag_headers,
@@ -1561,6 +1568,12 @@ const BODY_TIMEOUT: ClientFault = ClientFault {
     reason: "request body timed out",
     kind: "body-timeout",
 };
+
+/// Marks an upstream response whose `Connection` named a field a cache decides by (such as
+/// `Cache-Control`), removed as hop-by-hop ([`headers::remove_hop_by_hop`]): not stored,
+/// not shared.
+#[derive(Clone, Copy)]
+struct PolicyFieldsRemoved;
 
 /// The client of a request made by cachegate itself (a purge by request): no address,
 /// so never a trusted proxy.
