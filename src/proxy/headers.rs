@@ -307,7 +307,12 @@ mod tests {
         assert!(!remove_hop_by_hop(&mut h), "names no cache field");
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("content-type"));
-        for named in ["Cache-Control", "cdn-cache-control", "pragma, x", "x, set-cookie"] {
+        for named in [
+            "Cache-Control",
+            "cdn-cache-control",
+            "pragma, x",
+            "x, set-cookie",
+        ] {
             let mut h = header_map(&[("connection", named)]);
             assert!(remove_hop_by_hop(&mut h), "{named}");
         }

@@ -583,6 +583,7 @@ impl<O: Origin> Proxy<O> {
             .map(CachedResponse::vary_names)
             .unwrap_or_default();
         let mut hopped = false;
+        let mut rejoined_after_purge = false;
         loop {
             let follower = match self.coalescer.join(&flight) {
                 Role::Leader(leader) => {
@@ -596,15 +597,23 @@ impl<O: Origin> Proxy<O> {
                 .await
             {
                 WaitOutcome::Shared(entry)
-                    if self.store.is_purged(&ctx.primary, &entry)
-                        || (ctx.key != ctx.primary && self.store.is_purged(&ctx.key, &entry)) =>
+                    if !rejoined_after_purge
+                        && (self.store.is_purged(&ctx.primary, &entry)
+                            || (ctx.key != ctx.primary
+                                && self.store.is_purged(&ctx.key, &entry))) =>
                 {
                     // A purge, or an unsafe request to the target (RFC 9111 §4.4), made
                     // since the leader's request was sent covers its answer: served to the
-                    // leader's own requester only. The waiters join again (one of them
-                    // leads a new request), so that none gets from the cache what a purge
-                    // confirmed before it was served.
+                    // leader's own requester only. The waiters join again, once (one of
+                    // them leads a new request, sent after they all arrived: whatever
+                    // purge covers its answer was made while they waited), so that none
+                    // gets what a purge confirmed before it arrived, and purges made
+                    // faster than the upstream answers cannot turn a flight into a
+                    // stampede. What the lookup kept from before the purge goes too.
                     waits.inc("purged");
+                    rejoined_after_purge = true;
+                    ctx.revalidate = None;
+                    ctx.stale = None;
                     continue;
                 }
                 WaitOutcome::Shared(entry)

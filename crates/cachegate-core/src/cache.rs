@@ -14,7 +14,7 @@
 //!    its value, or its error. A leader that goes away (its future dropped) hands over to
 //!    one of the waiters. A value that a purge made while it was computed covers (it is
 //!    stamped with when its computation started) goes to the leader only: the waiters
-//!    join again, and one of them computes anew.
+//!    join again, once, and one of them computes anew.
 //! 4. A value is stored in the memory tier at once and in Redis in the background. An
 //!    error is never stored; with a stale fallback within `stale_if_error`, the stale value
 //!    is returned instead (marked [`Source::Stale`]).
@@ -703,7 +703,7 @@ where
             stale = Some(entry);
         }
         inner.metrics.misses.inc();
-        let stale_fallback = |error: SharedError| match &stale {
+        let stale_fallback = |stale: &Option<Stored<V, C>>, error: SharedError| match stale {
             Some(entry) if within(entry, options.stale_if_error) => {
                 inner.metrics.stale_served.inc();
                 Ok(entry.fetched(Source::Stale))
@@ -712,6 +712,7 @@ where
         };
         let deadline = tokio::time::Instant::now() + inner.coalesce_wait;
         let waits = &inner.metrics.coalesced_waits;
+        let mut rejoined_after_purge = false;
         loop {
             let follower = match inner.flights.join(&key) {
                 Role::Leader(leader) => {
@@ -735,19 +736,25 @@ where
                     leader.share(result.clone());
                     return match result {
                         Ok(stored) => Ok(stored.fetched(Source::Computed)),
-                        Err(e) => stale_fallback(e),
+                        Err(e) => stale_fallback(&stale, e),
                     };
                 }
                 Role::Follower(follower) => follower,
             };
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             match follower.wait(left).await {
-                WaitOutcome::Shared(Ok(stored)) if inner.store.is_purged(&key, &stored) => {
+                WaitOutcome::Shared(Ok(stored))
+                    if !rejoined_after_purge && inner.store.is_purged(&key, &stored) =>
+                {
                     // A purge made since the computation started covers its value: given
-                    // to the caller that computed it only. The waiters join again (one of
-                    // them computes anew), so that none gets a value a purge confirmed
-                    // before it was handed over.
+                    // to the caller that computed it only. The waiters join again, once
+                    // (the next computation starts after they all arrived), so that none
+                    // gets a value a purge confirmed before it called, and purges faster
+                    // than the computation cannot turn a flight into a stampede. The
+                    // stale fallback from before the purge goes too.
                     waits.inc("purged");
+                    rejoined_after_purge = true;
+                    stale = None;
                 }
                 WaitOutcome::Shared(Ok(stored)) => {
                     waits.inc("served");
@@ -755,7 +762,7 @@ where
                 }
                 WaitOutcome::Shared(Err(e)) => {
                     waits.inc("error");
-                    return stale_fallback(e);
+                    return stale_fallback(&stale, e);
                 }
                 WaitOutcome::Failed => waits.inc("retried"),
                 WaitOutcome::Released | WaitOutcome::TimedOut => {
@@ -766,7 +773,7 @@ where
                         .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
                     return match result {
                         Ok(stored) => Ok(stored.fetched(Source::Computed)),
-                        Err(e) => stale_fallback(e),
+                        Err(e) => stale_fallback(&stale, e),
                     };
                 }
             }
@@ -1352,6 +1359,58 @@ mod tests {
             1,
             "the call did not wait on the flight"
         );
+    }
+
+    /// Waiters on a value a purge covers join again once only: the value of the next
+    /// computation (started after they all called) is theirs even when a purge covers it
+    /// too, so purges made faster than the computation cannot make every waiter compute.
+    #[tokio::test]
+    async fn waiters_join_again_once_after_a_purge() {
+        let cache = cache();
+        let gate = Arc::new(Semaphore::new(0));
+        let (started_tx, mut started) = tokio::sync::mpsc::unbounded_channel::<()>();
+        let call = |value: &'static str| {
+            let (cache, gate, started_tx) = (cache.clone(), gate.clone(), started_tx.clone());
+            tokio::spawn(async move {
+                let options = Options::default().tags(["kpi"]);
+                cache
+                    .get_or_set("leads", &options, move || async move {
+                        let _ = started_tx.send(());
+                        gate.acquire().await.unwrap().forget();
+                        Ok::<_, std::io::Error>(value.to_string())
+                    })
+                    .await
+            })
+        };
+        let first = call("first");
+        started.recv().await.unwrap();
+        assert!(cache.invalidate_tags(&["kpi"]).await.confirmed());
+        let waiters = [call("second"), call("second")];
+        // This test's runtime has one thread: the calls run up to their waits here.
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        gate.add_permits(1);
+        assert_eq!(first.await.unwrap().unwrap().value, "first");
+        // Both waiters joined again: one of them computes, once.
+        started.recv().await.unwrap();
+        assert!(cache.invalidate_tags(&["kpi"]).await.confirmed());
+        gate.add_permits(1);
+        let mut sources = Vec::new();
+        for waiter in waiters {
+            // Joining again a second time, a waiter would compute, held by the gate.
+            let got = tokio::time::timeout(Duration::from_secs(5), waiter)
+                .await
+                .expect("a waiter joined again after the second purge")
+                .unwrap()
+                .unwrap();
+            assert_eq!(got.value, "second");
+            sources.push(got.source);
+        }
+        sources.sort_by_key(|s| format!("{s:?}"));
+        assert_eq!(sources, [Source::Coalesced, Source::Computed]);
+        assert_eq!(cache.metrics().computations.get("ok"), 2);
+        assert_eq!(cache.metrics().coalesced_waits.get("purged"), 2);
     }
 
     /// A TTL of `Duration::MAX` ("forever") works, also when the computation takes
