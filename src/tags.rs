@@ -30,7 +30,8 @@ pub fn entry_tags(route: Option<&Route>, path: &str, query: &[QueryParam<'_>]) -
 }
 
 /// Checks a purge's path pattern (`*` matching any run of characters): it starts with
-/// `/` or `*` and holds no query, as the paths it is matched with.
+/// `/` or `*`, holds no query and no `.` or `..` segment
+/// ([`crate::uri::normalize_pattern`]), as the paths it is matched with.
 ///
 /// Errors: what is wrong with it, naming it.
 pub fn check_path_pattern(pattern: &str) -> Result<(), String> {
@@ -42,7 +43,9 @@ pub fn check_path_pattern(pattern: &str) -> Result<(), String> {
     if pattern.contains('?') {
         return Err(format!("{pattern:?}: a path pattern holds no query ('?')"));
     }
-    Ok(())
+    crate::uri::normalize_pattern(pattern)
+        .map(drop)
+        .map_err(|e| format!("{pattern:?}: {e}"))
 }
 
 /// The implicit tag of the entries a route stores: `route:{name}`.
@@ -71,7 +74,11 @@ pub fn purge_scopes(
     }
     if !paths.is_empty() {
         // Entries are tagged with their normalized path: patterns spelled the same way.
-        let paths = paths.iter().map(|p| crate::uri::normalize_pattern(p));
+        // (One that cannot be normalized, refused by `check_path_pattern`, matches no
+        // normalized path as it is.)
+        let paths = paths
+            .iter()
+            .map(|p| crate::uri::normalize_pattern(p).unwrap_or_else(|_| p.clone()));
         scopes.push(PurgeScope::Paths(paths.collect()));
     }
     scopes

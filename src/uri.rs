@@ -52,16 +52,22 @@ pub fn normalize_path(raw: &str) -> NormalPath {
 /// A path pattern (`*` matching any run of characters) in the spelling [`normalize_path`]
 /// gives request paths, so that it matches however it was written: bytes a path may not
 /// hold as they are (beyond ASCII, spaces, controls, `"`, `<`, `>`, `^`, `{`, `|`, `}`,
-/// the backquote) are percent-encoded as UTF-8, then the pattern is normalized like a path (`*` an ordinary character there).
-/// Used for route patterns and purges by path, which are compared with normalized paths.
+/// the backquote) are percent-encoded as UTF-8, escapes normalized, runs of `/` made one.
+/// Leading `*`s stay as they are (`*.json` matches any path ending so). Used for route
+/// patterns and purges by path, which are compared with normalized paths.
+///
+/// Errors: a pattern with a `.` or `..` segment (no normalized path has one, and resolving
+/// it could swallow a `*`), saying so.
 ///
 /// ```
 /// use cachegate::uri::normalize_pattern;
-/// assert_eq!(normalize_pattern("/api/caf%c3%a9/*"), "/api/caf%C3%A9/*");
-/// assert_eq!(normalize_pattern("/api/café/*"), "/api/caf%C3%A9/*");
-/// assert_eq!(normalize_pattern("/%7Eu//a/./b*"), "/~u/a/b*");
+/// assert_eq!(normalize_pattern("/api/caf%c3%a9/*").unwrap(), "/api/caf%C3%A9/*");
+/// assert_eq!(normalize_pattern("/api/café/*").unwrap(), "/api/caf%C3%A9/*");
+/// assert_eq!(normalize_pattern("/%7Eu//a/b*").unwrap(), "/~u/a/b*");
+/// assert_eq!(normalize_pattern("*/kpi/*").unwrap(), "*/kpi/*");
+/// assert!(normalize_pattern("/a/*/../b").is_err());
 /// ```
-pub fn normalize_pattern(raw: &str) -> String {
+pub fn normalize_pattern(raw: &str) -> Result<String, String> {
     let mut encoded = String::with_capacity(raw.len());
     for &b in raw.as_bytes() {
         if is_path_byte(b) {
@@ -70,7 +76,23 @@ pub fn normalize_pattern(raw: &str) -> String {
             encoded.push_str(&format!("%{b:02X}"));
         }
     }
-    normalize_path(&encoded).path
+    let rest = encoded.trim_start_matches('*');
+    let mut pattern = encoded[..encoded.len() - rest.len()].to_string();
+    let rest = normalize_percent(rest);
+    if rest
+        .split('/')
+        .any(|segment| segment == "." || segment == "..")
+    {
+        return Err("holds a `.` or `..` segment, which no normalized path has".to_string());
+    }
+    let mut slash = false;
+    for c in rest.chars() {
+        if !(c == '/' && slash) {
+            pattern.push(c);
+        }
+        slash = c == '/';
+    }
+    Ok(pattern)
 }
 
 /// Whether `b` may stand as it is in a request path (RFC 3986 §3.3 `pchar`, `/`, `%`),

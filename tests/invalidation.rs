@@ -1012,7 +1012,8 @@ ttl_secs = 600
         ("/kpi/stra%C3%9Fe", "/kpi/straße"),
         ("/kpi/~u", "/kpi/%7Eu"),
         ("/kpi/a/b", "/kpi/a//b"),
-        ("/kpi/d/e", "/kpi/d/./e*"),
+        ("/kpi/d/e", "/kpi/d//e*"),
+        ("/kpi/f/g.json", "*/f/*.json"),
     ];
     for (path, pattern) in spellings {
         gate.get(path).await;
@@ -1028,7 +1029,10 @@ ttl_secs = 600
     }
     // A pattern that could match no path is refused, and purges nothing.
     gate.get("/kpi/x").await;
-    let (status, reply) = purge(&gate, Some("purge-token"), r#"{"paths": ["kpi/*"]}"#).await;
-    assert_eq!(status, 400, "{reply}");
+    for bad in ["kpi/*", "/kpi/*/../x", "/kpi/%2e/x"] {
+        let body = serde_json::json!({ "paths": [bad] }).to_string();
+        let (status, reply) = purge(&gate, Some("purge-token"), &body).await;
+        assert_eq!(status, 400, "{bad}: {reply}");
+    }
     assert_eq!(gate.get("/kpi/x").await.cache(), "HIT");
 }

@@ -950,6 +950,11 @@ mod tests {
                 "[[events]]\nname = \"etl\"\npaths = [\"/kpi/*\", \"kpi/*\"]\n",
                 "c.toml:15:9: events[0].paths: \"kpi/*\": a path pattern starts with '/'",
             ),
+            (
+                "",
+                "[[events]]\nname = \"etl\"\npaths = [\"/kpi/*/../x\"]\n",
+                "events[0].paths: \"/kpi/*/../x\": holds a `.` or `..` segment",
+            ),
         ];
         for (route, events, expected) in refused {
             let shown = check(route, events).unwrap_or_default();

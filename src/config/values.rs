@@ -196,7 +196,9 @@ impl FromStr for PathPattern {
             ));
         }
         // Compared with normalized request paths: spelled the same way.
-        Ok(PathPattern(crate::uri::normalize_pattern(s)))
+        crate::uri::normalize_pattern(s)
+            .map(PathPattern)
+            .map_err(|e| format!("path pattern {s:?}: {e}"))
     }
 }
 
