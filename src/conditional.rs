@@ -101,22 +101,23 @@ pub fn same_version(stored: &HeaderMap, not_modified: &HeaderMap) -> bool {
 }
 
 /// Whether a `200` answer to a `HEAD` request (`head`) shows that a stored `GET` response
-/// of the same target (`stored`, whose body is `stored_body_len` bytes) is of another
-/// version (RFC 9111 §4.3.5): an `ETag` or `Last-Modified` both have and that differs, or
-/// a `Content-Length` other than the stored body's. Without such evidence (no validator
-/// in common, no length) the stored response is left as it is.
-pub fn head_contradicts(stored: &HeaderMap, stored_body_len: usize, head: &HeaderMap) -> bool {
-    let differs = |name: &header::HeaderName| match (stored.get(name), head.get(name)) {
-        (Some(a), Some(b)) => a != b,
-        _ => false,
+/// of the same target (`stored`) is of another version (RFC 9111 §4.3.5): an `ETag` both
+/// have that differs by the weak comparison (RFC 9110 §8.8.3.2: `W/"x"` and `"x"` agree,
+/// as a body compressed on the fly may be marked weak), or a `Last-Modified` both have
+/// that differs. Without a validator in common there is no evidence, and `Content-Length`
+/// is none (it differs between codings and with dynamic bodies).
+pub fn head_contradicts(stored: &HeaderMap, head: &HeaderMap) -> bool {
+    let opaque = |v: &HeaderValue| {
+        let b = v.as_bytes().trim_ascii();
+        b.strip_prefix(b"W/").unwrap_or(b).to_vec()
     };
-    let length = head
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<usize>().ok());
-    differs(&header::ETAG)
-        || differs(&header::LAST_MODIFIED)
-        || length.is_some_and(|len| len != stored_body_len)
+    let etags = (stored.get(header::ETAG), head.get(header::ETAG));
+    let modified = (
+        stored.get(header::LAST_MODIFIED),
+        head.get(header::LAST_MODIFIED),
+    );
+    matches!(etags, (Some(a), Some(b)) if opaque(a) != opaque(b))
+        || matches!(modified, (Some(a), Some(b)) if a != b)
 }
 
 /// Updates a stored response's headers with those of a `304` that revalidated it

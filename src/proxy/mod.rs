@@ -61,6 +61,7 @@ use crate::warm::HotKeys;
 use self::refresh::{Refresh, Refresher, Replay};
 use cachegate_core::coalesce::{Coalescer, Leader, Role, WaitOutcome};
 use cachegate_core::home::Home;
+use cachegate_core::invalidation::{PurgeMode, PurgeScope};
 use cachegate_core::store::{Storable, TieredStore};
 
 /// `Cache-Status` (RFC 9211).
@@ -782,12 +783,6 @@ impl<O: Origin> Proxy<O> {
             }
         };
         let fwd_status = Some(head.status.as_u16());
-        if let Some(Some(get_key)) = get_key
-            && head.status == StatusCode::OK
-        {
-            self.judge_stored_get(get_key, &request_headers, &head.headers)
-                .await;
-        }
         // RFC 5861 §4: an error is a 500, 502, 503 or 504.
         if matches!(head.status.as_u16(), 500 | 502 | 503 | 504)
             && let Some(resp) = self.serve_stale_if_error(ctx, fwd_status)
@@ -875,6 +870,14 @@ impl<O: Origin> Proxy<O> {
             }
             other => other,
         };
+        // Judged only for a HEAD answer that is stored: once per its lifetime, not at every
+        // client's will.
+        if let Some(Some(get_key)) = get_key
+            && decision.is_ok()
+            && entry.status() == StatusCode::OK
+        {
+            self.judge_stored_get(get_key, &request_headers, &entry.headers());
+        }
         match leader {
             Some(leader) if shareable => leader.share(entry.clone()),
             Some(leader) => leader.release(),
@@ -884,17 +887,18 @@ impl<O: Origin> Proxy<O> {
         self.serve_entry(&entry, ctx, outcome, now_ms())
     }
 
-    /// Purges, on every replica, the `GET` entry stored under `get_key` (or the variant of
-    /// it that `request_headers` select) when a `200` answer to a `HEAD` request for the
-    /// same target, with headers `head`, shows it is of another version
-    /// ([`conditional::head_contradicts`]; RFC 9111 §4.3.5).
-    async fn judge_stored_get(
+    /// Marks stale, on every replica (a soft purge, RFC 9111 §4.3.5: "consider the stored
+    /// response stale"), the `GET` entry stored under `get_key` when the variant of it
+    /// that `request_headers` select, held in this replica's memory tier, is shown to be
+    /// of another version by a stored `200` answer to a `HEAD` request for the same target
+    /// with headers `head` ([`conditional::head_contradicts`]). Never waits.
+    fn judge_stored_get(
         &self,
         get_key: CacheKey,
         request_headers: &http::HeaderMap,
         head: &http::HeaderMap,
     ) {
-        let Some((mut stored, _)) = self.store.lookup(&get_key).await else {
+        let Some(mut stored) = self.store.lookup_memory(&get_key) else {
             return;
         };
         if stored.is_vary_marker() {
@@ -905,14 +909,18 @@ impl<O: Origin> Proxy<O> {
                 &stored.vary_names(),
                 request_headers,
             );
-            match self.store.lookup(&variant).await {
-                Some((entry, _)) => stored = entry,
+            match self.store.lookup_memory(&variant) {
+                Some(entry) => stored = entry,
                 None => return,
             }
         }
-        if conditional::head_contradicts(&stored.headers(), stored.body().len(), head) {
-            // The primary key: a purge of it covers its variants too.
-            self.store.purge_keys_in_background(vec![get_key]);
+        if conditional::head_contradicts(&stored.headers(), head) {
+            // The primary key: its variants are fetched again too.
+            let store = self.store.clone();
+            let scope = PurgeScope::Keys(vec![get_key]);
+            tokio::spawn(async move {
+                store.purge_as(scope, PurgeMode::Soft, Duration::ZERO).await;
+            });
         }
     }
 
