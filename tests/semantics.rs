@@ -627,12 +627,20 @@ async fn a_response_naming_its_cache_fields_hop_by_hop_is_not_stored() {
             ],
             "cdn",
         ),
+        // A tag header lost: stored untagged, purges by tag would miss it.
+        6 | 7 => reply(
+            200,
+            &[("connection", "surrogate-key"), ("surrogate-key", "kpi")],
+            "tagged",
+        ),
+        // `Age` lost: fresher than it is.
+        8 | 9 => reply(200, &[("connection", "age"), ("age", "590")], "aged"),
         _ => reply(200, &[("connection", "x-trace"), ("x-trace", "1")], "plain"),
     })
     .await;
     let route = "[[routes]]\nmethod = \"GET\"\npath = \"/r/*\"\nttl_secs = 600\n";
     let gate = Gate::start_at(&up.url(), None, route, "").await;
-    for path in ["/r/private", "/r/cookie", "/r/cdn"] {
+    for path in ["/r/private", "/r/cookie", "/r/cdn", "/r/tagged", "/r/aged"] {
         let first = gate.get(path).await;
         assert!(first.header("cache-control").is_empty(), "{path}");
         assert!(first.header("set-cookie").is_empty(), "{path}");
@@ -644,9 +652,43 @@ async fn a_response_naming_its_cache_fields_hop_by_hop_is_not_stored() {
             second.header("cache-status")
         );
     }
-    assert_eq!(up.requests(), 6);
+    assert_eq!(up.requests(), 10);
     assert_eq!(gate.get("/r/plain").await.cache(), "MISS");
     assert_eq!(gate.get("/r/plain").await.cache(), "HIT");
+
+    // A 304 that so lost its `Cache-Control` refreshes nothing: the whole response is
+    // fetched again.
+    let (up, _) = scripted(|n| match n {
+        0 => reply(
+            200,
+            &[
+                ("cache-control", "max-age=1"),
+                ("age", "5"),
+                ("etag", "\"v1\""),
+            ],
+            "old",
+        ),
+        1 => reply(
+            304,
+            &[
+                ("connection", "cache-control"),
+                ("cache-control", "private, max-age=600"),
+                ("etag", "\"v1\""),
+            ],
+            "",
+        ),
+        _ => reply(
+            200,
+            &[("cache-control", "max-age=600"), ("etag", "\"v2\"")],
+            "new",
+        ),
+    })
+    .await;
+    let gate = Gate::start_at(&up.url(), None, "", "").await;
+    assert_eq!(gate.get("/doc").await.body, "old");
+    let again = gate.get("/doc").await;
+    assert_eq!(again.body, "new", "{}", again.header("cache-status"));
+    assert_eq!(up.requests(), 3);
 }
 
 // 2. `no-cache` with a validator: stored, revalidated on every use.

@@ -62,15 +62,14 @@ const CLIENT_ADDRESS: [&str; 8] = [
 ];
 
 /// Removes hop-by-hop headers, including `Upgrade` and every header named in
-/// `Connection`. Upgrades are tunnelled separately ([`super::upgrade`]). Returns whether
-/// `Connection` named a field a cache decides by (`Cache-Control` or a targeted one such
-/// as `CDN-Cache-Control`, `Pragma`, `Expires`, `Set-Cookie`, `Vary`,
-/// `Surrogate-Control`): removed as RFC 9110 §7.6.1 requires, so that a response so sent
-/// must not be stored (it may have said `private`).
-pub fn remove_hop_by_hop(headers: &mut HeaderMap) -> bool {
+/// `Connection`. Upgrades are tunnelled separately ([`super::upgrade`]). Returns the
+/// names `Connection` nominated (removed as RFC 9110 §7.6.1 requires; empty for most
+/// messages), so that a response that loses a field a cache decides by is not stored
+/// ([`is_cache_field`]).
+pub fn remove_hop_by_hop(headers: &mut HeaderMap) -> Vec<HeaderName> {
     // Most messages hold none: one pass over the names is cheaper than ten removals.
     if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
-        return false;
+        return Vec::new();
     }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
@@ -79,18 +78,23 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) -> bool {
         .flat_map(|v| v.split(','))
         .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
         .collect();
-    let policy_named = named.iter().any(|name| {
-        let name = name.as_str();
-        name.ends_with("cache-control")
-            || matches!(
-                name,
-                "pragma" | "expires" | "set-cookie" | "vary" | "surrogate-control"
-            )
-    });
     for name in named.iter().chain(HOP_BY_HOP.iter()) {
         headers.remove(name);
     }
-    policy_named
+    named
+}
+
+/// Whether a cache decides by the response field `name` whatever its configuration:
+/// `Cache-Control` and any targeted one (`CDN-Cache-Control`, ...), `Pragma`, `Expires`,
+/// `Age`, `Date`, `Set-Cookie`, `Vary`, `Surrogate-Control`. (The configured targeted
+/// fields and tag headers are the caller's to add.)
+pub fn is_cache_field(name: &HeaderName) -> bool {
+    let name = name.as_str();
+    name.ends_with("cache-control")
+        || matches!(
+            name,
+            "pragma" | "expires" | "age" | "date" | "set-cookie" | "vary" | "surrogate-control"
+        )
 }
 
 /// Whether a request asks for a WebSocket upgrade and nothing else: every protocol its
@@ -272,11 +276,11 @@ fn forwarded_pairs(value: &[u8]) -> Option<Vec<(&[u8], &[u8])>> {
 /// `Transfer-Encoding`) and `Content-Length` are removed, so the length a client gets is
 /// always the length of the body it gets (RFC 9112 §6.3: a message with both is suspect).
 /// The one exception is the `Content-Length` of a response to `HEAD`, which frames nothing
-/// and is kept when it is a single well-formed number. Returns whether `Connection` named
-/// a field a cache decides by ([`remove_hop_by_hop`]): such a response is not stored.
-pub fn own_response_framing(headers: &mut HeaderMap, head_request: bool) -> bool {
+/// and is kept when it is a single well-formed number. Returns the names `Connection`
+/// nominated ([`remove_hop_by_hop`]).
+pub fn own_response_framing(headers: &mut HeaderMap, head_request: bool) -> Vec<HeaderName> {
     let had_transfer_encoding = headers.contains_key(header::TRANSFER_ENCODING);
-    let policy_named = remove_hop_by_hop(headers);
+    let named = remove_hop_by_hop(headers);
     let mut lengths = headers.get_all(header::CONTENT_LENGTH).iter();
     let keep = head_request
         && !had_transfer_encoding
@@ -287,7 +291,7 @@ pub fn own_response_framing(headers: &mut HeaderMap, head_request: bool) -> bool
     if !keep {
         headers.remove(header::CONTENT_LENGTH);
     }
-    policy_named
+    named
 }
 
 #[cfg(test)]
@@ -304,7 +308,9 @@ mod tests {
             ("upgrade", "websocket"),
             ("content-type", "text/plain"),
         ]);
-        assert!(!remove_hop_by_hop(&mut h), "names no cache field");
+        let named = remove_hop_by_hop(&mut h);
+        assert_eq!(named, ["keep-alive", "x-secret-hop"]);
+        assert!(!named.iter().any(is_cache_field));
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("content-type"));
         for named in [
@@ -312,9 +318,11 @@ mod tests {
             "cdn-cache-control",
             "pragma, x",
             "x, set-cookie",
+            "age",
         ] {
             let mut h = header_map(&[("connection", named)]);
-            assert!(remove_hop_by_hop(&mut h), "{named}");
+            let named = remove_hop_by_hop(&mut h);
+            assert!(named.iter().any(is_cache_field), "{named:?}");
         }
     }
 

@@ -761,7 +761,10 @@ impl<O: Origin> Proxy<O> {
         if let (Ok((head, ..)), Some(stored)) = (&sent, &ctx.revalidate)
             && head.status == StatusCode::NOT_MODIFIED
         {
+            // A 304 that lost a field a cache decides by (`Connection` named it) cannot
+            // refresh the entry either.
             if conditional::same_version(&stored.headers(), &head.headers)
+                && head.extensions.get::<PolicyFieldsRemoved>().is_none()
                 && let Ok((head, _, _, received)) = sent
             {
                 return self.revalidated(stored, &head.headers, received, route, ctx, leader);
@@ -1255,6 +1258,17 @@ impl<O: Origin> Proxy<O> {
         Some(self.serve_entry(entry, ctx, outcome, now))
     }
 
+    /// Whether this cache decides by the response field `name`: one of
+    /// [`headers::is_cache_field`], a configured targeted cache-control field, or a
+    /// configured tag header (an entry stored without its tags escapes purges by tag).
+    fn decides_by(&self, name: &http::HeaderName) -> bool {
+        headers::is_cache_field(name)
+            || self.store_rules.targeted.contains(name)
+            // (Lower-cased from the config, as header names are.)
+            || name.as_str() == self.tag_headers.surrogate_key
+            || name.as_str() == self.tag_headers.cache_tag
+    }
+
     /// Removes the targeted cache-control fields (RFC 9213) meant for cachegate from a
     /// response to a client, unless configured to keep them.
     fn strip_targeted(&self, headers: &mut http::HeaderMap) {
@@ -1426,7 +1440,8 @@ impl<O: Origin> Proxy<O> {
                     .upstream_duration
                     .observe(elapsed.as_secs_f64());
                 let (mut head, body) = resp.into_parts();
-                if headers::own_response_framing(&mut head.headers, head_request) {
+                let named = headers::own_response_framing(&mut head.headers, head_request);
+                if named.iter().any(|name| self.decides_by(name)) {
                     head.extensions.insert(PolicyFieldsRemoved);
                 }
                 let tags = tags::take_response_tags(
