@@ -390,7 +390,12 @@ impl Admin {
         );
         let purged = json!({
             "tags": request.tags,
-            "paths": request.paths,
+            // As matched: normalized (checked above).
+            "paths": request
+                .paths
+                .iter()
+                .map(|p| crate::uri::normalize_pattern(p).unwrap_or_else(|_| p.clone()))
+                .collect::<Vec<_>>(),
             "routes": request.routes,
             "requests": request.requests.len(),
             "all": request.all,

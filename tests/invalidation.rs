@@ -1021,6 +1021,11 @@ ttl_secs = 600
         let body = serde_json::json!({ "paths": [pattern] }).to_string();
         let (status, reply) = purge(&gate, Some("purge-token"), &body).await;
         assert_eq!(status, 200, "{pattern}: {reply}");
+        let matched = reply["purged"]["paths"][0].as_str().unwrap_or("");
+        assert!(
+            !matched.contains("//") && !matched.contains("%c3"),
+            "{reply}"
+        );
         assert_eq!(
             gate.get(path).await.cache(),
             "MISS",
