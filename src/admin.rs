@@ -325,12 +325,8 @@ impl Admin {
                 "a tag, path or route may not contain a line break",
             );
         }
-        if let Some(Err(e)) = request
-            .paths
-            .iter()
-            .map(|p| crate::tags::check_path_pattern(p))
-            .find(Result::is_err)
-        {
+        let mut paths = request.paths.iter();
+        if let Err(e) = paths.try_for_each(|p| crate::tags::check_path_pattern(p)) {
             let text = format!("paths: {e}");
             return generated(StatusCode::BAD_REQUEST, text, "text/plain; charset=utf-8");
         }

@@ -702,12 +702,8 @@ impl Config {
                     ),
                 ));
             }
-            if let Some(Err(e)) = route
-                .tags
-                .iter()
-                .map(|t| crate::tags::check_template(t))
-                .find(Result::is_err)
-            {
+            let mut tags = route.tags.iter();
+            if let Err(e) = tags.try_for_each(|t| crate::tags::check_template(t)) {
                 return Err(ConfigError::at_field(format!("routes[{i}].tags"), e));
             }
             if route.warm_interval_secs == 0 {
@@ -727,12 +723,8 @@ impl Config {
                     ),
                 ));
             }
-            if let Some(Err(e)) = event
-                .paths
-                .iter()
-                .map(|p| crate::tags::check_path_pattern(p))
-                .find(Result::is_err)
-            {
+            let mut paths = event.paths.iter();
+            if let Err(e) = paths.try_for_each(|p| crate::tags::check_path_pattern(p)) {
                 return Err(ConfigError::at_field(format!("events[{i}].paths"), e));
             }
         }
