@@ -97,8 +97,24 @@ pub struct RequestShape {
     pub has_body: bool,
     /// Its path is ambiguous ([`crate::uri::NormalPath::ambiguous`]).
     pub ambiguous_path: bool,
-    /// Its query holds an invalid escape ([`crate::uri::has_invalid_escape`]).
+    /// Its query is ambiguous on its route ([`ambiguous_query`]).
     pub ambiguous_query: bool,
+}
+
+/// Whether a request's query could mean different things to different upstreams in a way
+/// the key would not tell apart: it holds an invalid escape
+/// ([`crate::uri::has_invalid_escape`]), or `route` forwards parameters outside its key
+/// and one of them could be read as a keyed one
+/// ([`crate::key::unkeyed_may_read_as_keyed`]).
+pub fn ambiguous_query(query: Option<&str>, route: Option<&Route>) -> bool {
+    let Some(query) = query else { return false };
+    let forwards_unkeyed = |r: &&Route| r.config.forward_unkeyed_query;
+    crate::uri::has_invalid_escape(query)
+        || route.filter(forwards_unkeyed).is_some_and(|r| {
+            r.config.key_query.as_deref().is_some_and(|keyed| {
+                crate::key::unkeyed_may_read_as_keyed(&crate::uri::parse_query(query), keyed)
+            })
+        })
 }
 
 /// Decides whether a request may use the cache at all (before any key is built).

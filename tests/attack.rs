@@ -166,6 +166,57 @@ async fn upstream_framing_conflicts_never_desync_the_client() {
     }
 }
 
+// 3b. With forward_unkeyed_query, a parameter outside the key that some upstream could
+// read as a keyed one (another separator, an escaped one, a name that folds equal) makes
+// the request ambiguous: passed through, not cached, so it cannot store an answer for
+// `b=evil` under `b=good`'s key. Names that fold equal keep their order in the key.
+#[tokio::test]
+async fn unkeyed_parameters_that_could_read_as_keyed_ones_are_not_cached() {
+    let up = Upstream::start().await;
+    let routes = r#"
+[[routes]]
+method = "GET"
+path = "/chart"
+ttl_secs = 60
+key_query = ["b"]
+forward_unkeyed_query = true
+
+[[routes]]
+method = "GET"
+path = "/all"
+ttl_secs = 60
+"#;
+    let gate = Gate::start(&up, None, routes).await;
+    for q in [
+        "b=good&utm=x;b=evil",
+        "b=good&utm=x%26b%3Devil",
+        "b=good&b%3dx=evil",
+        "b=good&B=evil",
+        "b=good&b%5B%5D=evil",
+        "b=good&b.=evil",
+        "b=good&+b=evil",
+    ] {
+        let r = gate.get(&format!("/chart?{q}")).await;
+        assert_eq!(r.cache(), "BYPASS", "{q}");
+        assert!(
+            r.header("cache-status").ends_with("detail=ambiguous-query"),
+            "{q}"
+        );
+        assert_eq!(r.json()["query"], q, "{q} reaches the upstream as it came");
+    }
+    // Nothing was stored under b=good's key; ordinary unkeyed parameters still share it.
+    assert_eq!(gate.get("/chart?b=good&utm=1").await.cache(), "MISS");
+    let hit = gate.get("/chart?utm=2&b=good").await;
+    assert_eq!(hit.cache(), "HIT");
+    assert_eq!(hit.json()["query"], "b=good&utm=1");
+
+    // Every parameter keyed: names some upstream reads as one keep the client's order.
+    assert_eq!(gate.get("/all?B=1&b=2").await.cache(), "MISS");
+    assert_eq!(gate.get("/all?b=2&B=1").await.cache(), "MISS");
+    assert_eq!(gate.get("/all?z=1&a=2").await.cache(), "MISS");
+    assert_eq!(gate.get("/all?a=2&z=1").await.cache(), "HIT");
+}
+
 // 3. Inputs outside the key never reach the upstream.
 #[tokio::test]
 async fn request_inputs_outside_the_key_never_reach_the_upstream() {

@@ -12,7 +12,7 @@ use http::{HeaderMap, Method};
 mod json;
 
 pub use self::json::{BodyKeyError, CanonicalBodies, canonical_json, is_json_media_type};
-use crate::uri::QueryParam;
+use crate::uri::{QueryParam, folded_name};
 pub use cachegate_core::key::{CacheKey, KeyBuilder};
 
 /// The parts of a request that a route lets into the key.
@@ -45,9 +45,10 @@ pub struct KeyParts<'a> {
 /// The key of a request: its parts hashed under `keys` (namespace first). Each part is
 /// length-prefixed, so no two different requests can be spelled into the same input.
 ///
-/// Query parameters are sorted by name only: the order of repeated values of one name is
-/// kept (many frameworks read `?id=1&id=2` as a list), and a pair without `=` is told
-/// apart from one with an empty value.
+/// Query parameters are sorted by [`folded_name`] only: the order of repeated values of one
+/// name is kept (many frameworks read `?id=1&id=2` as a list), and so is the order of
+/// names some upstream may read as one (`?B=1&b=2`, `?b.x=1&b_x=2`: one of them wins, or
+/// both make a list); a pair without `=` is told apart from one with an empty value.
 pub fn request_key(keys: &KeyBuilder, parts: &KeyParts<'_>) -> CacheKey {
     // Serialize into one buffer and hash once: much cheaper than many small updates.
     let body_len = parts.canonical_body.map_or(0, <[u8]>::len);
@@ -71,8 +72,8 @@ pub fn request_key(keys: &KeyBuilder, parts: &KeyParts<'_>) -> CacheKey {
         .iter()
         .filter(|p| in_filter(parts.query_filter, &p.name))
         .collect();
-    // A stable sort: values of one name keep their order.
-    params.sort_by(|a, b| a.name.cmp(&b.name));
+    // A stable sort: values of one (folded) name keep their order.
+    params.sort_by(|a, b| folded_name(&a.name).cmp(folded_name(&b.name)));
     field(&(params.len() as u32).to_le_bytes());
     for p in &params {
         field(p.name.as_bytes());
@@ -109,6 +110,52 @@ pub fn request_key(keys: &KeyBuilder, parts: &KeyParts<'_>) -> CacheKey {
 /// every parameter does).
 pub fn in_filter(filter: Option<&[String]>, name: &str) -> bool {
     filter.is_none_or(|keep| keep.iter().any(|n| n == name))
+}
+
+/// Whether forwarding the parameters outside `filter` (a route's `key_query`, with
+/// `forward_unkeyed_query`) could let one of them reach the upstream as a keyed parameter,
+/// which would store an answer to values the key does not hold. True when a pair outside
+/// the filter
+///
+/// - holds a `;` (a separator to upstreams following the old HTML form rules, e.g.
+///   Python's `urllib.parse` before 3.9.2), or an escaped `&`, `=` or `;` (`%26`, `%3D`,
+///   `%3B`: a separator to an upstream that decodes before it splits), or
+/// - has a name that folds ([`folded_name`]) to that of a keyed parameter (`B`, `b[]`,
+///   `b.`, `+b` for `b`).
+///
+/// Such a request is ambiguous, and passes through uncached.
+///
+/// ```
+/// use cachegate::key::unkeyed_may_read_as_keyed;
+/// use cachegate::uri::parse_query;
+/// let keyed = ["b".to_string()];
+/// let ambiguous = |q: &str| unkeyed_may_read_as_keyed(&parse_query(q), &keyed);
+/// assert!(!ambiguous("b=good&utm_source=mail"));
+/// assert!(ambiguous("b=good&utm=x;b=evil"));
+/// assert!(ambiguous("b=good&utm=x%26b%3Devil"));
+/// assert!(ambiguous("b=good&B=evil"));
+/// assert!(!ambiguous("b=good;b=evil")); // keyed: its whole value is in the key
+/// ```
+pub fn unkeyed_may_read_as_keyed(query: &[QueryParam<'_>], filter: &[String]) -> bool {
+    let separator = |raw: &str| {
+        raw.contains(';')
+            || raw.as_bytes().windows(3).any(|w| {
+                w[0] == b'%'
+                    && matches!(
+                        [w[1], w[2].to_ascii_uppercase()],
+                        [b'2', b'6'] | [b'3', b'D'] | [b'3', b'B']
+                    )
+            })
+    };
+    query
+        .iter()
+        .filter(|p| !in_filter(Some(filter), &p.name))
+        .any(|p| {
+            separator(p.raw)
+                || filter
+                    .iter()
+                    .any(|k| folded_name(k).eq(folded_name(&p.name)))
+        })
 }
 
 #[cfg(test)]
@@ -157,6 +204,27 @@ mod tests {
         let k3 = key(&KeyBuilder::new(b"s1", "other"), "/a", None, None);
         assert_ne!(k1, k2);
         assert_ne!(k1, k3);
+    }
+
+    #[test]
+    fn names_an_upstream_may_read_as_one_keep_their_order() {
+        let b = KeyBuilder::new(b"k", "ns");
+        for (x, y) in [
+            ("B=1&b=2", "b=2&B=1"),
+            ("b.x=1&b_x=2", "b_x=2&b.x=1"),
+            ("b%5B%5D=1&b=2", "b=2&b%5B%5D=1"),
+        ] {
+            assert_ne!(
+                key(&b, "/p", Some(x), None),
+                key(&b, "/p", Some(y), None),
+                "{x}"
+            );
+        }
+        // Names that fold apart are still sorted: the client's order does not matter.
+        assert_eq!(
+            key(&b, "/p", Some("Z=1&a=2"), None),
+            key(&b, "/p", Some("a=2&Z=1"), None)
+        );
     }
 
     #[test]

@@ -54,7 +54,7 @@ use crate::metrics::Metrics;
 use crate::policy::{self, Policy, Received, RequestDirectives, RequestShape, Route, StoreRules};
 use crate::status::{BypassReason, CachePhase, NoStoreReason, StaleReason, Tier};
 use crate::tags;
-use crate::uri::{self, has_invalid_escape, normalize_path, parse_query, resolve_relative};
+use crate::uri::{self, normalize_path, parse_query, resolve_relative};
 use crate::vary;
 use crate::warm::HotKeys;
 
@@ -328,7 +328,7 @@ impl<O: Origin> Proxy<O> {
         let shape = RequestShape {
             has_body,
             ambiguous_path: target.ambiguous,
-            ambiguous_query: query.as_deref().is_some_and(has_invalid_escape),
+            ambiguous_query: policy::ambiguous_query(query.as_deref(), route),
         };
         if let Err(reason) = policy::check_request(route, &parts.method, &parts.headers, shape) {
             return self.bypass(parts, body, client, reason).await;
@@ -1323,7 +1323,7 @@ impl<O: Origin> Proxy<O> {
         let shape = RequestShape {
             has_body: !request.body().is_empty(),
             ambiguous_path: target.ambiguous,
-            ambiguous_query: request.uri().query().is_some_and(has_invalid_escape),
+            ambiguous_query: policy::ambiguous_query(request.uri().query(), route),
         };
         policy::check_request(route, request.method(), request.headers(), shape)
             .map_err(BypassReason::as_str)
