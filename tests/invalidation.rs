@@ -486,6 +486,41 @@ async fn a_purge_by_request_removes_what_that_body_keyed_post_would_hit() {
     );
 }
 
+// Whoever can publish on the events channel chooses an unknown name: it is not written to
+// the log (no forged lines, no unbounded ones), only its length and hash.
+#[tokio::test]
+async fn an_unknown_published_event_name_is_not_logged() {
+    let up = Upstream::start().await;
+    let redis = Redis::start().await;
+    let config = format!(
+        "{CONFIG}\n[upstream]\nurl = \"{}\"\n[redis]\n{}",
+        up.url(),
+        redis.config_table()
+    );
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let _gate = common::GateProcess::start_logging_to(&config, log.reopen().unwrap()).await;
+    let subscribed = eventually(Duration::from_secs(10), || async {
+        redis.subscribers("cachegate:events").await == 1
+    });
+    assert!(subscribed.await, "no events subscriber");
+    let name = format!(
+        "evil\n{{\"level\":\"ERROR\",\"forged\":1}}{}",
+        "x".repeat(10_000)
+    );
+    assert_eq!(publish_event(&redis, &name).await, 1);
+    let read = || std::fs::read_to_string(log.path()).unwrap();
+    let logged = eventually(Duration::from_secs(5), || async {
+        read().contains("unknown event ignored")
+    });
+    assert!(logged.await, "{}", read());
+    let text = read();
+    assert!(
+        !text.contains("forged") && !text.contains("xxxxxxxx"),
+        "{text}"
+    );
+    assert!(text.contains("event_len"), "{text}");
+}
+
 #[tokio::test]
 async fn three_cachegate_processes_confirm_a_purge_and_apply_a_published_event() {
     let up = Upstream::start().await;

@@ -155,6 +155,11 @@ pub struct GateProcess {
 
 impl GateProcess {
     pub async fn start(config_toml: &str) -> GateProcess {
+        Self::start_logging_to(config_toml, Stdio::null()).await
+    }
+
+    /// As [`GateProcess::start`], its log (stderr) written to `log`.
+    pub async fn start_logging_to(config_toml: &str, log: impl Into<Stdio>) -> GateProcess {
         use std::io::Write;
         let mut file = tempfile::NamedTempFile::new().unwrap();
         file.write_all(config_toml.as_bytes()).unwrap();
@@ -167,7 +172,7 @@ impl GateProcess {
             .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
             .env("CACHEGATE_KEY_SECRET", "test-secret")
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log)
             .spawn()
             .unwrap();
         let gate = GateProcess {

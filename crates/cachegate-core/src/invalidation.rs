@@ -394,7 +394,14 @@ async fn run(
                         }
                         tracing::info!(target: "audit", op = "event", event = %name, "event applied");
                     }
-                    None => tracing::warn!(event = %name, "unknown event ignored"),
+                    // Not a configured name: whoever can publish chose it, so it is not
+                    // logged (control characters, any length), only its length and a
+                    // hash to compare a suspected name with.
+                    None => tracing::warn!(
+                        event_len = name.len(),
+                        event_blake3 = %&blake3::hash(name.as_bytes()).to_hex()[..16],
+                        "unknown event ignored"
+                    ),
                 }
             }
             Ok(Some(msg)) => {
