@@ -714,6 +714,49 @@ async fn a_soft_purge_serves_stale_while_one_request_refreshes_on_every_replica(
     assert!((1..=2).contains(&refreshes), "{refreshes}");
 }
 
+// Replicas take turns refreshing a soft-purged key through a lease in Redis; one that gets
+// the lease just after another gave it back finds that refresh in Redis and does not
+// compute the answer again (the lease is given back once the entry is in Redis, and asked
+// about again under the lease).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_refreshing_a_soft_purged_key_compute_it_once() {
+    let (up, redis) = (Upstream::start().await, Redis::start().await);
+    let (a, b) = two_replicas(&up, &redis).await;
+    for gate in [&a, &b] {
+        gate.get("/kpi/leads").await;
+        assert_eq!(gate.get("/kpi/leads").await.cache(), "HIT");
+    }
+    for round in 0..30 {
+        let before = up.hits();
+        let (status, reply) = purge(
+            &a,
+            Some("purge-token"),
+            r#"{"tags": ["kpi"], "soft": true}"#,
+        )
+        .await;
+        assert_eq!(
+            (status, &reply["confirmed"]),
+            (200, &true.into()),
+            "{reply}"
+        );
+        // Both replicas serve the entry from before and ask for a refresh at once.
+        let (ra, rb) = tokio::join!(a.get("/kpi/leads"), b.get("/kpi/leads"));
+        assert_eq!(
+            (ra.cache(), rb.cache()),
+            ("STALE", "STALE"),
+            "round {round}"
+        );
+        for gate in [&a, &b] {
+            let refreshed = eventually(Duration::from_secs(5), || async {
+                let r = gate.get("/kpi/leads").await;
+                r.cache() == "HIT" && computed_after(&r, before)
+            });
+            assert!(refreshed.await, "round {round}: never refreshed");
+        }
+        assert_eq!(up.hits() - before, 1, "round {round}: refreshed twice");
+    }
+}
+
 #[tokio::test]
 async fn events_can_purge_paths_and_routes_softly() {
     let config = format!(

@@ -290,6 +290,12 @@ pub async fn run_refreshes<O: Origin>(
             if !proxy.try_refresh_lease(&job.key, lease, token).await {
                 return;
             }
+            // Asked again under the lease: a replica that held it until just now has
+            // stored its refresh in Redis before giving it back.
+            if job.stored_at_ms > 0 && proxy.stored_since(&job.key, job.stored_at_ms).await {
+                proxy.release_refresh_lease(&job.key, token).await;
+                return;
+            }
             let resp = AssertUnwindSafe(proxy.handle(job.replay.to_request(), job.replay.client))
                 .catch_unwind();
             let outcome = match tokio::time::timeout(refresher.timeout, resp).await {

@@ -128,8 +128,10 @@ struct WriteOrder {
 struct Stripe {
     /// The newest sequence number sent, or claimed by a removal.
     newest: AtomicU64,
-    /// Writes waiting for the lock or being sent.
+    /// Writes asked for and not yet sent or dropped (their tasks may not have started).
     pending: std::sync::atomic::AtomicUsize,
+    /// Told when `pending` falls to zero.
+    settled: tokio::sync::Notify,
     lock: tokio::sync::Mutex<()>,
 }
 
@@ -141,12 +143,15 @@ pub const MAX_PENDING_WRITES: usize = 8;
 /// [`crate::CacheBuilder::ack_timeout`]) is cut to this, so that no purge waits unbounded.
 pub const MAX_ACK_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// A write counted in its stripe's backlog until dropped.
-struct PendingWrite<'a>(&'a Stripe);
+/// A write counted in its stripe's backlog (index `.1`) until dropped.
+struct PendingWrite(WriteOrder, usize);
 
-impl Drop for PendingWrite<'_> {
+impl Drop for PendingWrite {
     fn drop(&mut self) {
-        self.0.pending.fetch_sub(1, Ordering::Relaxed);
+        let stripe = &self.0.stripes[self.1];
+        if stripe.pending.fetch_sub(1, Ordering::AcqRel) == 1 {
+            stripe.settled.notify_waiters();
+        }
     }
 }
 
@@ -166,9 +171,40 @@ impl WriteOrder {
         &self.stripes[usize::from(key.0[31])]
     }
 
-    /// Writes `envelope` under `key` as the write numbered `seq`, unless a newer write or
-    /// a removal of its stripe came first, or the stripe's backlog is full. Returns whether
-    /// Redis confirmed.
+    /// Counts the write numbered `seq` of `key` into its stripe's backlog, when there is
+    /// room: `None` (the write is dropped, and older writes of the stripe still queued
+    /// with it) when the backlog is full.
+    fn admit(&self, key: &CacheKey, seq: u64) -> Option<PendingWrite> {
+        let stripe = self.stripe(key);
+        if stripe.pending.fetch_add(1, Ordering::AcqRel) >= MAX_PENDING_WRITES {
+            if stripe.pending.fetch_sub(1, Ordering::AcqRel) == 1 {
+                stripe.settled.notify_waiters();
+            }
+            // Older writes still queued must not land after this one was dropped.
+            stripe.newest.fetch_max(seq, Ordering::AcqRel);
+            return None;
+        }
+        Some(PendingWrite(self.clone(), usize::from(key.0[31])))
+    }
+
+    /// Returns once no write of `key`'s stripe is pending (each sent and answered, or
+    /// dropped). Writes that keep coming keep it waiting: callers bound the wait.
+    async fn settled(&self, key: &CacheKey) {
+        let stripe = self.stripe(key);
+        loop {
+            let told = stripe.settled.notified();
+            tokio::pin!(told);
+            told.as_mut().enable();
+            if stripe.pending.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            told.await;
+        }
+    }
+
+    /// Writes `envelope` under `key` as the write numbered `seq` (admitted with
+    /// `pending`), unless a newer write or a removal of its stripe came first. Returns
+    /// whether Redis confirmed.
     async fn write(
         &self,
         redis: &RedisTier,
@@ -176,16 +212,10 @@ impl WriteOrder {
         seq: u64,
         envelope: bytes::Bytes,
         keep_secs: u64,
+        pending: PendingWrite,
     ) -> bool {
         let stripe = self.stripe(key);
-        if stripe.pending.fetch_add(1, Ordering::Relaxed) >= MAX_PENDING_WRITES {
-            stripe.pending.fetch_sub(1, Ordering::Relaxed);
-            // Older writes still queued must not land after this one was dropped.
-            stripe.newest.fetch_max(seq, Ordering::AcqRel);
-            redis.count_dropped_write();
-            return false;
-        }
-        let _pending = PendingWrite(stripe);
+        let _pending = pending;
         let _turn = stripe.lock.lock().await;
         if stripe.newest.fetch_max(seq, Ordering::AcqRel) > seq {
             return false; // superseded: a later write or removal already went to Redis
@@ -455,9 +485,12 @@ impl<V: Storable> TieredStore<V> {
     /// Gives back the refresh lease of `key` taken with `token`
     /// ([`TieredStore::try_refresh_lease`]) once its refresh is done, so that the next one,
     /// by any replica, need not wait for it to expire; a lease another replica took since
-    /// (ours expired) is left alone.
+    /// (ours expired) is left alone. The Redis writes of `key`'s stripe asked for before
+    /// are waited for first (at most twice the operation timeout), so that a replica taking
+    /// the lease next finds the refreshed entry in Redis.
     pub async fn release_refresh_lease(&self, key: &CacheKey, token: u64) {
         if let Some(redis) = &self.redis {
+            let _ = tokio::time::timeout(redis.op_timeout() * 2, self.order.settled(key)).await;
             redis.release_lease(key, token).await;
         }
     }
@@ -611,6 +644,10 @@ impl<V: Storable> TieredStore<V> {
         // Taken now, in call order: the background write is dropped if a later write or
         // removal of its stripe got there first (see `WriteOrder`).
         let seq = self.order.next();
+        let Some(pending) = self.order.admit(&key, seq) else {
+            redis.count_dropped_write();
+            return in_memory;
+        };
         let (metrics, keys, order) = (
             self.metrics.clone(),
             self.envelope_keys.clone(),
@@ -621,7 +658,10 @@ impl<V: Storable> TieredStore<V> {
             let keep_secs = u64::from(entry.ttl_secs()) + u64::from(entry.grace_secs());
             let payload = payload.unwrap_or_else(|| entry.to_payload());
             let envelope = keys.seal(&key, &payload);
-            if order.write(&redis, &key, seq, envelope, keep_secs).await {
+            if order
+                .write(&redis, &key, seq, envelope, keep_secs, pending)
+                .await
+            {
                 metrics.stores.inc(Tier::Redis.as_str());
             }
         });
