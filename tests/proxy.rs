@@ -82,6 +82,28 @@ async fn different_query_or_body_misses_reordered_json_hits() {
         .await;
     assert_eq!(other.cache(), "MISS");
     assert_eq!(up.hits(), 4);
+
+    // A whole number spelled as a float is a float to a typed upstream (Python, Java):
+    // not the integer's entry. Spelled as a float either way, one entry.
+    let whole = CHART.replace("51.5", "51");
+    assert_eq!(
+        gate.post_json("/api/natal/chart", &whole).await.cache(),
+        "MISS"
+    );
+    let float = CHART.replace("51.5", "51.0");
+    assert_eq!(
+        gate.post_json("/api/natal/chart", &float).await.cache(),
+        "MISS"
+    );
+    let exponent = CHART.replace("51.5", "5.1e1");
+    assert_eq!(
+        gate.post_json("/api/natal/chart", &exponent).await.cache(),
+        "HIT"
+    );
+    assert_eq!(
+        gate.post_json("/api/natal/chart", &whole).await.cache(),
+        "HIT"
+    );
 }
 
 #[tokio::test]

@@ -6,6 +6,17 @@
 //! (`9007199254740993` becomes `9007199254740992`). Such bodies are refused
 //! ([`BodyKeyError::NotIJson`]), so the proxy passes them through uncached instead of
 //! answering one with the response to the other.
+//!
+//! RFC 8785 also spells `1`, `1.0` and `1e0` alike, as ECMAScript (with one number type)
+//! reads them. Typed upstreams do not: Python, Java or Go read `1` as an integer and `1.0`
+//! as a float, and may answer them differently (`"hour": 1.0` echoed, a strict integer
+//! field refusing it). So a number spelled with a fraction or exponent whose value is
+//! whole is keyed as a float: the canonical form wraps it as `{"\u0000cachegate:float":1}`,
+//! a member name no client body may use (such a body is refused). Other numbers need no
+//! mark: an integer spelling is an integer to every reader, and a value with a fraction is
+//! a float to every reader. `-0` (an integer zero to Python, a negative zero to
+//! JavaScript) is refused. Left alike: `-0.0` and `0.0` (a sign on a float zero), and an
+//! integer spelled beyond 2^64 with its exponent spelling (read as a float here).
 
 use std::collections::HashSet;
 use std::fmt;
@@ -21,12 +32,14 @@ pub enum BodyKeyError {
     /// The body is not JSON.
     MalformedJson,
     /// The body is JSON but not I-JSON (RFC 7493): a duplicate member name, or a number
-    /// that does not survive a round trip through an IEEE 754 double.
+    /// that does not survive a round trip through an IEEE 754 double; or it holds `-0` or the
+    /// member name the canonical form reserves for floats (see the module docs).
     NotIJson,
 }
 
 /// Canonicalizes a JSON body by RFC 8785 (JCS): object members sorted, no insignificant
-/// whitespace, numbers spelled as ECMAScript does.
+/// whitespace, numbers spelled as ECMAScript does, a whole number spelled as a float
+/// (`1.0`, `1e2`) marked as one (see the module docs).
 ///
 /// Errors: [`BodyKeyError::MalformedJson`] when `body` is not JSON,
 /// [`BodyKeyError::NotIJson`] when it is not I-JSON (RFC 7493 §2.2, §2.3).
@@ -37,6 +50,8 @@ pub enum BodyKeyError {
 /// let b = canonical_json(br#"{"name":"Ada","lat":5.15e1}"#).unwrap();
 /// assert_eq!(a, b);
 /// assert_eq!(a, br#"{"lat":51.5,"name":"Ada"}"#);
+/// assert_ne!(canonical_json(b"[1]"), canonical_json(b"[1.0]"));
+/// assert_eq!(canonical_json(b"[1.0]"), canonical_json(b"[1e0]"));
 /// assert_eq!(canonical_json(b"[9007199254740993]"), Err(BodyKeyError::NotIJson));
 /// assert_eq!(canonical_json(br#"{"a":1,"a":2}"#), Err(BodyKeyError::NotIJson));
 /// ```
@@ -44,10 +59,13 @@ pub fn canonical_json(body: &[u8]) -> Result<Vec<u8>, BodyKeyError> {
     let mut de = serde_json::Deserializer::from_slice(body);
     let value = match IJson::deserialize(&mut de).and_then(|v| de.end().map(|()| v)) {
         Ok(IJson(v)) => v,
-        Err(e) if e.to_string().starts_with(DUPLICATE) => return Err(BodyKeyError::NotIJson),
+        Err(e) if e.to_string().starts_with(DUPLICATE) || e.to_string().starts_with(RESERVED) => {
+            return Err(BodyKeyError::NotIJson);
+        }
         Err(_) => return Err(BodyKeyError::MalformedJson),
     };
-    if !number_tokens(body).all(survives_double) {
+    // `-0`: an integer zero to Python or Java, a negative zero to JavaScript.
+    if !number_tokens(body).all(|token| token != "-0" && survives_double(token)) {
         return Err(BodyKeyError::NotIJson);
     }
     serde_jcs::to_vec(&value).map_err(|_| BodyKeyError::NotIJson)
@@ -136,6 +154,10 @@ pub fn is_json_media_type(headers: &HeaderMap) -> bool {
 }
 
 const DUPLICATE: &str = "duplicate member name";
+const RESERVED: &str = "reserved member name";
+
+/// The member name that marks a whole number spelled as a float in the canonical form.
+const FLOAT_MARK: &str = "\u{0}cachegate:float";
 
 /// A JSON value read with duplicate member names refused.
 struct IJson(Value);
@@ -163,10 +185,19 @@ impl<'de> Visitor<'de> for IJsonVisitor {
     fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
         Ok(Value::from(v))
     }
+    /// serde_json reads a number spelled with a fraction or an exponent (or an integer
+    /// beyond 64 bits) as an `f64`: a whole one is marked as a float.
     fn visit_f64<E: de::Error>(self, v: f64) -> Result<Value, E> {
-        serde_json::Number::from_f64(v)
+        let number = serde_json::Number::from_f64(v)
             .map(Value::Number)
-            .ok_or_else(|| E::custom("non-finite number"))
+            .ok_or_else(|| E::custom("non-finite number"))?;
+        if v.fract() != 0.0 {
+            return Ok(number);
+        }
+        Ok(Value::Object(Map::from_iter([(
+            FLOAT_MARK.to_owned(),
+            number,
+        )])))
     }
     fn visit_str<E>(self, v: &str) -> Result<Value, E> {
         Ok(Value::String(v.to_owned()))
@@ -190,6 +221,9 @@ impl<'de> Visitor<'de> for IJsonVisitor {
         while let Some(name) = map.next_key::<String>()? {
             if !seen.insert(name.clone()) {
                 return Err(de::Error::custom(DUPLICATE));
+            }
+            if name == FLOAT_MARK {
+                return Err(de::Error::custom(RESERVED));
             }
             let IJson(v) = map.next_value()?;
             members.insert(name, v);
@@ -265,11 +299,39 @@ mod tests {
 
     #[test]
     fn json_order_and_spelling_do_not_matter() {
-        let a = canonical_json(br#"{"b": 1.0, "a": [1, 2e0], "c": "x"}"#).unwrap();
-        let b = canonical_json(br#"{"a":[1,2],"c":"x","b":1}"#).unwrap();
+        let a = canonical_json(br#"{"b": 1.0, "a": [1, 2e0, 0.50], "c": "x"}"#).unwrap();
+        let b = canonical_json(br#"{"a":[1,20E-1,5e-1],"c":"x","b":10e-1}"#).unwrap();
         assert_eq!(a, b);
         assert_eq!(canonical_json(b"{bad"), Err(BodyKeyError::MalformedJson));
         assert_eq!(canonical_json(b"{} x"), Err(BodyKeyError::MalformedJson));
+    }
+
+    #[test]
+    fn a_whole_number_spelled_as_a_float_is_not_keyed_as_an_integer() {
+        let c = |body: &str| canonical_json(body.as_bytes()).unwrap();
+        for (int, float) in [
+            ("1", "1.0"),
+            ("100", "1e2"),
+            ("0", "-0.0"),
+            ("0", "0E0"),
+            (r#"{"h":[1]}"#, r#"{"h":[1.00]}"#),
+        ] {
+            assert_ne!(c(int), c(float), "{int} {float}");
+        }
+        assert_eq!(c("1.0"), c("1e0"));
+        assert_eq!(c("[1, 2.5]"), c("[1,25e-1]"));
+        assert_eq!(c("[-0.0]"), c("[0.0]"));
+        // The mark's member name cannot come from a client: no body keys like a float.
+        for body in [
+            "{\"\\u0000cachegate:float\":1}",
+            "[{\"a\":{\"\\u0000cachegate:float\":1}}]",
+        ] {
+            assert_eq!(
+                canonical_json(body.as_bytes()),
+                Err(BodyKeyError::NotIJson),
+                "{body}"
+            );
+        }
     }
 
     #[test]
@@ -283,6 +345,8 @@ mod tests {
             r#"{"date":"a","date":"b"}"#,
             r#"{"x":{"k":1,"k":1}}"#,
             r#"[{"a":1},{"b":1,"b":2}]"#,
+            "-0",
+            r#"{"a":[-0]}"#,
         ] {
             assert_eq!(
                 canonical_json(body.as_bytes()),
@@ -295,7 +359,9 @@ mod tests {
         for body in [
             "9007199254740992",
             "0.1",
-            "-0",
+            "-0.0",
+            "-0e0",
+            r#"["-0"]"#,
             "1e308",
             "5e-324",
             r#"{"a":"1e999"}"#,
@@ -348,12 +414,22 @@ mod tests {
         }
 
         #[test]
-        fn canonical_form_is_a_fixed_point(n in any::<f64>(), s in ".*", i in any::<i64>()) {
-            let v = serde_json::json!({"n": if n.is_finite() { n } else { 0.0 }, "s": s, "i": i});
-            let text = v.to_string();
-            if let Ok(c) = canonical_json(text.as_bytes()) {
-                prop_assert_eq!(canonical_json(&c), Ok(c.clone()));
-            }
+        fn whitespace_and_member_order_do_not_matter(
+            n in any::<f64>(),
+            s in ".*",
+            i in any::<i64>(),
+        ) {
+            let n = if n.is_finite() { n } else { 0.0 };
+            let v = serde_json::json!({"n": n, "s": s, "i": i, "a": [n, i]});
+            let compact = v.to_string();
+            let reordered = format!(
+                "{{ \"i\" : {i} ,\n\"a\":[ {n:?} , {i} ], \"s\": {}, \"n\":\t{n:e} }}",
+                serde_json::Value::String(s.clone())
+            );
+            prop_assert_eq!(
+                canonical_json(compact.as_bytes()),
+                canonical_json(reordered.as_bytes())
+            );
         }
     }
 }
