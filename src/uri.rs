@@ -274,29 +274,45 @@ pub fn parse_query(query: &str) -> Vec<QueryParam<'_>> {
         .collect()
 }
 
-/// A query parameter name as the loosest common upstream reads it: escapes decoded, cut at
-/// the first `[` (PHP and Rails read `b[]` and `b[x]` as `b`) or NUL, and only ASCII letters
-/// (lower-cased), digits and non-ASCII bytes kept (ASP.NET compares names case-insensitively;
-/// PHP reads `b.x`, `b x` and `b+x` as `b_x` and drops leading spaces). Two names that fold
-/// equal may name one parameter to some upstream, so [`crate::key::request_key`] keeps their
-/// order and a forwarded unkeyed parameter may not fold equal to a keyed one.
+/// A query parameter name as the loosest common upstream reads it: escapes decoded, then
+/// [`fold`]ed. Two names that fold equal may name one parameter to some upstream, so
+/// [`crate::key::request_key`] keeps their order and a forwarded unkeyed parameter may not
+/// fold equal to a keyed one.
 ///
 /// ```
 /// use cachegate::uri::folded_name;
 /// let fold = |n: &str| folded_name(n).collect::<Vec<u8>>();
 /// assert_eq!(fold("User.Id"), fold("user_id"));
 /// assert_eq!(fold("%20b%5B%5D"), fold("b"));
+/// assert_eq!(fold("%5Bb%5D"), fold("b"));
 /// assert_ne!(fold("b"), fold("bx"));
 /// ```
 pub fn folded_name(name: &str) -> impl Iterator<Item = u8> + '_ {
-    let b = name.as_bytes();
+    fold(percent_decoded(name.as_bytes()))
+}
+
+/// Folds a decoded parameter name: leading punctuation, spaces and brackets dropped (Rack
+/// reads `[b]` and `]b` as `b`, `qs` reads `[b]` as `b`, PHP drops leading spaces), cut at
+/// the next `[` or `]` (PHP and Rack read `b[]` and `b[x]` as `b`) or NUL, and only ASCII
+/// letters (lower-cased), digits and non-ASCII bytes kept (ASP.NET compares names
+/// case-insensitively; PHP reads `b.x`, `b x` and `b+x` as `b_x`).
+pub fn fold(name: impl Iterator<Item = u8>) -> impl Iterator<Item = u8> {
+    let kept = |c: &u8| c.is_ascii_alphanumeric() || !c.is_ascii();
+    name.skip_while(move |c| !kept(c))
+        .take_while(|&c| !matches!(c, b'[' | b']' | 0))
+        .filter(kept)
+        .map(|c| c.to_ascii_lowercase())
+}
+
+/// `s` with its valid percent-escapes decoded (others kept as they are).
+pub fn percent_decoded(s: &[u8]) -> impl Iterator<Item = u8> + '_ {
     let mut i = 0;
     std::iter::from_fn(move || {
-        let &c = b.get(i)?;
+        let &c = s.get(i)?;
         let escaped = match (
             c,
-            b.get(i + 1).copied().and_then(hex_value),
-            b.get(i + 2).copied().and_then(hex_value),
+            s.get(i + 1).copied().and_then(hex_value),
+            s.get(i + 2).copied().and_then(hex_value),
         ) {
             (b'%', Some(h), Some(l)) => Some(h << 4 | l),
             _ => None,
@@ -304,9 +320,6 @@ pub fn folded_name(name: &str) -> impl Iterator<Item = u8> + '_ {
         i += if escaped.is_some() { 3 } else { 1 };
         Some(escaped.unwrap_or(c))
     })
-    .take_while(|&c| c != b'[' && c != 0)
-    .filter(|c| c.is_ascii_alphanumeric() || !c.is_ascii())
-    .map(|c| c.to_ascii_lowercase())
 }
 
 /// Whether `s` holds a `%` that starts no valid escape (`%zz`, a trailing `%`). What an

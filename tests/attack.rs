@@ -195,6 +195,10 @@ ttl_secs = 60
         "b=good&b%5B%5D=evil",
         "b=good&b.=evil",
         "b=good&+b=evil",
+        "b=good&%5Bb%5D=evil",
+        "b=good&[b=evil",
+        "b=good&]b=evil",
+        "b=good&utm=x;b",
     ] {
         let r = gate.get(&format!("/chart?{q}")).await;
         assert_eq!(r.cache(), "BYPASS", "{q}");
@@ -204,8 +208,15 @@ ttl_secs = 60
         );
         assert_eq!(r.json()["query"], q, "{q} reaches the upstream as it came");
     }
-    // Nothing was stored under b=good's key; ordinary unkeyed parameters still share it.
+    // Nothing was stored under b=good's key; ordinary unkeyed parameters (base64 padding,
+    // an encoded URL) still share it.
     assert_eq!(gate.get("/chart?b=good&utm=1").await.cache(), "MISS");
+    for q in [
+        "b=good&sig=abc%3D%3D",
+        "b=good&ref=https%3A%2F%2Fx.example%2F%3Fa%3D1",
+    ] {
+        assert_eq!(gate.get(&format!("/chart?{q}")).await.cache(), "HIT", "{q}");
+    }
     let hit = gate.get("/chart?utm=2&b=good").await;
     assert_eq!(hit.cache(), "HIT");
     assert_eq!(hit.json()["query"], "b=good&utm=1");

@@ -12,7 +12,7 @@ use http::{HeaderMap, Method};
 mod json;
 
 pub use self::json::{BodyKeyError, CanonicalBodies, canonical_json, is_json_media_type};
-use crate::uri::{QueryParam, folded_name};
+use crate::uri::{QueryParam, fold, folded_name, percent_decoded};
 pub use cachegate_core::key::{CacheKey, KeyBuilder};
 
 /// The parts of a request that a route lets into the key.
@@ -115,13 +115,11 @@ pub fn in_filter(filter: Option<&[String]>, name: &str) -> bool {
 /// Whether forwarding the parameters outside `filter` (a route's `key_query`, with
 /// `forward_unkeyed_query`) could let one of them reach the upstream as a keyed parameter,
 /// which would store an answer to values the key does not hold. True when a pair outside
-/// the filter
-///
-/// - holds a `;` (a separator to upstreams following the old HTML form rules, e.g.
-///   Python's `urllib.parse` before 3.9.2), or an escaped `&`, `=` or `;` (`%26`, `%3D`,
-///   `%3B`: a separator to an upstream that decodes before it splits), or
-/// - has a name that folds ([`folded_name`]) to that of a keyed parameter (`B`, `b[]`,
-///   `b.`, `+b` for `b`).
+/// the filter, with its escapes decoded (some upstreams decode before they split) and split
+/// on `&` and `;` (a separator to upstreams following the old HTML form rules, e.g.
+/// Python's `urllib.parse` before 3.9.2), holds a name that folds ([`fold`]) to that of a
+/// keyed parameter: `B`, `b[]`, `[b]`, `b.`, `+b`, `x;b=`, `x%26b%3D` for `b`. An escaped
+/// `=` alone (base64 padding) or an encoded URL without such a name is no separator.
 ///
 /// Such a request is ambiguous, and passes through uncached.
 ///
@@ -130,31 +128,28 @@ pub fn in_filter(filter: Option<&[String]>, name: &str) -> bool {
 /// use cachegate::uri::parse_query;
 /// let keyed = ["b".to_string()];
 /// let ambiguous = |q: &str| unkeyed_may_read_as_keyed(&parse_query(q), &keyed);
-/// assert!(!ambiguous("b=good&utm_source=mail"));
+/// assert!(!ambiguous("b=good&utm_source=mail&sig=abc%3D%3D"));
+/// assert!(!ambiguous("b=good&ref=https%3A%2F%2Fx.example%2F%3Fa%3D1"));
 /// assert!(ambiguous("b=good&utm=x;b=evil"));
 /// assert!(ambiguous("b=good&utm=x%26b%3Devil"));
 /// assert!(ambiguous("b=good&B=evil"));
+/// assert!(ambiguous("b=good&%5Bb%5D=evil"));
 /// assert!(!ambiguous("b=good;b=evil")); // keyed: its whole value is in the key
 /// ```
 pub fn unkeyed_may_read_as_keyed(query: &[QueryParam<'_>], filter: &[String]) -> bool {
-    let separator = |raw: &str| {
-        raw.contains(';')
-            || raw.as_bytes().windows(3).any(|w| {
-                w[0] == b'%'
-                    && matches!(
-                        [w[1], w[2].to_ascii_uppercase()],
-                        [b'2', b'6'] | [b'3', b'D'] | [b'3', b'B']
-                    )
-            })
+    let keyed = |name: &[u8]| {
+        filter
+            .iter()
+            .any(|k| folded_name(k).eq(fold(name.iter().copied())))
     };
     query
         .iter()
         .filter(|p| !in_filter(Some(filter), &p.name))
         .any(|p| {
-            separator(p.raw)
-                || filter
-                    .iter()
-                    .any(|k| folded_name(k).eq(folded_name(&p.name)))
+            let decoded: Vec<u8> = percent_decoded(p.raw.as_bytes()).collect();
+            decoded
+                .split(|&c| c == b'&' || c == b';')
+                .any(|pair| keyed(pair.split(|&c| c == b'=').next().unwrap_or(pair)))
         })
 }
 
@@ -213,6 +208,8 @@ mod tests {
             ("B=1&b=2", "b=2&B=1"),
             ("b.x=1&b_x=2", "b_x=2&b.x=1"),
             ("b%5B%5D=1&b=2", "b=2&b%5B%5D=1"),
+            ("%5Bb%5D=1&b=2", "b=2&%5Bb%5D=1"),
+            ("]b=1&b=2", "b=2&]b=1"),
         ] {
             assert_ne!(
                 key(&b, "/p", Some(x), None),
