@@ -11,12 +11,13 @@
 //! reads them. Typed upstreams do not: Python, Java or Go read `1` as an integer and `1.0`
 //! as a float, and may answer them differently (`"hour": 1.0` echoed, a strict integer
 //! field refusing it). So a number spelled with a fraction or exponent whose value is
-//! whole is keyed as a float: the canonical form wraps it as `{"\u0000cachegate:float":1}`,
-//! a member name no client body may use (such a body is refused). Other numbers need no
-//! mark: an integer spelling is an integer to every reader, and a value with a fraction is
-//! a float to every reader. `-0` (an integer zero to Python, a negative zero to
-//! JavaScript) is refused. Left alike: `-0.0` and `0.0` (a sign on a float zero), and an
-//! integer spelled beyond 2^64 with its exponent spelling (read as a float here).
+//! whole is keyed as a float: the canonical form writes it as the string
+//! `"\u0000cachegate:float:1.0"` (the double's shortest spelling, so `-0.0` is not `0.0`),
+//! which no client body may hold (such a body is refused). Other numbers need no mark: an
+//! integer spelling is an integer to every reader, and a value with a fraction is a float
+//! to every reader. Refused as well: `-0` (an integer zero to Python, a negative zero to
+//! JavaScript) and integers beyond 64 bits (serde_json reads them as doubles, which would
+//! give `18446744073709552000` the key of `1.8446744073709552e19`).
 
 use std::collections::HashSet;
 use std::fmt;
@@ -32,8 +33,9 @@ pub enum BodyKeyError {
     /// The body is not JSON.
     MalformedJson,
     /// The body is JSON but not I-JSON (RFC 7493): a duplicate member name, or a number
-    /// that does not survive a round trip through an IEEE 754 double; or it holds `-0` or the
-    /// member name the canonical form reserves for floats (see the module docs).
+    /// that does not survive a round trip through an IEEE 754 double; or it holds `-0`, an
+    /// integer beyond 64 bits or a string the canonical form reserves for floats (see the
+    /// module docs).
     NotIJson,
 }
 
@@ -64,8 +66,16 @@ pub fn canonical_json(body: &[u8]) -> Result<Vec<u8>, BodyKeyError> {
         }
         Err(_) => return Err(BodyKeyError::MalformedJson),
     };
-    // `-0`: an integer zero to Python or Java, a negative zero to JavaScript.
-    if !number_tokens(body).all(|token| token != "-0" && survives_double(token)) {
+    // `-0`: an integer zero to Python or Java, a negative zero to JavaScript. An integer
+    // beyond 64 bits: read as a double, like its exponent spelling.
+    let integer_beyond_64_bits = |token: &str| {
+        !token.contains(['.', 'e', 'E'])
+            && token.parse::<i64>().is_err()
+            && token.parse::<u64>().is_err()
+    };
+    if !number_tokens(body)
+        .all(|token| token != "-0" && !integer_beyond_64_bits(token) && survives_double(token))
+    {
         return Err(BodyKeyError::NotIJson);
     }
     serde_jcs::to_vec(&value).map_err(|_| BodyKeyError::NotIJson)
@@ -154,10 +164,14 @@ pub fn is_json_media_type(headers: &HeaderMap) -> bool {
 }
 
 const DUPLICATE: &str = "duplicate member name";
-const RESERVED: &str = "reserved member name";
+const RESERVED: &str = "reserved string";
 
-/// The member name that marks a whole number spelled as a float in the canonical form.
-const FLOAT_MARK: &str = "\u{0}cachegate:float";
+/// Strings starting so are the canonical form's own: no body may hold one.
+const RESERVED_PREFIX: &str = "\u{0}cachegate:";
+
+/// How the canonical form writes a whole number spelled as a float: this, then the
+/// double's shortest spelling.
+const FLOAT_MARK: &str = "\u{0}cachegate:float:";
 
 /// A JSON value read with duplicate member names refused.
 struct IJson(Value);
@@ -186,23 +200,27 @@ impl<'de> Visitor<'de> for IJsonVisitor {
         Ok(Value::from(v))
     }
     /// serde_json reads a number spelled with a fraction or an exponent (or an integer
-    /// beyond 64 bits) as an `f64`: a whole one is marked as a float.
+    /// beyond 64 bits, refused later) as an `f64`: a whole one is marked as a float, in
+    /// one small string (no map per number: a body of many is not blown up).
     fn visit_f64<E: de::Error>(self, v: f64) -> Result<Value, E> {
-        let number = serde_json::Number::from_f64(v)
-            .map(Value::Number)
-            .ok_or_else(|| E::custom("non-finite number"))?;
-        if v.fract() != 0.0 {
-            return Ok(number);
+        if !v.is_finite() {
+            return Err(E::custom("non-finite number"));
         }
-        Ok(Value::Object(Map::from_iter([(
-            FLOAT_MARK.to_owned(),
-            number,
-        )])))
+        if v.fract() != 0.0 {
+            return Ok(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number));
+        }
+        Ok(Value::String(format!("{FLOAT_MARK}{v:?}")))
     }
-    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Value, E> {
+        if v.starts_with(RESERVED_PREFIX) {
+            return Err(E::custom(RESERVED));
+        }
         Ok(Value::String(v.to_owned()))
     }
-    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+    fn visit_string<E: de::Error>(self, v: String) -> Result<Value, E> {
+        if v.starts_with(RESERVED_PREFIX) {
+            return Err(E::custom(RESERVED));
+        }
         Ok(Value::String(v))
     }
     fn visit_unit<E>(self) -> Result<Value, E> {
@@ -221,9 +239,6 @@ impl<'de> Visitor<'de> for IJsonVisitor {
         while let Some(name) = map.next_key::<String>()? {
             if !seen.insert(name.clone()) {
                 return Err(de::Error::custom(DUPLICATE));
-            }
-            if name == FLOAT_MARK {
-                return Err(de::Error::custom(RESERVED));
             }
             let IJson(v) = map.next_value()?;
             members.insert(name, v);
@@ -320,11 +335,13 @@ mod tests {
         }
         assert_eq!(c("1.0"), c("1e0"));
         assert_eq!(c("[1, 2.5]"), c("[1,25e-1]"));
-        assert_eq!(c("[-0.0]"), c("[0.0]"));
-        // The mark's member name cannot come from a client: no body keys like a float.
+        assert_ne!(c("[-0.0]"), c("[0.0]"));
+        assert_eq!(c("[-0.0]"), c("[-0e5]"));
+        // The mark cannot come from a client: no body keys like a float.
         for body in [
-            "{\"\\u0000cachegate:float\":1}",
-            "[{\"a\":{\"\\u0000cachegate:float\":1}}]",
+            "[\"\\u0000cachegate:float:1.0\"]",
+            "{\"a\":[\"\\u0000cachegate:\"]}",
+            "\"\\u0000cachegate:float:1.0\"",
         ] {
             assert_eq!(
                 canonical_json(body.as_bytes()),
@@ -347,6 +364,8 @@ mod tests {
             r#"[{"a":1},{"b":1,"b":2}]"#,
             "-0",
             r#"{"a":[-0]}"#,
+            "18446744073709552000",
+            "-9223372036854775809",
         ] {
             assert_eq!(
                 canonical_json(body.as_bytes()),
