@@ -285,6 +285,10 @@ pub fn parse_query(query: &str) -> Vec<QueryParam<'_>> {
 /// assert_eq!(fold("User.Id"), fold("user_id"));
 /// assert_eq!(fold("%20b%5B%5D"), fold("b"));
 /// assert_eq!(fold("%5Bb%5D"), fold("b"));
+/// assert_eq!(fold("%C4%B1d"), fold("ID")); // dotless ı
+/// assert_eq!(fold("%E2%84%AAey"), fold("key")); // Kelvin sign
+/// assert_eq!(fold("%E2%84%AB"), fold("%E2%84%AB")); // Angstrom sign: kept as it is
+/// assert_ne!(fold("%E2%84%AB"), fold("%E2%AB"));
 /// assert_ne!(fold("b"), fold("bx"));
 /// ```
 pub fn folded_name(name: &str) -> impl Iterator<Item = u8> + '_ {
@@ -295,10 +299,33 @@ pub fn folded_name(name: &str) -> impl Iterator<Item = u8> + '_ {
 /// reads `[b]` and `]b` as `b`, `qs` reads `[b]` as `b`, PHP drops leading spaces), cut at
 /// the next `[` or `]` (PHP and Rack read `b[]` and `b[x]` as `b`) or NUL, and only ASCII
 /// letters (lower-cased), digits and non-ASCII bytes kept (ASP.NET compares names
-/// case-insensitively; PHP reads `b.x`, `b x` and `b+x` as `b_x`).
+/// case-insensitively; PHP reads `b.x`, `b x` and `b+x` as `b_x`). The non-ASCII letters
+/// whose simple case mapping is an ASCII letter (`ı` and `İ`, `ſ`, the Kelvin sign) count
+/// as that letter (.NET's `OrdinalIgnoreCase`, Java's `equalsIgnoreCase`).
 pub fn fold(name: impl Iterator<Item = u8>) -> impl Iterator<Item = u8> {
     let kept = |c: &u8| c.is_ascii_alphanumeric() || !c.is_ascii();
-    name.skip_while(move |c| !kept(c))
+    let mut bytes = name.peekable();
+    // A byte read ahead for a sequence that turned out not to be one of the letters.
+    let mut held: Option<u8> = None;
+    let letters = std::iter::from_fn(move || {
+        if let Some(c) = held.take() {
+            return Some(c);
+        }
+        let c = bytes.next()?;
+        let ascii = match c {
+            0xC4 => bytes.next_if(|&n| n == 0xB0 || n == 0xB1).map(|_| b'i'),
+            0xC5 => bytes.next_if_eq(&0xBF).map(|_| b's'),
+            0xE2 => bytes.next_if_eq(&0x84).and_then(|_| {
+                let kelvin = bytes.next_if_eq(&0xAA).map(|_| b'k');
+                held = kelvin.is_none().then_some(0x84);
+                kelvin
+            }),
+            _ => None,
+        };
+        Some(ascii.unwrap_or(c))
+    });
+    letters
+        .skip_while(move |c| !kept(c))
         .take_while(|&c| !matches!(c, b'[' | b']' | 0))
         .filter(kept)
         .map(|c| c.to_ascii_lowercase())

@@ -202,6 +202,22 @@ mod tests {
     }
 
     #[test]
+    fn unkeyed_names_that_case_fold_to_keyed_ones_are_ambiguous() {
+        let keyed = ["id".to_string(), "s".to_string(), "k".to_string()];
+        for q in [
+            "id=1&%C4%B1d=2",
+            "id=1&%C4%B0D=2",
+            "s=1&%C5%BF=2",
+            "k=1&%E2%84%AA=2",
+        ] {
+            let query = crate::uri::parse_query(q);
+            assert!(unkeyed_may_read_as_keyed(&query, &keyed), "{q}");
+        }
+        let query = crate::uri::parse_query("id=1&%E2%84%AB=2&%C4%B2=3");
+        assert!(!unkeyed_may_read_as_keyed(&query, &keyed));
+    }
+
+    #[test]
     fn names_an_upstream_may_read_as_one_keep_their_order() {
         let b = KeyBuilder::new(b"k", "ns");
         for (x, y) in [
