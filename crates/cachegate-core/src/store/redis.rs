@@ -89,7 +89,7 @@ enum Via {
 const MARKERS_PER_SCRIPT: usize = 1_000;
 
 /// Markers read per `ZSCAN` or `HSCAN` page by [`RedisTier::load_purges`].
-pub const MARKER_PAGE: usize = 5_000;
+pub const MARKER_PAGE: usize = 1_000;
 
 /// The most `ZSCAN` (or `HSCAN`) pages [`RedisTier::load_purges`] reads per set: far more
 /// than [`crate::purge::MAX_KEY_MARKERS`] (or [`crate::purge::MAX_SHARED_MARKERS`]) need.
