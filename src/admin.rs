@@ -420,11 +420,13 @@ fn concurrency_param(query: Option<&str>) -> Result<usize, &'static str> {
     Ok(concurrency)
 }
 
-/// The JSON reply to a purge: what was `purged`, whether Redis was reached (else 503),
+/// The JSON reply to a purge: what was `purged`, whether Redis was reached (else 503) and
+/// recorded it ([`PurgeReport::recorded`]),
 /// replicas expected and acknowledged (the weakest of `reports`), memory-tier entries
 /// removed on this replica and the acknowledging ones.
 fn purge_reply(reports: &[PurgeReport], purged: serde_json::Value) -> Response<ProxyBody> {
     let reached = reports.iter().all(|r| r.redis_reached);
+    let recorded = reports.iter().all(|r| r.recorded);
     let confirmed = reports.iter().all(PurgeReport::confirmed);
     let expected = reports
         .iter()
@@ -445,14 +447,18 @@ fn purge_reply(reports: &[PurgeReport], purged: serde_json::Value) -> Response<P
     let reply = json!({
         "purged": purged,
         "redis_reached": reached,
+        "recorded": recorded,
         "replicas_expected": expected,
         "replicas_acknowledged": acknowledged,
         "confirmed": confirmed,
         // Redis entries are covered by purge markers checked at lookup, never scanned for:
         // their number is not known.
         "entries_purged": {"memory": memory_entries, "redis": null},
-        "detail": if reached {
+        "detail": if reached && recorded {
             "applied on every replica that acknowledged"
+        } else if reached {
+            "Redis did not record the purge (out of memory?): applied on every replica that \
+             acknowledged; a replica between subscriptions will not apply it: retry"
         } else {
             "Redis not reached: applied on this replica only, other replicas not reached"
         },

@@ -1119,3 +1119,77 @@ ttl_secs = 600
     }
     assert_eq!(gate.get("/kpi/x").await.cache(), "HIT");
 }
+
+/// A Redis out of memory (`maxmemory` reached, `noeviction`) refuses to record a purge's
+/// markers but still publishes it: the other replica applies it, and the reply says the
+/// purge was not recorded (so not confirmed) instead of "Redis not reached".
+#[tokio::test]
+async fn a_purge_redis_cannot_record_still_reaches_the_replicas() {
+    let (up, redis) = (Upstream::start().await, Redis::start().await);
+    let config = CONFIG.replace("[admin]\n", "[admin]\nack_timeout_ms = 500\n");
+    let a = Gate::start(&up, Some(&redis), &config).await;
+    let b = Gate::start(&up, Some(&redis), &config).await;
+    both_subscribed(&redis).await;
+    assert_eq!(a.get("/kpi/leads").await.cache(), "MISS");
+    assert_eq!(a.get("/kpi/leads").await.cache(), "HIT");
+    let mut conn = redis.connection().await;
+    redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory-policy")
+        .arg("noeviction")
+        .arg("maxmemory")
+        .arg(1)
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
+    let (status, reply) = purge(&b, Some("purge-token"), r#"{"tags":["kpi"]}"#).await;
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(
+        (
+            &reply["redis_reached"],
+            &reply["recorded"],
+            &reply["confirmed"]
+        ),
+        (&true.into(), &false.into(), &false.into()),
+        "{reply}"
+    );
+    let recorded: Option<String> = redis::cmd("HGET")
+        .arg("cachegate:purges")
+        .arg("tag:kpi")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(recorded, None, "Redis did refuse the record");
+    // A hit until `a` applies the published purge (at once: no acknowledgement can come).
+    let purged = eventually(Duration::from_secs(5), || async {
+        a.get("/kpi/leads").await.cache() == "MISS"
+    });
+    assert!(purged.await, "purged on a");
+}
+
+/// A Redis whose `maxmemory-policy` may evict keys without a TTL (the purge markers) is
+/// named in a warning when a replica subscribes; the default `noeviction` is not.
+#[tokio::test]
+async fn an_eviction_policy_that_can_drop_purge_markers_is_warned_of() {
+    let up = Upstream::start().await;
+    for (policy, warned) in [("allkeys-lru", true), ("noeviction", false)] {
+        let redis = Redis::start_with(&["--maxmemory-policy", policy]).await;
+        let config = format!(
+            "{CONFIG}\n[upstream]\nurl = \"{}\"\n[redis]\n{}",
+            up.url(),
+            redis.config_table()
+        );
+        let log = tempfile::NamedTempFile::new().unwrap();
+        let gate = common::GateProcess::start_logging_to(&config, log.reopen().unwrap()).await;
+        let subscribed = eventually(Duration::from_secs(10), || async {
+            redis.subscribers("cachegate:invalidate").await == 1
+        });
+        assert!(subscribed.await, "no subscriber");
+        let read = || std::fs::read_to_string(log.path()).unwrap();
+        let logged = eventually(Duration::from_secs(3), || async {
+            read().contains("may evict purge markers")
+        });
+        assert_eq!(logged.await, warned, "{policy}: {}", read());
+        drop(gate);
+    }
+}

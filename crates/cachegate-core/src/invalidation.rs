@@ -39,9 +39,15 @@ pub enum PurgeScope {
 /// What a purge reached.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PurgeReport {
-    /// Whether Redis recorded and published the purge. `false`: it applied on this replica
-    /// only (Redis down, or no Redis tier).
+    /// Whether Redis published the purge to the subscribed replicas. `false`: it applied
+    /// on this replica only (Redis down).
     pub redis_reached: bool,
+    /// Whether Redis also recorded the purge's markers (and deleted the Redis entries of
+    /// purged keys), so that a replica (re)subscribing later applies it too. `false` when
+    /// Redis refused or failed that write (out of memory under `maxmemory-policy
+    /// noeviction`, a timeout) but the purge was still published: the replicas subscribed
+    /// then apply it, one between subscriptions does not.
+    pub recorded: bool,
     /// Replicas subscribed when the purge was published (this one included), per Redis.
     pub replicas_expected: u64,
     /// Replicas that acknowledged within the time limit.
@@ -53,10 +59,10 @@ pub struct PurgeReport {
 }
 
 impl PurgeReport {
-    /// Whether every replica subscribed at publication acknowledged: after a confirmed
-    /// purge, no replica serves a purged entry.
+    /// Whether Redis recorded the purge and every replica subscribed at publication
+    /// acknowledged: after a confirmed purge, no replica serves a purged entry.
     pub fn confirmed(&self) -> bool {
-        self.redis_reached && self.replicas_acknowledged >= self.replicas_expected
+        self.redis_reached && self.recorded && self.replicas_acknowledged >= self.replicas_expected
     }
 }
 
@@ -336,6 +342,7 @@ async fn run(
     // What this replica missed while it was away leaves its memory tier now.
     sweep(PurgeScope::All).await;
     tracing::debug!("subscribed to purges");
+    redis.check_eviction_policy().await;
     let (mut sink, mut messages) = pubsub.split();
     let mut last_heard = tokio::time::Instant::now();
     loop {

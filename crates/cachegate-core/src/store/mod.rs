@@ -450,17 +450,18 @@ impl<V: Storable> TieredStore<V> {
     async fn purge_everywhere(&self, message: &PurgeMessage, ack_timeout: Duration) -> PurgeReport {
         let mut report = PurgeReport {
             redis_reached: false,
+            recorded: false,
             replicas_expected: 1,
             replicas_acknowledged: 1,
             memory_entries_purged: 0,
         };
         let Some(redis) = &self.redis else {
-            report.redis_reached = true; // nothing else to reach
+            (report.redis_reached, report.recorded) = (true, true); // nothing else to reach
             return report;
         };
-        if !redis.record_purges(&message.markers()).await {
-            return report;
-        }
+        // Published even when Redis refuses the record (out of memory): the replicas
+        // subscribed now still apply it.
+        report.recorded = redis.record_purges(&message.markers()).await;
         let Some(subscribers) = redis.publish_purge(&message.encode()).await else {
             return report;
         };
@@ -741,13 +742,14 @@ async fn spread_invalidations(
         // Already applied here: this replica's own subscription only acknowledges it.
         purges.note_own(message.id);
         drop(purges);
-        // Tried twice; a batch Redis refuses both times reached no other replica.
-        let mut reached = false;
+        // Tried twice; a batch Redis refuses both times reached no other replica. It is
+        // published even when Redis refuses to record it (out of memory): the replicas
+        // subscribed now still apply it.
+        let (mut recorded, mut reached) = (false, false);
         for _ in 0..2 {
-            if redis.record_purges(&message.markers()).await
-                && redis.publish_purge(&message.encode()).await.is_some()
-            {
-                reached = true;
+            recorded = recorded || redis.record_purges(&message.markers()).await;
+            reached = reached || redis.publish_purge(&message.encode()).await.is_some();
+            if recorded && reached {
                 break;
             }
         }

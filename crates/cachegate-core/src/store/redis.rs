@@ -633,6 +633,31 @@ impl RedisTier {
         None
     }
 
+    /// Logs a warning when Redis's `maxmemory-policy` may evict keys that have no TTL
+    /// (`allkeys-lru`, `allkeys-lfu`, `allkeys-random`): the purge markers have none, and
+    /// a marker evicted is a purge that a replica subscribing later does not apply. Says
+    /// nothing when Redis refuses `CONFIG` (a managed Redis) or does not answer within the
+    /// operation timeout; not counted against the circuit breaker.
+    pub async fn check_eviction_policy(&self) {
+        let mut conn = self.connection();
+        let mut config_get = redis::cmd("CONFIG");
+        config_get.arg("GET").arg("maxmemory-policy");
+        let reply = tokio::time::timeout(
+            self.op_timeout,
+            config_get.query_async::<Vec<String>>(&mut conn),
+        )
+        .await;
+        if let Ok(Ok(pair)) = reply
+            && let Some(policy) = pair.get(1)
+            && policy.starts_with("allkeys-")
+        {
+            tracing::warn!(
+                maxmemory_policy = %policy,
+                "Redis may evict purge markers under this policy: use volatile-lru or volatile-lfu"
+            );
+        }
+    }
+
     /// Publishes `message` on the invalidation channel; the number of subscribers that
     /// received it, or `None` when Redis fails.
     pub async fn publish_purge(&self, message: &str) -> Option<u64> {
