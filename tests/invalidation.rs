@@ -486,23 +486,33 @@ async fn a_purge_by_request_removes_what_that_body_keyed_post_would_hit() {
     );
 }
 
-// Whoever can publish on the events channel chooses an unknown name: it is not written to
-// the log (no forged lines, no unbounded ones), only its length and hash.
-#[tokio::test]
-async fn an_unknown_published_event_name_is_not_logged() {
-    let up = Upstream::start().await;
-    let redis = Redis::start().await;
+/// A cachegate process in front of `up` on `redis`, logging to the returned file, once
+/// it is subscribed to the events channel (and so to the invalidation channel).
+async fn subscribed_process_logging(
+    up: &Upstream,
+    redis: &Redis,
+) -> (common::GateProcess, tempfile::NamedTempFile) {
     let config = format!(
         "{CONFIG}\n[upstream]\nurl = \"{}\"\n[redis]\n{}",
         up.url(),
         redis.config_table()
     );
     let log = tempfile::NamedTempFile::new().unwrap();
-    let _gate = common::GateProcess::start_logging_to(&config, log.reopen().unwrap()).await;
+    let gate = common::GateProcess::start_logging_to(&config, log.reopen().unwrap()).await;
     let subscribed = eventually(Duration::from_secs(10), || async {
         redis.subscribers("cachegate:events").await == 1
     });
     assert!(subscribed.await, "no events subscriber");
+    (gate, log)
+}
+
+// Whoever can publish on the events channel chooses an unknown name: it is not written to
+// the log (no forged lines, no unbounded ones), only its length and hash.
+#[tokio::test]
+async fn an_unknown_published_event_name_is_not_logged() {
+    let up = Upstream::start().await;
+    let redis = Redis::start().await;
+    let (_gate, log) = subscribed_process_logging(&up, &redis).await;
     let name = format!(
         "evil\n{{\"level\":\"ERROR\",\"forged\":1}}{}",
         "x".repeat(10_000)
@@ -1174,17 +1184,7 @@ async fn an_eviction_policy_that_can_drop_purge_markers_is_warned_of() {
     let up = Upstream::start().await;
     for (policy, warned) in [("allkeys-lru", true), ("noeviction", false)] {
         let redis = Redis::start_with(&["--maxmemory-policy", policy]).await;
-        let config = format!(
-            "{CONFIG}\n[upstream]\nurl = \"{}\"\n[redis]\n{}",
-            up.url(),
-            redis.config_table()
-        );
-        let log = tempfile::NamedTempFile::new().unwrap();
-        let gate = common::GateProcess::start_logging_to(&config, log.reopen().unwrap()).await;
-        let subscribed = eventually(Duration::from_secs(10), || async {
-            redis.subscribers("cachegate:invalidate").await == 1
-        });
-        assert!(subscribed.await, "no subscriber");
+        let (gate, log) = subscribed_process_logging(&up, &redis).await;
         let read = || std::fs::read_to_string(log.path()).unwrap();
         let logged = eventually(Duration::from_secs(3), || async {
             read().contains("may evict purge markers")
