@@ -259,27 +259,26 @@ key_query = ["from"]
         ("x-forwarded-ssl", "on"),
         ("x-url-scheme", "https"),
         ("true-client-ip", "6.6.6.6"),
+        // The same classes under other names (scheme, address, original, forwarded).
+        ("x-scheme", "https"),
+        ("x-real-scheme", "https"),
+        ("x-remote-addr", "6.6.6.6"),
+        ("x-originating-ip", "6.6.6.6"),
+        ("forwarded-for", "6.6.6.6"),
+        ("forwarded-host", "evil.example"),
+        ("x-envoy-original-path", "/admin"),
+        ("x-base-url", "https://evil.example"),
     ];
     let first = get_with(&gate, "/page?x=1", &spoof).await;
     let seen = &first.json()["headers"];
     assert_eq!(seen["host"], upstream_host.as_str());
     assert_eq!(seen["x-forwarded-for"], "127.0.0.1");
     assert_eq!(seen["x-forwarded-proto"], "http");
-    for gone in [
-        "x-forwarded-host",
-        "forwarded",
-        "x-http-method-override",
-        "x-original-url",
-        "x-rewrite-url",
-        "x_forwarded_host",
-        "x_http_method_override",
-        "x-host",
-        "x-original-host",
-        "x-forwarded",
-        "x-forwarded-ssl",
-        "x-url-scheme",
-        "true-client-ip",
-    ] {
+    let replaced = ["host", "x-forwarded-proto", "x-forwarded-for"];
+    for gone in spoof.map(|(name, _)| name) {
+        if replaced.contains(&gone) {
+            continue;
+        }
         assert!(seen.get(gone).is_none(), "{gone} reached the upstream");
     }
 

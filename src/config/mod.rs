@@ -182,9 +182,9 @@ pub struct ServerConfig {
     /// none, at a cost per request on small machines (on 2 cores, 0.74-0.77x of the
     /// memory-tier hit throughput of the default: docs/benchmarks.md).
     pub connection_threads: Option<usize>,
-    /// Peers (addresses or CIDR ranges, e.g. `10.0.0.0/8`) whose `X-Forwarded-*` and
-    /// `Forwarded` headers are passed on; from any other peer they are replaced. Default
-    /// none.
+    /// Peers (addresses or CIDR ranges, e.g. `10.0.0.0/8`) whose forwarding headers
+    /// (`X-Forwarded-*`, `Forwarded`, ...) and client-address headers (`X-Real-IP`, ...)
+    /// are passed on; from any other peer they are replaced. Default none.
     pub trusted_proxies: Vec<ProxyNet>,
 }
 

@@ -30,36 +30,57 @@ const HOP_BY_HOP: [HeaderName; 10] = [
 
 /// Headers some frameworks read to change a request's method, URL, host or scheme. They
 /// are removed from every request: the cache key is built from the real method and URL,
-/// and the host and scheme the upstream sees are cachegate's.
-const OVERRIDES: [&str; 13] = [
+/// and the host and scheme the upstream sees are cachegate's. Besides these names, any
+/// name with the word `original` or `scheme` is one ([`is_override`]).
+const OVERRIDES: [&str; 14] = [
     "x-http-method-override",
     "x-http-method",
     "x-method-override",
-    "x-original-url",
     "x-rewrite-url",
-    "x-original-uri",
     "x-override-url",
     "x-host",
     "x-http-host-override",
-    "x-original-host",
-    "x-url-scheme",
+    "x-host-override",
     "front-end-https",
-    "x-original-forwarded-for",
+    "x-request-uri",
+    "x-request-url",
+    "base-url",
+    "x-base-url",
+    "x-proxy-url",
 ];
 
-/// Headers that carry a client address, set by proxies and CDNs; from a client that is
-/// not a trusted proxy they are spoofed, and removed (with every `X-Forwarded*` and
-/// `Forwarded`).
-const CLIENT_ADDRESS: [&str; 8] = [
-    "x-real-ip",
-    "x-client-ip",
-    "client-ip",
-    "true-client-ip",
-    "x-cluster-client-ip",
-    "cf-connecting-ip",
-    "fastly-client-ip",
-    "x-proxyuser-ip",
-];
+/// The words of a header name (split at `-`).
+fn words(name: &str) -> std::str::Split<'_, char> {
+    name.split('-')
+}
+
+/// Whether a request header may change the method, URL, host or scheme an upstream reads
+/// (removed from every request): [`OVERRIDES`], and every name with the word `original`
+/// (`X-Original-URL`, `X-Original-Host`, `X-Envoy-Original-Path`,
+/// `X-Original-Forwarded-For`, ...) or `scheme` outside forwarding headers (`X-Scheme`,
+/// `X-Real-Scheme`, `X-URL-Scheme`: the scheme an upstream gets is `X-Forwarded-Proto`,
+/// cachegate's own or a trusted proxy's, which is keyed).
+fn is_override(name: &str) -> bool {
+    OVERRIDES.contains(&name)
+        || words(name).any(|w| w == "original" || (w == "scheme" && !is_forwarding(name)))
+}
+
+/// Whether a request header carries a client address, as proxies and CDNs set them (from
+/// a client that is not a trusted proxy they are spoofed, and removed; never keyed): every
+/// name whose last word is `ip` or `addr` (`X-Real-IP`, `X-Client-IP`, `Client-IP`,
+/// `True-Client-IP`, `CF-Connecting-IP`, `X-Remote-Addr`, `X-Originating-IP`, ...), and
+/// the `for` headers of forwarding (`X-Forwarded-For`, `Forwarded-For`).
+fn is_client_address(name: &str) -> bool {
+    matches!(words(name).next_back(), Some("ip" | "addr"))
+        || (is_forwarding(name) && name.ends_with("-for"))
+}
+
+/// Whether a request header is a forwarding proxy's account of the request (kept from
+/// trusted proxies only): `Forwarded` (RFC 7239), every name starting `x-forwarded`, and
+/// every name with the word `forwarded` (`Forwarded-For`, `Forwarded-Host`, ...).
+fn is_forwarding(name: &str) -> bool {
+    name.starts_with("x-forwarded") || words(name).any(|w| w == "forwarded")
+}
 
 /// Removes hop-by-hop headers, including `Upgrade` and every header named in
 /// `Connection`. Upgrades are tunnelled separately ([`super::upgrade`]). Returns the
@@ -155,10 +176,8 @@ impl Forwarding {
         if !trusted {
             let spoofable: Vec<HeaderName> = headers
                 .keys()
-                .filter(|n| n.as_str().starts_with("x-forwarded"))
+                .filter(|n| is_forwarding(n.as_str()) || is_client_address(n.as_str()))
                 .cloned()
-                .chain([header::FORWARDED])
-                .chain(CLIENT_ADDRESS.map(HeaderName::from_static))
                 .collect();
             for name in spoofable {
                 headers.remove(name);
@@ -187,17 +206,22 @@ pub fn strip_overrides(headers: &mut HeaderMap) {
     for name in underscored {
         headers.remove(name);
     }
-    for name in OVERRIDES {
+    let overrides: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| is_override(n.as_str()))
+        .cloned()
+        .collect();
+    for name in overrides {
         headers.remove(name);
     }
     headers.remove(header::CONTENT_LENGTH);
 }
 
-/// The origin a trusted proxy forwards, as bytes for the cache key: every `X-Forwarded*`
-/// header but `X-Forwarded-For` (`-Host`, `-Proto`, `-Port`, `-Prefix`, `-Ssl`, `-Scheme`,
-/// `-Server`, `-Uri`, ...: an upstream builds absolute URLs, redirects and tenant choices
-/// from them), and the `host` and `proto` parameters of `Forwarded` (RFC 7239 §4, quoted
-/// strings respected). `None` when there is none. Client addresses (`X-Forwarded-For`,
+/// The origin a trusted proxy forwards, as bytes for the cache key: every forwarding
+/// header but `Forwarded` and the client addresses (`X-Forwarded-Host`, `-Proto`, `-Port`,
+/// `-Prefix`, `-Ssl`, `-Scheme`, `-Server`, `-Uri`, `Forwarded-Host`, ...: an upstream
+/// builds absolute URLs, redirects and tenant choices from them), and the `host` and
+/// `proto` parameters of `Forwarded` (RFC 7239 §4, quoted strings respected). `None` when there is none. Client addresses (`X-Forwarded-For`,
 /// `Forwarded: for=`, `X-Real-IP` and the like) are not included: keying them would make
 /// one entry per client; an upstream that answers by client address must mark its
 /// answers `private`.
@@ -214,7 +238,10 @@ pub fn forwarded_origin(headers: &HeaderMap) -> Option<Vec<u8>> {
     };
     let mut names: Vec<&HeaderName> = headers
         .keys()
-        .filter(|n| n.as_str().starts_with("x-forwarded") && n.as_str() != "x-forwarded-for")
+        .filter(|n| {
+            let n = n.as_str();
+            n != "forwarded" && is_forwarding(n) && !is_client_address(n)
+        })
         .collect();
     names.sort_by_key(|n| n.as_str());
     for name in names {
@@ -367,6 +394,13 @@ mod tests {
                 ("x-original-host", "evil.example"),
                 ("x-url-scheme", "https"),
                 ("front-end-https", "on"),
+                ("x-scheme", "https"),
+                ("x-real-scheme", "https"),
+                ("x-envoy-original-path", "/admin"),
+                ("x-original-forwarded-host", "evil.example"),
+                ("x-host-override", "evil.example"),
+                ("x-request-uri", "/admin"),
+                ("x-base-url", "https://evil.example"),
                 ("accept", "application/json"),
             ]);
             fwd.apply(&mut h, peer.parse().unwrap());
@@ -376,14 +410,23 @@ mod tests {
                     .all(|k| !k.contains('_') && !k.contains("host-") && *k != "x-host"),
                 "{peer}: {left:?}"
             );
-            assert!(h.contains_key("accept"));
-            assert!(!h.contains_key("front-end-https") && !h.contains_key("x-url-scheme"));
+            let mut left = left;
+            left.sort_unstable();
+            assert_eq!(
+                left,
+                ["accept", "host", "x-forwarded-for", "x-forwarded-proto"],
+                "{peer}"
+            );
         }
         let mut h = header_map(&[
             ("x-forwarded", "host=evil"),
             ("x-forwarded-ssl", "on"),
             ("true-client-ip", "6.6.6.6"),
             ("cf-connecting-ip", "6.6.6.6"),
+            ("x-remote-addr", "6.6.6.6"),
+            ("x-originating-ip", "6.6.6.6"),
+            ("forwarded-for", "6.6.6.6"),
+            ("forwarded-host", "evil.example"),
         ]);
         fwd.apply(&mut h, "127.0.0.1:5000".parse().unwrap());
         for gone in [
@@ -391,6 +434,10 @@ mod tests {
             "x-forwarded-ssl",
             "true-client-ip",
             "cf-connecting-ip",
+            "x-remote-addr",
+            "x-originating-ip",
+            "forwarded-for",
+            "forwarded-host",
         ] {
             assert!(!h.contains_key(gone), "{gone}");
         }
@@ -408,6 +455,7 @@ mod tests {
                 ("x-forwarded-for", "1.2.3.4"),
                 ("x-forwarded-host", "evil.example"),
                 ("x-forwarded-proto", "https"),
+                ("x-forwarded-scheme", "https"),
                 ("forwarded", "host=evil.example"),
                 ("x-http-method-override", "DELETE"),
                 ("x-original-url", "/admin"),
@@ -421,6 +469,7 @@ mod tests {
         assert_eq!(h["x-forwarded-proto"], "http");
         for gone in [
             "x-forwarded-host",
+            "x-forwarded-scheme",
             "forwarded",
             "x-http-method-override",
             "x-original-url",
@@ -433,6 +482,7 @@ mod tests {
         assert_eq!(h["x-forwarded-for"], "1.2.3.4, 10.1.2.3");
         assert_eq!(h["x-forwarded-proto"], "https");
         assert_eq!(h["x-forwarded-host"], "evil.example");
+        assert_eq!(h["x-forwarded-scheme"], "https");
         assert!(!h.contains_key("x-original-url"));
     }
 
@@ -440,7 +490,12 @@ mod tests {
     fn forwarded_origin_tells_origins_apart_and_ignores_client_addresses() {
         let origin = |pairs: &[(&'static str, &'static str)]| forwarded_origin(&header_map(pairs));
         assert_eq!(
-            origin(&[("x-forwarded-for", "1.2.3.4"), ("x-real-ip", "1.2.3.4")]),
+            origin(&[
+                ("x-forwarded-for", "1.2.3.4"),
+                ("x-real-ip", "1.2.3.4"),
+                ("forwarded-for", "1.2.3.4"),
+                ("x-remote-addr", "1.2.3.4"),
+            ]),
             None
         );
         assert_eq!(origin(&[("forwarded", "for=1.2.3.4;by=10.0.0.1")]), None);
@@ -463,6 +518,7 @@ mod tests {
             origin(&[("x-forwarded-scheme", "https")]),
             origin(&[("x-forwarded-server", "a")]),
             origin(&[("x-forwarded-uri", "/a")]),
+            origin(&[("forwarded-host", "a.example")]),
             origin(&[
                 ("x-forwarded-host", "a.example"),
                 ("x-forwarded-proto", "https"),
