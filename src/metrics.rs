@@ -132,8 +132,16 @@ impl Metrics {
             &["served", "timeout", "retried", "released", "purged"],
         );
         let upstream_duration = Histogram::new(exponential_buckets(0.001, 2.0, 16));
-        let upstream_errors =
-            LabeledCounter::new("kind", &["unreachable", "timeout", "body", "body-timeout"]);
+        let upstream_errors = LabeledCounter::new(
+            "kind",
+            &[
+                "unreachable",
+                "malformed",
+                "timeout",
+                "body",
+                "body-timeout",
+            ],
+        );
         let client_errors = LabeledCounter::new(
             "kind",
             &[

@@ -166,6 +166,72 @@ async fn upstream_framing_conflicts_never_desync_the_client() {
     }
 }
 
+// 2b. An upstream reply that is no valid answer (a head that does not parse, a 101 nobody
+// asked for, a 304 to an unconditional request, a transfer coding other than chunked) is
+// a 502 on every path, never stored; an answer with many header fields is an answer.
+#[tokio::test]
+async fn upstream_replies_that_answer_nothing_are_502_and_never_stored() {
+    let up = RawUpstream::start(|head, _| {
+        let path = head.split(' ').nth(1).unwrap_or("");
+        let fresh = "Cache-Control: max-age=60\r\n";
+        let reply = match path {
+            "/coded" => format!(
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n{fresh}\r\n5\r\nhello\r\n0\r\n\r\n"
+            ),
+            "/gzip-chunked" => format!(
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n{fresh}\r\n5\r\nhello\r\n0\r\n\r\n"
+            ),
+            "/switch" => "HTTP/1.1 101 Switching Protocols\r\nUpgrade: foo\r\nConnection: upgrade\r\n\r\n".to_string(),
+            "/not-modified" => format!("HTTP/1.1 304 Not Modified\r\nETag: \"x\"\r\n{fresh}\r\n"),
+            "/two-lengths" => format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n{fresh}\r\nhello!"
+            ),
+            _ => {
+                let many: String = (0..200).map(|i| format!("X-Field-{i}: {i}\r\n")).collect();
+                return Script::Reply(ok("many", &format!("{many}{fresh}")));
+            }
+        };
+        Script::ReplyAndClose(reply.into_bytes())
+    })
+    .await;
+    let gate = Gate::start_at(&up.url(), None, "", "").await;
+    for path in [
+        "/coded",
+        "/gzip-chunked",
+        "/switch",
+        "/not-modified",
+        "/two-lengths",
+    ] {
+        for method in ["GET", "DELETE"] {
+            let before = up.requests();
+            let r = gate
+                .client
+                .request(method.parse().unwrap(), gate.url(path))
+                .send()
+                .await
+                .unwrap();
+            let r = Reply::from(r).await;
+            assert_eq!(
+                (r.status, r.body.trim()),
+                (502, "upstream reply malformed"),
+                "{method} {path}"
+            );
+            assert_eq!(up.requests(), before + 1, "{method} {path}: stored");
+        }
+    }
+    // More fields than HTTP clients take by default (100): read with a raw socket.
+    for expected in ["MISS", "HIT"] {
+        let get = b"GET /many HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n";
+        let responses = parse_responses(&exchange(&gate.addr(), get, LIMIT).await);
+        let many = &responses[0];
+        assert_eq!(
+            (many.status, many.header("x-cache-status")),
+            (200, Some(expected))
+        );
+        assert_eq!(many.header("x-field-199"), Some("199"));
+    }
+}
+
 // 3b. With forward_unkeyed_query, a parameter outside the key that some upstream could
 // read as a keyed one (another separator, an escaped one, a name that folds equal) makes
 // the request ambiguous: passed through, not cached, so it cannot store an answer for

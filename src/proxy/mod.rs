@@ -1408,7 +1408,7 @@ impl<O: Origin> Proxy<O> {
                 Response::from_parts(head, body::boxed(resp_body))
             }
             Err(NotTunnelled::WrongProtocol) => {
-                self.metrics.upstream_errors.inc("unreachable");
+                self.metrics.upstream_errors.inc("malformed");
                 plain(
                     StatusCode::BAD_GATEWAY,
                     "upstream switched to a protocol other than WebSocket",
@@ -1463,6 +1463,11 @@ impl<O: Origin> Proxy<O> {
                 self.metrics.upstream_errors.inc("unreachable");
                 tracing::warn!(%reason, "upstream unreachable");
                 plain(StatusCode::BAD_GATEWAY, "upstream unreachable")
+            }
+            UpstreamError::Malformed(reason) => {
+                self.metrics.upstream_errors.inc("malformed");
+                tracing::warn!(%reason, "upstream reply malformed");
+                plain(StatusCode::BAD_GATEWAY, "upstream reply malformed")
             }
             UpstreamError::Timeout => {
                 self.metrics.upstream_errors.inc("timeout");

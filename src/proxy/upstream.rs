@@ -21,6 +21,10 @@ use cachegate_core::home::Home;
 pub enum UpstreamError {
     /// Connecting or sending failed (answered with 502).
     Unreachable(String),
+    /// The upstream answered, but not with a response a client could use (answered with
+    /// 502, never stored): a head that does not parse (conflicting `Content-Length`, a
+    /// malformed status line or header), or one of the replies [`reply_fault`] names.
+    Malformed(String),
     /// No response head within `response_timeout_ms` (answered with 504).
     Timeout,
     /// The client's request body failed or stalled while it was being sent: a client
@@ -164,6 +168,9 @@ impl Upstream {
             // would otherwise keep a burst's connections open).
             .pool_timer(hyper_util::rt::TokioTimer::new())
             .pool_max_idle_per_host(256)
+            // hyper's default of 100 response header fields refuses answers that reach
+            // clients fine without cachegate; the parse buffer stays bounded (~400 KB).
+            .http1_max_headers(MAX_RESPONSE_HEADERS)
             .build(StampingConnector(connector));
         Upstream {
             client,
@@ -217,7 +224,9 @@ impl Upstream {
     /// `DELETE` applied once would answer 404 the second time). The returned duration is
     /// that of the attempt that answered.
     ///
-    /// Errors: [`UpstreamError::Unreachable`] when the connection or the exchange fails,
+    /// Errors: [`UpstreamError::Malformed`] when the reply is no valid answer to `req` (a
+    /// head that does not parse, or see [`reply_fault`]; the connection is closed),
+    /// [`UpstreamError::Unreachable`] when the connection or the exchange fails,
     /// [`UpstreamError::Timeout`] when a limit passes first, [`UpstreamError::ClientBody`]
     /// when it failed because the client's request body did.
     pub async fn send(
@@ -232,6 +241,7 @@ impl Upstream {
         let head_limit = self.response_timeout.min(self.total_timeout);
         let head_deadline = started + head_limit;
         let again = replayable(&req).then(|| copy_without_body(&req));
+        let asked = Asked::of(&req);
         let mut sent_at = started;
         let mut outcome =
             tokio::time::timeout_at(head_deadline, self.home.run(self.client.request(req))).await;
@@ -249,6 +259,9 @@ impl Upstream {
         }
         match outcome {
             Ok(Ok(resp)) => {
+                if let Some(fault) = reply_fault(&resp, asked) {
+                    return Err(UpstreamError::Malformed(fault.to_string()));
+                }
                 let elapsed = sent_at.elapsed();
                 let body_timeout = self.body_timeout;
                 let resp = resp.map(|b| {
@@ -260,11 +273,79 @@ impl Upstream {
                 Some(b) if b.side == Side::Client => UpstreamError::ClientBody {
                     timed_out: b.timed_out,
                 },
+                _ if unparsable(&e) => UpstreamError::Malformed(error_chain(&e)),
                 _ => UpstreamError::Unreachable(error_chain(&e)),
             }),
             Err(_) => Err(UpstreamError::Timeout),
         }
     }
+}
+
+/// The most header fields an upstream response head may hold (more: 502).
+pub const MAX_RESPONSE_HEADERS: usize = 256;
+
+/// What a request asked for that decides which replies are valid answers to it.
+#[derive(Debug, Clone, Copy)]
+struct Asked {
+    /// It carried `Upgrade` (a tunnelled WebSocket handshake).
+    upgrade: bool,
+    /// It carried a precondition (`If-None-Match`, `If-Modified-Since`, `If-Match`,
+    /// `If-Unmodified-Since`, `If-Range`; RFC 9110 §13.1).
+    conditional: bool,
+}
+
+impl Asked {
+    fn of<B>(req: &Request<B>) -> Asked {
+        let h = req.headers();
+        Asked {
+            upgrade: h.contains_key(http::header::UPGRADE),
+            conditional: [
+                http::header::IF_NONE_MATCH,
+                http::header::IF_MODIFIED_SINCE,
+                http::header::IF_MATCH,
+                http::header::IF_UNMODIFIED_SINCE,
+                http::header::IF_RANGE,
+            ]
+            .iter()
+            .any(|name| h.contains_key(name)),
+        }
+    }
+}
+
+/// Why an upstream reply, whose head parsed, is still no answer to the request that
+/// `asked`; `None` when it is one:
+/// - `101 Switching Protocols` to a request that asked for no upgrade (RFC 9110 §15.2.2:
+///   a server switches only to a protocol the client listed in `Upgrade`);
+/// - `304 Not Modified` to a request without a precondition (RFC 9110 §15.4.5: only a
+///   conditional request is answered so; the client has no stored response to complete);
+/// - a transfer coding other than `chunked` (RFC 9112 §6.1, §7): its content would
+///   still be encoded once the framing is removed, and stored and relayed as if it were
+///   not.
+fn reply_fault<B>(resp: &Response<B>, asked: Asked) -> Option<&'static str> {
+    if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS && !asked.upgrade {
+        return Some("101 Switching Protocols to a request without Upgrade");
+    }
+    if resp.status() == http::StatusCode::NOT_MODIFIED && !asked.conditional {
+        return Some("304 Not Modified to an unconditional request");
+    }
+    let other_coding = resp
+        .headers()
+        .get_all(http::header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .any(|coding| !coding.is_empty() && !coding.eq_ignore_ascii_case(b"chunked"));
+    other_coding.then_some("a transfer coding other than chunked")
+}
+
+/// Whether `e` is a response head that does not parse (hyper's parse errors: an invalid
+/// or conflicting `Content-Length`, a malformed status line or header, too many headers).
+fn unparsable(e: &hyper_util::client::legacy::Error) -> bool {
+    sources(e).any(|inner| {
+        inner
+            .downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_parse)
+    })
 }
 
 /// Whether the connection `e` happened on was opened before `started`: a pooled
