@@ -499,7 +499,8 @@ pub fn storable(
     if cc.no_store || (cc.no_cache && !has_validator) {
         return Err(NoStoreReason::NoStore);
     }
-    if headers.contains_key(header::SET_COOKIE) {
+    // `Set-Cookie2` (RFC 2965, obsolete) too: a server still sending it means it per user.
+    if headers.contains_key(header::SET_COOKIE) || headers.contains_key("set-cookie2") {
         return Err(NoStoreReason::SetCookie);
     }
     // Vary (§4.1): `*` never matches; other names beyond the key make variants, when the
@@ -961,11 +962,12 @@ mod tests {
             toml::from_str("[[routes]]\nmethod='GET'\npath='/*'\nttl_secs=5\n").unwrap();
         let policy = Policy::new(&cfg.routes);
         let route = policy.route_for(&Method::GET, "/x");
-        let markers: [(&'static str, &'static str); 6] = [
+        let markers: [(&'static str, &'static str); 7] = [
             ("cache-control", "private"),
             ("cache-control", "no-store"),
             ("cache-control", "no-cache=\"set-cookie\""),
             ("set-cookie", "sid=1"),
+            ("set-cookie2", "sid=1; Version=1"),
             ("cache-control", "max-age=5, \"x"),
             ("vary", "*"),
         ];

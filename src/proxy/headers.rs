@@ -114,7 +114,14 @@ pub fn is_cache_field(name: &HeaderName) -> bool {
     name.ends_with("cache-control")
         || matches!(
             name,
-            "pragma" | "expires" | "age" | "date" | "set-cookie" | "vary" | "surrogate-control"
+            "pragma"
+                | "expires"
+                | "age"
+                | "date"
+                | "set-cookie"
+                | "set-cookie2"
+                | "vary"
+                | "surrogate-control"
         )
 }
 
