@@ -431,6 +431,29 @@ key_query = ["from"]
     assert_eq!(b.cache(), "MISS", "another Host is another key");
     let a2 = get_with(&trusting, "/v", &[("host", "a.example")]).await;
     assert_eq!((a2.cache(), a2.n()), ("HIT", a.n()));
+    // An absolute-form target names the host; the Host header is replaced by it (RFC
+    // 9112 §3.2.2), for the key and for the upstream alike.
+    for (target, status, host) in [
+        ("http://c.example/v", 200, Some("c.example")),
+        ("http://a.example/v", 200, Some("a.example")),
+        ("http://user@a.example/v", 400, None),
+    ] {
+        let request =
+            format!("GET {target} HTTP/1.1\r\nHost: b.example\r\nConnection: close\r\n\r\n");
+        let responses =
+            parse_responses(&exchange(&trusting.addr(), request.as_bytes(), LIMIT).await);
+        assert_eq!(responses[0].status, status, "{target}");
+        if let Some(host) = host {
+            let seen: serde_json::Value = serde_json::from_slice(&responses[0].body).unwrap();
+            assert_eq!(seen["headers"]["host"], host, "{target}");
+            let hit = responses[0].header("x-cache-status") == Some("HIT");
+            assert_eq!(
+                hit,
+                host == "a.example",
+                "{target}: keyed by the target's host"
+            );
+        }
+    }
 
     // A trusted proxy's forwarded origin reaches the upstream, so it is keyed; the client
     // address it forwards is not.

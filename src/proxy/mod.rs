@@ -289,7 +289,10 @@ impl<O: Origin> Proxy<O> {
 
         // The request target: one Host, a form a reverse proxy serves, one spelling of the
         // path.
-        if let Err(fault) = check_host(&parts).and_then(|()| check_target_form(&parts)) {
+        if let Err(fault) = check_host(&parts)
+            .and_then(|()| check_target_form(&parts))
+            .and_then(|()| take_target_host(&mut parts))
+        {
             return self.refuse(fault);
         }
         let query = parts.uri.query().map(str::to_owned);
@@ -1665,6 +1668,33 @@ fn check_target_form(parts: &Parts) -> Result<(), ClientFault> {
             kind: "target",
         });
     }
+    Ok(())
+}
+
+/// RFC 9112 §3.2.2: a request in absolute form (`GET http://host/path`) names its host in
+/// the target, and the `Host` header is ignored and replaced by it, so that the `Host`
+/// keyed and forwarded with `preserve_host` is the one the target names. A target with
+/// userinfo (`http://user@host/`, which RFC 9110 §4.2.4 forbids) or with a host that is
+/// not a `host[:port]` gets `400`.
+fn take_target_host(parts: &mut Parts) -> Result<(), ClientFault> {
+    let Some(authority) = parts
+        .uri
+        .authority()
+        .filter(|_| parts.uri.scheme().is_some())
+    else {
+        return Ok(());
+    };
+    const NOT_A_HOST: ClientFault = ClientFault {
+        status: StatusCode::BAD_REQUEST,
+        reason: "the absolute-form target's authority is not a host[:port]",
+        kind: "target",
+    };
+    let host = authority.as_str();
+    if host.contains('@') || !uri::is_host_value(host.as_bytes()) {
+        return Err(NOT_A_HOST);
+    }
+    let host = HeaderValue::from_str(host).map_err(|_| NOT_A_HOST)?;
+    parts.headers.insert(header::HOST, host);
     Ok(())
 }
 
