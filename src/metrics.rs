@@ -137,6 +137,7 @@ impl Metrics {
             &[
                 "unreachable",
                 "malformed",
+                "loop",
                 "timeout",
                 "body",
                 "body-timeout",

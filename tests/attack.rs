@@ -18,7 +18,11 @@ const CHART_ROUTE: &str =
     "[[routes]]\nmethod = \"POST\"\npath = \"/chart\"\nttl_secs = 60\nkey_body = true\n";
 
 async fn get_with(gate: &Gate, path: &str, headers: &[(&str, &str)]) -> Reply {
-    let mut req = gate.client.get(gate.url(path));
+    send_with(gate, "GET", path, headers).await
+}
+
+async fn send_with(gate: &Gate, method: &str, path: &str, headers: &[(&str, &str)]) -> Reply {
+    let mut req = gate.client.request(method.parse().unwrap(), gate.url(path));
     for (n, v) in headers {
         req = req.header(*n, *v);
     }
@@ -204,13 +208,7 @@ async fn upstream_replies_that_answer_nothing_are_502_and_never_stored() {
     ] {
         for method in ["GET", "DELETE"] {
             let before = up.requests();
-            let r = gate
-                .client
-                .request(method.parse().unwrap(), gate.url(path))
-                .send()
-                .await
-                .unwrap();
-            let r = Reply::from(r).await;
+            let r = send_with(&gate, method, path, &[]).await;
             assert_eq!(
                 (r.status, r.body.trim()),
                 (502, "upstream reply malformed"),
@@ -230,6 +228,32 @@ async fn upstream_replies_that_answer_nothing_are_502_and_never_stored() {
         );
         assert_eq!(many.header("x-field-199"), Some("199"));
     }
+}
+
+// 2c. An upstream URL that leads back to cachegate makes a forwarding loop: each process
+// appends a `Via` entry of its own, and a request that comes back with it is answered 508
+// (on the cached path, where it would wait on its own flight, and on the bypass path).
+#[tokio::test]
+async fn a_forwarding_loop_ends_in_508() {
+    let port = common::free_port();
+    let gate = Gate::start_toml(&format!(
+        "listen = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:0\"\n[upstream]\nurl = \"http://127.0.0.1:{port}\"\n"
+    ))
+    .await;
+    for (method, path) in [("GET", "/loop"), ("POST", "/loop")] {
+        let r = send_with(&gate, method, path, &[("via", "1.1 edge")]).await;
+        assert_eq!(
+            (r.status, r.body.trim()),
+            (508, "forwarding loop"),
+            "{method}"
+        );
+    }
+    let loops = &gate.stats().await["upstream_errors"]["loop"];
+    assert_eq!(
+        loops.as_u64(),
+        Some(2),
+        "one hop each refused, the first passed its 508 back"
+    );
 }
 
 // 3b. With forward_unkeyed_query, a parameter outside the key that some upstream could

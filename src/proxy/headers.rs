@@ -156,9 +156,47 @@ pub struct Forwarding {
     pub trusted_proxies: Vec<IpNet>,
     /// The `Host` the upstream gets; `None` keeps the client's (`preserve_host`).
     pub upstream_host: Option<HeaderValue>,
+    /// This process's `Via` entry, `1.1 cachegate-{8 hex digits}` (random per process;
+    /// `None`: no `Via` added, no loop detected).
+    via: Option<HeaderValue>,
 }
 
 impl Forwarding {
+    /// The rules for forwarding to an upstream: `trusted_proxies`, the `upstream_host`
+    /// (`None` keeps the client's), and a `Via` entry of this process's own.
+    pub fn new(trusted_proxies: Vec<IpNet>, upstream_host: Option<HeaderValue>) -> Self {
+        let pseudonym = format!("1.1 cachegate-{:08x}", cachegate_core::random_id() as u32);
+        Forwarding {
+            trusted_proxies,
+            upstream_host,
+            via: HeaderValue::from_str(&pseudonym).ok(),
+        }
+    }
+
+    /// Whether a request already went through this process: its `Via` lists this
+    /// process's entry (RFC 9110 §7.6.3; entries are `protocol received-by [comment]`,
+    /// comma-separated). Such a request went round a forwarding loop (an upstream URL
+    /// leading back here, directly or through other proxies), and forwarding it again would
+    /// go round again (or wait on its own coalesced request).
+    pub fn looped(&self, headers: &HeaderMap) -> bool {
+        let Some(own) = self
+            .via
+            .as_ref()
+            .and_then(|v| v.as_bytes().split(|&b| b == b' ').nth(1))
+        else {
+            return false;
+        };
+        headers
+            .get_all(header::VIA)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+            .any(|entry| {
+                let mut parts = entry.trim_ascii().split(u8::is_ascii_whitespace);
+                parts.next();
+                parts.next() == Some(own)
+            })
+    }
+
     /// Whether `peer` is a trusted proxy.
     pub fn trusts(&self, peer: IpAddr) -> bool {
         let peer = peer.to_canonical();
@@ -167,7 +205,8 @@ impl Forwarding {
 
     /// Rewrites a request's headers for the upstream: hop-by-hop headers were removed
     /// already; this sets `Host`, removes override headers, replaces forwarding headers
-    /// (appending to a trusted proxy's `X-Forwarded-For`), and drops `Content-Length`, which
+    /// (appending to a trusted proxy's `X-Forwarded-For`), appends this process's `Via`
+    /// entry (RFC 9110 §7.6.3: a gateway sends one in each inbound request), and drops `Content-Length`, which
     /// the HTTP client sets from the body it actually sends.
     pub fn apply(&self, headers: &mut HeaderMap, client: SocketAddr) {
         if let Some(host) = &self.upstream_host {
@@ -195,6 +234,9 @@ impl Forwarding {
         }
         if !headers.contains_key("x-forwarded-proto") {
             headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+        }
+        if let Some(via) = &self.via {
+            headers.append(header::VIA, via.clone());
         }
     }
 }
@@ -387,10 +429,10 @@ mod tests {
 
     #[test]
     fn underscore_spellings_and_override_headers_never_reach_the_upstream() {
-        let fwd = Forwarding {
-            trusted_proxies: vec!["10.0.0.0/8".parse().unwrap()],
-            upstream_host: Some(HeaderValue::from_static("origin:80")),
-        };
+        let fwd = Forwarding::new(
+            vec!["10.0.0.0/8".parse().unwrap()],
+            Some(HeaderValue::from_static("origin:80")),
+        );
         for peer in ["127.0.0.1:5000", "10.1.2.3:5000"] {
             let mut h = header_map(&[
                 ("x_forwarded_host", "evil.example"),
@@ -421,7 +463,13 @@ mod tests {
             left.sort_unstable();
             assert_eq!(
                 left,
-                ["accept", "host", "x-forwarded-for", "x-forwarded-proto"],
+                [
+                    "accept",
+                    "host",
+                    "via",
+                    "x-forwarded-for",
+                    "x-forwarded-proto"
+                ],
                 "{peer}"
             );
         }
@@ -451,11 +499,23 @@ mod tests {
     }
 
     #[test]
+    fn a_request_is_looped_only_when_it_carries_this_process_via_entry() {
+        let (a, b) = (Forwarding::new(vec![], None), Forwarding::new(vec![], None));
+        let mut h = header_map(&[("via", "1.0 fred, 1.1 cachegate")]);
+        assert!(!a.looped(&h) && !b.looped(&h));
+        a.apply(&mut h, "127.0.0.1:5000".parse().unwrap());
+        assert_eq!(h.get_all("via").iter().count(), 2);
+        assert!(a.looped(&h), "{h:?}");
+        assert!(!b.looped(&h), "another cachegate in the chain is no loop");
+        assert!(!Forwarding::default().looped(&h));
+    }
+
+    #[test]
     fn client_forwarding_headers_are_replaced_unless_trusted() {
-        let fwd = Forwarding {
-            trusted_proxies: vec!["10.0.0.0/8".parse().unwrap()],
-            upstream_host: Some(HeaderValue::from_static("origin:80")),
-        };
+        let fwd = Forwarding::new(
+            vec!["10.0.0.0/8".parse().unwrap()],
+            Some(HeaderValue::from_static("origin:80")),
+        );
         let spoofed = || {
             header_map(&[
                 ("host", "evil.example"),

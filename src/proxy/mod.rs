@@ -188,12 +188,12 @@ impl Proxy<Upstream> {
             home,
             shared.metrics.upstream_retries.clone(),
         );
-        let forwarding = Forwarding {
-            trusted_proxies: config.server.trusted_proxies.iter().map(|n| n.0).collect(),
-            upstream_host: (!config.upstream.preserve_host)
+        let forwarding = Forwarding::new(
+            config.server.trusted_proxies.iter().map(|n| n.0).collect(),
+            (!config.upstream.preserve_host)
                 .then(|| upstream.host_header())
                 .flatten(),
-        };
+        );
         Proxy::with_origin(
             upstream,
             forwarding,
@@ -572,6 +572,11 @@ impl<O: Origin> Proxy<O> {
                 "not in the cache (only-if-cached)",
             );
             return self.finish(resp, miss(phase, None), Some(&key));
+        }
+        // A request that went round a forwarding loop would wait on its own flight.
+        if self.forwarding.looped(&parts.headers) {
+            let phase = CachePhase::Miss(Err(NoStoreReason::UpstreamError));
+            return self.finish(self.forwarding_loop(), miss(phase, None), Some(&key));
         }
         // Miss: one request per key goes to the upstream. A follower whose leader failed
         // joins again, so that one of them leads the next attempt.
@@ -1432,6 +1437,9 @@ impl<O: Origin> Proxy<O> {
     ) -> Result<(http::response::Parts, ProxyBody, Vec<String>, Received), Response<ProxyBody>>
     {
         if O::REWRITES_FORWARDING {
+            if self.forwarding.looped(&parts.headers) {
+                return Err(self.forwarding_loop());
+            }
             self.forwarding.apply(&mut parts.headers, client);
         } else {
             headers::strip_overrides(&mut parts.headers);
@@ -1481,6 +1489,15 @@ impl<O: Origin> Proxy<O> {
                 self.refuse(if timed_out { BODY_TIMEOUT } else { BAD_BODY })
             }
         }
+    }
+
+    /// The answer to a request that already went through this process (a forwarding
+    /// loop, [`Forwarding::looped`]): `508 Loop Detected` (RFC 5842 §7.2), counted as an
+    /// upstream error of kind `loop`.
+    fn forwarding_loop(&self) -> Response<ProxyBody> {
+        self.metrics.upstream_errors.inc("loop");
+        tracing::warn!("forwarding loop: the upstream URL leads back to this cachegate");
+        plain(StatusCode::LOOP_DETECTED, "forwarding loop")
     }
 
     /// A client fault answered by cachegate itself, counted by kind.

@@ -43,7 +43,13 @@ impl Gate {
         if let Some(table) = redis {
             toml.push_str(&format!("[redis]\n{table}"));
         }
-        let config = cachegate::config::Config::from_toml(&toml, None)
+        Gate::start_toml(&toml).await
+    }
+
+    /// Starts cachegate with the whole configuration `toml` (`listen`, `admin_listen` and
+    /// `[upstream]` included).
+    pub async fn start_toml(toml: &str) -> Gate {
+        let config = cachegate::config::Config::from_toml(toml, None)
             .unwrap()
             .finish(&Default::default(), |name| {
                 (name == "CACHEGATE_KEY_SECRET").then(|| "test-secret".to_string())
