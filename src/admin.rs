@@ -457,8 +457,10 @@ fn purge_reply(reports: &[PurgeReport], purged: serde_json::Value) -> Response<P
         "detail": if reached && recorded {
             "applied on every replica that acknowledged"
         } else if reached {
-            "Redis did not record the purge (out of memory?): applied on every replica that \
-             acknowledged; a replica between subscriptions will not apply it: retry"
+            "Redis did not record the purge (out of memory?): published to the replicas \
+             expected, which apply it, but their acknowledgements, written to Redis, may not \
+             come, and a replica between subscriptions misses it: send it again once Redis \
+             has room"
         } else {
             "Redis not reached: applied on this replica only, other replicas not reached"
         },

@@ -206,7 +206,8 @@ async fn upstream_replies_that_answer_nothing_are_502_and_never_stored() {
         "/not-modified",
         "/two-lengths",
     ] {
-        for method in ["GET", "DELETE"] {
+        // GET twice (a stored answer would spare the upstream the second), then DELETE.
+        for method in ["GET", "GET", "DELETE"] {
             let before = up.requests();
             let r = send_with(&gate, method, path, &[]).await;
             assert_eq!(
@@ -231,8 +232,9 @@ async fn upstream_replies_that_answer_nothing_are_502_and_never_stored() {
 }
 
 // 2c. An upstream URL that leads back to cachegate makes a forwarding loop: each process
-// appends a `Via` entry of its own, and a request that comes back with it is answered 508
-// (on the cached path, where it would wait on its own flight, and on the bypass path).
+// appends a `CDN-Loop` entry of its own, and a request that comes back with it is answered
+// 508 (on the cached path, where it would wait on its own flight, on the bypass path and
+// on the WebSocket tunnel).
 #[tokio::test]
 async fn a_forwarding_loop_ends_in_508() {
     let port = common::free_port();
@@ -241,18 +243,27 @@ async fn a_forwarding_loop_ends_in_508() {
     ))
     .await;
     for (method, path) in [("GET", "/loop"), ("POST", "/loop")] {
-        let r = send_with(&gate, method, path, &[("via", "1.1 edge")]).await;
+        let r = send_with(&gate, method, path, &[("cdn-loop", "edge")]).await;
         assert_eq!(
             (r.status, r.body.trim()),
             (508, "forwarding loop"),
             "{method}"
         );
     }
+    // A WebSocket handshake: tunnelled, not through the cached path.
+    let mut s = TcpStream::connect(gate.addr()).await.unwrap();
+    s.write_all(b"GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").await.unwrap();
+    let got = read_until(&mut s, b"forwarding loop").await;
+    assert!(
+        got.starts_with(b"HTTP/1.1 508"),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
     let loops = &gate.stats().await["upstream_errors"]["loop"];
     assert_eq!(
         loops.as_u64(),
-        Some(2),
-        "one hop each refused, the first passed its 508 back"
+        Some(3),
+        "one hop each refused, the first passed its 508 back (or closed the tunnel)"
     );
 }
 
@@ -461,6 +472,7 @@ key_query = ["from"]
         ("http://c.example/v", 200, Some("c.example")),
         ("http://a.example/v", 200, Some("a.example")),
         ("http://user@a.example/v", 400, None),
+        ("ftp://a.example/v", 400, None),
     ] {
         let request =
             format!("GET {target} HTTP/1.1\r\nHost: b.example\r\nConnection: close\r\n\r\n");
@@ -1224,9 +1236,14 @@ async fn tunnels_count_against_max_connections_and_close_at_shutdown() {
 async fn open_websocket(gate: &Gate) -> (TcpStream, String) {
     let mut s = TcpStream::connect(gate.addr()).await.unwrap();
     s.write_all(b"GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").await.unwrap();
+    let got = read_until(&mut s, b"hello from upstream|").await;
+    (s, String::from_utf8_lossy(&got).to_ascii_lowercase())
+}
+
+/// Reads from `s` until what came ends with `suffix` (within [`LIMIT`] per read).
+async fn read_until(s: &mut TcpStream, suffix: &[u8]) -> Vec<u8> {
     let mut got = Vec::new();
-    let want = b"hello from upstream|";
-    while !got.ends_with(want) {
+    while !got.ends_with(suffix) {
         let mut buf = [0u8; 512];
         let n = tokio::time::timeout(LIMIT, s.read(&mut buf))
             .await
@@ -1235,7 +1252,7 @@ async fn open_websocket(gate: &Gate) -> (TcpStream, String) {
         assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
         got.extend_from_slice(&buf[..n]);
     }
-    (s, String::from_utf8_lossy(&got).to_ascii_lowercase())
+    got
 }
 
 // 13. A client's malformed body is a client fault.

@@ -28,20 +28,17 @@ const HOP_BY_HOP: [HeaderName; 10] = [
     HeaderName::from_static("http2-settings"),
 ];
 
-/// Headers some frameworks read to change a request's method, URL, host or scheme. They
-/// are removed from every request: the cache key is built from the real method and URL,
-/// and the host and scheme the upstream sees are cachegate's. Besides these names, any
-/// name with the word `original` or `scheme` is one ([`is_override`]).
-const OVERRIDES: [&str; 14] = [
+/// Headers some frameworks read to change a request's method or URL. They are removed
+/// from every request: the cache key is built from the real method and URL. Besides
+/// these names, any name with the word `original` is one ([`is_override`]).
+const OVERRIDES: [&str; 12] = [
     "x-http-method-override",
     "x-http-method",
     "x-method-override",
     "x-rewrite-url",
     "x-override-url",
-    "x-host",
     "x-http-host-override",
     "x-host-override",
-    "front-end-https",
     "x-request-uri",
     "x-request-url",
     "base-url",
@@ -49,37 +46,66 @@ const OVERRIDES: [&str; 14] = [
     "x-proxy-url",
 ];
 
+/// Last words of header names that carry a client address ([`is_client_address`]).
+const ADDRESS_WORDS: [&str; 7] = [
+    "ip", "addr", "address", "clientip", "socketip", "remoteip", "realip",
+];
+
+/// Last words of header names that tell the origin a request was addressed to
+/// ([`is_origin_fact`]).
+const ORIGIN_WORDS: [&str; 6] = ["scheme", "proto", "ssl", "https", "host", "port"];
+
 /// The words of a header name (split at `-`).
 fn words(name: &str) -> std::str::Split<'_, char> {
     name.split('-')
 }
 
-/// Whether a request header may change the method, URL, host or scheme an upstream reads
-/// (removed from every request): [`OVERRIDES`], and every name with the word `original`
+/// Whether a header is set by browsers only (`Sec-`: Fetch Metadata, Client Hints such as
+/// `Sec-CH-Prefers-Color-Scheme`; scripts cannot set them): never one of the classes
+/// below, whatever its words.
+fn is_browser_set(name: &str) -> bool {
+    name.starts_with("sec-")
+}
+
+/// Whether a request header may change the method or URL an upstream reads (removed from
+/// every request): [`OVERRIDES`], and every name with the word `original`
 /// (`X-Original-URL`, `X-Original-Host`, `X-Envoy-Original-Path`,
-/// `X-Original-Forwarded-For`, ...) or `scheme` outside forwarding headers (`X-Scheme`,
-/// `X-Real-Scheme`, `X-URL-Scheme`: the scheme an upstream gets is `X-Forwarded-Proto`,
-/// cachegate's own or a trusted proxy's, which is keyed).
+/// `X-Original-Forwarded-For`, ...).
 fn is_override(name: &str) -> bool {
-    OVERRIDES.contains(&name)
-        || words(name).any(|w| w == "original" || (w == "scheme" && !is_forwarding(name)))
+    !is_browser_set(name) && (OVERRIDES.contains(&name) || words(name).any(|w| w == "original"))
 }
 
 /// Whether a request header carries a client address, as proxies and CDNs set them (from
 /// a client that is not a trusted proxy they are spoofed, and removed; never keyed): every
-/// name whose last word is `ip` or `addr` (`X-Real-IP`, `X-Client-IP`, `Client-IP`,
-/// `True-Client-IP`, `CF-Connecting-IP`, `X-Remote-Addr`, `X-Originating-IP`, ...), and
+/// name whose last word is one of [`ADDRESS_WORDS`] (`X-Real-IP`, `Client-IP`,
+/// `CF-Connecting-IP`, `X-Remote-Addr`, `X-Client-Address`, `X-Azure-ClientIP`, ...), and
 /// the `for` headers of forwarding (`X-Forwarded-For`, `Forwarded-For`).
 fn is_client_address(name: &str) -> bool {
-    matches!(words(name).next_back(), Some("ip" | "addr"))
-        || (is_forwarding(name) && name.ends_with("-for"))
+    let last = words(name).next_back().unwrap_or("");
+    !is_browser_set(name)
+        && (ADDRESS_WORDS.contains(&last) || (is_forwarding_name(name) && last == "for"))
 }
 
-/// Whether a request header is a forwarding proxy's account of the request (kept from
-/// trusted proxies only): `Forwarded` (RFC 7239), every name starting `x-forwarded`, and
-/// every name with the word `forwarded` (`Forwarded-For`, `Forwarded-Host`, ...).
-fn is_forwarding(name: &str) -> bool {
+/// Whether a name is a forwarding header's: starting `x-forwarded`, or with the word
+/// `forwarded`.
+fn is_forwarding_name(name: &str) -> bool {
     name.starts_with("x-forwarded") || words(name).any(|w| w == "forwarded")
+}
+
+/// Whether a request header tells an upstream the origin the request was addressed to,
+/// as a proxy in front saw it (from a client that is not a trusted proxy it is spoofed,
+/// and removed; from a trusted one it is kept and keyed, [`forwarded_origin`]): every
+/// forwarding header but the client addresses (`X-Forwarded-Host`, `-Proto`, `-Prefix`,
+/// `Forwarded-Host`, ...), and every name with the word `scheme` or whose last word is
+/// one of [`ORIGIN_WORDS`] (`X-Scheme`, `X-URL-Scheme`, `Front-End-Https`, `X-ARR-SSL`,
+/// `X-Host`, `X-Real-Host`, `X-Port`, ...); not `Host` itself, and not `Forwarded`, whose
+/// parameters are judged apart.
+pub fn is_origin_fact(name: &str) -> bool {
+    if is_browser_set(name) || matches!(name, "host" | "forwarded") || is_client_address(name) {
+        return false;
+    }
+    let last = words(name).next_back().unwrap_or("");
+    is_forwarding_name(name) || words(name).any(|w| w == "scheme") || ORIGIN_WORDS.contains(&last)
 }
 
 /// Removes hop-by-hop headers, including `Upgrade` and every header named in
@@ -156,44 +182,42 @@ pub struct Forwarding {
     pub trusted_proxies: Vec<IpNet>,
     /// The `Host` the upstream gets; `None` keeps the client's (`preserve_host`).
     pub upstream_host: Option<HeaderValue>,
-    /// This process's `Via` entry, `1.1 cachegate-{8 hex digits}` (random per process;
-    /// `None`: no `Via` added, no loop detected).
-    via: Option<HeaderValue>,
+    /// This process's `CDN-Loop` entry, `cachegate-{8 hex digits}` (random per process;
+    /// `None`: none added, no loop detected).
+    cdn_loop: Option<HeaderValue>,
 }
+
+/// The `CDN-Loop` request header (RFC 8586).
+const CDN_LOOP: HeaderName = HeaderName::from_static("cdn-loop");
 
 impl Forwarding {
     /// The rules for forwarding to an upstream: `trusted_proxies`, the `upstream_host`
-    /// (`None` keeps the client's), and a `Via` entry of this process's own.
+    /// (`None` keeps the client's), and a `CDN-Loop` entry of this process's own.
     pub fn new(trusted_proxies: Vec<IpNet>, upstream_host: Option<HeaderValue>) -> Self {
-        let pseudonym = format!("1.1 cachegate-{:08x}", cachegate_core::random_id() as u32);
+        let pseudonym = format!("cachegate-{:08x}", cachegate_core::random_id() as u32);
         Forwarding {
             trusted_proxies,
             upstream_host,
-            via: HeaderValue::from_str(&pseudonym).ok(),
+            cdn_loop: HeaderValue::from_str(&pseudonym).ok(),
         }
     }
 
-    /// Whether a request already went through this process: its `Via` lists this
-    /// process's entry (RFC 9110 §7.6.3; entries are `protocol received-by [comment]`,
-    /// comma-separated). Such a request went round a forwarding loop (an upstream URL
-    /// leading back here, directly or through other proxies), and forwarding it again would
-    /// go round again (or wait on its own coalesced request).
+    /// Whether a request already went through this process: its `CDN-Loop` lists this
+    /// process's entry (RFC 8586 §2: comma-separated `cdn-id *( ";" parameter )`, compared
+    /// without regard to case). Such a request went round a forwarding loop (an upstream
+    /// URL leading back here, directly or through other proxies), and forwarding it again
+    /// would go round again (or wait on its own coalesced request).
     pub fn looped(&self, headers: &HeaderMap) -> bool {
-        let Some(own) = self
-            .via
-            .as_ref()
-            .and_then(|v| v.as_bytes().split(|&b| b == b' ').nth(1))
-        else {
+        let Some(own) = &self.cdn_loop else {
             return false;
         };
         headers
-            .get_all(header::VIA)
+            .get_all(CDN_LOOP)
             .iter()
             .flat_map(|v| v.as_bytes().split(|&b| b == b','))
             .any(|entry| {
-                let mut parts = entry.trim_ascii().split(u8::is_ascii_whitespace);
-                parts.next();
-                parts.next() == Some(own)
+                let id = entry.split(|&b| b == b';').next().unwrap_or_default();
+                id.trim_ascii().eq_ignore_ascii_case(own.as_bytes())
             })
     }
 
@@ -205,8 +229,9 @@ impl Forwarding {
 
     /// Rewrites a request's headers for the upstream: hop-by-hop headers were removed
     /// already; this sets `Host`, removes override headers, replaces forwarding headers
-    /// (appending to a trusted proxy's `X-Forwarded-For`), appends this process's `Via`
-    /// entry (RFC 9110 §7.6.3: a gateway sends one in each inbound request), and drops `Content-Length`, which
+    /// (appending to a trusted proxy's `X-Forwarded-For`), appends this process's
+    /// `CDN-Loop` entry (RFC 8586; not `Via`, RFC 9110 §7.6.3, whose presence turns off
+    /// compression in nginx's default `gzip_proxied off`), and drops `Content-Length`, which
     /// the HTTP client sets from the body it actually sends.
     pub fn apply(&self, headers: &mut HeaderMap, client: SocketAddr) {
         if let Some(host) = &self.upstream_host {
@@ -222,7 +247,10 @@ impl Forwarding {
         if !trusted {
             let spoofable: Vec<HeaderName> = headers
                 .keys()
-                .filter(|n| is_forwarding(n.as_str()) || is_client_address(n.as_str()))
+                .filter(|n| {
+                    let n = n.as_str();
+                    n == "forwarded" || is_origin_fact(n) || is_client_address(n)
+                })
                 .cloned()
                 .collect();
             for name in spoofable {
@@ -235,8 +263,8 @@ impl Forwarding {
         if !headers.contains_key("x-forwarded-proto") {
             headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
         }
-        if let Some(via) = &self.via {
-            headers.append(header::VIA, via.clone());
+        if let Some(id) = &self.cdn_loop {
+            headers.append(CDN_LOOP, id.clone());
         }
     }
 }
@@ -266,9 +294,9 @@ pub fn strip_overrides(headers: &mut HeaderMap) {
     headers.remove(header::CONTENT_LENGTH);
 }
 
-/// The origin a trusted proxy forwards, as bytes for the cache key: every forwarding
-/// header but `Forwarded` and the client addresses (`X-Forwarded-Host`, `-Proto`, `-Port`,
-/// `-Prefix`, `-Ssl`, `-Scheme`, `-Server`, `-Uri`, `Forwarded-Host`, ...: an upstream
+/// The origin a trusted proxy forwards, as bytes for the cache key: every header
+/// [`is_origin_fact`] names (`X-Forwarded-Host`, `-Proto`, `-Port`, `-Prefix`, `-Ssl`,
+/// `-Scheme`, `-Server`, `-Uri`, `Forwarded-Host`, `X-Scheme`, `X-Host`, ...: an upstream
 /// builds absolute URLs, redirects and tenant choices from them), and the `host` and
 /// `proto` parameters of `Forwarded` (RFC 7239 §4, quoted strings respected). `None` when there is none. Client addresses (`X-Forwarded-For`,
 /// `Forwarded: for=`, `X-Real-IP` and the like) are not included: keying them would make
@@ -287,10 +315,7 @@ pub fn forwarded_origin(headers: &HeaderMap) -> Option<Vec<u8>> {
     };
     let mut names: Vec<&HeaderName> = headers
         .keys()
-        .filter(|n| {
-            let n = n.as_str();
-            n != "forwarded" && is_forwarding(n) && !is_client_address(n)
-        })
+        .filter(|n| is_origin_fact(n.as_str()))
         .collect();
     names.sort_by_key(|n| n.as_str());
     for name in names {
@@ -433,45 +458,55 @@ mod tests {
             vec!["10.0.0.0/8".parse().unwrap()],
             Some(HeaderValue::from_static("origin:80")),
         );
+        // Origin facts: kept from trusted proxies only (and keyed).
+        let origin_facts = [
+            ("x-host", "evil.example"),
+            ("x-real-host", "evil.example"),
+            ("x-port", "8443"),
+            ("x-url-scheme", "https"),
+            ("front-end-https", "on"),
+            ("x-arr-ssl", "on"),
+            ("x-proto", "https"),
+            ("x-scheme", "https"),
+            ("x-real-scheme", "https"),
+        ];
         for peer in ["127.0.0.1:5000", "10.1.2.3:5000"] {
             let mut h = header_map(&[
                 ("x_forwarded_host", "evil.example"),
                 ("x_http_method_override", "DELETE"),
                 ("x_original_url", "/admin"),
-                ("x-host", "evil.example"),
                 ("x-http-host-override", "evil.example"),
                 ("x-original-host", "evil.example"),
-                ("x-url-scheme", "https"),
-                ("front-end-https", "on"),
-                ("x-scheme", "https"),
-                ("x-real-scheme", "https"),
                 ("x-envoy-original-path", "/admin"),
                 ("x-original-forwarded-host", "evil.example"),
                 ("x-host-override", "evil.example"),
                 ("x-request-uri", "/admin"),
                 ("x-base-url", "https://evil.example"),
                 ("accept", "application/json"),
+                ("sec-ch-prefers-color-scheme", "dark"),
+                ("sec-fetch-site", "same-origin"),
             ]);
+            for (name, value) in origin_facts {
+                h.insert(name, HeaderValue::from_static(value));
+            }
+            let trusted = peer.starts_with("10.");
             fwd.apply(&mut h, peer.parse().unwrap());
-            let left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
-            assert!(
-                left.iter()
-                    .all(|k| !k.contains('_') && !k.contains("host-") && *k != "x-host"),
-                "{peer}: {left:?}"
-            );
-            let mut left = left;
+            let mut left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
             left.sort_unstable();
-            assert_eq!(
-                left,
-                [
-                    "accept",
-                    "host",
-                    "via",
-                    "x-forwarded-for",
-                    "x-forwarded-proto"
-                ],
-                "{peer}"
-            );
+            let mut expected = vec![
+                "accept",
+                "cdn-loop",
+                "host",
+                "sec-ch-prefers-color-scheme",
+                "sec-fetch-site",
+                "x-forwarded-for",
+                "x-forwarded-proto",
+            ];
+            if trusted {
+                expected.extend(origin_facts.map(|(name, _)| name));
+                expected.sort_unstable();
+            }
+            assert_eq!(left, expected, "{peer}");
         }
         let mut h = header_map(&[
             ("x-forwarded", "host=evil"),
@@ -482,6 +517,8 @@ mod tests {
             ("x-originating-ip", "6.6.6.6"),
             ("forwarded-for", "6.6.6.6"),
             ("forwarded-host", "evil.example"),
+            ("x-client-address", "6.6.6.6"),
+            ("x-azure-clientip", "6.6.6.6"),
         ]);
         fwd.apply(&mut h, "127.0.0.1:5000".parse().unwrap());
         for gone in [
@@ -493,21 +530,34 @@ mod tests {
             "x-originating-ip",
             "forwarded-for",
             "forwarded-host",
+            "x-client-address",
+            "x-azure-clientip",
         ] {
             assert!(!h.contains_key(gone), "{gone}");
         }
     }
 
     #[test]
-    fn a_request_is_looped_only_when_it_carries_this_process_via_entry() {
+    fn a_request_is_looped_only_when_it_carries_this_process_cdn_loop_entry() {
         let (a, b) = (Forwarding::new(vec![], None), Forwarding::new(vec![], None));
-        let mut h = header_map(&[("via", "1.0 fred, 1.1 cachegate")]);
+        let mut h = header_map(&[("cdn-loop", "fred, cachegate; v=1")]);
         assert!(!a.looped(&h) && !b.looped(&h));
         a.apply(&mut h, "127.0.0.1:5000".parse().unwrap());
-        assert_eq!(h.get_all("via").iter().count(), 2);
+        assert_eq!(h.get_all("cdn-loop").iter().count(), 2);
         assert!(a.looped(&h), "{h:?}");
         assert!(!b.looped(&h), "another cachegate in the chain is no loop");
         assert!(!Forwarding::default().looped(&h));
+        let own = h
+            .get_all("cdn-loop")
+            .iter()
+            .next_back()
+            .unwrap()
+            .to_str()
+            .unwrap();
+        let spelled = format!("other, {}; p=1", own.to_ascii_uppercase());
+        let other = header_map(&[("cdn-loop", Box::leak(spelled.into_boxed_str()))]);
+        assert!(a.looped(&other), "case and parameters aside");
+        assert!(!h.contains_key("via"));
     }
 
     #[test]
@@ -562,6 +612,8 @@ mod tests {
                 ("x-real-ip", "1.2.3.4"),
                 ("forwarded-for", "1.2.3.4"),
                 ("x-remote-addr", "1.2.3.4"),
+                ("host", "a.example"),
+                ("sec-ch-prefers-color-scheme", "dark"),
             ]),
             None
         );
@@ -586,6 +638,8 @@ mod tests {
             origin(&[("x-forwarded-server", "a")]),
             origin(&[("x-forwarded-uri", "/a")]),
             origin(&[("forwarded-host", "a.example")]),
+            origin(&[("x-scheme", "https")]),
+            origin(&[("x-host", "a.example")]),
             origin(&[
                 ("x-forwarded-host", "a.example"),
                 ("x-forwarded-proto", "https"),

@@ -1401,6 +1401,9 @@ impl<O: Origin> Proxy<O> {
                 .bypass(parts, body, client, BypassReason::Upgrade)
                 .await;
         };
+        if self.forwarding.looped(&parts.headers) {
+            return self.finish(self.forwarding_loop(), miss(phase, None), None);
+        }
         upgrade.restore_headers(&mut parts.headers);
         self.forwarding.apply(&mut parts.headers, client);
         let resp = match self.origin.send(Request::from_parts(parts, body)).await {
@@ -1691,8 +1694,8 @@ fn check_target_form(parts: &Parts) -> Result<(), ClientFault> {
 /// RFC 9112 §3.2.2: a request in absolute form (`GET http://host/path`) names its host in
 /// the target, and the `Host` header is ignored and replaced by it, so that the `Host`
 /// keyed and forwarded with `preserve_host` is the one the target names. A target with
-/// userinfo (`http://user@host/`, which RFC 9110 §4.2.4 forbids) or with a host that is
-/// not a `host[:port]` gets `400`.
+/// another scheme than `http` or `https`, with userinfo (`http://user@host/`, which RFC
+/// 9110 §4.2.4 forbids) or with a host that is not a `host[:port]` gets `400`.
 fn take_target_host(parts: &mut Parts) -> Result<(), ClientFault> {
     let Some(authority) = parts
         .uri
@@ -1701,6 +1704,13 @@ fn take_target_host(parts: &mut Parts) -> Result<(), ClientFault> {
     else {
         return Ok(());
     };
+    if !matches!(parts.uri.scheme_str(), Some("http" | "https")) {
+        return Err(ClientFault {
+            status: StatusCode::BAD_REQUEST,
+            reason: "the absolute-form target is not an http or https URI",
+            kind: "target",
+        });
+    }
     const NOT_A_HOST: ClientFault = ClientFault {
         status: StatusCode::BAD_REQUEST,
         reason: "the absolute-form target's authority is not a host[:port]",

@@ -84,7 +84,7 @@ impl Replay {
             let kept = name == header::HOST
                 || (name == header::CONTENT_TYPE && !body.is_empty())
                 || key_headers.iter().any(|h| h == n)
-                || (n.starts_with("x-forwarded") && n != "x-forwarded-for")
+                || super::headers::is_origin_fact(n)
                 || name == header::FORWARDED;
             if kept {
                 headers.append(name.clone(), value.clone());
@@ -337,4 +337,44 @@ fn tokio_stream_of<T: Send + 'static>(
     mut rx: mpsc::Receiver<T>,
 ) -> impl futures_util::Stream<Item = T> {
     futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proxy::headers::forwarded_origin;
+    use crate::test_support::header_map;
+
+    /// A refresh sends what the key was made of: every header a trusted proxy's forwarded
+    /// origin is keyed by, none other (else the refresh lands under another key).
+    #[test]
+    fn a_replay_keeps_exactly_the_keyed_origin_headers() {
+        let pairs: [(&'static str, &'static str); 10] = [
+            ("x-forwarded-host", "a.example"),
+            ("forwarded-host", "a.example"),
+            ("x-scheme", "https"),
+            ("x-host", "a.example"),
+            ("front-end-https", "on"),
+            ("x-forwarded-for", "1.2.3.4"),
+            ("x-real-ip", "1.2.3.4"),
+            ("accept", "text/html"),
+            ("sec-ch-prefers-color-scheme", "dark"),
+            ("forwarded", "host=a.example"),
+        ];
+        let mut req = Request::new(());
+        *req.headers_mut() = header_map(&pairs);
+        let (parts, ()) = req.into_parts();
+        let client = "10.0.0.1:5000".parse().unwrap();
+        let replay = Replay::keyed(&parts, &[], Bytes::new(), client).unwrap();
+        let again = replay.to_request();
+        for (name, value) in pairs {
+            let keyed = forwarded_origin(&header_map(&[(name, value)])).is_some();
+            assert_eq!(again.headers().contains_key(name), keyed, "{name}");
+        }
+        assert_eq!(
+            forwarded_origin(again.headers()),
+            forwarded_origin(&parts.headers),
+            "the same origin is keyed"
+        );
+    }
 }
