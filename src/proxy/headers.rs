@@ -47,13 +47,17 @@ const OVERRIDES: [&str; 12] = [
 ];
 
 /// Last words of header names that carry a client address ([`is_client_address`]).
-const ADDRESS_WORDS: [&str; 7] = [
-    "ip", "addr", "address", "clientip", "socketip", "remoteip", "realip",
+const ADDRESS_WORDS: [&str; 9] = [
+    "ip", "ipv4", "ipv6", "addr", "address", "clientip", "socketip", "remoteip", "realip",
 ];
 
 /// Last words of header names that tell the origin a request was addressed to
 /// ([`is_origin_fact`]).
 const ORIGIN_WORDS: [&str; 6] = ["scheme", "proto", "ssl", "https", "host", "port"];
+
+/// Origin headers no word rule names ([`is_origin_fact`]): Cloudflare's `CF-Visitor`
+/// (`{"scheme":"https"}`, read by some applications for the scheme).
+const ORIGIN_NAMES: [&str; 1] = ["cf-visitor"];
 
 /// The words of a header name (split at `-`).
 fn words(name: &str) -> std::str::Split<'_, char> {
@@ -98,14 +102,17 @@ fn is_forwarding_name(name: &str) -> bool {
 /// forwarding header but the client addresses (`X-Forwarded-Host`, `-Proto`, `-Prefix`,
 /// `Forwarded-Host`, ...), and every name with the word `scheme` or whose last word is
 /// one of [`ORIGIN_WORDS`] (`X-Scheme`, `X-URL-Scheme`, `Front-End-Https`, `X-ARR-SSL`,
-/// `X-Host`, `X-Real-Host`, `X-Port`, ...); not `Host` itself, and not `Forwarded`, whose
+/// `X-Host`, `X-Real-Host`, `X-Port`, ...), and [`ORIGIN_NAMES`]; not `Host` itself, and not `Forwarded`, whose
 /// parameters are judged apart.
 pub fn is_origin_fact(name: &str) -> bool {
     if is_browser_set(name) || matches!(name, "host" | "forwarded") || is_client_address(name) {
         return false;
     }
     let last = words(name).next_back().unwrap_or("");
-    is_forwarding_name(name) || words(name).any(|w| w == "scheme") || ORIGIN_WORDS.contains(&last)
+    is_forwarding_name(name)
+        || words(name).any(|w| w == "scheme")
+        || ORIGIN_WORDS.contains(&last)
+        || ORIGIN_NAMES.contains(&name)
 }
 
 /// Removes hop-by-hop headers, including `Upgrade` and every header named in
@@ -469,6 +476,7 @@ mod tests {
             ("x-proto", "https"),
             ("x-scheme", "https"),
             ("x-real-scheme", "https"),
+            ("cf-visitor", "{\"scheme\":\"https\"}"),
         ];
         for peer in ["127.0.0.1:5000", "10.1.2.3:5000"] {
             let mut h = header_map(&[
@@ -519,6 +527,7 @@ mod tests {
             ("forwarded-host", "evil.example"),
             ("x-client-address", "6.6.6.6"),
             ("x-azure-clientip", "6.6.6.6"),
+            ("cf-connecting-ipv6", "::6"),
         ]);
         fwd.apply(&mut h, "127.0.0.1:5000".parse().unwrap());
         for gone in [
@@ -532,6 +541,7 @@ mod tests {
             "forwarded-host",
             "x-client-address",
             "x-azure-clientip",
+            "cf-connecting-ipv6",
         ] {
             assert!(!h.contains_key(gone), "{gone}");
         }
