@@ -16,9 +16,12 @@ use serde_json::json;
 use crate::config::EventConfig;
 use crate::entry::CachedResponse;
 use crate::metrics::Metrics;
-use crate::proxy::body::{BoxError, Limited, ProxyBody, read_limited};
+use crate::proxy::body::{BoxError, Limited, ProxyBody, Side, Timed, body_error, read_limited};
 use crate::proxy::{Proxy, Switches, generated, plain};
 use crate::warm::{self, RequestSpec};
+
+/// The longest tag, path pattern or route name a purge request may give, in bytes.
+const MAX_PURGE_ITEM_BYTES: usize = 1024;
 
 /// The largest purge request body read, in bytes.
 const MAX_PURGE_BODY_BYTES: usize = 1 << 20;
@@ -45,12 +48,20 @@ pub struct Admin {
     pub ack_timeout: Duration,
     /// The configured events (`POST /admin/events/{name}`).
     pub events: Arc<Vec<EventConfig>>,
+    /// The configured routes' names: a purge by route names one of them (else `400`).
+    pub route_names: Arc<Vec<String>>,
     /// The request path, to key purges by request exactly as requests are keyed.
     pub proxy: Option<Arc<Proxy>>,
     /// One warm list at a time (`POST /admin/warm` answers 429 while one runs), so that
     /// warming never sends more than its concurrency to the upstream.
     pub warm_slot: Arc<tokio::sync::Semaphore>,
+    /// How long a request body may stall between bytes (`client_body_timeout_ms`); the
+    /// whole body is also read within [`ADMIN_BODY_DEADLINE`].
+    pub body_idle_timeout: Duration,
 }
+
+/// The longest an admin request body may take to arrive, however it trickles.
+const ADMIN_BODY_DEADLINE: Duration = Duration::from_secs(60);
 
 /// The body of `POST /admin/purge`.
 #[derive(Debug, Deserialize)]
@@ -91,15 +102,16 @@ impl Admin {
         B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
         B::Error: Into<BoxError>,
     {
-        if req.uri().path() == "/admin/purge" {
-            return self.purge(req, peer).await;
-        }
-        if req.uri().path() == "/admin/warm" {
-            return self.warm(req, peer).await;
-        }
-        if let Some(name) = req.uri().path().strip_prefix("/admin/events/") {
-            let name = name.to_string();
-            return self.event(req, &name, peer).await;
+        let path = req.uri().path();
+        if path == "/admin/purge" || path == "/admin/warm" || path.starts_with("/admin/events/") {
+            // Its own task: a client that disconnects (a short timeout, Ctrl-C) does not
+            // cancel a purge half done, after it applied here and before it was recorded,
+            // published and written to the audit log.
+            let admin = self.clone();
+            let task = tokio::spawn(async move { admin.mutate(req, peer).await });
+            return task.await.unwrap_or_else(|_| {
+                plain(StatusCode::INTERNAL_SERVER_ERROR, "admin request failed")
+            });
         }
         if req.method() != Method::GET && req.method() != Method::HEAD {
             return plain(StatusCode::METHOD_NOT_ALLOWED, "only GET is allowed");
@@ -132,6 +144,48 @@ impl Admin {
         }
     }
 
+    /// `POST /admin/purge`, `/admin/warm` and `/admin/events/{name}`.
+    async fn mutate<B>(&self, req: Request<B>, peer: SocketAddr) -> Response<ProxyBody>
+    where
+        B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let path = req.uri().path();
+        if let Some(name) = path.strip_prefix("/admin/events/") {
+            let name = name.to_string();
+            self.event(req, &name, peer).await
+        } else if path == "/admin/warm" {
+            self.warm(req, peer).await
+        } else {
+            self.purge(req, peer).await
+        }
+    }
+
+    /// Reads a request body of at most `limit` bytes, stalling at most the idle timeout
+    /// between bytes and arriving within [`ADMIN_BODY_DEADLINE`]; the refusal otherwise
+    /// (`413` naming `too_large`, `408` for a stall, `400` for a broken body).
+    async fn read_body<B>(
+        &self,
+        body: B,
+        limit: usize,
+        too_large: &'static str,
+    ) -> Result<Bytes, Response<ProxyBody>>
+    where
+        B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let deadline = tokio::time::Instant::now() + ADMIN_BODY_DEADLINE;
+        let body = Timed::new(body, Side::Client, self.body_idle_timeout, Some(deadline));
+        match read_limited(body, limit).await {
+            Ok(Limited::Complete(bytes)) => Ok(bytes),
+            Ok(Limited::TooLarge(_)) => Err(plain(StatusCode::PAYLOAD_TOO_LARGE, too_large)),
+            Err(e) if body_error(e.as_ref()).is_some_and(|b| b.timed_out) => {
+                Err(plain(StatusCode::REQUEST_TIMEOUT, "request body timed out"))
+            }
+            Err(_) => Err(plain(StatusCode::BAD_REQUEST, "unreadable request body")),
+        }
+    }
+
     /// The refusal of a mutating call `op` that is not a POST (405, saying `how`) or lacks
     /// the admin token (see [`Admin::refusal`]; logged to the audit log); `None`: go on.
     fn admit<B>(
@@ -158,9 +212,11 @@ impl Admin {
                 "admin endpoints are off: set [admin] token or CACHEGATE_ADMIN_TOKEN",
             ));
         };
-        let given = req
-            .headers()
-            .get(header::AUTHORIZATION)
+        // Exactly one `Authorization` (a single-value field: two are no token).
+        let mut values = req.headers().get_all(header::AUTHORIZATION).iter();
+        let given = values
+            .next()
+            .filter(|_| values.next().is_none())
             .and_then(|v| v.to_str().ok())
             // The scheme is case-insensitive (RFC 9110 §11.1).
             .and_then(|v| v.split_once(' '))
@@ -235,22 +291,13 @@ impl Admin {
         let Some(proxy) = &self.proxy else {
             return plain(StatusCode::BAD_REQUEST, "no request path to warm through");
         };
-        let Ok(_slot) = self.warm_slot.clone().try_acquire_owned() else {
-            tracing::warn!(target: "audit", client = %peer, op = "warm", "refused: a warm list is running");
-            return plain(
-                StatusCode::TOO_MANY_REQUESTS,
-                "a warm list is running: try again when it has finished",
-            );
-        };
-        let body = match read_limited(req.into_body(), MAX_WARM_BODY_BYTES).await {
-            Ok(Limited::Complete(bytes)) => bytes,
-            Ok(Limited::TooLarge(_)) => {
-                return plain(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "warm list too large (8 MiB): split it",
-                );
-            }
-            Err(_) => return plain(StatusCode::BAD_REQUEST, "unreadable request body"),
+        let too_large = "warm list too large (8 MiB): split it";
+        let body = match self
+            .read_body(req.into_body(), MAX_WARM_BODY_BYTES, too_large)
+            .await
+        {
+            Ok(bytes) => bytes,
+            Err(refusal) => return refusal,
         };
         let Ok(text) = std::str::from_utf8(&body) else {
             return plain(StatusCode::BAD_REQUEST, "a warm list is UTF-8 text");
@@ -264,6 +311,14 @@ impl Admin {
                 );
                 return generated(StatusCode::BAD_REQUEST, text, "text/plain; charset=utf-8");
             }
+        };
+        // Taken once the list is read: a client slow to send one holds no slot.
+        let Ok(_slot) = self.warm_slot.clone().try_acquire_owned() else {
+            tracing::warn!(target: "audit", client = %peer, op = "warm", "refused: a warm list is running");
+            return plain(
+                StatusCode::TOO_MANY_REQUESTS,
+                "a warm list is running: try again when it has finished",
+            );
         };
         let report = warm::warm_list(proxy, &self.metrics, list, concurrency, peer).await;
         tracing::info!(
@@ -296,12 +351,13 @@ impl Admin {
         if let Some(refusal) = self.admit(&req, peer, "purge", "POST a JSON purge request") {
             return refusal;
         }
-        let body = match read_limited(req.into_body(), MAX_PURGE_BODY_BYTES).await {
-            Ok(Limited::Complete(bytes)) => bytes,
-            Ok(Limited::TooLarge(_)) => {
-                return plain(StatusCode::PAYLOAD_TOO_LARGE, "purge request too large");
-            }
-            Err(_) => return plain(StatusCode::BAD_REQUEST, "unreadable request body"),
+        let too_large = "purge request too large";
+        let body = match self
+            .read_body(req.into_body(), MAX_PURGE_BODY_BYTES, too_large)
+            .await
+        {
+            Ok(bytes) => bytes,
+            Err(refusal) => return refusal,
         };
         let request: PurgeRequest = match serde_json::from_slice(&body) {
             Ok(r) => r,
@@ -323,6 +379,27 @@ impl Admin {
             return plain(
                 StatusCode::BAD_REQUEST,
                 "a tag, path or route may not contain a line break",
+            );
+        }
+        // Each is kept as a purge marker on every replica and in Redis (up to 50 000).
+        if items().any(|t| t.len() > MAX_PURGE_ITEM_BYTES) {
+            return plain(
+                StatusCode::BAD_REQUEST,
+                "a tag, path or route is at most 1024 bytes long",
+            );
+        }
+        if let Some(name) = request
+            .routes
+            .iter()
+            .find(|r| !self.route_names.contains(*r))
+        {
+            let text = format!("routes: no route is named {name:?}");
+            return generated(StatusCode::BAD_REQUEST, text, "text/plain; charset=utf-8");
+        }
+        if request.paths.len() > cachegate_core::purge::MAX_PATTERN_MARKERS {
+            return plain(
+                StatusCode::BAD_REQUEST,
+                "paths: at most 1000 per purge (more would fold into a purge of everything)",
             );
         }
         let mut paths = request.paths.iter();

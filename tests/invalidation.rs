@@ -68,6 +68,16 @@ async fn publish_event(redis: &Redis, name: &str) -> u64 {
     String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
 }
 
+/// The time of the purge marker `field` recorded in Redis (`tag:kpi`, `all`, ...).
+async fn recorded_marker(redis: &Redis, field: &str) -> Option<u64> {
+    redis::cmd("HGET")
+        .arg("cachegate:purges")
+        .arg(field)
+        .query_async(&mut redis.connection().await)
+        .await
+        .unwrap()
+}
+
 /// Two replicas sharing `redis`, both subscribed to the invalidation channel.
 async fn two_replicas(up: &Upstream, redis: &Redis) -> (Gate, Gate) {
     let a = Gate::start(up, Some(redis), CONFIG).await;
@@ -212,9 +222,37 @@ async fn unauthorized_or_malformed_purges_purge_nothing() {
             .status();
         assert_eq!(status, expected, "{authorization}");
     }
+    // Two `Authorization` fields are no token, whichever comes first.
+    for pair in [
+        ["Bearer purge-token", "Bearer x"],
+        ["Bearer x", "Bearer purge-token"],
+    ] {
+        let status = gate
+            .client
+            .post(format!("{}/admin/purge", gate.admin))
+            .header("authorization", pair[0])
+            .header("authorization", pair[1])
+            .body(r#"{"tags": ["kpi"]}"#)
+            .send()
+            .await
+            .unwrap()
+            .status();
+        assert_eq!(status, 401, "{pair:?}");
+    }
     let (status, reply) = purge(&gate, Some("purge-token"), r#"{"urls": ["/kpi/leads"]}"#).await;
     assert_eq!(status, 400, "{reply}");
     assert!(reply.as_str().unwrap_or("").contains("urls"), "{reply}");
+    // Parts that would purge nothing, or everything, or grow the markers without end.
+    let long_tag = format!(r#"{{"tags": ["kpi", "{}"]}}"#, "t".repeat(1025));
+    let many_paths = format!(r#"{{"paths": [{}]}}"#, vec![r#""/none/*""#; 1001].join(","));
+    for bad in [
+        r#"{"tags": ["kpi"], "routes": ["no-such-route"]}"#,
+        long_tag.as_str(),
+        many_paths.as_str(),
+    ] {
+        let (status, reply) = purge(&gate, Some("purge-token"), bad).await;
+        assert_eq!(status, 400, "{reply}");
+    }
     assert_eq!(gate.get("/kpi/leads").await.cache(), "HIT");
     // One bad part (a request that cannot be keyed) and nothing is purged, tags included.
     let mixed = r#"{"tags": ["kpi"], "requests": [{"url": "/api/natal/chart", "method": "POST", "body": [1]}, {"url": "%%"}]}"#;
@@ -981,13 +1019,7 @@ async fn the_oldest_tag_markers_in_redis_fold_into_a_purge_of_what_was_stored_by
         "the kept markers and the namespace marker"
     );
     assert_eq!(all, Some(now_ms + 2));
-    let kpi: Option<u64> = redis::cmd("HGET")
-        .arg("cachegate:purges")
-        .arg("tag:kpi")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    assert_eq!(kpi, None, "folded");
+    assert_eq!(recorded_marker(&redis, "tag:kpi").await, None, "folded");
     let folds = &a.stats().await["purges"]["marker_folds"];
     assert_eq!((&folds["redis"], &folds["local"]), (&1.into(), &0.into()));
     // A replica that starts now loads the markers: the entry is purged for it; the one
@@ -1163,12 +1195,7 @@ async fn a_purge_redis_cannot_record_still_reaches_the_replicas() {
         (&true.into(), &false.into(), &false.into()),
         "{reply}"
     );
-    let recorded: Option<String> = redis::cmd("HGET")
-        .arg("cachegate:purges")
-        .arg("tag:kpi")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    let recorded = recorded_marker(&redis, "tag:kpi").await;
     assert_eq!(recorded, None, "Redis did refuse the record");
     // A hit until `a` applies the published purge (at once: no acknowledgement can come).
     let purged = eventually(Duration::from_secs(5), || async {
@@ -1192,4 +1219,33 @@ async fn an_eviction_policy_that_can_drop_purge_markers_is_warned_of() {
         assert_eq!(logged.await, warned, "{policy}: {}", read());
         drop(gate);
     }
+}
+
+/// A purge whose client hangs up as soon as it sent it (a short timeout, Ctrl-C) is still
+/// carried out whole: recorded in Redis and applied on the other replica.
+#[tokio::test]
+async fn a_purge_whose_client_hangs_up_is_carried_out() {
+    use tokio::io::AsyncWriteExt;
+    let (up, redis) = (Upstream::start().await, Redis::start().await);
+    let (a, b) = two_replicas(&up, &redis).await;
+    assert_eq!(b.get("/kpi/leads").await.cache(), "MISS");
+    assert_eq!(b.get("/kpi/leads").await.cache(), "HIT");
+    let body = r#"{"tags":["kpi"]}"#;
+    let request = format!(
+        "POST /admin/purge HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer purge-token\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let mut s = tokio::net::TcpStream::connect(a.admin.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    s.write_all(request.as_bytes()).await.unwrap();
+    drop(s);
+    let purged = eventually(Duration::from_secs(5), || async {
+        b.get("/kpi/leads").await.cache() == "MISS"
+    });
+    assert!(purged.await, "the purge reached the other replica");
+    assert!(
+        recorded_marker(&redis, "tag:kpi").await.is_some(),
+        "recorded in Redis"
+    );
 }

@@ -328,3 +328,30 @@ key_headers = ["x-test-delay-ms"]
         "both replicas refreshed the key at once"
     );
 }
+
+/// A warm list that stalls on its way in holds no warm slot and is cut at the body
+/// timeout (`408`): another list is warmed meanwhile.
+#[tokio::test]
+async fn a_stalled_warm_list_blocks_no_other_and_is_cut() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = Upstream::start().await;
+    let config = format!("{CONFIG}\n[server]\nclient_body_timeout_ms = 500\n");
+    let gate = Gate::start(&up, None, &config).await;
+    let mut stalled = tokio::net::TcpStream::connect(gate.admin.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    stalled
+        .write_all(b"POST /admin/warm HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer warm-token\r\nContent-Length: 100\r\n\r\nGET /kpi/a\n")
+        .await
+        .unwrap();
+    let (status, report) = warm(&gate, Some("warm-token"), "GET /kpi/leads\n").await;
+    assert_eq!(status, 200, "{report}");
+    let mut answer = Vec::new();
+    let read = stalled.read_to_end(&mut answer);
+    tokio::time::timeout(Duration::from_secs(10), read)
+        .await
+        .expect("cut at the body timeout")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+}

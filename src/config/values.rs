@@ -36,6 +36,19 @@ pub struct UpstreamUrl {
 impl FromStr for UpstreamUrl {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
+        // Checked first, and the URL not repeated: it would show the password.
+        let after_scheme = s.split_once("://").map_or(s, |(_, rest)| rest);
+        if after_scheme
+            .split(['/', '?', '#'])
+            .next()
+            .is_some_and(|authority| authority.contains('@'))
+        {
+            return Err(
+                "the upstream URL holds user information (user:password@): remove it \
+                 (it would be sent to the upstream as its Host and written to the logs)"
+                    .to_string(),
+            );
+        }
         let uri: http::Uri = s
             .parse()
             .map_err(|e| format!("expected an http:// URL, found {s:?}: {e}"))?;
@@ -156,30 +169,8 @@ pub struct PathPattern(String);
 impl PathPattern {
     /// Whether `path` (without query) matches this pattern.
     pub fn matches(&self, path: &str) -> bool {
-        glob_match(self.0.as_bytes(), path.as_bytes())
+        cachegate_core::purge::glob_matches(&self.0, path)
     }
-}
-
-fn glob_match(pattern: &[u8], text: &[u8]) -> bool {
-    // Iterative wildcard matching with a single backtrack point.
-    let (mut p, mut t) = (0, 0);
-    let mut star: Option<(usize, usize)> = None;
-    while t < text.len() {
-        if p < pattern.len() && pattern[p] == b'*' {
-            star = Some((p, t));
-            p += 1;
-        } else if p < pattern.len() && pattern[p] == text[t] {
-            p += 1;
-            t += 1;
-        } else if let Some((sp, st)) = star {
-            p = sp + 1;
-            t = st + 1;
-            star = Some((sp, st + 1));
-        } else {
-            return false;
-        }
-    }
-    pattern[p..].iter().all(|&c| c == b'*')
 }
 
 impl FromStr for PathPattern {
@@ -278,6 +269,23 @@ mod tests {
         let mid: PathPattern = "/u/*/profile".parse().unwrap();
         assert!(mid.matches("/u/42/profile"));
         assert!(!mid.matches("/u/42/settings"));
+    }
+
+    #[test]
+    fn upstream_urls_with_user_information_are_refused_without_echoing_it() {
+        for url in [
+            "http://user:s3cret@127.0.0.1:8000",
+            "https://user:s3cret@127.0.0.1:8000/x",
+            "http://s3cret@127.0.0.1:8000/",
+        ] {
+            let e = url.parse::<UpstreamUrl>().unwrap_err();
+            assert!(
+                e.contains("user information") && !e.contains("s3cret"),
+                "{e}"
+            );
+        }
+        let ok: UpstreamUrl = "http://127.0.0.1:8000/api/@v1".parse().unwrap();
+        assert_eq!(ok.path_prefix, "/api/@v1");
     }
 
     #[test]

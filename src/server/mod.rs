@@ -122,9 +122,17 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         switches: switches.clone(),
         token: config.admin.token.as_deref().map(Admin::hash_token),
         events: Arc::new(config.events.clone()),
+        route_names: Arc::new(
+            config
+                .routes
+                .iter()
+                .filter_map(|r| r.name.clone())
+                .collect(),
+        ),
         proxy: Some(proxy.clone()),
         ack_timeout: Duration::from_millis(config.admin.ack_timeout_ms.max(1)),
         warm_slot: Arc::new(Semaphore::new(1)),
+        body_idle_timeout: Duration::from_millis(config.server.client_body_timeout_ms.max(1)),
     };
 
     let listener = bind(config.listen).await?;

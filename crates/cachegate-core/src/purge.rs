@@ -90,26 +90,34 @@ pub const PATH_TAG_PREFIX: &str = "path:";
 /// assert!(glob_matches("/kpi/*/daily", "/kpi/eu/x/daily"));
 /// ```
 pub fn glob_matches(pattern: &str, path: &str) -> bool {
-    let (p, s) = (pattern.as_bytes(), path.as_bytes());
-    let (mut pi, mut si) = (0, 0);
-    // Where the last `*` was, and where in `path` it started matching.
-    let mut star: Option<(usize, usize)> = None;
-    while si < s.len() {
-        if pi < p.len() && p[pi] == b'*' {
-            star = Some((pi, si));
-            pi += 1;
-        } else if pi < p.len() && p[pi] == s[si] {
-            pi += 1;
-            si += 1;
-        } else if let Some((star_pi, star_si)) = star {
-            pi = star_pi + 1;
-            si = star_si + 1;
-            star = Some((star_pi, star_si + 1));
-        } else {
-            return false;
+    // In time linear in the lengths (a lookup checks every pattern purged after its entry
+    // was stored, so a backtracking matcher would let one pattern cost seconds per hit):
+    // the text before the first `*` is a prefix, the text after the last one a suffix,
+    // and the pieces between are found left to right, each at its first place (taking
+    // the first place never loses a match: a `*` takes any run).
+    let Some(first) = pattern.find('*') else {
+        return pattern == path;
+    };
+    let last = pattern.rfind('*').unwrap_or(first);
+    let (head, tail) = (&pattern[..first], &pattern[last + 1..]);
+    let middle = if last > first {
+        &pattern[first + 1..last]
+    } else {
+        ""
+    };
+    let Some(rest) = path.strip_prefix(head) else {
+        return false;
+    };
+    let Some(mut rest) = rest.strip_suffix(tail) else {
+        return false;
+    };
+    for piece in middle.split('*').filter(|p| !p.is_empty()) {
+        match rest.find(piece) {
+            Some(at) => rest = &rest[at + piece.len()..],
+            None => return false,
         }
     }
-    p[pi..].iter().all(|&c| c == b'*')
+    true
 }
 
 /// The time to fold at so that at most `keep` of the marker times in `times` stay (those
@@ -354,6 +362,56 @@ mod tests {
             let prefix = format!("{a}*");
             proptest::prop_assert_eq!(glob_matches(&prefix, &b), b.starts_with(&a));
         }
+
+        /// The linear matcher answers as the textbook backtracking one, on small
+        /// alphabets where stars, repeats and overlaps abound.
+        #[test]
+        fn the_linear_matcher_agrees_with_backtracking(p in "[ab*/]{0,10}", s in "[ab/]{0,14}") {
+            proptest::prop_assert_eq!(glob_matches(&p, &s), backtracking(&p, &s), "{:?} {:?}", p, s);
+        }
+    }
+
+    /// Glob matching by backtracking over the last `*` (exponential-free but quadratic):
+    /// the reference [`glob_matches`] is checked against.
+    fn backtracking(pattern: &str, path: &str) -> bool {
+        let (p, s) = (pattern.as_bytes(), path.as_bytes());
+        let (mut pi, mut si) = (0, 0);
+        let mut star: Option<(usize, usize)> = None;
+        while si < s.len() {
+            if pi < p.len() && p[pi] == b'*' {
+                star = Some((pi, si));
+                pi += 1;
+            } else if pi < p.len() && p[pi] == s[si] {
+                pi += 1;
+                si += 1;
+            } else if let Some((star_pi, star_si)) = star {
+                pi = star_pi + 1;
+                si = star_si + 1;
+                star = Some((star_pi, star_si + 1));
+            } else {
+                return false;
+            }
+        }
+        p[pi..].iter().all(|&c| c == b'*')
+    }
+
+    /// A pattern built to make a backtracking matcher quadratic costs one pass.
+    #[test]
+    fn a_hostile_pattern_is_matched_in_linear_time() {
+        let path = format!("/kpi/{}", "a".repeat(200_000));
+        let pattern = format!("/kpi/*{}b*", "a".repeat(100_000));
+        let started = std::time::Instant::now();
+        assert!(!glob_matches(&pattern, &path));
+        assert!(glob_matches(
+            &format!("/kpi/*{}*", "a".repeat(100_000)),
+            &path
+        ));
+        // Quadratic would be ~10^10 steps: minutes, not this.
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
     }
 
     proptest::proptest! {
