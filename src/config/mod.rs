@@ -620,6 +620,23 @@ impl Config {
                 ),
             ));
         }
+        // A zero here would cut every request or connection at once (or, clamped, at
+        // 1 ms): refused rather than read as "none".
+        let positive: [(&str, u64); 10] = [
+            ("upstream.connect_timeout_ms", self.upstream.connect_timeout_ms),
+            ("upstream.response_timeout_ms", self.upstream.response_timeout_ms),
+            ("upstream.body_timeout_ms", self.upstream.body_timeout_ms),
+            ("upstream.total_timeout_ms", self.upstream.total_timeout_ms),
+            ("server.header_read_timeout_ms", self.server.header_read_timeout_ms),
+            ("server.client_body_timeout_ms", self.server.client_body_timeout_ms),
+            ("server.keyed_body_timeout_ms", self.server.keyed_body_timeout_ms),
+            ("server.client_send_timeout_ms", self.server.client_send_timeout_ms),
+            ("server.tunnel_idle_timeout_ms", self.server.tunnel_idle_timeout_ms),
+            ("server.max_connections", self.server.max_connections as u64),
+        ];
+        if let Some((field, _)) = positive.iter().find(|(_, value)| *value == 0) {
+            return Err(ConfigError::at_field(*field, "at least 1, found 0"));
+        }
         if self.upstream.url.is_none() {
             return Err(ConfigError::plain(
                 "upstream.url: missing; give `[upstream] url = \"http://host:port\"` in the config file or --upstream",
@@ -865,6 +882,15 @@ mod tests {
             (
                 "[redis]\nurl = \"redis://127.0.0.1:2\"\n",
                 "c.toml: cache.key_secret: required",
+            ),
+            // A zero limit would cut everything at once.
+            (
+                "[server]\nheader_read_timeout_ms = 0\n",
+                "c.toml:4:26: server.header_read_timeout_ms: at least 1, found 0",
+            ),
+            (
+                "[server]\nmax_connections = 0\n",
+                "c.toml:4:19: server.max_connections: at least 1",
             ),
         ];
         for (rest, expected) in cases {
