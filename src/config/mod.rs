@@ -623,15 +623,36 @@ impl Config {
         // A zero here would cut every request or connection at once (or, clamped, at
         // 1 ms): refused rather than read as "none".
         let positive: [(&str, u64); 10] = [
-            ("upstream.connect_timeout_ms", self.upstream.connect_timeout_ms),
-            ("upstream.response_timeout_ms", self.upstream.response_timeout_ms),
+            (
+                "upstream.connect_timeout_ms",
+                self.upstream.connect_timeout_ms,
+            ),
+            (
+                "upstream.response_timeout_ms",
+                self.upstream.response_timeout_ms,
+            ),
             ("upstream.body_timeout_ms", self.upstream.body_timeout_ms),
             ("upstream.total_timeout_ms", self.upstream.total_timeout_ms),
-            ("server.header_read_timeout_ms", self.server.header_read_timeout_ms),
-            ("server.client_body_timeout_ms", self.server.client_body_timeout_ms),
-            ("server.keyed_body_timeout_ms", self.server.keyed_body_timeout_ms),
-            ("server.client_send_timeout_ms", self.server.client_send_timeout_ms),
-            ("server.tunnel_idle_timeout_ms", self.server.tunnel_idle_timeout_ms),
+            (
+                "server.header_read_timeout_ms",
+                self.server.header_read_timeout_ms,
+            ),
+            (
+                "server.client_body_timeout_ms",
+                self.server.client_body_timeout_ms,
+            ),
+            (
+                "server.keyed_body_timeout_ms",
+                self.server.keyed_body_timeout_ms,
+            ),
+            (
+                "server.client_send_timeout_ms",
+                self.server.client_send_timeout_ms,
+            ),
+            (
+                "server.tunnel_idle_timeout_ms",
+                self.server.tunnel_idle_timeout_ms,
+            ),
             ("server.max_connections", self.server.max_connections as u64),
         ];
         if let Some((field, _)) = positive.iter().find(|(_, value)| *value == 0) {
@@ -782,6 +803,11 @@ impl Config {
 /// Says "a whole number of bytes" where serde says "u64", naming the unit from the field's
 /// suffix (`_bytes`, `_ms`, `_secs`, `_percent`).
 fn plain_words(field: &str, message: &str) -> String {
+    // A secret's value is never repeated (the message reaches logs on a reload).
+    let last = field.rsplit('.').next().unwrap_or(field);
+    if last.contains("secret") || last.contains("token") || last.contains("password") {
+        return "expected a string (the value given is not shown: it is a secret)".to_string();
+    }
     let unit = [
         ("_bytes", " of bytes"),
         ("_ms", " of milliseconds"),
@@ -793,7 +819,7 @@ fn plain_words(field: &str, message: &str) -> String {
     .find(|(suffix, _)| field.ends_with(suffix))
     .map_or("", |(_, unit)| unit);
     let mut out = message.to_string();
-    for ty in ["u64", "u32", "u16", "u8", "usize"] {
+    for ty in ["u64", "u32", "u16", "u8", "usize", "i64"] {
         out = out.replace(
             &format!("expected {ty}"),
             &format!("expected a whole number{unit} (0 or more)"),
@@ -841,6 +867,17 @@ mod tests {
         assert!(shown.starts_with("c.toml:4:"), "{shown}");
         assert!(shown.contains("`routes.ttl_secs`: missing"), "{shown}");
 
+        // A secret given with the wrong type is not echoed.
+        for text in [
+            "[cache]\nkey_secret = 1234567890\n",
+            "[admin]\ntoken = 98765432109\n",
+        ] {
+            let shown = shown_for(text);
+            assert!(
+                shown.contains("not shown") && !shown.contains("98765") && !shown.contains("12345"),
+                "{shown}"
+            );
+        }
         let text = "[cache]\nmemory_max_bytes = \"lots\"\n";
         let shown = Config::from_toml(text, None).unwrap_err().to_string();
         assert!(
