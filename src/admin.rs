@@ -48,7 +48,8 @@ pub struct Admin {
     pub ack_timeout: Duration,
     /// The configured events (`POST /admin/events/{name}`).
     pub events: Arc<Vec<EventConfig>>,
-    /// The configured routes' names: a purge by route names one of them (else `400`).
+    /// The configured routes' names (`name`, else "METHOD path"): a purge by route names
+    /// one of them (else `400`).
     pub route_names: Arc<Vec<String>>,
     /// The request path, to key purges by request exactly as requests are keyed.
     pub proxy: Option<Arc<Proxy>>,

@@ -245,6 +245,9 @@ async fn unauthorized_or_malformed_purges_purge_nothing() {
     // Parts that would purge nothing, or everything, or grow the markers without end.
     let long_tag = format!(r#"{{"tags": ["kpi", "{}"]}}"#, "t".repeat(1025));
     let many_paths = format!(r#"{{"paths": [{}]}}"#, vec![r#""/none/*""#; 1001].join(","));
+    // A route without a name is named "METHOD path".
+    let (status, reply) = purge(&gate, Some("purge-token"), r#"{"routes": ["GET /api/*"]}"#).await;
+    assert_eq!(status, 200, "{reply}");
     for bad in [
         r#"{"tags": ["kpi"], "routes": ["no-such-route"]}"#,
         long_tag.as_str(),

@@ -126,7 +126,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             config
                 .routes
                 .iter()
-                .filter_map(|r| r.name.clone())
+                .map(crate::config::RouteConfig::display_name)
                 .collect(),
         ),
         proxy: Some(proxy.clone()),
