@@ -603,6 +603,14 @@ impl Config {
             self.admin.token = Some(v);
         }
         self.check_cache()?;
+        if let Some(token) = &self.admin.token
+            && (token.trim().is_empty() || token.trim() != token)
+        {
+            return Err(ConfigError::at_field(
+                "admin.token",
+                "empty or with spaces around it, so no request could give it: set a token, or remove it to turn the admin endpoints off",
+            ));
+        }
         if let Some(n) = self.server.connection_threads
             && n > MAX_CONNECTION_THREADS
         {
@@ -751,7 +759,53 @@ impl Config {
                 ));
             }
         }
+        for (field, name) in [
+            (
+                "cache.surrogate_key_header",
+                &self.cache.surrogate_key_header,
+            ),
+            ("cache.cache_tag_header", &self.cache.cache_tag_header),
+        ] {
+            if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                return Err(ConfigError::at_field(
+                    field,
+                    format!("{name:?} is not a header name"),
+                ));
+            }
+        }
         let route_names: Vec<String> = self.routes.iter().map(RouteConfig::display_name).collect();
+        for (i, name) in route_names.iter().enumerate() {
+            if route_names[..i].contains(name) {
+                return Err(ConfigError::at_field(
+                    format!("routes[{i}].name"),
+                    format!(
+                        "{name:?} names an earlier route too: purges and events by route name could not tell them apart"
+                    ),
+                ));
+            }
+        }
+        for (i, route) in self.routes.iter().enumerate() {
+            if route.key_body && matches!(route.method.0, http::Method::GET | http::Method::HEAD) {
+                return Err(ConfigError::at_field(
+                    format!("routes[{i}].key_body"),
+                    "a GET or HEAD with a body is never cached: key_body is for POST-like routes",
+                ));
+            }
+            if route.forward_unkeyed_query && route.key_query.is_none() {
+                return Err(ConfigError::at_field(
+                    format!("routes[{i}].forward_unkeyed_query"),
+                    "only used with key_query (without it, every parameter is keyed)",
+                ));
+            }
+        }
+        for (i, event) in self.events.iter().enumerate() {
+            if self.events[..i].iter().any(|e| e.name == event.name) {
+                return Err(ConfigError::at_field(
+                    format!("events[{i}].name"),
+                    format!("{:?} names an earlier event too", event.name),
+                ));
+            }
+        }
         for (i, event) in self.events.iter().enumerate() {
             if let Some(unknown) = event.routes.iter().find(|r| !route_names.contains(r)) {
                 return Err(ConfigError::at_field(
@@ -943,6 +997,36 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(shown.starts_with("CACHEGATE_ROLLOUT_PERCENT"), "{shown}");
+    }
+
+    /// Mistakes across fields are refused at start-up, naming the field.
+    #[test]
+    fn ambiguous_or_unusable_settings_are_refused() {
+        let check = |rest: &str| {
+            let text = format!("[upstream]\nurl = \"http://127.0.0.1:1\"\n{rest}");
+            Config::from_toml(&text, None)
+                .unwrap()
+                .finish(&Overrides::default(), |_| None)
+                .unwrap_err()
+                .to_string()
+        };
+        let route = |extra: &str| {
+            format!("[[routes]]\nmethod = \"GET\"\npath = \"/a\"\nttl_secs = 5\n{extra}\n")
+        };
+        let cases = [
+            (format!("{}{}", route("name = \"a\""), route("name = \"a\"")), "routes[1].name"),
+            (format!("{}{}", route(""), route("")), "routes[1].name"),
+            (route("key_body = true"), "routes[0].key_body"),
+            (route("forward_unkeyed_query = true"), "routes[0].forward_unkeyed_query"),
+            ("[[events]]\nname = \"e\"\ntags = [\"t\"]\n[[events]]\nname = \"e\"\ntags = [\"u\"]\n".to_string(), "events[1].name"),
+            ("[cache]\nsurrogate_key_header = \"bad header\"\n".to_string(), "cache.surrogate_key_header"),
+            ("[admin]\ntoken = \"  \"\n".to_string(), "admin.token"),
+            ("[admin]\ntoken = \" t \"\n".to_string(), "admin.token"),
+        ];
+        for (rest, field) in cases {
+            let shown = check(&rest);
+            assert!(shown.starts_with(field), "{rest}: {shown}");
+        }
     }
 
     /// Values that would never match or never work are refused at start-up, not ignored.
