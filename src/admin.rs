@@ -114,7 +114,8 @@ impl Admin {
                 plain(StatusCode::INTERNAL_SERVER_ERROR, "admin request failed")
             });
         }
-        if req.method() != Method::GET && req.method() != Method::HEAD {
+        let known = matches!(path, "/healthz" | "/metrics" | "/stats");
+        if known && req.method() != Method::GET && req.method() != Method::HEAD {
             return plain(StatusCode::METHOD_NOT_ALLOWED, "only GET is allowed");
         }
         match req.uri().path() {
@@ -153,7 +154,10 @@ impl Admin {
     {
         let path = req.uri().path();
         if let Some(name) = path.strip_prefix("/admin/events/") {
-            let name = name.to_string();
+            // Percent-decoded: a name may hold any character (`cachegate purge --event`
+            // escapes all but the unreserved ones).
+            let bytes: Vec<u8> = crate::uri::percent_decoded(name.as_bytes()).collect();
+            let name = String::from_utf8_lossy(&bytes).into_owned();
             self.event(req, &name, peer).await
         } else if path == "/admin/warm" {
             self.warm(req, peer).await
@@ -360,6 +364,13 @@ impl Admin {
             Ok(bytes) => bytes,
             Err(refusal) => return refusal,
         };
+        // An object only (serde would also read the fields from an array, in order).
+        if body.trim_ascii_start().first() != Some(&b'{') {
+            return plain(
+                StatusCode::BAD_REQUEST,
+                "invalid purge request: expected a JSON object {\"tags\": [...], \"paths\": [...], \"routes\": [...], \"all\": false}",
+            );
+        }
         let request: PurgeRequest = match serde_json::from_slice(&body) {
             Ok(r) => r,
             Err(e) => {

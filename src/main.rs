@@ -136,7 +136,20 @@ fn main() -> ExitCode {
             event,
         } => {
             let (path, body) = match event {
-                Some(name) => (format!("/admin/events/{name}"), String::new()),
+                Some(name) => {
+                    // Every byte but the unreserved ones escaped (RFC 3986 §2.3): `?`,
+                    // `#`, `/` and spaces are part of the name, not of the URL.
+                    let escaped: String = name
+                        .bytes()
+                        .map(|b| match b {
+                            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                                (b as char).to_string()
+                            }
+                            _ => format!("%{b:02X}"),
+                        })
+                        .collect();
+                    (format!("/admin/events/{escaped}"), String::new())
+                }
                 None => {
                     let body = serde_json::json!({"tags": tags, "paths": paths, "routes": routes, "all": all});
                     ("/admin/purge".to_string(), body.to_string())

@@ -245,6 +245,18 @@ async fn unauthorized_or_malformed_purges_purge_nothing() {
     // Parts that would purge nothing, or everything, or grow the markers without end.
     let long_tag = format!(r#"{{"tags": ["kpi", "{}"]}}"#, "t".repeat(1025));
     let many_paths = format!(r#"{{"paths": [{}]}}"#, vec![r#""/none/*""#; 1001].join(","));
+    // An array for the object, an unknown admin path: refused as such.
+    let (status, reply) = purge(
+        &gate,
+        Some("purge-token"),
+        r#"[["kpi"],[],[],[],false,false]"#,
+    )
+    .await;
+    assert_eq!(status, 400, "{reply}");
+    let (status, _) = gate
+        .admin_post("/admin/purge/", Some("purge-token"), "{}")
+        .await;
+    assert_eq!(status, 404);
     // A route without a name is named "METHOD path".
     let (status, reply) = purge(&gate, Some("purge-token"), r#"{"routes": ["GET /api/*"]}"#).await;
     assert_eq!(status, 200, "{reply}");
@@ -719,6 +731,25 @@ async fn the_purge_command_is_a_client_of_the_admin_api() {
     let out = run(args("wrong")).await.unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("401"));
+
+    // An event whose name holds URL syntax is raised by that name, whole.
+    let name = "leads imported?full=1#x/y%41";
+    let config = CONFIG.replace("name = \"leads.imported\"", &format!("name = {name:?}"));
+    let gate = Gate::start(&up, None, &config).await;
+    gate.get("/kpi/leads").await;
+    assert_eq!(gate.get("/kpi/leads").await.cache(), "HIT");
+    let event = vec![
+        "--admin".into(),
+        gate.admin.clone(),
+        "--token".into(),
+        "purge-token".into(),
+        "--event".into(),
+        name.into(),
+    ];
+    let out = run(event).await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert_eq!(gate.get("/kpi/leads").await.cache(), "MISS");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
