@@ -167,7 +167,8 @@ impl Admin {
     }
 
     /// Reads a request body of at most `limit` bytes, stalling at most the idle timeout
-    /// between bytes and arriving within [`ADMIN_BODY_DEADLINE`]; the refusal otherwise
+    /// between bytes and arriving within [`ADMIN_BODY_DEADLINE`] (or the time `limit` takes
+    /// at 30 KB/s, if longer: 280 s for a warm list); the refusal otherwise
     /// (`413` naming `too_large`, `408` for a stall, `400` for a broken body).
     async fn read_body<B>(
         &self,
@@ -179,7 +180,9 @@ impl Admin {
         B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
         B::Error: Into<BoxError>,
     {
-        let deadline = tokio::time::Instant::now() + ADMIN_BODY_DEADLINE;
+        // The whole body at 30 KB/s at least (a full warm list in about five minutes).
+        let allowed = ADMIN_BODY_DEADLINE.max(Duration::from_secs((limit / 30_000) as u64));
+        let deadline = tokio::time::Instant::now() + allowed;
         let body = Timed::new(body, Side::Client, self.body_idle_timeout, Some(deadline));
         match read_limited(body, limit).await {
             Ok(Limited::Complete(bytes)) => Ok(bytes),
@@ -408,10 +411,20 @@ impl Admin {
             let text = format!("routes: no route is named {name:?}");
             return generated(StatusCode::BAD_REQUEST, text, "text/plain; charset=utf-8");
         }
-        if request.paths.len() > cachegate_core::purge::MAX_PATTERN_MARKERS {
+        // More distinct ones than the markers kept would fold, by themselves, into a
+        // purge of everything stored by then.
+        let distinct =
+            |items: &[String]| items.iter().collect::<std::collections::HashSet<_>>().len();
+        if distinct(&request.paths) > cachegate_core::purge::MAX_PATTERN_MARKERS {
             return plain(
                 StatusCode::BAD_REQUEST,
-                "paths: at most 1000 per purge (more would fold into a purge of everything)",
+                "paths: at most 1000 distinct ones per purge (more would fold into a purge of everything)",
+            );
+        }
+        if distinct(&request.tags) > cachegate_core::purge::MAX_TAG_MARKERS {
+            return plain(
+                StatusCode::BAD_REQUEST,
+                "tags: at most 50000 distinct ones per purge (more would fold into a purge of everything)",
             );
         }
         let mut paths = request.paths.iter();

@@ -244,7 +244,13 @@ async fn unauthorized_or_malformed_purges_purge_nothing() {
     assert!(reply.as_str().unwrap_or("").contains("urls"), "{reply}");
     // Parts that would purge nothing, or everything, or grow the markers without end.
     let long_tag = format!(r#"{{"tags": ["kpi", "{}"]}}"#, "t".repeat(1025));
-    let many_paths = format!(r#"{{"paths": [{}]}}"#, vec![r#""/none/*""#; 1001].join(","));
+    let many_paths = format!(
+        r#"{{"paths": [{}]}}"#,
+        (0..1001)
+            .map(|i| format!(r#""/none/{i}/*""#))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
     // An array for the object, an unknown admin path: refused as such.
     let (status, reply) = purge(
         &gate,
@@ -1088,8 +1094,8 @@ async fn a_purge_of_thousands_of_tags_is_recorded_whole() {
     assert_eq!(fields, 2_500);
 }
 
-/// One purge of more distinct tags than a replica and Redis keep folds the oldest on
-/// both, and says so in the metrics.
+/// Purges of more distinct tags in all than a replica and Redis keep fold the oldest on
+/// both, and say so in the metrics; one purge of more than that is refused.
 #[tokio::test]
 async fn folds_are_counted_where_they_happen() {
     use cachegate_core::purge::{MAX_SHARED_MARKERS, MAX_TAG_MARKERS};
@@ -1099,7 +1105,13 @@ async fn folds_are_counted_where_they_happen() {
     let tags: Vec<String> = (0..n).map(|i| format!("u{i}")).collect();
     let body = serde_json::json!({ "tags": tags }).to_string();
     let (status, reply) = purge(&a, Some("purge-token"), &body).await;
-    assert_eq!(status, 200, "{reply}");
+    assert_eq!(status, 400, "{reply}");
+    let (first, last) = tags.split_at(n - 1);
+    for part in [first, last] {
+        let body = serde_json::json!({ "tags": part }).to_string();
+        let (status, reply) = purge(&a, Some("purge-token"), &body).await;
+        assert_eq!(status, 200, "{reply}");
+    }
     let folds = &a.stats().await["purges"]["marker_folds"];
     assert_eq!((&folds["local"], &folds["redis"]), (&1.into(), &1.into()));
     let metrics = a.metrics().await;

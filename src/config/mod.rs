@@ -506,7 +506,8 @@ impl Config {
     pub fn from_toml(text: &str, file: Option<&Path>) -> Result<Config, ConfigError> {
         let mut config = toml::from_str::<Config>(text).map_err(|e| {
             let position = e.span().map(|span| line_col(text, span.start));
-            let message = e.message().trim_end();
+            let message = without_value(e.message().trim_end());
+            let message = message.as_str();
             let message = match e.span().and_then(|span| field_at(text, span.start)) {
                 Some(table) if message.starts_with("missing field `") => {
                     let missing = message
@@ -596,10 +597,16 @@ impl Config {
                 .parse()
                 .map_err(|e| ConfigError::plain(format!("CACHEGATE_ROLLOUT_PERCENT: {e}")))?;
         }
-        if let Some(v) = env("CACHEGATE_KEY_SECRET") {
+        // Empty: unset (`${TOKEN:-}` in a compose file).
+        if let Some(v) = env("CACHEGATE_KEY_SECRET").filter(|v| !v.is_empty()) {
             self.cache.key_secret = Some(v);
         }
-        if let Some(v) = env("CACHEGATE_ADMIN_TOKEN") {
+        if let Some(v) = env("CACHEGATE_ADMIN_TOKEN").filter(|v| !v.is_empty()) {
+            if v.trim() != v {
+                return Err(ConfigError::plain(
+                    "CACHEGATE_ADMIN_TOKEN: spaces around it, so no request could give it",
+                ));
+            }
             self.admin.token = Some(v);
         }
         self.check_cache()?;
@@ -766,7 +773,8 @@ impl Config {
             ),
             ("cache.cache_tag_header", &self.cache.cache_tag_header),
         ] {
-            if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+            // Empty: none read.
+            if !name.is_empty() && http::HeaderName::from_bytes(name.as_bytes()).is_err() {
                 return Err(ConfigError::at_field(
                     field,
                     format!("{name:?} is not a header name"),
@@ -774,13 +782,14 @@ impl Config {
             }
         }
         let route_names: Vec<String> = self.routes.iter().map(RouteConfig::display_name).collect();
-        for (i, name) in route_names.iter().enumerate() {
-            if route_names[..i].contains(name) {
+        for (i, route) in self.routes.iter().enumerate() {
+            if let Some(j) = self.routes[..i]
+                .iter()
+                .position(|r| r.method == route.method && r.path == route.path)
+            {
                 return Err(ConfigError::at_field(
-                    format!("routes[{i}].name"),
-                    format!(
-                        "{name:?} names an earlier route too: purges and events by route name could not tell them apart"
-                    ),
+                    format!("routes[{i}].path"),
+                    format!("routes[{j}] has the same method and path: this one would never match"),
                 ));
             }
         }
@@ -856,10 +865,27 @@ impl Config {
 
 /// Says "a whole number of bytes" where serde says "u64", naming the unit from the field's
 /// suffix (`_bytes`, `_ms`, `_secs`, `_percent`).
+/// `message` without the value it quotes (`invalid type: integer `123`, expected a
+/// string`: the value may be a secret, in an inline table the field is not told apart;
+/// the line and column show where it is).
+fn without_value(message: &str) -> String {
+    if !(message.starts_with("invalid type: ") || message.starts_with("invalid value: ")) {
+        return message.to_string();
+    }
+    match message.find(" `").and_then(|start| {
+        let end = message[start + 2..].find('`')?;
+        Some((start, start + 2 + end + 1))
+    }) {
+        Some((start, end)) => format!("{}{}", &message[..start], &message[end..]),
+        None => message.to_string(),
+    }
+}
+
 fn plain_words(field: &str, message: &str) -> String {
     // A secret's value is never repeated (the message reaches logs on a reload).
     let last = field.rsplit('.').next().unwrap_or(field);
-    if last.contains("secret") || last.contains("token") || last.contains("password") {
+    let secret = last.contains("secret") || last.contains("token") || last.contains("password");
+    if secret && message.starts_with("invalid") {
         return "expected a string (the value given is not shown: it is a secret)".to_string();
     }
     let unit = [
@@ -921,14 +947,16 @@ mod tests {
         assert!(shown.starts_with("c.toml:4:"), "{shown}");
         assert!(shown.contains("`routes.ttl_secs`: missing"), "{shown}");
 
-        // A secret given with the wrong type is not echoed.
+        // A secret given with the wrong type is not echoed, in a table or inline.
         for text in [
             "[cache]\nkey_secret = 1234567890\n",
             "[admin]\ntoken = 98765432109\n",
+            "admin = { token = 98765432109 }\n",
+            "cache = { key_secret = 1234567890 }\n",
         ] {
             let shown = shown_for(text);
             assert!(
-                shown.contains("not shown") && !shown.contains("98765") && !shown.contains("12345"),
+                !shown.contains("98765") && !shown.contains("12345"),
                 "{shown}"
             );
         }
@@ -1014,8 +1042,7 @@ mod tests {
             format!("[[routes]]\nmethod = \"GET\"\npath = \"/a\"\nttl_secs = 5\n{extra}\n")
         };
         let cases = [
-            (format!("{}{}", route("name = \"a\""), route("name = \"a\"")), "routes[1].name"),
-            (format!("{}{}", route(""), route("")), "routes[1].name"),
+            (format!("{}{}", route(""), route("name = \"b\"")), "routes[1].path"),
             (route("key_body = true"), "routes[0].key_body"),
             (route("forward_unkeyed_query = true"), "routes[0].forward_unkeyed_query"),
             ("[[events]]\nname = \"e\"\ntags = [\"t\"]\n[[events]]\nname = \"e\"\ntags = [\"u\"]\n".to_string(), "events[1].name"),
@@ -1027,6 +1054,22 @@ mod tests {
             let shown = check(&rest);
             assert!(shown.starts_with(field), "{rest}: {shown}");
         }
+        // From the environment: empty is unset; spaces are named there, not in the file.
+        let with_env = |token: &'static str| {
+            let text =
+                "[upstream]\nurl = \"http://127.0.0.1:1\"\n[admin]\ntoken = \"file-token\"\n";
+            Config::from_toml(text, Some(Path::new("c.toml")))
+                .unwrap()
+                .finish(&Overrides::default(), move |name| {
+                    (name == "CACHEGATE_ADMIN_TOKEN").then(|| token.to_string())
+                })
+        };
+        assert_eq!(
+            with_env("").unwrap().admin.token.as_deref(),
+            Some("file-token")
+        );
+        let shown = with_env(" t").unwrap_err().to_string();
+        assert!(shown.starts_with("CACHEGATE_ADMIN_TOKEN"), "{shown}");
     }
 
     /// Values that would never match or never work are refused at start-up, not ignored.

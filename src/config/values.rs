@@ -72,8 +72,21 @@ impl FromStr for UpstreamUrl {
         }
         let authority = uri
             .authority()
-            .ok_or_else(|| format!("expected http://host:port, found {s:?}"))?
-            .to_string();
+            .ok_or_else(|| format!("expected http://host:port, found {s:?}"))?;
+        if authority
+            .as_str()
+            .rsplit_once(':')
+            .is_some_and(|(_, port)| !port.ends_with(']'))
+            && authority.port_u16().is_none()
+        {
+            // Not repeated: `user:pass/word@host` reads as the host `user` with the port
+            // `pass`, and would show the password.
+            return Err(
+                "the upstream URL's port is not a number (user information, user:password@, is not accepted)"
+                    .to_string(),
+            );
+        }
+        let authority = authority.to_string();
         if uri.query().is_some() {
             return Err(format!("the upstream URL must not have a query: {s:?}"));
         }
@@ -277,12 +290,21 @@ mod tests {
             "http://user:s3cret@127.0.0.1:8000",
             "https://user:s3cret@127.0.0.1:8000/x",
             "http://s3cret@127.0.0.1:8000/",
+            "http://bob:s3cret/UP3@127.0.0.1:8000",
         ] {
             let e = url.parse::<UpstreamUrl>().unwrap_err();
             assert!(
                 e.contains("user information") && !e.contains("s3cret"),
                 "{e}"
             );
+        }
+        for ok in [
+            "http://127.0.0.1:8000",
+            "http://[::1]:8000/x",
+            "http://[::1]/",
+            "http://a.example",
+        ] {
+            assert!(ok.parse::<UpstreamUrl>().is_ok(), "{ok}");
         }
         let ok: UpstreamUrl = "http://127.0.0.1:8000/api/@v1".parse().unwrap();
         assert_eq!(ok.path_prefix, "/api/@v1");
