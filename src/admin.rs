@@ -162,7 +162,14 @@ impl Admin {
         } else if path == "/admin/warm" {
             self.warm(req, peer).await
         } else {
-            self.purge(req, peer).await
+            let resp = self.purge(req, peer).await;
+            // Refused after admission (an unreadable or invalid request: nothing purged);
+            // refusals for the token are logged by `admit`.
+            let status = resp.status();
+            if status.is_client_error() && status != StatusCode::UNAUTHORIZED {
+                tracing::info!(target: "audit", client = %peer, op = "purge", status = status.as_u16(), "refused: nothing purged");
+            }
+            resp
         }
     }
 

@@ -1295,3 +1295,26 @@ async fn a_purge_whose_client_hangs_up_is_carried_out() {
         "recorded in Redis"
     );
 }
+
+/// A purge refused after its token was accepted (nothing purged) still writes its audit
+/// line, with the status and without what it named.
+#[tokio::test]
+async fn a_refused_purge_is_audited_without_its_contents() {
+    let (up, redis) = (Upstream::start().await, Redis::start().await);
+    let (gate, log) = subscribed_process_logging(&up, &redis).await;
+    let reply = reqwest::Client::new()
+        .post(format!("{}/admin/purge", gate.admin))
+        .bearer_auth("purge-token")
+        .body(r#"{"routes": ["route-named-xyzzy"]}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.status(), 400);
+    let read = || std::fs::read_to_string(log.path()).unwrap();
+    let logged = eventually(Duration::from_secs(5), || async {
+        read().contains("refused: nothing purged")
+    });
+    assert!(logged.await, "{}", read());
+    let text = read();
+    assert!(text.contains("400") && !text.contains("xyzzy"), "{text}");
+}
