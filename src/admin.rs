@@ -59,7 +59,13 @@ pub struct Admin {
     /// How long a request body may stall between bytes (`client_body_timeout_ms`); the
     /// whole body is also read within [`ADMIN_BODY_DEADLINE`].
     pub body_idle_timeout: Duration,
+    /// One permit per purge, event or warm list running ([`MAX_RUNNING`] at most: more get
+    /// `503`); shutdown waits for them all ([`Admin::finish_running`]).
+    pub running: Arc<tokio::sync::Semaphore>,
 }
+
+/// Purges, events and warm lists running at once at most (their clients may have left).
+pub const MAX_RUNNING: usize = 64;
 
 /// The longest an admin request body may take to arrive, however it trickles.
 const ADMIN_BODY_DEADLINE: Duration = Duration::from_secs(60);
@@ -108,8 +114,18 @@ impl Admin {
             // Its own task: a client that disconnects (a short timeout, Ctrl-C) does not
             // cancel a purge half done, after it applied here and before it was recorded,
             // published and written to the audit log.
+            let Ok(permit) = self.running.clone().try_acquire_owned() else {
+                return plain(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "too many purges or warm lists running: try again",
+                );
+            };
             let admin = self.clone();
-            let task = tokio::spawn(async move { admin.mutate(req, peer).await });
+            let task = tokio::spawn(async move {
+                let resp = admin.mutate(req, peer).await;
+                drop(permit);
+                resp
+            });
             return task.await.unwrap_or_else(|_| {
                 plain(StatusCode::INTERNAL_SERVER_ERROR, "admin request failed")
             });
@@ -144,6 +160,13 @@ impl Admin {
                 "not found: try /metrics, /stats, /healthz, POST /admin/purge, POST /admin/events/{name} or POST /admin/warm",
             ),
         }
+    }
+
+    /// Waits up to `limit` for the purges, events and warm lists still running (those
+    /// whose clients left included), so that a shutdown does not cut one half done.
+    pub async fn finish_running(&self, limit: Duration) {
+        let all = u32::try_from(MAX_RUNNING).unwrap_or(u32::MAX);
+        let _ = tokio::time::timeout(limit, self.running.acquire_many(all)).await;
     }
 
     /// `POST /admin/purge`, `/admin/warm` and `/admin/events/{name}`.

@@ -355,3 +355,42 @@ async fn a_stalled_warm_list_blocks_no_other_and_is_cut() {
     let answer = String::from_utf8_lossy(&answer);
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
 }
+
+/// A shutdown (SIGTERM) lets a warm list whose client has left run to its end (bounded)
+/// rather than cutting it half done; the same holds for purges.
+#[tokio::test]
+async fn a_shutdown_lets_a_running_warm_list_finish() {
+    use tokio::io::AsyncWriteExt;
+    let up = Upstream::start().await;
+    let config = format!("{CONFIG}\n[upstream]\nurl = \"{}\"\n", up.url());
+    let mut gate = common::GateProcess::start(&config).await;
+    let list: String = (0..3)
+        .map(|i| {
+            format!(
+                "{{\"url\": \"/kpi/slow{i}\", \"headers\": {{\"x-test-delay-ms\": \"700\"}}}}\n"
+            )
+        })
+        .collect();
+    let request = format!(
+        "POST /admin/warm?concurrency=1 HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer warm-token\r\nContent-Length: {}\r\n\r\n{list}",
+        list.len()
+    );
+    let mut client = tokio::net::TcpStream::connect(gate.admin.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    client.write_all(request.as_bytes()).await.unwrap();
+    let started = eventually(Duration::from_secs(5), || async { up.hits() >= 1 });
+    assert!(started.await, "the list is running");
+    drop(client);
+    gate.terminate();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while gate.try_exit().is_none() {
+        assert!(Instant::now() < deadline, "no exit after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        up.hits(),
+        3,
+        "the list ran to its end before the process exited"
+    );
+}

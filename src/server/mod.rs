@@ -76,7 +76,8 @@ pub struct Running {
 }
 
 impl Running {
-    /// Stops accepting connections and waits (up to 10 s) for open ones to finish.
+    /// Stops accepting connections and waits (up to 10 s) for open ones to finish, and (up
+    /// to 10 s more) for admin purges, events and warm lists still running.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
         for task in self.tasks {
@@ -133,6 +134,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         ack_timeout: Duration::from_millis(config.admin.ack_timeout_ms.max(1)),
         warm_slot: Arc::new(Semaphore::new(1)),
         body_idle_timeout: Duration::from_millis(config.server.client_body_timeout_ms.max(1)),
+        running: Arc::new(Semaphore::new(crate::admin::MAX_RUNNING)),
     };
 
     let listener = bind(config.listen).await?;
@@ -197,10 +199,16 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         send_timeouts: Counter::default(),
         ..limits
     };
-    let admin_loop = serve(admin_listener, rx, admin_limits, None, move |req, peer| {
-        let admin = admin.clone();
-        async move { admin.handle(req, peer).await }
-    });
+    let running = admin.clone();
+    let admin_loop = async move {
+        serve(admin_listener, rx, admin_limits, None, move |req, peer| {
+            let admin = admin.clone();
+            async move { admin.handle(req, peer).await }
+        })
+        .await;
+        // Purges and warm lists whose clients left are still running: not cut half done.
+        running.finish_running(Duration::from_secs(10)).await;
+    };
     tracing::info!(
         %listen_addr,
         %admin_addr,
