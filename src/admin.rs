@@ -60,7 +60,7 @@ pub struct Admin {
     /// whole body is also read within [`ADMIN_BODY_DEADLINE`].
     pub body_idle_timeout: Duration,
     /// One permit per purge, event or warm list running ([`MAX_RUNNING`] at most: more get
-    /// `503`); shutdown waits for them all ([`Admin::finish_running`]).
+    /// `429`); shutdown waits for them all ([`Admin::finish_running`]).
     pub running: Arc<tokio::sync::Semaphore>,
 }
 
@@ -110,16 +110,30 @@ impl Admin {
         B::Error: Into<BoxError>,
     {
         let path = req.uri().path();
-        if path == "/admin/purge" || path == "/admin/warm" || path.starts_with("/admin/events/") {
-            // Its own task: a client that disconnects (a short timeout, Ctrl-C) does not
-            // cancel a purge half done, after it applied here and before it was recorded,
-            // published and written to the audit log.
+        let mutating = if path == "/admin/purge" {
+            Some(("purge", "POST a JSON purge request"))
+        } else if path == "/admin/warm" {
+            Some(("warm", "POST a warm list"))
+        } else if path.starts_with("/admin/events/") {
+            Some(("event", "POST to raise an event"))
+        } else {
+            None
+        };
+        if let Some((op, how)) = mutating {
+            // Method and token first: nothing else is told to a client without the token.
+            if let Some(refusal) = self.admit(&req, peer, op, how) {
+                return refusal;
+            }
             let Ok(permit) = self.running.clone().try_acquire_owned() else {
+                tracing::warn!(target: "audit", client = %peer, op, "refused: too many running");
                 return plain(
-                    StatusCode::SERVICE_UNAVAILABLE,
+                    StatusCode::TOO_MANY_REQUESTS,
                     "too many purges or warm lists running: try again",
                 );
             };
+            // Its own task: a client that disconnects (a short timeout, Ctrl-C) does not
+            // cancel a purge half done, after it applied here and before it was recorded,
+            // published and written to the audit log.
             let admin = self.clone();
             let task = tokio::spawn(async move {
                 let resp = admin.mutate(req, peer).await;

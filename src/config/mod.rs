@@ -869,15 +869,35 @@ impl Config {
 /// string`: the value may be a secret, in an inline table the field is not told apart;
 /// the line and column show where it is).
 fn without_value(message: &str) -> String {
-    if !(message.starts_with("invalid type: ") || message.starts_with("invalid value: ")) {
+    let Some(rest) = message
+        .strip_prefix("invalid type: ")
+        .or_else(|| message.strip_prefix("invalid value: "))
+    else {
         return message.to_string();
-    }
-    match message.find(" `").and_then(|start| {
-        let end = message[start + 2..].find('`')?;
-        Some((start, start + 2 + end + 1))
-    }) {
-        Some((start, end)) => format!("{}{}", &message[..start], &message[end..]),
-        None => message.to_string(),
+    };
+    let head = message.len() - rest.len();
+    // The value: `...` (numbers, booleans, ...) or "..." (strings, escaped as in Rust).
+    let Some(open) = rest.find(['`', '"']) else {
+        return message.to_string();
+    };
+    let quote = rest.as_bytes()[open];
+    let mut escaped = false;
+    let close = rest[open + 1..].bytes().position(|b| {
+        let end = !escaped && b == quote;
+        escaped = !escaped && b == b'\\' && quote == b'"';
+        end
+    });
+    match close {
+        Some(close) => {
+            let (start, end) = (head + open, head + open + 1 + close + 1);
+            let start = if message[..start].ends_with(' ') {
+                start - 1
+            } else {
+                start
+            };
+            format!("{}{}", &message[..start], &message[end..])
+        }
+        None => message[..head + open].trim_end().to_string(),
     }
 }
 
@@ -953,6 +973,9 @@ mod tests {
             "[admin]\ntoken = 98765432109\n",
             "admin = { token = 98765432109 }\n",
             "cache = { key_secret = 1234567890 }\n",
+            "admin = \"98765-token\"\n",
+            "redis = \"redis://:12345pw@127.0.0.1:6379\"\n",
+            "admin = \"98765 \\\" quoted\"\n",
         ] {
             let shown = shown_for(text);
             assert!(
