@@ -585,19 +585,19 @@ impl Config {
                 .map_err(|e| ConfigError::plain(format!("--redis: {e}")))?;
             self.redis.get_or_insert_with(RedisConfig::default).url = url;
         }
-        if let Some(v) = env("CACHEGATE_ENABLED") {
+        if let Some(v) = env("CACHEGATE_ENABLED").filter(|v| !v.is_empty()) {
             self.cache.enabled = parse_bool(&v).ok_or_else(|| {
                 ConfigError::plain(format!(
                     "CACHEGATE_ENABLED: expected true or false, found {v:?}"
                 ))
             })?;
         }
-        if let Some(v) = env("CACHEGATE_ROLLOUT_PERCENT") {
+        if let Some(v) = env("CACHEGATE_ROLLOUT_PERCENT").filter(|v| !v.is_empty()) {
             self.cache.rollout_percent = v
                 .parse()
                 .map_err(|e| ConfigError::plain(format!("CACHEGATE_ROLLOUT_PERCENT: {e}")))?;
         }
-        // Empty: unset (`${TOKEN:-}` in a compose file).
+        // Empty: unset (`${TOKEN:-}` in a compose file), for every variable.
         if let Some(v) = env("CACHEGATE_KEY_SECRET").filter(|v| !v.is_empty()) {
             self.cache.key_secret = Some(v);
         }
@@ -610,12 +610,15 @@ impl Config {
             self.admin.token = Some(v);
         }
         self.check_cache()?;
+        // A bearer token travels in a header value: visible ASCII (RFC 9110 §5.5).
         if let Some(token) = &self.admin.token
-            && (token.trim().is_empty() || token.trim() != token)
+            && (token.trim().is_empty()
+                || token.trim() != token
+                || !token.bytes().all(|b| b.is_ascii_graphic() || b == b' '))
         {
             return Err(ConfigError::at_field(
                 "admin.token",
-                "empty or with spaces around it, so no request could give it: set a token, or remove it to turn the admin endpoints off",
+                "empty, with spaces around it, or with characters other than visible ASCII, so no request could give it: set a token, or remove it to turn the admin endpoints off",
             ));
         }
         if let Some(n) = self.server.connection_threads
@@ -1072,6 +1075,8 @@ mod tests {
             ("[cache]\nsurrogate_key_header = \"bad header\"\n".to_string(), "cache.surrogate_key_header"),
             ("[admin]\ntoken = \"  \"\n".to_string(), "admin.token"),
             ("[admin]\ntoken = \" t \"\n".to_string(), "admin.token"),
+            ("[admin]\ntoken = \"t\u{00f6}k\"\n".to_string(), "admin.token"),
+            ("[admin]\ntoken = \"a\\nb\"\n".to_string(), "admin.token"),
         ];
         for (rest, field) in cases {
             let shown = check(&rest);
