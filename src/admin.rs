@@ -64,6 +64,48 @@ pub struct Admin {
     pub running: Arc<tokio::sync::Semaphore>,
 }
 
+/// The admin calls that change something: `POST` with the token, each run in a task of
+/// its own ([`Admin::handle`]).
+#[derive(Debug, Clone, Copy)]
+enum Mutation {
+    /// `POST /admin/purge`.
+    Purge,
+    /// `POST /admin/warm`.
+    Warm,
+    /// `POST /admin/events/{name}`.
+    Event,
+}
+
+impl Mutation {
+    /// The call at `path`, if it is one.
+    fn of(path: &str) -> Option<Mutation> {
+        match path {
+            "/admin/purge" => Some(Mutation::Purge),
+            "/admin/warm" => Some(Mutation::Warm),
+            _ if path.starts_with("/admin/events/") => Some(Mutation::Event),
+            _ => None,
+        }
+    }
+
+    /// Its name in the audit log.
+    fn name(self) -> &'static str {
+        match self {
+            Mutation::Purge => "purge",
+            Mutation::Warm => "warm",
+            Mutation::Event => "event",
+        }
+    }
+
+    /// How to call it, for a `405`.
+    fn how(self) -> &'static str {
+        match self {
+            Mutation::Purge => "POST a JSON purge request",
+            Mutation::Warm => "POST a warm list",
+            Mutation::Event => "POST to raise an event",
+        }
+    }
+}
+
 /// Purges, events and warm lists running at once at most (their clients may have left).
 pub const MAX_RUNNING: usize = 64;
 
@@ -110,22 +152,13 @@ impl Admin {
         B::Error: Into<BoxError>,
     {
         let path = req.uri().path();
-        let mutating = if path == "/admin/purge" {
-            Some(("purge", "POST a JSON purge request"))
-        } else if path == "/admin/warm" {
-            Some(("warm", "POST a warm list"))
-        } else if path.starts_with("/admin/events/") {
-            Some(("event", "POST to raise an event"))
-        } else {
-            None
-        };
-        if let Some((op, how)) = mutating {
+        if let Some(op) = Mutation::of(path) {
             // Method and token first: nothing else is told to a client without the token.
-            if let Some(refusal) = self.admit(&req, peer, op, how) {
+            if let Some(refusal) = self.admit(&req, peer, op) {
                 return refusal;
             }
             let Ok(permit) = self.running.clone().try_acquire_owned() else {
-                tracing::warn!(target: "audit", client = %peer, op, "refused: too many running");
+                tracing::warn!(target: "audit", client = %peer, op = op.name(), "refused: too many running");
                 return plain(
                     StatusCode::TOO_MANY_REQUESTS,
                     "too many purges or warm lists running: try again",
@@ -136,7 +169,7 @@ impl Admin {
             // published and written to the audit log.
             let admin = self.clone();
             let task = tokio::spawn(async move {
-                let resp = admin.mutate(req, peer).await;
+                let resp = admin.mutate(op, req, peer).await;
                 drop(permit);
                 resp
             });
@@ -183,30 +216,37 @@ impl Admin {
         let _ = tokio::time::timeout(limit, self.running.acquire_many(all)).await;
     }
 
-    /// `POST /admin/purge`, `/admin/warm` and `/admin/events/{name}`.
-    async fn mutate<B>(&self, req: Request<B>, peer: SocketAddr) -> Response<ProxyBody>
+    /// `POST /admin/purge`, `/admin/warm` and `/admin/events/{name}`, admitted (method
+    /// and token checked).
+    async fn mutate<B>(
+        &self,
+        op: Mutation,
+        req: Request<B>,
+        peer: SocketAddr,
+    ) -> Response<ProxyBody>
     where
         B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
         B::Error: Into<BoxError>,
     {
-        let path = req.uri().path();
-        if let Some(name) = path.strip_prefix("/admin/events/") {
-            // Percent-decoded: a name may hold any character (`cachegate purge --event`
-            // escapes all but the unreserved ones).
-            let bytes: Vec<u8> = crate::uri::percent_decoded(name.as_bytes()).collect();
-            let name = String::from_utf8_lossy(&bytes).into_owned();
-            self.event(req, &name, peer).await
-        } else if path == "/admin/warm" {
-            self.warm(req, peer).await
-        } else {
-            let resp = self.purge(req, peer).await;
-            // Refused after admission (an unreadable or invalid request: nothing purged);
-            // refusals for the token are logged by `admit`.
-            let status = resp.status();
-            if status.is_client_error() && status != StatusCode::UNAUTHORIZED {
-                tracing::info!(target: "audit", client = %peer, op = "purge", status = status.as_u16(), "refused: nothing purged");
+        match op {
+            Mutation::Event => {
+                // Percent-decoded: a name may hold any character (`cachegate purge
+                // --event` escapes all but the unreserved ones).
+                let name = req.uri().path().trim_start_matches("/admin/events/");
+                let bytes: Vec<u8> = crate::uri::percent_decoded(name.as_bytes()).collect();
+                let name = String::from_utf8_lossy(&bytes).into_owned();
+                self.event(&name, peer).await
             }
-            resp
+            Mutation::Warm => self.warm(req, peer).await,
+            Mutation::Purge => {
+                let resp = self.purge(req, peer).await;
+                // Refused (an unreadable or invalid request): nothing purged.
+                let status = resp.status();
+                if status.is_client_error() {
+                    tracing::info!(target: "audit", client = %peer, op = "purge", status = status.as_u16(), "refused: nothing purged");
+                }
+                resp
+            }
         }
     }
 
@@ -238,20 +278,20 @@ impl Admin {
         }
     }
 
-    /// The refusal of a mutating call `op` that is not a POST (405, saying `how`) or lacks
-    /// the admin token (see [`Admin::refusal`]; logged to the audit log); `None`: go on.
+    /// The refusal of a mutating call `op` that is not a POST (405, saying how to call it)
+    /// or lacks the admin token (see [`Admin::refusal`]; logged to the audit log); `None`:
+    /// go on.
     fn admit<B>(
         &self,
         req: &Request<B>,
         peer: SocketAddr,
-        op: &'static str,
-        how: &'static str,
+        op: Mutation,
     ) -> Option<Response<ProxyBody>> {
         if req.method() != Method::POST {
-            return Some(plain(StatusCode::METHOD_NOT_ALLOWED, how));
+            return Some(plain(StatusCode::METHOD_NOT_ALLOWED, op.how()));
         }
         let refusal = self.refusal(req)?;
-        tracing::warn!(target: "audit", client = %peer, op, "refused: no valid admin token");
+        tracing::warn!(target: "audit", client = %peer, op = op.name(), "refused: no valid admin token");
         Some(refusal)
     }
 
@@ -291,10 +331,7 @@ impl Admin {
 
     /// `POST /admin/events/{name}`: purges what the configured event maps to, on every
     /// replica (as `/admin/purge`). An unknown name is a 404 and a warning.
-    async fn event<B>(&self, req: Request<B>, name: &str, peer: SocketAddr) -> Response<ProxyBody> {
-        if let Some(refusal) = self.admit(&req, peer, "event", "POST to raise an event") {
-            return refusal;
-        }
+    async fn event(&self, name: &str, peer: SocketAddr) -> Response<ProxyBody> {
         let event = crate::config::event_scope(&self.events, name);
         self.metrics.count_event(name, event.is_some());
         let Some(event) = event else {
@@ -333,9 +370,6 @@ impl Admin {
         B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
         B::Error: Into<BoxError>,
     {
-        if let Some(refusal) = self.admit(&req, peer, "warm", "POST a warm list") {
-            return refusal;
-        }
         let concurrency = match concurrency_param(req.uri().query()) {
             Ok(n) => n,
             Err(text) => return plain(StatusCode::BAD_REQUEST, text),
@@ -400,9 +434,6 @@ impl Admin {
         B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
         B::Error: Into<BoxError>,
     {
-        if let Some(refusal) = self.admit(&req, peer, "purge", "POST a JSON purge request") {
-            return refusal;
-        }
         let too_large = "purge request too large";
         let body = match self
             .read_body(req.into_body(), MAX_PURGE_BODY_BYTES, too_large)

@@ -22,6 +22,12 @@ const CONDITIONAL: [HeaderName; 5] = [
     header::IF_RANGE,
 ];
 
+/// Whether a request carries a precondition (any of the conditional request headers,
+/// RFC 9110 §13.1).
+pub fn is_conditional(headers: &HeaderMap) -> bool {
+    headers.keys().any(|name| CONDITIONAL.contains(name))
+}
+
 /// The validators a client sent, taken out of its request.
 #[derive(Debug, Default, Clone)]
 pub struct Conditions {
@@ -35,7 +41,7 @@ impl Conditions {
     /// that a cache answers for GET/HEAD.
     pub fn take(headers: &mut HeaderMap) -> Self {
         // Most requests hold none: one pass over the names is cheaper than five removals.
-        if !headers.keys().any(|name| CONDITIONAL.contains(name)) {
+        if !is_conditional(headers) {
             return Conditions::default();
         }
         let if_none_match = headers.remove(header::IF_NONE_MATCH);

@@ -137,17 +137,10 @@ fn main() -> ExitCode {
         } => {
             let (path, body) = match event {
                 Some(name) => {
-                    // Every byte but the unreserved ones escaped (RFC 3986 §2.3): `?`,
-                    // `#`, `/` and spaces are part of the name, not of the URL.
-                    let escaped: String = name
-                        .bytes()
-                        .map(|b| match b {
-                            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
-                                (b as char).to_string()
-                            }
-                            _ => format!("%{b:02X}"),
-                        })
-                        .collect();
+                    // Every byte but the unreserved ones escaped: `?`, `#`, `/` and spaces
+                    // are part of the name, not of the URL.
+                    let escaped =
+                        cachegate::uri::percent_encoded(&name, cachegate::uri::unreserved);
                     (format!("/admin/events/{escaped}"), String::new())
                 }
                 None => {

@@ -68,14 +68,7 @@ pub fn normalize_path(raw: &str) -> NormalPath {
 /// assert!(normalize_pattern("/a/*/../b").is_err());
 /// ```
 pub fn normalize_pattern(raw: &str) -> Result<String, String> {
-    let mut encoded = String::with_capacity(raw.len());
-    for &b in raw.as_bytes() {
-        if is_path_byte(b) {
-            encoded.push(char::from(b));
-        } else {
-            encoded.push_str(&format!("%{b:02X}"));
-        }
-    }
+    let encoded = percent_encoded(raw, is_path_byte);
     let rest = encoded.trim_start_matches('*');
     let mut pattern = encoded[..encoded.len() - rest.len()].to_string();
     let rest = normalize_percent(rest);
@@ -93,6 +86,24 @@ pub fn normalize_pattern(raw: &str) -> Result<String, String> {
         slash = c == '/';
     }
     Ok(pattern)
+}
+
+/// `raw` with every byte `keep` refuses written as a `%XX` escape (RFC 3986 §2.1).
+///
+/// ```
+/// use cachegate::uri::{percent_encoded, unreserved};
+/// assert_eq!(percent_encoded("a b?c#d/é", unreserved), "a%20b%3Fc%23d%2F%C3%A9");
+/// ```
+pub fn percent_encoded(raw: &str, keep: fn(u8) -> bool) -> String {
+    let mut encoded = String::with_capacity(raw.len());
+    for &b in raw.as_bytes() {
+        if keep(b) {
+            encoded.push(char::from(b));
+        } else {
+            encoded.push_str(&format!("%{b:02X}"));
+        }
+    }
+    encoded
 }
 
 /// Whether `b` may stand as it is in a request path (RFC 3986 §3.3 `pchar`, `/`, `%`),
@@ -369,8 +380,8 @@ pub fn has_invalid_escape(s: &str) -> bool {
     })
 }
 
-/// Whether `b` is an RFC 3986 unreserved character.
-fn unreserved(b: u8) -> bool {
+/// Whether `b` is an RFC 3986 unreserved character (§2.3).
+pub fn unreserved(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
 }
 

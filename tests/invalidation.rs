@@ -1271,20 +1271,13 @@ async fn an_eviction_policy_that_can_drop_purge_markers_is_warned_of() {
 /// carried out whole: recorded in Redis and applied on the other replica.
 #[tokio::test]
 async fn a_purge_whose_client_hangs_up_is_carried_out() {
-    use tokio::io::AsyncWriteExt;
     let (up, redis) = (Upstream::start().await, Redis::start().await);
     let (a, b) = two_replicas(&up, &redis).await;
     assert_eq!(b.get("/kpi/leads").await.cache(), "MISS");
     assert_eq!(b.get("/kpi/leads").await.cache(), "HIT");
     let body = r#"{"tags":["kpi"]}"#;
-    let request = format!(
-        "POST /admin/purge HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer purge-token\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    let mut s = tokio::net::TcpStream::connect(a.admin.trim_start_matches("http://"))
-        .await
-        .unwrap();
-    s.write_all(request.as_bytes()).await.unwrap();
+    let s =
+        common::raw::post_to_admin(&a.admin, "/admin/purge", "purge-token", body.len(), body).await;
     drop(s);
     let purged = eventually(Duration::from_secs(5), || async {
         b.get("/kpi/leads").await.cache() == "MISS"

@@ -333,17 +333,18 @@ key_headers = ["x-test-delay-ms"]
 /// timeout (`408`): another list is warmed meanwhile.
 #[tokio::test]
 async fn a_stalled_warm_list_blocks_no_other_and_is_cut() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncReadExt;
     let up = Upstream::start().await;
     let config = format!("{CONFIG}\n[server]\nclient_body_timeout_ms = 500\n");
     let gate = Gate::start(&up, None, &config).await;
-    let mut stalled = tokio::net::TcpStream::connect(gate.admin.trim_start_matches("http://"))
-        .await
-        .unwrap();
-    stalled
-        .write_all(b"POST /admin/warm HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer warm-token\r\nContent-Length: 100\r\n\r\nGET /kpi/a\n")
-        .await
-        .unwrap();
+    let mut stalled = common::raw::post_to_admin(
+        &gate.admin,
+        "/admin/warm",
+        "warm-token",
+        100,
+        "GET /kpi/a\n",
+    )
+    .await;
     let (status, report) = warm(&gate, Some("warm-token"), "GET /kpi/leads\n").await;
     assert_eq!(status, 200, "{report}");
     let mut answer = Vec::new();
@@ -360,7 +361,6 @@ async fn a_stalled_warm_list_blocks_no_other_and_is_cut() {
 /// rather than cutting it half done; the same holds for purges.
 #[tokio::test]
 async fn a_shutdown_lets_a_running_warm_list_finish() {
-    use tokio::io::AsyncWriteExt;
     let up = Upstream::start().await;
     let config = format!("{CONFIG}\n[upstream]\nurl = \"{}\"\n", up.url());
     let mut gate = common::GateProcess::start(&config).await;
@@ -371,14 +371,9 @@ async fn a_shutdown_lets_a_running_warm_list_finish() {
             )
         })
         .collect();
-    let request = format!(
-        "POST /admin/warm?concurrency=1 HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer warm-token\r\nContent-Length: {}\r\n\r\n{list}",
-        list.len()
-    );
-    let mut client = tokio::net::TcpStream::connect(gate.admin.trim_start_matches("http://"))
-        .await
-        .unwrap();
-    client.write_all(request.as_bytes()).await.unwrap();
+    let path = "/admin/warm?concurrency=1";
+    let client =
+        common::raw::post_to_admin(&gate.admin, path, "warm-token", list.len(), &list).await;
     let started = eventually(Duration::from_secs(5), || async { up.hits() >= 1 });
     assert!(started.await, "the list is running");
     drop(client);

@@ -289,8 +289,7 @@ pub const MAX_RESPONSE_HEADERS: usize = 256;
 struct Asked {
     /// It carried `Upgrade` (a tunnelled WebSocket handshake).
     upgrade: bool,
-    /// It carried a precondition (`If-None-Match`, `If-Modified-Since`, `If-Match`,
-    /// `If-Unmodified-Since`, `If-Range`; RFC 9110 §13.1).
+    /// It carried a precondition ([`crate::conditional::is_conditional`]).
     conditional: bool,
 }
 
@@ -299,15 +298,7 @@ impl Asked {
         let h = req.headers();
         Asked {
             upgrade: h.contains_key(http::header::UPGRADE),
-            conditional: [
-                http::header::IF_NONE_MATCH,
-                http::header::IF_MODIFIED_SINCE,
-                http::header::IF_MATCH,
-                http::header::IF_UNMODIFIED_SINCE,
-                http::header::IF_RANGE,
-            ]
-            .iter()
-            .any(|name| h.contains_key(name)),
+            conditional: crate::conditional::is_conditional(h),
         }
     }
 }

@@ -223,3 +223,24 @@ pub fn parse_responses(mut data: &[u8]) -> Vec<RawResponse> {
     }
     out
 }
+
+/// Connects to the admin API at `admin` (`http://host:port`) and sends `POST {path}` with
+/// the bearer `token`, declaring `length` body bytes and sending `body` (fewer, to stall
+/// it); returns the connection, still open.
+pub async fn post_to_admin(
+    admin: &str,
+    path: &str,
+    token: &str,
+    length: usize,
+    body: &str,
+) -> TcpStream {
+    let mut stream = TcpStream::connect(admin.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {token}\r\nContent-Length: {length}\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(body.as_bytes()).await.unwrap();
+    stream
+}
