@@ -418,18 +418,10 @@ async fn serve_connection<H, F>(
     let service = service_fn(move |req: Request<Incoming>| {
         let answering = Answering::start(clock.clone());
         let req = req.map(|body| request_body(body, &clock));
-        let fut = handler(req, peer);
-        async move {
-            let resp = fut.await;
-            if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-                answering.clock.upgraded();
-            }
-            // The request counts until its response body is dropped.
-            Ok::<_, Infallible>(resp.map(|body| Guarded {
-                body,
-                _guard: answering,
-            }))
-        }
+        // A combinator, not an `async` block: a block awaiting `fut` would hold it twice
+        // (captured, and again while awaited), and the whole is moved into hyper's
+        // in-flight slot on every request.
+        handler(req, peer).map(answering.finish())
     });
     // The request-head deadline is kept by the socket (`HeadClock`), not by hyper's
     // timer, which costs two timer-wheel operations per request.
@@ -526,6 +518,20 @@ impl Answering {
     fn start(clock: Arc<HeadClock>) -> Self {
         clock.request_started();
         Answering { clock }
+    }
+
+    /// What becomes of the handler's response: the request counts until its response body
+    /// is dropped; an upgrade ends the connection's head deadlines.
+    fn finish(
+        self,
+    ) -> impl FnOnce(Response<ProxyBody>) -> Result<Response<Guarded<ProxyBody, Answering>>, Infallible>
+    {
+        move |resp| {
+            if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+                self.clock.upgraded();
+            }
+            Ok(resp.map(|body| Guarded { body, _guard: self }))
+        }
     }
 }
 
