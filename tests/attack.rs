@@ -57,14 +57,22 @@ path = "/me/*"
 ttl_secs = 60
 key_headers = ["authorization"]
 cache_statuses = [200, 302, 404, 500]
+
+[[routes]]
+method = "GET"
+path = "/mc/*"
+ttl_secs = 60
+key_headers = ["cookie"]
+cache_statuses = [200, 302, 404, 500]
 "#,
     )
     .await;
-    let markers: [(&str, &str, &str); 5] = [
+    let markers: [(&str, &str, &str); 6] = [
         ("set-cookie", "/p", "x-test-set-cookie"),
         ("private", "/p", "x-test-cache-control"),
         ("no-store", "/p", "x-test-cache-control"),
         ("credentialed", "/me", "authorization"),
+        ("cookie", "/mc", "cookie"),
         ("shareable control", "/p", "x-test-none"),
     ];
     let mut cases = Vec::new();
@@ -73,6 +81,7 @@ cache_statuses = [200, 302, 404, 500]
             let value = match marker {
                 "set-cookie" => "sid=first-client-session",
                 "credentialed" => "Bearer same-user",
+                "cookie" => "sid=same-user",
                 "shareable control" => "-",
                 other => other,
             };
@@ -113,7 +122,7 @@ cache_statuses = [200, 302, 404, 500]
             }
             // Stored per credential, so later requests with the same token may HIT it;
             // never handed over while in flight.
-            "credentialed" => assert_eq!(collapsed, 0, "{status} {marker}"),
+            "credentialed" | "cookie" => assert_eq!(collapsed, 0, "{status} {marker}"),
             _ => assert_eq!(
                 distinct, 50,
                 "{status} {marker}: an answer went to another client"

@@ -1280,8 +1280,11 @@ impl<O: Origin> Proxy<O> {
     /// Removes the targeted cache-control fields (RFC 9213) meant for cachegate from a
     /// response to a client, unless configured to keep them.
     fn strip_targeted(&self, headers: &mut http::HeaderMap) {
-        if !self.forward_targeted {
-            for name in &self.store_rules.targeted {
+        let targeted = &self.store_rules.targeted;
+        // Removed only when one is there: one pass over the names instead of a hashed
+        // removal per targeted field on every hit.
+        if !self.forward_targeted && headers.keys().any(|name| targeted.contains(name)) {
+            for name in targeted {
                 headers.remove(name);
             }
         }
@@ -1558,10 +1561,11 @@ impl<O: Origin> Proxy<O> {
             outcome.phase
         {
             // RFC 9111 §5.1: the current age, the age it arrived with included.
-            resp.headers_mut().insert(
-                header::AGE,
-                HeaderValue::from(entry.current_age_secs(now_ms)),
-            );
+            // Digits copied once (`HeaderValue::from(u64)` allocates twice).
+            let mut digits = itoa::Buffer::new();
+            if let Ok(age) = HeaderValue::from_str(digits.format(entry.current_age_secs(now_ms))) {
+                resp.headers_mut().insert(header::AGE, age);
+            }
         }
         // Stored with the entry (a revalidation recomputes freshness from them), never
         // sent on.
