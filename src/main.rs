@@ -7,6 +7,12 @@ use std::process::ExitCode;
 use cachegate::config::{Config, ConfigError, Overrides};
 use clap::{Parser, Subcommand, ValueEnum};
 
+// The server answers a request whose handler panicked with 500 and goes on serving
+// (`catch_unwind` per request): a build that aborts on panic would take every connection
+// down with one request.
+#[cfg(not(panic = "unwind"))]
+compile_error!("cachegate serve needs panic = \"unwind\" (see Cargo.toml's release profile)");
+
 /// A caching reverse proxy for slow HTTP APIs: a memory tier in the process, an optional
 /// shared Redis/Valkey tier, one upstream request per key.
 #[derive(Parser)]

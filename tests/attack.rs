@@ -1209,6 +1209,32 @@ async fn websocket_upgrades_are_tunnelled_both_ways() {
     }
 }
 
+// A tunnel is not waiting for a request head: the head deadline (`header_read_timeout_ms`)
+// does not cut it, however long it lasts, while its traffic goes on.
+#[tokio::test]
+async fn tunnels_outlive_the_request_head_deadline() {
+    let up = RawUpstream::start(|_, _| {
+        Script::Echo(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\nhello from upstream|".to_vec())
+    })
+    .await;
+    let config = "[server]\nheader_read_timeout_ms = 200\ntunnel_idle_timeout_ms = 5000\n";
+    let gate = Gate::start_at(&up.url(), None, config, "").await;
+    let (mut s, text) = open_websocket(&gate).await;
+    assert!(text.starts_with("http/1.1 101"), "{text}");
+    // Four head deadlines long, a message every half deadline: every echo comes back.
+    for i in 0..8u8 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let ping = [b'0' + i; 8];
+        s.write_all(&ping).await.unwrap();
+        let mut echo = [0u8; 8];
+        tokio::time::timeout(LIMIT, s.read_exact(&mut echo))
+            .await
+            .unwrap()
+            .unwrap_or_else(|e| panic!("message {i}: {e}"));
+        assert_eq!(echo, ping);
+    }
+}
+
 #[tokio::test]
 async fn tunnels_count_against_max_connections_and_close_at_shutdown() {
     let up = RawUpstream::start(|_, _| {

@@ -1563,8 +1563,10 @@ impl<O: Origin> Proxy<O> {
             // RFC 9111 §5.1: the current age, the age it arrived with included.
             // Digits copied once (`HeaderValue::from(u64)` allocates twice).
             let mut digits = itoa::Buffer::new();
-            if let Ok(age) = HeaderValue::from_str(digits.format(entry.current_age_secs(now_ms))) {
-                resp.headers_mut().insert(header::AGE, age);
+            match HeaderValue::from_str(digits.format(entry.current_age_secs(now_ms))) {
+                Ok(age) => drop(resp.headers_mut().insert(header::AGE, age)),
+                // Digits always make a value; never the stored `Age` sent on unchanged.
+                Err(_) => drop(resp.headers_mut().remove(header::AGE)),
             }
         }
         // Stored with the entry (a revalidation recomputes freshness from them), never
