@@ -25,8 +25,9 @@ pub use cachegate_core::now_ms;
 /// laid out as the envelope's payload (see the module docs: `stored_at_ms | ttl_secs |
 /// status | header block | tags | body`), so an entry costs one allocation, cloning it is
 /// one atomic increment, and nothing in it keeps a connection's read buffer or spare
-/// capacity alive. [`CachedResponse::headers`] and [`CachedResponse::body`] hand out
-/// views that share the buffer. (An entry read from Redis is opened in the buffer it was
+/// capacity alive. [`CachedResponse::body`] hands out a view that shares the buffer, and
+/// so do the values [`CachedResponse::headers`] gives, unless they come from the thread's
+/// recently parsed header blocks (copies). (An entry read from Redis is opened in the buffer it was
 /// read into, then copied once into its own exact-size one: holding Redis's buffer as
 /// `Bytes` saved that copy but cost about 70 bytes more per memory-tier entry.)
 #[derive(Debug, Clone)]
@@ -436,7 +437,8 @@ impl CachedResponse {
     }
 
     /// The stored headers, as the upstream sent them (hop-by-hop and framing removed). The
-    /// values share the entry's buffer.
+    /// values share the entry's buffer, or copy it when this thread parsed the same block
+    /// lately.
     pub fn headers(&self) -> HeaderMap {
         self.headers_in(&self.shared())
     }
@@ -655,6 +657,19 @@ mod tests {
         let data = Arc::downgrade(&entry.data);
         drop(entry);
         assert!(data.upgrade().is_none());
+    }
+
+    #[test]
+    fn changing_a_served_map_leaves_the_next_hit_as_stored() {
+        let entry = sample();
+        let parsed = listed(&entry.parse_headers(&entry.shared()));
+        for _ in 0..3 {
+            let mut served = entry.parts().0;
+            served.insert("age", HeaderValue::from_static("5"));
+            served.remove("x-multi");
+            served.append("x-multi", HeaderValue::from_static("c"));
+            assert_eq!(listed(&entry.headers()), parsed);
+        }
     }
 
     #[test]
