@@ -95,7 +95,8 @@ impl ParsedBlocks {
             self.next_missed = (self.next_missed + 1) % PARSED_SLOTS;
             return;
         }
-        let mut detached = HeaderMap::with_capacity(headers.len() + 3);
+        // No spare room: a clone keeps none of it (a hit's additions grow the clone).
+        let mut detached = HeaderMap::with_capacity(headers.len());
         for (name, value) in headers {
             let Ok(value) = HeaderValue::from_bytes(value.as_bytes()) else {
                 return;
